@@ -1,0 +1,551 @@
+"""The budget processor: token tables in, budget decisions out (pure: no I/O, clock passed in).
+
+``BudgetProcessor.process(event, position, state, now)`` applies one record to the :class:`BudgetState` values
+of its tenant and returns the decisions it causes. Gauges and what crossing them emits:
+
+========================  =========================  ==================================================
+gauge (stored level)      used vs limit              on a level change
+========================  =========================  ==================================================
+slot, total (run)         working-set tokens vs      ``budget_state``; going up with overflow
+                          cap (soft at watermark,    ``evict_and_compress``: ``eviction_request``;
+                          hard at cap * tier grace)  reaching hard with hard_limit reject/terminate_run:
+                                                     ``rejection``
+run cap, sub-agent share  run consumption            ``budget_state``; reaching hard: ``spend_exhausted``
+(run), workflow cap       (usage + estimates)
+spend windows (tenant,    window tokens and cost     ``budget_state`` (with ``window``); reaching hard:
+user)                                                ``spend_exhausted``
+========================  =========================  ==================================================
+
+Only *transitions* emit, so a runaway loop produces one rejection, not one per item; agents that poll read
+the level from the Redis projection. Every usage report emits ``usage_reconciled`` (provider prompt tokens vs
+the working-set estimate) and so does every finalized run (reported, or estimated and flagged when usage is
+missing or partial). Decision ids hash ``(tenant, source event, kind, subject)``: a replay reproduces them.
+The exactly-once argument is in :mod:`processors.ledger`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from processors.ledger import (
+    CHILD,
+    FINALIZED,
+    INCOMPLETE,
+    RUN_CAP_GAUGE,
+    RUNS,
+    SHARE_GAUGE,
+    STARTED,
+    STREAMS,
+    TOTAL_GAUGE,
+    TURNS,
+    USAGE,
+    RunLedger,
+    WorkflowLedger,
+)
+from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
+from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
+from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
+from processors.types import BudgetState, Position, count_key, decision_id, run_key, tenant_key, user_key, workflow_key
+from processors.windows import SpendLedger, to_ms
+from schemas.models import (
+    AdmissionRequest,
+    Decision,
+    DecisionKind,
+    HardLimitBehaviour,
+    OverflowBehaviour,
+    RunEvent,
+    RunPhase,
+    Slot,
+    SpendWindow,
+    SpendWindowKind,
+    TenantManifest,
+    TurnEvent,
+    UsageReport,
+    content_digest,
+)
+from schemas.models import BudgetState as Level
+
+Event = TurnEvent | UsageReport | RunEvent | AdmissionRequest | TenantManifest
+LEVELS = (Level.OK, Level.SOFT, Level.HARD)
+_OUTPUT = SLOT_INDEX[Slot.OUTPUT]
+_SLOT_GAUGE = tuple(f"slot:{slot.value}" for slot in SLOTS)
+_STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
+
+
+class _Emitter:
+    """Builds the decisions of one source record."""
+
+    __slots__ = ("budget", "event", "now", "out", "source_id")
+
+    def __init__(
+        self,
+        event: TurnEvent | UsageReport | RunEvent | AdmissionRequest,
+        source_id: str,
+        budget: EffectiveBudget,
+        now: datetime,
+    ) -> None:
+        self.event, self.source_id, self.budget, self.now = event, source_id, budget, now
+        self.out: list[Decision] = []
+
+    def emit(self, kind: DecisionKind, subject: str, reason: str, **fields: object) -> None:
+        e = self.event
+        self.out.append(
+            Decision(
+                decision_id=decision_id(e.tenant_id, self.source_id, kind, subject),
+                tenant_id=e.tenant_id,
+                user_id=e.user_id,
+                session_id=e.session_id,
+                run_id=e.run_id,
+                kind=kind,
+                reason=reason,
+                source_event_id=self.source_id,
+                manifest_version=self.budget.manifest_version,
+                decided_at=self.now,
+                **fields,
+            )
+        )
+
+    def context(self, gauge: str, slot: Slot | None, limit: Limit, used: int, old: int) -> int:
+        """Emit the decisions of a slot/total gauge moving from level ``old``; return the new level."""
+        new = limit.rank(used)
+        if new == old:
+            return new
+        b, state, prev = self.budget, LEVELS[new], LEVELS[old]
+        where = f"slot {slot.value}" if slot is not None else "total context"
+        fields = {"slot": slot, "state": state, "used_tokens": used, "cap_tokens": limit.cap}
+        self.emit(
+            DecisionKind.BUDGET_STATE,
+            gauge,
+            (
+                f"{where} went {prev.value} -> {state.value} at {used} tokens (soft from {limit.soft_at}, "
+                f"hard from {limit.hard_at}; cap {limit.cap}, tier {b.tier})"
+            ),
+            previous_state=prev,
+            **fields,
+        )
+        if new > old and b.overflow is OverflowBehaviour.EVICT_AND_COMPRESS:
+            target = b.evict_target(limit)
+            self.emit(
+                DecisionKind.EVICTION_REQUEST,
+                gauge,
+                (
+                    f"{where} holds {used} tokens, over its soft watermark ({limit.soft_at}): evict or "
+                    f"compress at least {used - target} tokens to reach {target} ("
+                    f"{b.qos.evict_to:.0%} of cap {limit.cap}, tier {b.tier})"
+                ),
+                **fields,
+            )
+        if new == 2 and b.hard_limit is not HardLimitBehaviour.FLAG:
+            if b.hard_limit is HardLimitBehaviour.TERMINATE_RUN:
+                head = "run terminated by budget policy"
+            else:
+                head = "503 context budget exhausted, request rejected"
+            self.emit(
+                DecisionKind.REJECTION,
+                gauge,
+                (
+                    f"{head}: {where} holds {used} tokens, hard limit {limit.hard_at} (cap {limit.cap}, tier "
+                    f"{b.tier}). Free {where} tokens or ask the operator to raise the budget, then retry."
+                ),
+                **fields,
+            )
+        return new
+
+    def spend(self, gauge: str, what: str, old: int, limit: Limit, used: int) -> int:
+        """A run or workflow consumption gauge against ``limit``; return the new level."""
+        what = f"{what} ({used} of {limit.cap} tokens)"
+        return self.change(gauge, what, old, limit.rank(used), used, limit.cap, None)
+
+    def change(
+        self,
+        gauge: str,
+        what: str,
+        old: int,
+        new: int,
+        used: int,
+        cap: int | None,
+        window: SpendWindowKind | None,
+    ) -> int:
+        """Emit a consumption gauge's level change (and exhaustion on reaching hard); return ``new``."""
+        if new == old:
+            return new
+        state, prev = LEVELS[new], LEVELS[old]
+        fields = {"state": state, "used_tokens": used, "cap_tokens": cap, "window": window}
+        self.emit(
+            DecisionKind.BUDGET_STATE,
+            gauge,
+            f"{what} went {prev.value} -> {state.value}",
+            previous_state=prev,
+            **fields,
+        )
+        if new == 2:
+            until = "until the window resets" if window is not None else "unless the operator raises the cap"
+            self.emit(
+                DecisionKind.SPEND_EXHAUSTED,
+                gauge,
+                f"{what} is exhausted: calls are over budget {until}",
+                **fields,
+            )
+        return new
+
+
+@dataclass(slots=True)
+class _Spend:
+    """A spend ledger one record touches: ``scope`` is tenant or user; ``changed`` means it must be put."""
+
+    scope: str
+    key: str
+    ledger: SpendLedger
+    changed: bool = False
+
+
+def _window_level(ledger: SpendLedger, window: SpendWindow, watermark: float, ms: int | None = None) -> int:
+    tokens, cost = ledger.usage(window.window, ms)
+    level = 0
+    if window.max_tokens is not None:
+        level = Limit.of(window.max_tokens, watermark).rank(tokens)
+    if window.max_cost_micros is not None:
+        level = max(level, Limit.of(window.max_cost_micros, watermark).rank(cost))
+    return level
+
+
+class BudgetProcessor:
+    """Applies budget records to tenant-scoped state and returns the decisions they cause.
+
+    Guarantees: deterministic (same records, positions and ``now`` give the same state and decisions); a
+    record only reads and writes keys of its own tenant; a duplicate or a replayed record never changes a
+    total twice (see :mod:`processors.ledger`); invalid manifests raise
+    :class:`~processors.manifest.ManifestError` and change nothing.
+    """
+
+    def __init__(self, counter: TokenCounter, prices: PriceTable = DEFAULT_PRICES) -> None:
+        self.counter = counter
+        self.prices = prices
+        self._budgets: dict[tuple[str, str | None], tuple[TenantManifest | None, EffectiveBudget]] = {}
+
+    def process(self, event: Event, position: Position, state: BudgetState, now: datetime) -> list[Decision]:
+        """Apply ``event`` read at ``position``; return the decisions to publish (possibly none)."""
+        if isinstance(event, TurnEvent):
+            return self._turn(event, position, state, now)
+        if isinstance(event, UsageReport):
+            return self._usage(event, position, state, now)
+        if isinstance(event, RunEvent):
+            return self._run(event, position, state, now)
+        if isinstance(event, AdmissionRequest):
+            return [self._admission(event, state, now)]
+        if isinstance(event, TenantManifest):
+            key, manifest = tenant_key(event.tenant_id), check_manifest(event)
+            current = state.get_manifest(key)
+            if current is None or manifest.version > current.version:
+                state.put_manifest(key, manifest)
+            return []
+        raise TypeError(f"the budget processor does not take {type(event).__name__} records")
+
+    def budget(self, state: BudgetState, tenant_id: str, user_id: str | None) -> EffectiveBudget:
+        """The effective budget of ``user_id`` under the tenant's current manifest (cached per version)."""
+        manifest = state.get_manifest(tenant_key(tenant_id))
+        who = user_id if manifest is not None and user_id in manifest.user_overrides else None
+        hit = self._budgets.get((tenant_id, who))
+        if hit is not None and (
+            hit[0] is manifest or (manifest is not None and hit[0] is not None and hit[0].version == manifest.version)
+        ):
+            return hit[1]
+        budget = effective_budget(tenant_id, manifest, user_id)
+        if len(self._budgets) >= 65_536:
+            self._budgets.clear()
+        self._budgets[(tenant_id, who)] = (manifest, budget)
+        return budget
+
+    def _turn(self, t: TurnEvent, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+        key = run_key(t.tenant_id, t.run_id)
+        run = state.get_run(key) or RunLedger()
+        if pos.offset <= run.offsets[TURNS] or not run.accept_seq(t.seq):
+            return []
+        budget = self.budget(state, t.tenant_id, t.user_id)
+        count = self._count(t, budget, state)
+        i = SLOT_INDEX[t.slot]
+        run.tokens[i] += count.tokens
+        if count.estimated:
+            run.estimated_tokens += count.tokens
+        run.offsets[TURNS] = pos.offset
+        run.applied += 1
+        run.set_model(t.model)
+        run.place(t.parent_run_id, None)
+        em = _Emitter(t, t.event_id, budget, now)
+        limit, used, old = budget.slot_limits[i], run.tokens[i], run.level(i)
+        if limit is not None and limit.rank(used) != old:
+            run.set_level(i, em.context(_SLOT_GAUGE[i], t.slot, limit, used, old))
+        used, old = run.working_set(), run.level(TOTAL_GAUGE)
+        if budget.total.rank(used) != old:
+            run.set_level(TOTAL_GAUGE, em.context("total", None, budget.total, used, old))
+        self._settle(t, run, state, em, [], consumption_changed=bool(run.flags & FINALIZED))
+        state.put_run(key, run)
+        return em.out
+
+    def _count(self, t: TurnEvent, budget: EffectiveBudget, state: BudgetState) -> TokenCount:
+        """The turn's tokens; static items (system, tools) are remembered per tenant, so a later digest-only
+        copy is counted the same way in every replay (the table is durable state, not a worker cache)."""
+        if t.slot not in _STATIC_SLOTS:
+            return self.counter.count_turn(t, budget.tokenizers)
+        digest = t.content_digest or content_digest(t.content or "")
+        count = self.counter.count_turn(t, budget.tokenizers, digest)
+        tok = self.counter.resolve(t.model, budget.tokenizers)
+        key = count_key(t.tenant_id, tok.encoding or ESTIMATOR, digest)
+        known = state.get_count(key)
+        if count.method == UNKNOWN:
+            return count if known is None else TokenCount(known, not tok.exact, "digest")
+        if known is None:
+            state.put_count(key, count.tokens)
+        return count
+
+    def _usage(self, u: UsageReport, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+        key = run_key(u.tenant_id, u.run_id)
+        run = state.get_run(key) or RunLedger()
+        if pos.offset <= run.offsets[USAGE] or not run.accept_call(u.call_id):
+            return []
+        budget = self.budget(state, u.tenant_id, u.user_id)
+        tokens, cost = usage_tokens(u), self.prices.usage_cost(u)
+        run.offsets[USAGE] = pos.offset
+        run.applied += 1
+        run.reported_tokens += tokens
+        run.reported_cost += cost.micros
+        run.reports += 1
+        if not u.complete:
+            run.flags |= INCOMPLETE
+        em = _Emitter(u, u.event_id, budget, now)
+        estimate, reported = run.working_set() - run.tokens[_OUTPUT], prompt_tokens(u)
+        gap = reported - estimate
+        em.emit(
+            DecisionKind.USAGE_RECONCILED,
+            "call",
+            (
+                f"call {u.call_id}: provider reported {reported} prompt tokens, working-set estimate "
+                f"{estimate} (discrepancy {gap:+d}{f', {gap / estimate:+.1%}' if estimate else ''}); "
+                f"{tokens} tokens in total, {cost.micros} micro-USD at prices {cost.version}"
+                f"{' (estimated price)' if cost.estimated else ''}"
+                f"{'; partial counts from an interrupted stream' if not u.complete else ''}"
+            ),
+            used_tokens=reported,
+        )
+        ms = to_ms(u.occurred_at)
+        spend = self._spend_ledgers(u, state)
+        for s in spend:
+            s.changed |= s.ledger.apply(STREAMS[USAGE], pos.offset, ms, tokens, cost.micros)
+        self._settle(u, run, state, em, spend, consumption_changed=True)
+        state.put_run(key, run)
+        return em.out
+
+    def _run(self, r: RunEvent, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+        key = run_key(r.tenant_id, r.run_id)
+        run = state.get_run(key) or RunLedger()
+        phase = FINALIZED if r.phase is RunPhase.FINALIZED else STARTED
+        if pos.offset <= run.offsets[RUNS] or run.flags & phase:
+            return []
+        budget = self.budget(state, r.tenant_id, r.user_id)
+        run.flags |= phase
+        run.offsets[RUNS] = pos.offset
+        run.applied += 1
+        run.set_model(r.model, from_run_event=True)
+        run.place(r.parent_run_id, r.workflow_id)
+        em = _Emitter(r, r.event_id, budget, now)
+        spend: list[_Spend] = []
+        if phase == FINALIZED:
+            run.finalized_ms = ms = to_ms(r.occurred_at)
+            spend = self._spend_ledgers(r, state)
+            for s in spend:
+                # The finalization time advances the windows (a linear, per-record effect, rule 2).
+                s.changed |= s.ledger.apply(STREAMS[RUNS], pos.offset, ms, 0, 0)
+            topup, ws = run.topup(), run.working_set()
+            if run.reports == 0:
+                why = f"estimated: no usage report; consumption estimated from the working set as {ws} tokens"
+            elif run.flags & INCOMPLETE:
+                why = (
+                    f"estimated: partial usage from an interrupted stream ({run.reported_tokens} tokens "
+                    f"reported); working-set estimate adds {topup} tokens"
+                )
+            else:
+                why = (
+                    f"reported: {run.reported_tokens} tokens over {run.reports} calls; working-set estimate "
+                    f"{ws} (discrepancy {run.reported_tokens - ws:+d})"
+                )
+            em.emit(
+                DecisionKind.USAGE_RECONCILED,
+                "run",
+                f"run {r.status.value if r.status else 'ended'}; {why}",
+                used_tokens=run.reported_tokens + topup,
+            )
+        self._settle(r, run, state, em, spend, consumption_changed=True)
+        state.put_run(key, run)
+        return em.out
+
+    def _spend_ledgers(
+        self, e: UsageReport | RunEvent | TurnEvent | AdmissionRequest, state: BudgetState
+    ) -> list[_Spend]:
+        tk, uk = tenant_key(e.tenant_id), user_key(e.tenant_id, e.user_id)
+        return [
+            _Spend("tenant", tk, state.get_tenant(tk) or SpendLedger()),
+            _Spend("user", uk, state.get_user(uk) or SpendLedger()),
+        ]
+
+    def _settle(
+        self,
+        e: TurnEvent | UsageReport | RunEvent,
+        run: RunLedger,
+        state: BudgetState,
+        em: _Emitter,
+        spend: list[_Spend],
+        consumption_changed: bool,
+    ) -> None:
+        """Propagate the run's consumption to estimates, its workflow and the gauges; put what changed."""
+        topup = run.topup()
+        topup_cost = self.prices.estimate_cost(run.model, topup).micros if topup else 0
+        tokens, cost = run.reported_tokens + topup, run.reported_cost + topup_cost
+        if consumption_changed and run.flags & FINALIZED:
+            spend = spend or self._spend_ledgers(e, state)
+            for s in spend:
+                entry = s.ledger.estimates.get(e.run_id)
+                held = (entry[1], entry[2]) if entry else (0, 0)
+                # Compared with the stored entry, not the run's previous value: this repairs a replay (rule 3).
+                if held != (topup, topup_cost):
+                    s.changed |= s.ledger.assign_estimate(e.run_id, run.applied, topup, topup_cost, run.finalized_ms)
+        if (wf := run.workflow(e.run_id)) is not None:
+            self._settle_workflow(e, wf, run.applied, tokens, cost, state, em)
+        if consumption_changed:
+            b = em.budget
+            if b.run_cap is not None:
+                old = run.level(RUN_CAP_GAUGE)
+                run.set_level(RUN_CAP_GAUGE, em.spend("run_cap", "run token cap", old, b.run_cap, tokens))
+            if run.flags & CHILD and b.subagent_cap is not None:
+                old = run.level(SHARE_GAUGE)
+                what = "sub-agent share of the workflow cap"
+                run.set_level(SHARE_GAUGE, em.spend("subagent_share", what, old, b.subagent_cap, tokens))
+        for s in spend:
+            if s.changed:
+                self._window_gauges(s.scope, s.ledger, em)
+                (state.put_tenant if s.scope == "tenant" else state.put_user)(s.key, s.ledger)
+
+    def _settle_workflow(
+        self,
+        e: TurnEvent | UsageReport | RunEvent,
+        wf: str,
+        applied: int,
+        tokens: int,
+        cost: int,
+        state: BudgetState,
+        em: _Emitter,
+    ) -> None:
+        key = workflow_key(e.tenant_id, wf)
+        flow = state.get_workflow(key)
+        entry = flow.runs.get(e.run_id) if flow is not None else None
+        # Compared with the stored entry, not the run's previous value: this repairs a replay (rule 3).
+        if ((entry[1], entry[2]) if entry else (0, 0)) == (tokens, cost):
+            return
+        flow = flow or WorkflowLedger()
+        if flow.assign(e.run_id, applied, tokens, cost, e.agent_id):
+            if (cap := em.budget.workflow_cap) is not None:
+                flow.level = em.spend("workflow_cap", f"workflow {wf} token cap", flow.level, cap, flow.tokens)
+            state.put_workflow(key, flow)
+
+    def _window_gauges(self, scope: str, ledger: SpendLedger, em: _Emitter) -> None:
+        b = em.budget
+        tenant = scope == "tenant"
+        for w in b.tenant_windows if tenant else b.user_windows:
+            old = ledger.level(w.window)
+            new = _window_level(ledger, w, b.tenant_watermark if tenant else b.watermark)
+            if new != old:
+                used, spent = ledger.usage(w.window)
+                limits = [f"{used} of {w.max_tokens} tokens"] if w.max_tokens is not None else []
+                if w.max_cost_micros is not None:
+                    limits.append(f"{spent} of {w.max_cost_micros} micro-USD")
+                what = f"{scope} {w.window.value} spend window ({', '.join(limits)})"
+                gauge = f"{scope}:{w.window.value}"
+                ledger.set_level(w.window, em.change(gauge, what, old, new, used, w.max_tokens, w.window))
+
+    def _admission(self, a: AdmissionRequest, state: BudgetState, now: datetime) -> Decision:
+        """Whether the planned slot sizes, added to the run's current usage, stay below every hard limit.
+
+        Read-only: an admission changes no state, so answering it again (a replay) is harmless, and its id
+        derives from ``request_id``.
+        """
+        budget = self.budget(state, a.tenant_id, a.user_id)
+        run = state.get_run(run_key(a.tenant_id, a.run_id)) or RunLedger()
+        em = _Emitter(a, a.request_id, budget, now)
+        planned_total = sum(a.planned.values())
+        checks: list[tuple[str, Limit | None, int, dict[str, object]]] = []
+        for slot, planned in sorted(a.planned.items(), key=lambda kv: SLOT_INDEX[kv[0]]):
+            used = run.tokens[SLOT_INDEX[slot]] + planned
+            checks.append((f"slot {slot.value}", budget.slot_limits[SLOT_INDEX[slot]], used, {"slot": slot}))
+        checks.append(("total context", budget.total, run.working_set() + planned_total, {}))
+        consumed = run.reported_tokens + run.topup() + planned_total
+        checks.append(("run token cap", budget.run_cap, consumed, {}))
+        if run.flags & CHILD:
+            checks.append(("sub-agent share", budget.subagent_cap, consumed, {}))
+        wf = run.workflow(a.run_id) or a.run_id
+        flow = state.get_workflow(workflow_key(a.tenant_id, wf))
+        checks.append(("workflow token cap", budget.workflow_cap, (flow.tokens if flow else 0) + planned_total, {}))
+        ms = to_ms(a.requested_at)
+        for s in self._spend_ledgers(a, state):
+            scope = s.scope
+            for w in budget.tenant_windows if scope == "tenant" else budget.user_windows:
+                tokens, cost = s.ledger.usage(w.window, ms)
+                if w.max_tokens is not None:
+                    checks.append(
+                        (
+                            f"{scope} {w.window.value} token window",
+                            Limit.of(w.max_tokens, 1.0),
+                            tokens + planned_total,
+                            {"window": w.window},
+                        )
+                    )
+                if w.max_cost_micros is not None and cost >= w.max_cost_micros:
+                    em.emit(
+                        DecisionKind.ADMISSION,
+                        "admission",
+                        (
+                            f"not admitted: {scope} {w.window.value} spend window has used {cost} of "
+                            f"{w.max_cost_micros} micro-USD"
+                        ),
+                        admitted=False,
+                        request_id=a.request_id,
+                        window=w.window,
+                        state=Level.HARD,
+                        used_tokens=tokens,
+                    )
+                    return em.out[0]
+        soft = []
+        for what, limit, used, fields in checks:
+            if limit is None:
+                continue
+            level = limit.level(used)
+            if level is Level.HARD:
+                em.emit(
+                    DecisionKind.ADMISSION,
+                    "admission",
+                    (
+                        f"not admitted: {what} would reach {used} tokens, hard limit {limit.hard_at} (cap "
+                        f"{limit.cap}); plan fewer tokens or wait for eviction"
+                    ),
+                    admitted=False,
+                    request_id=a.request_id,
+                    state=level,
+                    used_tokens=used,
+                    cap_tokens=limit.cap,
+                    **fields,
+                )
+                return em.out[0]
+            if level is Level.SOFT:
+                soft.append(what)
+        total = run.working_set() + planned_total
+        note = f"; above the soft watermark on {', '.join(soft)}: expect eviction" if soft else ""
+        em.emit(
+            DecisionKind.ADMISSION,
+            "admission",
+            (f"admitted: planned {planned_total} tokens, context would hold {total} of {budget.total.cap}{note}"),
+            admitted=True,
+            request_id=a.request_id,
+            state=Level.SOFT if soft else Level.OK,
+            used_tokens=total,
+            cap_tokens=budget.total.cap,
+        )
+        return em.out[0]

@@ -1,0 +1,177 @@
+"""Interfaces of the budget core: the input position, tenant-scoped keys and the state protocol.
+
+Every state key starts with a validated tenant id followed by ``:`` (a character tenant ids cannot contain),
+so no key of one tenant can equal, or be a prefix-collision of, another tenant's key. The worker implements
+:class:`BudgetState` over Faust tables (dict-like, changelog-backed); :class:`DictBudgetState` is the
+in-memory implementation used by tests and log replays.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import NamedTuple, Protocol
+
+from processors.ledger import RunLedger, WorkflowLedger
+from processors.windows import SpendLedger
+from schemas.models import TENANT_ID_PATTERN, DecisionKind, TenantManifest
+
+_TENANT_RE = re.compile(TENANT_ID_PATTERN)
+_valid_tenants: set[str] = set()
+
+
+class InvalidTenantError(ValueError):
+    """A tenant id that is missing or malformed: nothing may be read or written under it."""
+
+
+class Position(NamedTuple):
+    """Where a record came from: source topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def check_tenant(tenant_id: str) -> str:
+    """Return ``tenant_id`` if it matches the contract's pattern, else raise :class:`InvalidTenantError`."""
+    if tenant_id in _valid_tenants:
+        return tenant_id
+    if not isinstance(tenant_id, str) or not _TENANT_RE.match(tenant_id):
+        raise InvalidTenantError(f"invalid tenant id {tenant_id!r}: must match {TENANT_ID_PATTERN}")
+    if len(_valid_tenants) < 100_000:
+        _valid_tenants.add(tenant_id)
+    return tenant_id
+
+
+def _scoped(tenant_id: str, name: str, value: str) -> str:
+    if not value:
+        raise ValueError(f"{name} must be non-empty")
+    return f"{check_tenant(tenant_id)}:{value}"
+
+
+def tenant_key(tenant_id: str) -> str:
+    """Key of a tenant's spend ledger and manifest."""
+    return check_tenant(tenant_id)
+
+
+def run_key(tenant_id: str, run_id: str) -> str:
+    """Key ``tenant:run`` of a run ledger (also the decisions topic key)."""
+    return _scoped(tenant_id, "run_id", run_id)
+
+
+def user_key(tenant_id: str, user_id: str) -> str:
+    """Key ``tenant:user`` of a user's spend ledger."""
+    return _scoped(tenant_id, "user_id", user_id)
+
+
+def workflow_key(tenant_id: str, workflow_id: str) -> str:
+    """Key ``tenant:workflow`` of a workflow ledger."""
+    return _scoped(tenant_id, "workflow_id", workflow_id)
+
+
+def count_key(tenant_id: str, encoding: str, digest: str) -> str:
+    """Key ``tenant:encoding:digest`` of a remembered token count of a static item."""
+    return _scoped(tenant_id, "digest", f"{encoding}:{digest}")
+
+
+def decision_id(tenant_id: str, source_id: str, kind: DecisionKind, subject: str) -> str:
+    """The id of the decision of ``kind`` about ``subject`` caused by record ``source_id``.
+
+    A hash of those four values only, so a replay of the record reproduces the id and sinks keyed by it
+    overwrite instead of duplicating. ``subject`` tells apart decisions of one kind from one record (a slot,
+    ``total``, ``tenant:hour``...).
+    """
+    raw = "\x1f".join((tenant_id, source_id, kind.value, subject)).encode("utf-8")
+    return blake2b(raw, digest_size=16).hexdigest()
+
+
+def tenant_of_key(key: str) -> str:
+    """The tenant a state key belongs to."""
+    return key.split(":", 1)[0]
+
+
+class BudgetState(Protocol):
+    """Budget state of the tenants one worker owns; each getter returns None for an absent key.
+
+    A ``put`` replaces the stored value (and, in the worker, writes its changelog): a value mutated without
+    a ``put`` is not persisted.
+    """
+
+    def get_run(self, key: str) -> RunLedger | None: ...
+    def put_run(self, key: str, value: RunLedger) -> None: ...
+    def get_tenant(self, key: str) -> SpendLedger | None: ...
+    def put_tenant(self, key: str, value: SpendLedger) -> None: ...
+    def get_user(self, key: str) -> SpendLedger | None: ...
+    def put_user(self, key: str, value: SpendLedger) -> None: ...
+    def get_workflow(self, key: str) -> WorkflowLedger | None: ...
+    def put_workflow(self, key: str, value: WorkflowLedger) -> None: ...
+    def get_manifest(self, key: str) -> TenantManifest | None: ...
+    def put_manifest(self, key: str, value: TenantManifest) -> None: ...
+    def get_count(self, key: str) -> int | None: ...
+    def put_count(self, key: str, value: int) -> None: ...
+
+
+@dataclass
+class DictBudgetState:
+    """:class:`BudgetState` in plain dicts (tests, replays); ``dirty`` tracks the keys put per table."""
+
+    runs: dict[str, RunLedger] = field(default_factory=dict)
+    tenants: dict[str, SpendLedger] = field(default_factory=dict)
+    users: dict[str, SpendLedger] = field(default_factory=dict)
+    workflows: dict[str, WorkflowLedger] = field(default_factory=dict)
+    manifests: dict[str, TenantManifest] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    dirty: dict[str, set[str]] = field(default_factory=dict)
+
+    def _put(self, table: str, key: str, value: object) -> None:
+        getattr(self, table)[key] = value
+        self.dirty.setdefault(table, set()).add(key)
+
+    def get_run(self, key: str) -> RunLedger | None:
+        """The run ledger at ``key``."""
+        return self.runs.get(key)
+
+    def put_run(self, key: str, value: RunLedger) -> None:
+        """Store a run ledger."""
+        self._put("runs", key, value)
+
+    def get_tenant(self, key: str) -> SpendLedger | None:
+        """The tenant spend ledger at ``key``."""
+        return self.tenants.get(key)
+
+    def put_tenant(self, key: str, value: SpendLedger) -> None:
+        """Store a tenant spend ledger."""
+        self._put("tenants", key, value)
+
+    def get_user(self, key: str) -> SpendLedger | None:
+        """The user spend ledger at ``key``."""
+        return self.users.get(key)
+
+    def put_user(self, key: str, value: SpendLedger) -> None:
+        """Store a user spend ledger."""
+        self._put("users", key, value)
+
+    def get_workflow(self, key: str) -> WorkflowLedger | None:
+        """The workflow ledger at ``key``."""
+        return self.workflows.get(key)
+
+    def put_workflow(self, key: str, value: WorkflowLedger) -> None:
+        """Store a workflow ledger."""
+        self._put("workflows", key, value)
+
+    def get_manifest(self, key: str) -> TenantManifest | None:
+        """The manifest at ``key``."""
+        return self.manifests.get(key)
+
+    def put_manifest(self, key: str, value: TenantManifest) -> None:
+        """Store a manifest."""
+        self._put("manifests", key, value)
+
+    def get_count(self, key: str) -> int | None:
+        """The remembered token count at ``key``."""
+        return self.counts.get(key)
+
+    def put_count(self, key: str, value: int) -> None:
+        """Remember a token count."""
+        self._put("counts", key, value)

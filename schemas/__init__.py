@@ -1,0 +1,20 @@
+"""The ctxflow event contract: Avro schemas (``schemas/avro``), pydantic models and the codec."""
+
+from schemas.codec import Codec, SchemaVersion, kept_schemas
+from schemas.contract import ContractViolation, RejectedRecord, Undecodable, UnknownSchema
+from schemas.models import MODEL_SCHEMAS, content_digest
+from schemas.registry import RegistryError, RegistryUnavailable
+
+__all__ = [
+    "MODEL_SCHEMAS",
+    "Codec",
+    "ContractViolation",
+    "RegistryError",
+    "RegistryUnavailable",
+    "RejectedRecord",
+    "SchemaVersion",
+    "Undecodable",
+    "UnknownSchema",
+    "content_digest",
+    "kept_schemas",
+]

@@ -1,0 +1,525 @@
+"""Pydantic mirrors of the newest version of every Avro record in ``schemas/avro``.
+
+Field names, optionality and defaults are identical to the Avro schemas; validators add what Avro cannot
+say (tenant id pattern, non-negative counts, ranges, digests). A model that validates always encodes.
+Models are frozen and reject unknown fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+"""Tenant ids: non-empty, no ':' (reserved as the key separator), at most 128 characters."""
+
+_INT_MAX = 2**31 - 1
+_LONG_MAX = 2**63 - 1
+
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+Id = Annotated[str, StringConstraints(min_length=1)]
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0, le=_LONG_MAX)]
+Count32 = Annotated[int, Field(ge=0, le=_INT_MAX)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Share = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def _to_float32(value: float) -> float:
+    # Avro ``float`` is 32-bit: rounding here makes decode(encode(m)) == m hold exactly.
+    return array("f", (value,))[0]
+
+
+def _embedding(values: list[float]) -> list[float]:
+    packed = array("f", values)
+    # A finite double sum of float32 values cannot overflow, so a non-finite sum means a non-finite element.
+    if not math.isfinite(sum(packed)):
+        raise ValueError("embedding values must be finite and within float32 range")
+    return packed.tolist()
+
+
+def _utc_millis(value: datetime) -> datetime:
+    # Avro timestamp-millis keeps whole UTC milliseconds: normalising here makes round trips exact.
+    if value.tzinfo is not UTC or value.microsecond % 1000:
+        value = value.astimezone(UTC)
+        value = value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_utc_millis)]
+Float32Fraction = Annotated[float, Field(ge=0.0, le=1.0), AfterValidator(_to_float32)]
+Embedding = Annotated[list[float], AfterValidator(_embedding)]
+
+
+def content_digest(text: str) -> str:
+    """The contract's content digest: lowercase hex sha256 of the UTF-8 bytes of ``text``."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_digest(content: str | None, digest: str | None) -> None:
+    if content is None:
+        if digest is None:
+            raise ValueError("content_digest is required when content is null")
+    elif digest is not None and digest != content_digest(content):
+        raise ValueError(
+            "content_digest is not the sha256 of content: compute it with schemas.content_digest(content)"
+        )
+
+
+class Slot(StrEnum):
+    """Budget slot of a context item."""
+
+    SYSTEM = "system"
+    TOOLS = "tools"
+    RETRIEVED = "retrieved"
+    HISTORY = "history"
+    SCRATCHPAD = "scratchpad"
+    OUTPUT = "output"
+
+
+class Role(StrEnum):
+    """Author of a context item."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class ItemKind(StrEnum):
+    """What a context item is."""
+
+    MESSAGE = "message"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+    RETRIEVED_CHUNK = "retrieved_chunk"
+    MEMORY = "memory"
+    SUMMARY = "summary"
+
+
+class PrivacyMode(StrEnum):
+    """Whether payloads may be stored anywhere durable."""
+
+    RETAINED = "retained"
+    NO_RETENTION = "no_retention"
+
+
+class RunPhase(StrEnum):
+    """Run boundary."""
+
+    STARTED = "started"
+    FINALIZED = "finalized"
+
+
+class RunStatus(StrEnum):
+    """How a run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class OverflowBehaviour(StrEnum):
+    """What happens when a cap is exceeded."""
+
+    EVICT_AND_COMPRESS = "evict_and_compress"
+    REJECT = "reject"
+
+
+class HardLimitBehaviour(StrEnum):
+    """What happens at a hard limit."""
+
+    REJECT = "reject"
+    FLAG = "flag"
+    TERMINATE_RUN = "terminate_run"
+
+
+class SpendWindowKind(StrEnum):
+    """Length of a spend window."""
+
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class MemoryScope(StrEnum):
+    """Who may see a memory (a security boundary)."""
+
+    GLOBAL = "global"
+    TENANT = "tenant"
+    USER = "user"
+    SESSION = "session"
+
+
+class MemoryType(StrEnum):
+    """What a memory means."""
+
+    POLICY = "policy"
+    PREFERENCE = "preference"
+    FACT = "fact"
+    EPISODE = "episode"
+    TRACE = "trace"
+
+
+class MemoryStatus(StrEnum):
+    """Lifecycle state of a memory; only ``active`` is retrievable."""
+
+    PROVISIONAL = "provisional"
+    ACTIVE = "active"
+    QUARANTINED = "quarantined"
+    REVOKED = "revoked"
+
+
+class DecisionKind(StrEnum):
+    """What a decision is about."""
+
+    BUDGET_STATE = "budget_state"
+    EVICTION_REQUEST = "eviction_request"
+    REJECTION = "rejection"
+    SPEND_EXHAUSTED = "spend_exhausted"
+    ADMISSION = "admission"
+    USAGE_RECONCILED = "usage_reconciled"
+
+
+class BudgetState(StrEnum):
+    """Budget watermark state."""
+
+    OK = "ok"
+    SOFT = "soft"
+    HARD = "hard"
+
+
+class ItemAction(StrEnum):
+    """What to do with a context item."""
+
+    EVICT = "evict"
+    COMPRESS = "compress"
+    OFFLOAD = "offload"
+
+
+class InvalidationKind(StrEnum):
+    """Why a derived artifact must no longer be served."""
+
+    TOMBSTONE = "tombstone"
+    INVALIDATION = "invalidation"
+    STALE_CONTEXT = "stale_context"
+
+
+class RejectReason(StrEnum):
+    """Known dead-letter reason codes (the Avro field is an open string)."""
+
+    UNDECODABLE = "undecodable"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    CONTRACT_VIOLATION = "contract_violation"
+    PROCESSING_ERROR = "processing_error"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TurnEvent(_Record):
+    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v2).
+
+    Guarantees: ``content_digest`` is present when ``content`` is null and matches ``content`` when both are
+    given; counts are non-negative; ``importance``/``relevance`` lie in [0, 1] at float32 precision.
+    """
+
+    event_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    parent_run_id: Id | None = None
+    agent_id: Id
+    seq: Count
+    role: Role
+    kind: ItemKind
+    slot: Slot
+    item_id: Id
+    content: str | None = None
+    content_digest: Digest | None = None
+    token_count: Count32 | None = None
+    model: Id
+    importance: Float32Fraction | None = None
+    tier_hint: Annotated[int, Field(ge=0, le=3)] | None = None
+    embedding: Embedding | None = None
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    occurred_at: Timestamp
+    tool_call_id: Id | None = None
+    relevance: Float32Fraction | None = None
+
+    @model_validator(mode="after")
+    def _digest_matches(self) -> Self:
+        _check_digest(self.content, self.content_digest)
+        return self
+
+
+class UsageReport(_Record):
+    """Token usage of one provider call (topic ``usage``); every count is non-negative."""
+
+    event_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    agent_id: Id
+    call_id: Id
+    provider: Id
+    model: Id
+    input_tokens: Count
+    output_tokens: Count
+    cached_read_tokens: Count = 0
+    cache_write_tokens: Count = 0
+    reasoning_tokens: Count = 0
+    latency_ms: Count32
+    streamed: bool = False
+    complete: bool = True
+    occurred_at: Timestamp
+
+
+class RunEvent(_Record):
+    """A run boundary (topic ``runs``).
+
+    Guarantees: ``status`` is set exactly when ``phase`` is finalized; a root run (no parent) is its own
+    workflow (``workflow_id == run_id``).
+    """
+
+    event_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    parent_run_id: Id | None = None
+    workflow_id: Id
+    agent_id: Id
+    phase: RunPhase
+    status: RunStatus | None = None
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    model: str | None = None
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    occurred_at: Timestamp
+
+    @model_validator(mode="after")
+    def _phase_and_tree(self) -> Self:
+        if (self.phase is RunPhase.FINALIZED) != (self.status is not None):
+            raise ValueError("status is required on a finalized run and must be null on a started run")
+        if self.parent_run_id is None and self.workflow_id != self.run_id:
+            raise ValueError("a root run (parent_run_id null) must have workflow_id equal to run_id")
+        return self
+
+
+class AdmissionRequest(_Record):
+    """A run asking whether its planned context fits (topic ``admissions``); planned tokens per slot."""
+
+    request_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    agent_id: Id
+    model: Id
+    planned: dict[Slot, Count]
+    requested_at: Timestamp
+
+
+class SlotCaps(_Record):
+    """Per-slot token caps; ``None`` means no cap on that slot."""
+
+    system: Count | None = None
+    tools: Count | None = None
+    retrieved: Count | None = None
+    history: Count | None = None
+    scratchpad: Count | None = None
+    output: Count | None = None
+
+
+class SpendWindow(_Record):
+    """A token and/or cost limit over one calendar window."""
+
+    window: SpendWindowKind
+    max_tokens: Count | None = None
+    max_cost_micros: Count | None = None
+
+
+class UserOverride(_Record):
+    """Manifest fields one user shadows: a non-null field wins over the tenant's value."""
+
+    total_cap: Count | None = None
+    soft_watermark: Share | None = None
+    run_cap_tokens: Count | None = None
+    spend_windows: list[SpendWindow] | None = None
+
+
+class TenantManifest(_Record):
+    """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
+
+    Precedence: a user override field (when non-null) > this manifest's field > built-in defaults.
+    """
+
+    tenant_id: TenantId
+    version: Annotated[int, Field(ge=1, le=_LONG_MAX)]
+    tier: Id
+    slot_caps: SlotCaps
+    total_cap: Count
+    soft_watermark: Share = 0.85
+    overflow: OverflowBehaviour = OverflowBehaviour.EVICT_AND_COMPRESS
+    hard_limit: HardLimitBehaviour = HardLimitBehaviour.REJECT
+    spend_windows: list[SpendWindow] = Field(default_factory=list)
+    run_cap_tokens: Count | None = None
+    workflow_cap_tokens: Count | None = None
+    subagent_share: Share | None = None
+    tokenizers: dict[Id, Id] = Field(default_factory=dict)
+    user_overrides: dict[Id, UserOverride] = Field(default_factory=dict)
+    updated_at: Timestamp
+    updated_by: str | None = None
+
+
+class MemoryCandidate(_Record):
+    """Session state proposed for durable memory (topic ``memory.candidates``); digest always present."""
+
+    event_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    agent_id: Id
+    candidate_id: Id
+    scope: MemoryScope
+    type: MemoryType
+    content: str | None = None
+    content_digest: Digest
+    source_item_ids: list[Id] = Field(default_factory=list)
+    confidence: Fraction
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    occurred_at: Timestamp
+
+    @model_validator(mode="after")
+    def _digest_matches(self) -> Self:
+        _check_digest(self.content, self.content_digest)
+        return self
+
+
+class MemoryRecord(_Record):
+    """Canonical durable memory (topic ``memory.records``, compacted by ``tenant_id:memory_id``)."""
+
+    memory_id: Id
+    tenant_id: TenantId
+    user_id: Id | None = None
+    session_id: Id | None = None
+    scope: MemoryScope
+    type: MemoryType
+    status: MemoryStatus
+    version: Count
+    content: str | None = None
+    content_digest: Digest
+    source_run_id: Id | None = None
+    source_candidate_id: Id | None = None
+    created_at: Timestamp
+    updated_at: Timestamp
+    expires_at: Timestamp | None = None
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _digest_matches(self) -> Self:
+        _check_digest(self.content, self.content_digest)
+        return self
+
+
+class ItemDecision(_Record):
+    """What to do with one context item and how many tokens that frees."""
+
+    item_id: Id
+    action: ItemAction
+    tokens: Count
+
+
+class Decision(_Record):
+    """Output of the governor (topic ``decisions``, key ``tenant_id:run_id``).
+
+    ``decision_id`` is derived from the source event by the producer, so a replay yields the same id.
+    """
+
+    decision_id: Id
+    tenant_id: TenantId
+    user_id: Id | None = None
+    session_id: Id | None = None
+    run_id: Id | None = None
+    kind: DecisionKind
+    slot: Slot | None = None
+    state: BudgetState | None = None
+    previous_state: BudgetState | None = None
+    used_tokens: Count | None = None
+    cap_tokens: Count | None = None
+    window: SpendWindowKind | None = None
+    admitted: bool | None = None
+    request_id: Id | None = None
+    reason: str
+    actions: list[ItemDecision] = Field(default_factory=list)
+    source_event_id: Id | None = None
+    manifest_version: Annotated[int, Field(ge=1, le=_LONG_MAX)] | None = None
+    decided_at: Timestamp
+
+
+class Invalidation(_Record):
+    """A derived artifact that must no longer be served (topic ``invalidations``)."""
+
+    invalidation_id: Id
+    tenant_id: TenantId
+    kind: InvalidationKind
+    target_type: Id
+    target_id: Id
+    source_memory_id: Id | None = None
+    user_id: Id | None = None
+    session_id: Id | None = None
+    run_id: Id | None = None
+    reason: str
+    occurred_at: Timestamp
+
+
+class DeadLetter(_Record):
+    """A rejected record with its reason (topic ``deadletters``).
+
+    ``original`` is null when the record was readable and marked no_retention: its payload is never kept.
+    """
+
+    dead_letter_id: Id
+    source_topic: Id
+    source_partition: Count32
+    source_offset: Count
+    tenant_id: TenantId | None = None
+    reason_code: Id
+    reason: Id
+    original: bytes | None = None
+    failed_at: Timestamp
+
+
+MODEL_SCHEMAS: dict[type[BaseModel], str] = {
+    TurnEvent: "TurnEvent",
+    UsageReport: "UsageReport",
+    RunEvent: "RunEvent",
+    AdmissionRequest: "AdmissionRequest",
+    TenantManifest: "TenantManifest",
+    MemoryCandidate: "MemoryCandidate",
+    MemoryRecord: "MemoryRecord",
+    Decision: "Decision",
+    Invalidation: "Invalidation",
+    DeadLetter: "DeadLetter",
+}
+"""Top-level model -> Avro record name (namespace ``ctxflow``); nested records travel inside their parent."""

@@ -1,0 +1,198 @@
+"""The ClickHouse projection: one table per projected record type, its DDL and its row mapping.
+
+Each :class:`TableSpec` is the single source of a table's column order, so the DDL and the rows cannot drift.
+
+Idempotency: every table is a ``ReplacingMergeTree`` whose sorting key ends with the record's identity
+(``event_id``, ``decision_id``, ...) and otherwise holds only fields that are a function of that identity,
+so every copy of a record collapses to one row. Readers see one row per identity before background merges
+run because the analyst path sets ``final=1`` (see ``sinks.clickhouse``). Exact re-sends of a batch are
+also dropped at insert time (``non_replicated_deduplication_window``), which keeps FINAL's work small.
+Only producer-stamped event tables are partitioned (by month of ``occurred_at``): a derived record replayed
+with a fresh wall-clock timestamp must land in the same partition, or FINAL could not collapse it.
+
+Privacy: a turn with ``privacy=no_retention`` is stored without content (NULL); its digest, counts and ids
+stay. Embeddings are never stored (an embedding of content is content); only their dimension count is.
+A revoked memory record loses its content in the projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas.models import (
+    DeadLetter,
+    Decision,
+    Invalidation,
+    MemoryRecord,
+    MemoryStatus,
+    PrivacyMode,
+    RunEvent,
+    TurnEvent,
+    UsageReport,
+    content_digest,
+)
+
+Row = tuple[Any, ...]
+
+_ID = "String"
+_OPT = "Nullable(String)"
+_ENUM = "LowCardinality(String)"  # not Enum8: a new Avro symbol must not break inserts
+_OPT_ENUM = "LowCardinality(Nullable(String))"
+_TS = "DateTime64(3, 'UTC')"
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A projected table: its columns (in row order), engine, keys and the record -> row mapping."""
+
+    name: str
+    model: type[BaseModel]
+    columns: tuple[tuple[str, str], ...]
+    order_by: tuple[str, ...]
+    to_row: Callable[[Any], Row]
+    version: str | None = None
+    partition_by: str | None = None
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    def create_sql(self, database: str) -> str:
+        """Idempotent ``CREATE TABLE`` in ``database``; the sorting key starts with tenant_id."""
+        cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in self.columns)
+        engine = f"ReplacingMergeTree({self.version})" if self.version else "ReplacingMergeTree"
+        partition = f"\nPARTITION BY {self.partition_by}" if self.partition_by else ""
+        return (
+            f"CREATE TABLE IF NOT EXISTS `{database}`.`{self.name}` (\n  {cols}\n)\n"
+            f"ENGINE = {engine}{partition}\nORDER BY ({', '.join(self.order_by)})\n"
+            "SETTINGS non_replicated_deduplication_window = 1000"
+        )
+
+
+def _names(columns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    return tuple(name for name, _ in columns)
+
+
+def _fields(model: type[BaseModel], types: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Columns in the model's field order; a name the model lacks is a typo and fails at import."""
+    unknown = set(types) - set(model.model_fields)
+    if unknown:
+        raise TypeError(f"{model.__name__} has no fields {sorted(unknown)}")
+    return tuple((name, types[name]) for name in model.model_fields if name in types)
+
+
+_TURN_COLUMNS = (
+    *_fields(TurnEvent, {
+        "event_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID,
+        "parent_run_id": _OPT, "agent_id": _ID, "seq": "UInt64", "role": _ENUM, "kind": _ENUM, "slot": _ENUM,
+        "item_id": _ID, "content": _OPT, "content_digest": "String", "token_count": "Nullable(UInt32)",
+        "model": _ENUM, "importance": "Nullable(Float32)", "tier_hint": "Nullable(UInt8)", "privacy": _ENUM,
+        "occurred_at": _TS, "tool_call_id": _OPT, "relevance": "Nullable(Float32)",
+    }),
+    ("embedding_dims", "UInt32"),
+)
+_TURN_FIELDS = _names(_TURN_COLUMNS)[:-1]
+_CONTENT, _DIGEST = _TURN_FIELDS.index("content"), _TURN_FIELDS.index("content_digest")
+
+
+def _turn_row(turn: TurnEvent) -> Row:
+    row = [*_values(turn, _TURN_FIELDS), len(turn.embedding or ())]
+    if turn.privacy is not PrivacyMode.RETAINED:
+        row[_CONTENT] = None
+    if turn.content is not None and turn.content_digest is None:
+        row[_DIGEST] = content_digest(turn.content)  # the digest outlives no-retention content
+    return tuple(row)
+
+
+def _values(record: BaseModel, names: tuple[str, ...]) -> Row:
+    # Enum members go as they are: they are StrEnums, which the driver encodes as their string value.
+    return attrgetter(*names)(record)
+
+
+def _plain_row(names: tuple[str, ...]) -> Callable[[BaseModel], Row]:
+    return lambda record: _values(record, names)
+
+
+def _memory_row(record: MemoryRecord) -> Row:
+    row = _values(record, MEMORY_COLUMN_NAMES)
+    if record.status is MemoryStatus.REVOKED:
+        return tuple(None if col == "content" else v for col, v in zip(MEMORY_COLUMN_NAMES, row, strict=True))
+    return row
+
+
+def _decision_row(decision: Decision) -> Row:
+    actions = [(a.item_id, a.action.value, a.tokens) for a in decision.actions]
+    return (*_values(decision, DECISION_COLUMN_NAMES[:-1]), actions)
+
+
+def _dead_letter_row(letter: DeadLetter) -> Row:
+    # tenant_id leads the sorting key, which cannot be Nullable: an unreadable tenant is stored as ''.
+    return (letter.tenant_id or "", *_values(letter, DEAD_LETTER_COLUMN_NAMES[1:]))
+
+
+_USAGE_COLUMNS = _fields(UsageReport, {
+    "event_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "agent_id": _ID,
+    "call_id": _ID, "provider": _ENUM, "model": _ENUM, "input_tokens": "UInt64", "output_tokens": "UInt64",
+    "cached_read_tokens": "UInt64", "cache_write_tokens": "UInt64", "reasoning_tokens": "UInt64",
+    "latency_ms": "UInt32", "streamed": "Bool", "complete": "Bool", "occurred_at": _TS,
+})
+_RUN_COLUMNS = _fields(RunEvent, {
+    "event_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID,
+    "parent_run_id": _OPT, "workflow_id": _ID, "agent_id": _ID, "phase": _ENUM, "status": _OPT_ENUM,
+    "policy_version": _OPT, "prefix_hash": _OPT, "model": _OPT_ENUM, "privacy": _ENUM, "occurred_at": _TS,
+})
+_DECISION_COLUMNS = (
+    *_fields(Decision, {
+        "decision_id": _ID, "tenant_id": _ID, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT,
+        "kind": _ENUM, "slot": _OPT_ENUM, "state": _OPT_ENUM, "previous_state": _OPT_ENUM,
+        "used_tokens": "Nullable(UInt64)", "cap_tokens": "Nullable(UInt64)", "window": _OPT_ENUM,
+        "admitted": "Nullable(Bool)", "request_id": _OPT, "reason": "String", "source_event_id": _OPT,
+        "manifest_version": "Nullable(UInt64)", "decided_at": _TS,
+    }),
+    ("actions", "Array(Tuple(item_id String, action LowCardinality(String), tokens UInt64))"),
+)
+DECISION_COLUMN_NAMES = _names(_DECISION_COLUMNS)
+_DEAD_LETTER_COLUMNS = (("tenant_id", _ID), *_fields(DeadLetter, {
+    "dead_letter_id": _ID, "source_topic": _ENUM, "source_partition": "UInt32", "source_offset": "UInt64",
+    "reason_code": _ENUM, "reason": "String", "original": _OPT, "failed_at": _TS,
+}))
+DEAD_LETTER_COLUMN_NAMES = _names(_DEAD_LETTER_COLUMNS)
+_MEMORY_COLUMNS = _fields(MemoryRecord, {
+    "memory_id": _ID, "tenant_id": _ID, "user_id": _OPT, "session_id": _OPT, "scope": _ENUM, "type": _ENUM,
+    "status": _ENUM, "version": "UInt64", "content": _OPT, "content_digest": "String", "source_run_id": _OPT,
+    "source_candidate_id": _OPT, "created_at": _TS, "updated_at": _TS, "expires_at": f"Nullable({_TS})",
+    "reason": _OPT,
+})
+MEMORY_COLUMN_NAMES = _names(_MEMORY_COLUMNS)
+_INVALIDATION_COLUMNS = _fields(Invalidation, {
+    "invalidation_id": _ID, "tenant_id": _ID, "kind": _ENUM, "target_type": _ENUM, "target_id": _ID,
+    "source_memory_id": _OPT, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT, "reason": "String",
+    "occurred_at": _TS,
+})
+_MONTH = "toYYYYMM(occurred_at)"
+
+
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec("turns", TurnEvent, _TURN_COLUMNS, ("tenant_id", "run_id", "seq", "event_id"), _turn_row,
+              partition_by=_MONTH),
+    TableSpec("usage", UsageReport, _USAGE_COLUMNS, ("tenant_id", "run_id", "event_id"),
+              _plain_row(_names(_USAGE_COLUMNS)), partition_by=_MONTH),
+    TableSpec("runs", RunEvent, _RUN_COLUMNS, ("tenant_id", "run_id", "event_id"),
+              _plain_row(_names(_RUN_COLUMNS)), partition_by=_MONTH),
+    TableSpec("decisions", Decision, _DECISION_COLUMNS, ("tenant_id", "decision_id"), _decision_row),
+    TableSpec("dead_letters", DeadLetter, _DEAD_LETTER_COLUMNS, ("tenant_id", "dead_letter_id"),
+              _dead_letter_row),
+    TableSpec("memory_records", MemoryRecord, _MEMORY_COLUMNS, ("tenant_id", "memory_id"), _memory_row,
+              version="version"),
+    TableSpec("invalidations", Invalidation, _INVALIDATION_COLUMNS, ("tenant_id", "invalidation_id"),
+              _plain_row(_names(_INVALIDATION_COLUMNS))),
+)
+"""Every projected table, in the order ``ensure_schema`` creates them."""
+
+TABLE_BY_MODEL: dict[type[BaseModel], TableSpec] = {spec.model: spec for spec in TABLES}
+TABLE_BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in TABLES}

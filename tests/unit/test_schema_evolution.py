@@ -1,0 +1,200 @@
+"""Schema evolution: the rules every new version must follow, and old/new readers and writers interoperating.
+
+fastavro appears here only to play a producer of a *future* schema version, which the codec cannot write.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import fastavro
+import pytest
+
+from schemas import MODEL_SCHEMAS, Codec, UnknownSchema, content_digest, kept_schemas
+from schemas.models import ItemKind, PrivacyMode, Role, Slot, TurnEvent
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def turn(**overrides: Any) -> TurnEvent:
+    fields: dict[str, Any] = {
+        "event_id": "e-1",
+        "tenant_id": "acme",
+        "user_id": "u",
+        "session_id": "s",
+        "run_id": "r",
+        "agent_id": "a",
+        "seq": 4,
+        "role": Role.TOOL,
+        "kind": ItemKind.TOOL_RESULT,
+        "slot": Slot.HISTORY,
+        "item_id": "i",
+        "content": "42 rows",
+        "model": "gpt-4o",
+        "importance": 0.5,
+        "occurred_at": NOW,
+        "tool_call_id": "call-1",
+        "relevance": 0.25,
+    }
+    fields.update(overrides)
+    return TurnEvent(**fields)
+
+
+def test_every_released_version_is_kept() -> None:
+    assert set(kept_schemas()) == set(MODEL_SCHEMAS.values())
+    for name, versions in kept_schemas().items():
+        assert [v.version for v in versions] == list(range(1, len(versions) + 1)), name
+    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2]
+
+
+def _enums(schema: Any, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    if isinstance(schema, list):
+        for branch in schema:
+            _enums(branch, found)
+    elif isinstance(schema, dict):
+        if schema.get("type") == "enum":
+            found[schema["name"]] = schema
+        for key in ("items", "values"):
+            if key in schema:
+                _enums(schema[key], found)
+        for field in schema.get("fields", []):
+            _enums(field["type"], found)
+    return found
+
+
+def _strip(schema: Any) -> Any:
+    """A type with docs and enum symbol lists removed, for comparing everything else."""
+    if isinstance(schema, list):
+        return [_strip(b) for b in schema]
+    if isinstance(schema, dict):
+        return {k: _strip(v) for k, v in schema.items() if k not in ("doc", "symbols", "default")}
+    return schema
+
+
+@pytest.mark.parametrize("name", sorted(kept_schemas()))
+def test_consecutive_versions_follow_the_evolution_rules(name: str) -> None:
+    versions = [json.loads(v.text) for v in kept_schemas()[name]]
+    for old, new in itertools.pairwise(versions):
+        old_fields = {f["name"]: f for f in old["fields"]}
+        new_fields = {f["name"]: f for f in new["fields"]}
+        for added in new_fields.keys() - old_fields.keys():
+            assert "default" in new_fields[added], f"{name}.{added} was added without a default"
+        for removed in old_fields.keys() - new_fields.keys():
+            assert "default" in old_fields[removed], f"{name}.{removed} was removed but old readers need it"
+        for field in old_fields.keys() & new_fields.keys():
+            assert _strip(old_fields[field]["type"]) == _strip(new_fields[field]["type"]), f"{name}.{field}"
+        old_enums, new_enums = _enums(old, {}), _enums(new, {})
+        for enum_name, old_enum in old_enums.items():
+            added_symbols = set(new_enums[enum_name]["symbols"]) - set(old_enum["symbols"])
+            assert set(old_enum["symbols"]) <= set(new_enums[enum_name]["symbols"]), (
+                f"{enum_name} lost symbols"
+            )
+            assert not added_symbols or "default" in old_enum, (
+                f"{enum_name} grew but old readers have no default"
+            )
+
+
+def test_closed_enums_are_exactly_the_ones_where_a_default_would_be_wrong() -> None:
+    enums: dict[str, dict[str, Any]] = {}
+    for name in MODEL_SCHEMAS.values():
+        _enums(json.loads(kept_schemas()[name][-1].text), enums)
+    assert {n for n, e in enums.items() if "default" not in e} == {
+        "RunPhase",
+        "SpendWindowKind",
+        "MemoryScope",
+    }
+    assert enums["PrivacyMode"]["default"] == "no_retention"  # an unknown privacy mode fails closed
+
+
+@pytest.mark.parametrize("writer", [1, 2])
+@pytest.mark.parametrize("reader", [1, 2])
+def test_every_kept_turn_version_reads_under_every_kept_reader(writer: int, reader: int) -> None:
+    event = turn()
+    data = Codec(writer_versions={"TurnEvent": writer}).encode(event)
+    decoded = Codec(reader_versions={"TurnEvent": reader}).decode(data, TurnEvent)
+    both_v2 = writer == 2 and reader == 2
+    assert decoded == (
+        event if both_v2 else event.model_copy(update={"tool_call_id": None, "relevance": None})
+    )
+
+
+def test_v1_producer_bytes_read_by_the_newest_consumer_get_v2_defaults() -> None:
+    data = Codec(writer_versions={"TurnEvent": 1}).encode(turn())
+    assert data[2:10] == kept_schemas()["TurnEvent"][0].fingerprint
+    decoded = Codec().decode(data, TurnEvent)
+    assert (decoded.tool_call_id, decoded.relevance, decoded.seq) == (None, None, 4)
+
+
+@pytest.mark.parametrize(("writer", "reader"), [(1, 2), (2, 1)])
+def test_codec_agrees_with_plain_avro_resolution(writer: int, reader: int) -> None:
+    """The codec skips fastavro's per-record resolution when versions differ only by defaulted fields."""
+    data = Codec(writer_versions={"TurnEvent": writer}).encode(turn())
+    body = io.BytesIO(data[10:])
+    resolved = fastavro.schemaless_reader(
+        body, kept_schemas()["TurnEvent"][writer - 1].parsed, kept_schemas()["TurnEvent"][reader - 1].parsed
+    )
+    decoded = Codec(reader_versions={"TurnEvent": reader}).decode(data, TurnEvent)
+    assert decoded == TurnEvent.model_validate(resolved)
+
+
+def _future_turn_schema() -> dict[str, Any]:
+    schema = json.loads(kept_schemas()["TurnEvent"][-1].text)
+    for field in schema["fields"]:
+        if field["name"] == "role":
+            field["type"]["symbols"].append("developer")
+        if field["name"] == "privacy":
+            field["type"]["symbols"].append("ephemeral")
+    schema["fields"].append({"name": "cost_micros", "type": "long", "default": 0})
+    return schema
+
+
+def test_a_future_writer_is_unknown_to_a_single_object_reader_that_does_not_keep_it() -> None:
+    schema = fastavro.parse_schema(_future_turn_schema(), named_schemas={})
+    canonical = fastavro.schema.to_parsing_canonical_form(schema)
+    header = b"\xc3\x01" + bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, schema, turn().model_dump() | {"cost_micros": 5})
+    with pytest.raises(UnknownSchema, match="not a kept schema version"):
+        Codec().decode(header + body.getvalue(), TurnEvent)
+
+
+def test_new_enum_symbols_from_a_future_writer_resolve_to_the_enum_default() -> None:
+    writer = fastavro.parse_schema(_future_turn_schema(), named_schemas={})
+    reader = kept_schemas()["TurnEvent"][-1].parsed
+    body = io.BytesIO()
+    record = turn(content=None, content_digest=content_digest("x")).model_dump()
+    fastavro.schemaless_writer(
+        body, writer, record | {"role": "developer", "privacy": "ephemeral", "cost_micros": 1}
+    )
+    body.seek(0)
+    raw = fastavro.schemaless_reader(body, writer, reader)
+    event = TurnEvent.model_validate(raw)
+    assert event.role is Role.USER
+    assert event.privacy is PrivacyMode.NO_RETENTION
+
+
+RELEASED_FINGERPRINTS = {
+    ("AdmissionRequest", 1): "fd58030761eff905",
+    ("DeadLetter", 1): "a11728ec7fb8749c",
+    ("Decision", 1): "d209be795a224cde",
+    ("Invalidation", 1): "00fa890b5d152702",
+    ("MemoryCandidate", 1): "d64dd9aa42bb2cae",
+    ("MemoryRecord", 1): "78067b821ac19e7e",
+    ("RunEvent", 1): "3c44f05741855735",
+    ("TenantManifest", 1): "dc80fc16598879c1",
+    ("TurnEvent", 1): "ee0da02a729c845b",
+    ("TurnEvent", 2): "98da192b95339b02",
+    ("UsageReport", 1): "f15d43454141ff3d",
+}
+
+
+def test_released_schema_versions_are_never_edited_in_place() -> None:
+    """A released fingerprint is on the wire for good: editing a kept file strands its records.
+
+    Change a schema by adding ``<Name>.v<N+1>.avsc`` and a row here."""
+    kept = {(v.name, v.version): v.fingerprint.hex() for vs in kept_schemas().values() for v in vs}
+    assert kept == RELEASED_FINGERPRINTS
