@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.models import TENANT_ID_PATTERN, PrivacyMode
 
-ReasonCode = Literal["undecodable", "unknown_schema", "contract_violation"]
+ReasonCode = Literal["undecodable", "unknown_schema", "contract_violation", "processing_error"]
 
 #: Fields whose values are payload, never metadata: they are not echoed into reasons.
 PAYLOAD_FIELDS = frozenset({"content", "embedding", "original"})
@@ -63,6 +63,12 @@ class ContractViolation(RejectedRecord):
     """The record decoded but breaks the contract (a field's value, a cross-field rule or a limit)."""
 
     reason_code = "contract_violation"
+
+
+class ProcessingFailed(RejectedRecord):
+    """The record is valid but a processor could not apply it; the worker dead-letters it and goes on."""
+
+    reason_code = "processing_error"
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,6 +140,44 @@ def status(ctx: typer.Context) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def worker(
+    ctx: typer.Context,
+    web_port: Annotated[int | None, typer.Option(help="Port of the query/health endpoint.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
+) -> None:
+    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections."""
+    from streams.worker import run_worker
+
+    settings = settings_of(ctx)
+    if web_port is not None:
+        settings = settings.model_copy(update={"web_port": web_port})
+    run_worker(settings, loglevel)
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    sql: Annotated[str, typer.Argument(help="A read-only ClickHouse SELECT; tables de-duplicate automatically.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Run an analyst query: through the running worker when there is one, else on chDB directly."""
+    from streams.query import QueryFailed, run_query
+
+    try:
+        result = run_query(settings_of(ctx), sql)
+    except QueryFailed as error:
+        console.print(str(error), style="red")
+        raise typer.Exit(1) from error
+    if as_json:
+        console.print_json(data={"columns": list(result.columns), "rows": [list(r) for r in result.rows]})
+        return
+    table = Table(*result.columns)
+    for row in result.rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    console.print(table)
+
+
 #: Subcommand groups owned by other modules: ``{"tenants": "streams.tenants_cli:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
 SUBCOMMAND_GROUPS: dict[str, str] = {}
@@ -155,3 +193,7 @@ def main() -> None:
 
 
 __all__ = ["app", "main", "settings_of"]
+
+
+if __name__ == "__main__":
+    main()

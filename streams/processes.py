@@ -95,11 +95,20 @@ def tail(path: Path, lines: int = 30) -> str:
 class ManagedProcess:
     """One server child whose output goes to ``log_path``; ``stop()`` leaves no process behind."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, *, detached: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        detached: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.detached = detached
+        self.env = env
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,6 +129,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=self.detached,
                 preexec_fn=None if self.detached else _die_with_parent(os.getpid()),
+                env=self.env,
             )
         logger.info("started %s pid=%d: %s", self.name, self._popen.pid, " ".join(self.argv))
 

@@ -23,6 +23,7 @@ from streams.admin import ensure_topics
 from streams.config import Settings
 from streams.processes import free_port
 from streams.stack import EmbeddedStack
+from streams.worker_process import WorkerProcess
 
 TESTS_DIR = Path(__file__).parent
 _MARKERS = {
@@ -90,7 +91,14 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
     home = tmp_path / "home"
     home.mkdir()
     fresh = stack.settings.model_copy(
-        update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "home": home}
+        update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "home": home, "web_port": free_port()}
     )
     ensure_topics(fresh)
     return fresh
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[WorkerProcess]:
+    """A real ``ctxflow worker`` process on this test's settings, ready (owning every partition)."""
+    with WorkerProcess(settings) as running:
+        yield running

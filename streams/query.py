@@ -1,0 +1,63 @@
+"""Analyst queries from the command line.
+
+chDB hosts one engine per process and locks its data directory, so while a worker runs it is the only
+process that can open the chDB path. ``run_query`` therefore asks the worker first (``POST /query`` on its
+web port) and opens the DSN itself only when no worker answers. Against a ClickHouse server the worker is not
+needed, but going through it keeps one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+
+from sinks.clickhouse import ClickHouseSink, QueryResult
+from streams.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class QueryFailed(Exception):
+    """The query was refused or failed; the message says why and what to do."""
+
+
+def worker_url(settings: Settings) -> str:
+    """Where the local worker serves queries."""
+    return f"http://127.0.0.1:{settings.web_port}/query"
+
+
+def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_fallback: bool = True) -> QueryResult:
+    """Run a read-only query through the worker if one answers, else (``direct_fallback``) on the DSN itself."""
+    request = urllib.request.Request(
+        worker_url(settings), data=json.dumps({"sql": sql}).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise QueryFailed(json.loads(error.read() or b"{}").get("error", str(error))) from error
+    except (urllib.error.URLError, ConnectionError) as error:
+        if not direct_fallback:
+            raise QueryFailed(f"no worker answered on {worker_url(settings)}: {error}") from error
+        log.info("no worker answered; querying the DSN directly", extra={"dsn": settings.chdb_dsn})
+        return _direct(settings, sql)
+    return QueryResult(tuple(body["columns"]), [tuple(row) for row in body["rows"]])
+
+
+def _direct(settings: Settings, sql: str) -> QueryResult:
+    try:
+        sink = ClickHouseSink(settings.chdb_dsn)
+    except Exception as error:
+        raise QueryFailed(
+            f"no worker answered on {worker_url(settings)} and {settings.chdb_dsn} could not be opened ({error}); "
+            "start a worker (ctxflow worker) or point CTXFLOW_CLICKHOUSE_DSN at a ClickHouse server"
+        ) from error
+    try:
+        sink.ensure_schema()
+        return sink.query(sql)
+    except Exception as error:
+        raise QueryFailed(f"query failed: {error}") from error
+    finally:
+        sink.close()

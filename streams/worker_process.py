@@ -1,0 +1,134 @@
+"""A ``ctxflow worker`` child process: how the demo, the benchmark and the tests run a real worker.
+
+The worker runs in its own process because that is how it is deployed, because fault tests must SIGKILL it,
+and because chDB hosts one engine per process (the worker owns it; queries go through its HTTP endpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from sinks.clickhouse import QueryResult
+from streams.config import Settings
+from streams.processes import ManagedProcess, tail
+from streams.query import run_query
+
+INPUT_TOPICS = ("turns", "usage", "runs", "admissions", "manifests")
+
+
+class WorkerNotReady(RuntimeError):
+    """The worker did not own its partitions before the deadline (its log tail is in the message)."""
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The process environment that makes a child process see ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXFLOW_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CTXFLOW_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """One worker child process bound to ``settings`` (its web port must be free)."""
+
+    def __init__(self, settings: Settings, log_path: Path | None = None, name: str = "worker") -> None:
+        self.settings = settings
+        self.log_path = log_path or settings.home / "logs" / f"{name}.log"
+        argv = [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "warning"]
+        self._process = ManagedProcess(name, argv, self.log_path, env=settings_env(settings))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def start(self, ready_timeout_s: float = 60.0) -> WorkerProcess:
+        """Spawn the worker and wait until it owns every input partition."""
+        self._process.start()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> list[int]:
+        """Poll ``/health`` until the worker's assignment covers every partition; returns the partitions."""
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.settings.web_port}/health"
+        want = list(range(self.settings.partitions))
+        while time.monotonic() < deadline:
+            if self._process.exit_code() is not None:
+                raise WorkerNotReady(f"worker exited with {self._process.exit_code()}:\n{tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    partitions = json.loads(response.read())["partitions"]
+                if partitions == want:
+                    return partitions
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise WorkerNotReady(f"worker not ready after {timeout_s:.0f}s:\n{tail(self.log_path)}")
+
+    def wait_caught_up(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Wait until the worker's committed offsets reach the end of every input topic.
+
+        Offsets are committed only after a batch's effects are durable, so afterwards every record produced
+        before this call is in ClickHouse, Redis and the decisions topic. Returns the lag-free end offsets.
+        """
+        return asyncio.run(_wait_caught_up(self.settings, timeout_s))
+
+    def query(self, sql: str) -> QueryResult:
+        """Run an analyst query through this worker (never opening its chDB from this process)."""
+        return run_query(self.settings, sql, direct_fallback=False)
+
+    def scalar(self, sql: str) -> object:
+        """The single value of a one-row, one-column query."""
+        return self.query(sql).rows[0][0]
+
+    def kill(self) -> None:
+        """SIGKILL the worker (a crash)."""
+        self._process.kill()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop gracefully (SIGTERM), killing after ``grace_s``."""
+        self._process.stop(grace_s)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _wait_caught_up(settings: Settings, timeout_s: float) -> dict[str, int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        ends = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
+            lagging = [tp for tp, end in ends.items() if _committed(committed, tp) < end]
+            if not lagging:
+                return {f"{tp.topic}:{tp.partition}": end for tp, end in ends.items()}
+            if time.monotonic() > deadline:
+                raise WorkerNotReady(f"worker still behind after {timeout_s:.0f}s on {sorted(map(str, lagging))}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+        await consumer.stop()
+
+
+def _committed(committed: dict, tp: object) -> int:
+    meta = committed.get(tp)
+    return 0 if meta is None or meta.offset < 0 else meta.offset
