@@ -1,6 +1,6 @@
 """The budget processor: token tables in, budget decisions out (pure: no I/O, clock passed in).
 
-``BudgetProcessor.process(event, position, state, now)`` applies one record to the :class:`BudgetState` values
+``BudgetProcessor.process(event, position, state, now)`` applies one record to the :class:`BudgetStore` values
 of its tenant and returns the decisions it causes. Gauges and what crossing them emits:
 
 ========================  =========================  ==================================================
@@ -46,7 +46,7 @@ from processors.ledger import (
 from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
 from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
 from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
-from processors.types import BudgetState, Position, count_key, decision_id, run_key, tenant_key, user_key, workflow_key
+from processors.types import BudgetStore, Position, count_key, decision_id, run_key, tenant_key, user_key, workflow_key
 from processors.windows import SpendLedger, to_ms
 from schemas.models import (
     AdmissionRequest,
@@ -224,7 +224,7 @@ class BudgetProcessor:
         self.prices = prices
         self._budgets: dict[tuple[str, str | None], tuple[TenantManifest | None, EffectiveBudget]] = {}
 
-    def process(self, event: Event, position: Position, state: BudgetState, now: datetime) -> list[Decision]:
+    def process(self, event: Event, position: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         """Apply ``event`` read at ``position``; return the decisions to publish (possibly none)."""
         if isinstance(event, TurnEvent):
             return self._turn(event, position, state, now)
@@ -242,7 +242,7 @@ class BudgetProcessor:
             return []
         raise TypeError(f"the budget processor does not take {type(event).__name__} records")
 
-    def budget(self, state: BudgetState, tenant_id: str, user_id: str | None) -> EffectiveBudget:
+    def budget(self, state: BudgetStore, tenant_id: str, user_id: str | None) -> EffectiveBudget:
         """The effective budget of ``user_id`` under the tenant's current manifest (cached per version)."""
         manifest = state.get_manifest(tenant_key(tenant_id))
         who = user_id if manifest is not None and user_id in manifest.user_overrides else None
@@ -257,7 +257,7 @@ class BudgetProcessor:
         self._budgets[(tenant_id, who)] = (manifest, budget)
         return budget
 
-    def _turn(self, t: TurnEvent, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+    def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         key = run_key(t.tenant_id, t.run_id)
         run = state.get_run(key) or RunLedger()
         if pos.offset <= run.offsets[TURNS] or not run.accept_seq(t.seq):
@@ -283,7 +283,7 @@ class BudgetProcessor:
         state.put_run(key, run)
         return em.out
 
-    def _count(self, t: TurnEvent, budget: EffectiveBudget, state: BudgetState) -> TokenCount:
+    def _count(self, t: TurnEvent, budget: EffectiveBudget, state: BudgetStore) -> TokenCount:
         """The turn's tokens; static items (system, tools) are remembered per tenant, so a later digest-only
         copy is counted the same way in every replay (the table is durable state, not a worker cache)."""
         if t.slot not in _STATIC_SLOTS:
@@ -299,7 +299,7 @@ class BudgetProcessor:
             state.put_count(key, count.tokens)
         return count
 
-    def _usage(self, u: UsageReport, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+    def _usage(self, u: UsageReport, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         key = run_key(u.tenant_id, u.run_id)
         run = state.get_run(key) or RunLedger()
         if pos.offset <= run.offsets[USAGE] or not run.accept_call(u.call_id):
@@ -336,7 +336,7 @@ class BudgetProcessor:
         state.put_run(key, run)
         return em.out
 
-    def _run(self, r: RunEvent, pos: Position, state: BudgetState, now: datetime) -> list[Decision]:
+    def _run(self, r: RunEvent, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         key = run_key(r.tenant_id, r.run_id)
         run = state.get_run(key) or RunLedger()
         phase = FINALIZED if r.phase is RunPhase.FINALIZED else STARTED
@@ -380,7 +380,7 @@ class BudgetProcessor:
         return em.out
 
     def _spend_ledgers(
-        self, e: UsageReport | RunEvent | TurnEvent | AdmissionRequest, state: BudgetState
+        self, e: UsageReport | RunEvent | TurnEvent | AdmissionRequest, state: BudgetStore
     ) -> list[_Spend]:
         tk, uk = tenant_key(e.tenant_id), user_key(e.tenant_id, e.user_id)
         return [
@@ -392,7 +392,7 @@ class BudgetProcessor:
         self,
         e: TurnEvent | UsageReport | RunEvent,
         run: RunLedger,
-        state: BudgetState,
+        state: BudgetStore,
         em: _Emitter,
         spend: list[_Spend],
         consumption_changed: bool,
@@ -432,7 +432,7 @@ class BudgetProcessor:
         applied: int,
         tokens: int,
         cost: int,
-        state: BudgetState,
+        state: BudgetStore,
         em: _Emitter,
     ) -> None:
         key = workflow_key(e.tenant_id, wf)
@@ -462,7 +462,7 @@ class BudgetProcessor:
                 gauge = f"{scope}:{w.window.value}"
                 ledger.set_level(w.window, em.change(gauge, what, old, new, used, w.max_tokens, w.window))
 
-    def _admission(self, a: AdmissionRequest, state: BudgetState, now: datetime) -> Decision:
+    def _admission(self, a: AdmissionRequest, state: BudgetStore, now: datetime) -> Decision:
         """Whether the planned slot sizes, added to the run's current usage, stay below every hard limit.
 
         Read-only: an admission changes no state, so answering it again (a replay) is harmless, and its id

@@ -38,7 +38,7 @@ run ledger but never behind it. Three rules follow.
    to its event time as a linear effect (rule 2), so the windows' retention does not depend on the order in
    which estimates came and went.
 
-The per-tenant count table of static items (``BudgetState.get_count``) is written with the aggregates: a
+The per-tenant count table of static items (``BudgetStore.get_count``) is written with the aggregates: a
 count is a pure function of the content, so it is either already there when a replayed digest-only turn
 needs it or recomputed by the replayed content turn that precedes it in the ``turns`` stream.
 

@@ -2,7 +2,7 @@
 
 Every state key starts with a validated tenant id followed by ``:`` (a character tenant ids cannot contain),
 so no key of one tenant can equal, or be a prefix-collision of, another tenant's key. The worker implements
-:class:`BudgetState` over Faust tables (dict-like, changelog-backed); :class:`DictBudgetState` is the
+:class:`BudgetStore` over Faust tables (dict-like, changelog-backed); :class:`DictBudgetState` is the
 in-memory implementation used by tests and log replays.
 """
 
@@ -91,7 +91,7 @@ def tenant_of_key(key: str) -> str:
     return key.split(":", 1)[0]
 
 
-class BudgetState(Protocol):
+class BudgetStore(Protocol):
     """Budget state of the tenants one worker owns; each getter returns None for an absent key.
 
     A ``put`` replaces the stored value (and, in the worker, writes its changelog): a value mutated without
@@ -114,7 +114,7 @@ class BudgetState(Protocol):
 
 @dataclass
 class DictBudgetState:
-    """:class:`BudgetState` in plain dicts (tests, replays); ``dirty`` tracks the keys put per table."""
+    """:class:`BudgetStore` in plain dicts (tests, replays); ``dirty`` tracks the keys put per table."""
 
     runs: dict[str, RunLedger] = field(default_factory=dict)
     tenants: dict[str, SpendLedger] = field(default_factory=dict)

@@ -8,7 +8,6 @@ and every command reads it with ``settings_of(ctx)``. Adding a command is one de
 from __future__ import annotations
 
 import importlib
-import logging
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from streams import logs
 from streams.admin import ensure_topics
 from streams.config import Settings
 from streams.stack import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
@@ -38,7 +38,7 @@ def _global_options(
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "WARNING",
 ) -> None:
     """Each option also reads CTXFLOW_<OPTION> from the environment; a flag wins over the environment."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level)
     flags: dict[str, Any] = {
         "home": home, "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": clickhouse_dsn,
         "topic_prefix": topic_prefix, "partitions": partitions,

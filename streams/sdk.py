@@ -11,6 +11,9 @@ One import path::
         async with client.decisions("acme", run_id=ctx.run_id) as stream:
             async for decision in stream: ...
 
+    async with BudgetReader("redis://127.0.0.1:16379/0") as budgets:  # read instead of subscribe
+        answer = await budgets.check_admission("acme", ctx.run_id, {Slot.RETRIEVED: 6_000})
+
 Delivery: ``publish_*`` encode the record and queue it; aiokafka batches per partition (``linger_ms``) and at
 most ``max_in_flight`` records wait for an acknowledgement (publishing waits for room beyond that).
 Delivery failures surface at :meth:`CtxflowClient.flush` (also run on a clean ``async with`` exit), which
@@ -63,11 +66,12 @@ from schemas.models import (
     UsageReport,
 )
 from schemas.models import content_digest as digest
+from streams.budget_reader import BudgetReader
 from streams.config import Settings
 from streams.topics import ADMISSIONS, DECISIONS, MANIFESTS, MEMORY_CANDIDATES, RUNS, TURNS, USAGE, TopicSpec
 
 __all__ = [
-    "TOPIC_OF", "BrokerUnavailable", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",
+    "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",
     "RunContext", "SyncCtxflowClient", "record_key", "redact",
 ]
 

@@ -95,7 +95,7 @@ def declare_tables(app: faust.App, partitions: int) -> dict[str, faust.Table]:
 
 
 class TableBudgetStore:
-    """:class:`processors.types.BudgetState` over Faust tables, persisted in the crash-safe order.
+    """:class:`processors.types.BudgetStore` over Faust tables, persisted in the crash-safe order.
 
     Set :attr:`partition` to the source partition of the record before processing it: every value the
     record writes is persisted to that changelog partition (a tenant's keys live in its input partition).

@@ -26,6 +26,7 @@ from schemas.codec import Codec
 from sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
 from sinks.redis import RedisProjection
 from streams.config import Settings
+from streams.logs import log_handler
 from streams.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord
 from streams.tables import TableBudgetStore, declare_tables
 from streams.topics import DEAD_LETTERS, DECISIONS
@@ -130,5 +131,5 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM (Faust handles both gracefully)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     app = build_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, loghandlers=[log_handler()])
     worker.execute_from_commandline()
