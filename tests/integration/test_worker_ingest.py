@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
 from schemas.codec import Codec
-from schemas.models import DeadLetter
+from schemas.models import DeadLetter, PrivacyMode, TurnEvent
 from streams.config import Settings
 from streams.sdk import CtxflowClient
-from streams.worker_process import WorkerProcess
+from streams.worker_process import WorkerProcess, settings_env
 from streams.workload import Workload
 
 
@@ -89,3 +93,39 @@ def test_bad_records_go_to_the_dead_letter_topic_with_reasons(settings: Settings
     worker.wait_caught_up()
     assert worker.scalar("SELECT count() FROM turns") > 0
     assert worker.scalar("SELECT count() FROM dead_letters") == len(poison)
+
+
+def test_ctxflow_query_goes_through_the_running_worker(settings: Settings, worker: WorkerProcess) -> None:
+    workload = Workload(5, tenants=2, sessions_per_tenant=1, max_events=300)
+    events = list(workload.events())
+    asyncio.run(_publish(settings, workload, events))
+    worker.wait_caught_up()
+    # The CLI process cannot open the worker's chDB directory (chDB locks it): the answer must come from the worker.
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "query", "--json",
+         "SELECT tenant_id, count() AS turns FROM turns GROUP BY tenant_id ORDER BY tenant_id"],
+        env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    expected = Counter(e.tenant_id for e in events if isinstance(e, TurnEvent))
+    assert {tenant: turns for tenant, turns in rows} == dict(expected)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "query", "DROP TABLE turns"],
+        env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert refused.returncode == 1
+    assert "read-only" in refused.stdout + refused.stderr
+
+
+def test_no_retention_payloads_never_reach_clickhouse(settings: Settings, worker: WorkerProcess) -> None:
+    workload = Workload(9, tenants=3, sessions_per_tenant=3, max_events=1500, no_retention_run_share=0.5)
+    events = list(workload.events())
+    private = [e for e in events if isinstance(e, TurnEvent) and e.privacy == PrivacyMode.NO_RETENTION]
+    assert private, "the workload must contain no-retention turns for this test to mean anything"
+    asyncio.run(_publish(settings, workload, events))
+    worker.wait_caught_up()
+    assert worker.scalar("SELECT count() FROM turns WHERE privacy = 'no_retention'") == len(private)
+    assert worker.scalar("SELECT count() FROM turns WHERE privacy = 'no_retention' AND content IS NOT NULL") == 0
+    assert worker.scalar("SELECT count() FROM turns WHERE privacy = 'retained' AND content IS NOT NULL") > 0
