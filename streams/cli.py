@@ -178,9 +178,24 @@ def query(
     console.print(table)
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of traffic to publish.")] = 60.0,
+    rate: Annotated[float, typer.Option(min=1, help="Target events per second.")] = 1000.0,
+) -> None:
+    """Unattended demo: fresh stack under <home>/demo, a worker, multi-tenant traffic, then a report."""
+    from streams.demo import run_demo
+
+    raise typer.Exit(run_demo(settings_of(ctx), duration_s=duration, rate=rate))
+
+
 #: Subcommand groups owned by other modules: ``{"tenants": "streams.tenants_cli:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
-SUBCOMMAND_GROUPS: dict[str, str] = {}
+SUBCOMMAND_GROUPS: dict[str, str] = {
+    "tenants": "streams.tenants_cli:app",
+    "topics": "streams.tenants_cli:topics_app",
+}
 
 for _name, _target in SUBCOMMAND_GROUPS.items():
     _module, _, _attr = _target.partition(":")

@@ -191,3 +191,15 @@ def stamp(manifest: TenantManifest, version: int, now: datetime, by: str | None)
 def first_with_version(history: Iterable[TenantManifest], version: int) -> TenantManifest | None:
     """The earliest published manifest with ``version``: the one the worker applies when two raced."""
     return next((m for m in history if m.version == version), None)
+
+
+def latest_per_tenant(entries: Iterable[tuple[str, TenantManifest | None]]) -> dict[str, TenantManifest]:
+    """The last value per key of a manifests log read in offset order (a ``None`` value deletes the tenant):
+    what a compacted topic keeps, computed by the reader because Tansu does not compact."""
+    latest: dict[str, TenantManifest] = {}
+    for tenant_id, manifest in entries:
+        if manifest is None:
+            latest.pop(tenant_id, None)
+        else:
+            latest[tenant_id] = manifest
+    return dict(sorted(latest.items()))

@@ -69,10 +69,10 @@ _TIERS: dict[str, tuple[int, SlotCaps, OverflowBehaviour, HardLimitBehaviour, in
     # tier: total cap, slot caps, overflow, hard-limit, tokens per day, system prompt words
     "free": (16_000, SlotCaps(system=2_000, tools=3_000, retrieved=4_000, history=8_000,
                               scratchpad=2_000, output=2_000),
-             OverflowBehaviour.REJECT, HardLimitBehaviour.REJECT, 2_000_000, 180),
+             OverflowBehaviour.REJECT, HardLimitBehaviour.REJECT, 10_000_000, 180),
     "standard": (64_000, SlotCaps(system=4_000, tools=6_000, retrieved=16_000, history=32_000,
                                   scratchpad=8_000, output=4_000),
-                 OverflowBehaviour.EVICT_AND_COMPRESS, HardLimitBehaviour.TERMINATE_RUN, 20_000_000, 450),
+                 OverflowBehaviour.EVICT_AND_COMPRESS, HardLimitBehaviour.TERMINATE_RUN, 60_000_000, 450),
     "enterprise": (200_000, SlotCaps(system=8_000, tools=12_000, scratchpad=16_000, output=8_000),
                    OverflowBehaviour.EVICT_AND_COMPRESS, HardLimitBehaviour.FLAG, 200_000_000, 900),
 }
@@ -191,7 +191,9 @@ class Workload:
         manifest = TenantManifest(
             tenant_id=tenant_id, version=1, tier=tier, slot_caps=caps, total_cap=total, overflow=overflow,
             hard_limit=hard, spend_windows=[SpendWindow(window=SpendWindowKind.DAY, max_tokens=per_day)],
-            run_cap_tokens=total, workflow_cap_tokens=3 * total, subagent_share=0.5,
+            # Billed tokens grow with every call (each bills the whole prompt), so run caps sit well above the
+            # context cap: only a looping run reaches them.
+            run_cap_tokens=25 * total, workflow_cap_tokens=75 * total, subagent_share=0.5,
             tokenizers={model: TOKENIZER}, updated_at=self.start, updated_by="workload",
         )
         return TenantProfile(

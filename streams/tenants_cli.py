@@ -1,0 +1,335 @@
+"""``ctxflow tenants set/get/list`` (budget manifests) and ``ctxflow topics create`` (the topic catalogue).
+
+Manifests live on the compacted ``manifests`` topic keyed by tenant id. Tansu does not compact, so readers
+take the last value per key (:func:`streams.manifest_files.latest_per_tenant`), which is also what a
+compacted topic keeps. ``set`` validates the whole file before touching the broker, assigns or checks the
+version against the tenant's history, publishes with :meth:`CtxflowClient.set_manifest`, then reads the log
+back: of two operators who raced to the same version, the loser is told the worker keeps the other one.
+
+Every command first checks that the broker answers and that the topic exists, through *consumer* metadata:
+a producer's metadata request makes Tansu auto-create a missing topic with the wrong partition count. That
+is why ``get`` reads the log here rather than through ``CtxflowClient.latest_manifest`` (same result: the
+last value for the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from rich.console import Console
+from rich.table import Table
+
+from processors.manifest import SLOTS, EffectiveBudget, Limit, effective_budget
+from schemas.codec import Codec, RejectedRecord
+from schemas.models import SpendWindow, TenantManifest
+from streams.admin import TopicMismatch, ensure_topics
+from streams.config import Settings
+from streams.manifest_files import (
+    ManifestFileError,
+    StaleVersion,
+    assign_version,
+    first_with_version,
+    latest_per_tenant,
+    latest_version,
+    load_manifest,
+    stamp,
+)
+from streams.sdk import CtxflowClient, CtxflowError
+from streams.stack import kafka_answers
+from streams.topics import MANIFESTS
+
+app = typer.Typer(help="Tenant budget manifests: set, get, list.", no_args_is_help=True, add_completion=False)
+topics_app = typer.Typer(help="The topic catalogue on the broker.", no_args_is_help=True, add_completion=False)
+# Wide when piped, so `tenants list` stays one row per tenant in logs and scripts.
+console = Console(soft_wrap=True, markup=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ManifestLog = list[tuple[str, TenantManifest | None]]
+PRECEDENCE = "user override field (when set) > tenant manifest field > built-in default"
+
+
+class TopicMissing(RuntimeError):
+    """A catalogue topic does not exist under this deployment's prefix."""
+
+
+class VersionRace(RuntimeError):
+    """Another manifest with the same version was published first: the worker keeps that one."""
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    # Not streams.cli.settings_of: importing streams.cli here breaks `python -m streams.cli` (circular import).
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings), "the root callback always sets Settings"
+    return settings
+
+
+def _fail(message: str) -> NoReturn:
+    errors.print(message, style="red")
+    raise typer.Exit(1)
+
+
+def _unreachable(settings: Settings) -> str:
+    return (f"cannot reach the Kafka broker at {settings.bootstrap}: start a stack with `ctxflow up`, or point "
+            "CTXFLOW_BOOTSTRAP (or --bootstrap) at a running broker")
+
+
+def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run broker work; an unreachable broker or a missing topic becomes a message saying what to run."""
+    if not kafka_answers(settings.bootstrap):
+        work.close()
+        _fail(_unreachable(settings))
+    try:
+        return asyncio.run(work)
+    except TopicMissing as error:
+        _fail(f"{error}: create the topics with `ctxflow topics create` (or `ctxflow up`), or check "
+              f"CTXFLOW_TOPIC_PREFIX (now {settings.topic_prefix!r})")
+    except (KafkaError, CtxflowError, OSError, TimeoutError) as error:
+        _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
+
+
+async def read_manifest_log(settings: Settings, timeout_s: float = 15.0) -> ManifestLog:
+    """Every ``(tenant_id, manifest, or None for a tombstone)`` on the manifests topic up to its end offsets as
+    of the call, in offset order per partition (so per tenant). Undecodable records are logged and skipped."""
+    topic, codec = settings.topic(MANIFESTS.name), Codec(settings.schema_registry_url, settings.max_content_bytes)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False,
+                                client_id="ctxflow-tenants")
+    found: ManifestLog = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            await consumer.start()
+            if topic not in await consumer.topics():
+                raise TopicMissing(f"topic {topic} does not exist")
+            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+                for records in (await consumer.getmany(*partitions, timeout_ms=200)).values():
+                    found.extend(entry for record in records if (entry := _entry(codec, record)) is not None)
+    finally:
+        await consumer.stop()
+    return found
+
+
+def _entry(codec: Codec, record: Any) -> tuple[str, TenantManifest | None] | None:
+    try:
+        value = None if record.value is None else codec.decode(record.value, TenantManifest)
+    except RejectedRecord as error:
+        log.warning("skipping undecodable manifest at %s[%s]@%s: %s", record.topic, record.partition,
+                    record.offset, error)
+        return None
+    return (record.key.decode() if record.key is not None else getattr(value, "tenant_id", "")), value
+
+
+def _history(entries: ManifestLog, tenant_id: str) -> list[TenantManifest]:
+    return [m for key, m in entries if key == tenant_id and m is not None]
+
+
+async def _publish(settings: Settings, draft: TenantManifest, requested: int | None, by: str) -> TenantManifest:
+    tenant = draft.tenant_id
+    latest = latest_version(_history(await read_manifest_log(settings), tenant))
+    manifest = stamp(draft, assign_version(tenant, requested, latest), datetime.now(UTC), by)
+    async with CtxflowClient.from_settings(settings, connect_timeout_s=5.0, client_id="ctxflow-tenants") as client:
+        await client.set_manifest(manifest)
+        await client.flush(timeout_s=30.0)
+    kept = first_with_version(_history(await read_manifest_log(settings), tenant), manifest.version)
+    if kept != manifest:
+        who = "nobody" if kept is None else kept.updated_by
+        raise VersionRace(f"version {manifest.version} of tenant {tenant!r} was published first by {who}; the "
+                           "worker keeps that one, not this file: run `ctxflow tenants set` again")
+    return manifest
+
+
+def _operator() -> str:
+    try:
+        return f"ctxflow-cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name in some containers
+        return "ctxflow-cli"
+
+
+def _cap(limit: Limit | None) -> tuple[str, str, str]:
+    return ("no cap", "", "") if limit is None else (f"{limit.cap:,}", f"{limit.soft_at:,}", f"{limit.hard_at:,}")
+
+
+def _gauges(b: EffectiveBudget, m: TenantManifest | None, user: str | None) -> list[tuple[str, Limit | None, str]]:
+    """``(gauge, limit, where its cap comes from)`` for every context and consumption gauge of ``b``."""
+    override = m.user_overrides.get(user) if m is not None and user is not None else None
+    if m is None:
+        source = {"total": "built-in default", "run": "built-in default", "tenant": "built-in default"}
+    else:
+        source = {"total": "tenant", "run": "tenant", "tenant": "tenant"}
+        if override is not None and override.total_cap is not None:
+            source["total"] = f"user override ({user})"
+        if override is not None and override.run_cap_tokens is not None:
+            source["run"] = f"user override ({user})"
+    slots = [(f"slot {slot.value}", limit, source["tenant"]) for slot, limit in zip(SLOTS, b.slot_limits, strict=True)]
+    return [*slots, ("total context", b.total, source["total"]), ("run cap", b.run_cap, source["run"]),
+            ("workflow cap", b.workflow_cap, source["tenant"]), ("sub-agent share", b.subagent_cap, source["tenant"])]
+
+
+def _window_rows(scope: str, windows: tuple[SpendWindow, ...]) -> list[tuple[str, ...]]:
+    return [(scope, w.window.value, "-" if w.max_tokens is None else f"{w.max_tokens:,}",
+             "-" if w.max_cost_micros is None else f"{w.max_cost_micros:,}") for w in windows]
+
+
+def budget_tables(tenant: str, m: TenantManifest | None, user: str | None) -> list[Table]:
+    """The manifest and the effective budget of ``user`` (or of the tenant) as readable tables."""
+    b = effective_budget(tenant, m, user)
+    override = m.user_overrides.get(user) if m is not None and user is not None else None
+    who = f"user {user}" if user else "every user without an override"
+    head = Table("setting", "value", title=f"tenant {tenant} version {b.manifest_version or '- (none)'}: "
+                 f"effective budget for {who}", title_justify="left")
+    mark = f" (user override; tenant {b.tenant_watermark})" if b.watermark != b.tenant_watermark else ""
+    rows = [("tier", f"{b.tier}: QoS hard limit at cap x {b.qos.grace:.2f}, eviction down to "
+                     f"{b.qos.evict_to:.0%} of cap"),
+            ("soft watermark", f"{b.watermark}{mark}"), ("overflow", b.overflow.value),
+            ("hard limit", b.hard_limit.value),
+            ("tokenizers", ", ".join(f"{k}={v}" for k, v in b.tokenizers) or "by model name"),
+            ("precedence", PRECEDENCE)]
+    if user is not None and override is None:
+        rows.append(("user overrides", f"{user} has none: the tenant's values apply"))
+    if m is not None:
+        rows.append(("updated", f"{m.updated_at.isoformat()} by {m.updated_by or '-'}"))
+    for row in rows:
+        head.add_row(*row)
+    gauges = Table("gauge", "cap", "soft from", "hard from", "cap from", title="context and consumption caps "
+                   "(tokens; context gauges per run)", title_justify="left")
+    for name, limit, source in _gauges(b, m, user):
+        gauges.add_row(name, *_cap(limit), source if limit is not None else "")
+    tables = [head, gauges]
+    windows = _window_rows("tenant", b.tenant_windows) + _window_rows(f"user {user}", b.user_windows)
+    if windows:
+        spend = Table("scope", "window", "max tokens", "max cost (micro-USD)", title="spend windows",
+                      title_justify="left")
+        for row in windows:
+            spend.add_row(*row)
+        tables.append(spend)
+    if m is not None and m.user_overrides:
+        users = Table("user", "total_cap", "soft_watermark", "run_cap_tokens", "spend_windows",
+                      title=f"user overrides ({PRECEDENCE})", title_justify="left")
+        for uid, o in sorted(m.user_overrides.items()):
+            users.add_row(uid, *("-" if v is None else str(v) for v in (o.total_cap, o.soft_watermark,
+                                                                        o.run_cap_tokens)),
+                          "-" if o.spend_windows is None else ", ".join(_window_text(w) for w in o.spend_windows))
+        tables.append(users)
+    return tables
+
+
+def _window_text(w: SpendWindow) -> str:
+    limits = [f"{w.max_tokens:,} tokens" if w.max_tokens is not None else "",
+              f"{w.max_cost_micros:,} micro-USD" if w.max_cost_micros is not None else ""]
+    return f"{w.window.value}: {' / '.join(x for x in limits if x)}"
+
+
+def budget_json(tenant: str, m: TenantManifest | None, user: str | None) -> dict[str, Any]:
+    """The effective budget as JSON-ready data (same content as :func:`budget_tables`)."""
+    b = effective_budget(tenant, m, user)
+    return {
+        "tenant_id": tenant, "user_id": user, "manifest_version": b.manifest_version, "tier": b.tier,
+        "qos": {"grace": b.qos.grace, "evict_to": b.qos.evict_to}, "soft_watermark": b.watermark,
+        "overflow": b.overflow.value, "hard_limit": b.hard_limit.value, "precedence": PRECEDENCE,
+        "gauges": {name: None if lim is None else {"cap": lim.cap, "soft_at": lim.soft_at, "hard_at": lim.hard_at,
+                                                   "source": source} for name, lim, source in _gauges(b, m, user)},
+        "spend_windows": {"tenant": [w.model_dump(mode="json") for w in b.tenant_windows],
+                          "user": [w.model_dump(mode="json") for w in b.user_windows]},
+        "tokenizers": dict(b.tokenizers),
+    }
+
+
+@app.command("set")
+def set_manifest(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Manifest file: .json, .toml, or .yaml/.yml (needs PyYAML).")],
+    version: Annotated[str | None, typer.Option(
+        "--version", metavar="auto|N", help="auto: latest + 1 (the default when the file has no version).")] = None,
+    by: Annotated[str | None, typer.Option(help="Recorded as updated_by (default: ctxflow-cli:<login>).")] = None,
+) -> None:
+    """Validate a manifest file and publish it as the tenant's next version; nothing is sent if it is invalid."""
+    settings = _settings(ctx)
+    try:
+        draft = load_manifest(file)
+    except ManifestFileError as error:
+        _fail("\n  - ".join([f"{file} is not a valid manifest; nothing was published:", *error.problems]))
+    if version is not None and version != "auto" and not version.isdigit():
+        raise typer.BadParameter(f"{version!r}: use auto or a positive integer", param_hint="--version")
+    requested = None if version == "auto" else int(version) if version else draft.requested_version
+    try:
+        manifest = _run(settings, _publish(settings, draft.manifest, requested, by or _operator()))
+    except StaleVersion as error:
+        _fail(f"{error}; nothing was published")
+    except VersionRace as error:
+        _fail(str(error))
+    console.print(f"published tenant {manifest.tenant_id} version {manifest.version} to "
+                  f"{settings.topic(MANIFESTS.name)} (updated_by {manifest.updated_by})")
+    for table in budget_tables(manifest.tenant_id, manifest, None):
+        console.print(table)
+
+
+@app.command("get")
+def get_manifest(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="Tenant id.")],
+    user: Annotated[str | None, typer.Option(help="Show the effective budget of this user.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON: {manifest, effective_budget}.")] = False,
+) -> None:
+    """The tenant's latest manifest and effective budget; exits 1 when the tenant has none (default budget)."""
+    settings = _settings(ctx)
+    manifest = latest_per_tenant(_run(settings, read_manifest_log(settings))).get(tenant)
+    if as_json:
+        console.print_json(data={"manifest": None if manifest is None else manifest.model_dump(mode="json"),
+                                 "effective_budget": budget_json(tenant, manifest, user)})
+    else:
+        if manifest is None:
+            console.print(f"tenant {tenant} has no manifest: the built-in default budget applies (observe only)")
+        for table in budget_tables(tenant, manifest, user):
+            console.print(table)
+    if manifest is None:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_manifests(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """Every tenant with a manifest: latest version, tier, total cap, watermark and limit behaviour."""
+    settings = _settings(ctx)
+    latest = latest_per_tenant(_run(settings, read_manifest_log(settings)))
+    if as_json:
+        console.print_json(data=[m.model_dump(mode="json") for m in latest.values()])
+        return
+    table = Table("tenant", "version", "tier", "total cap", "watermark", "overflow", "hard limit", "user overrides",
+                  "updated")
+    for m in latest.values():
+        table.add_row(m.tenant_id, str(m.version), m.tier, f"{m.total_cap:,}", str(m.soft_watermark),
+                      m.overflow.value, m.hard_limit.value, str(len(m.user_overrides)),
+                      f"{m.updated_at:%Y-%m-%d %H:%M:%S} by {m.updated_by or '-'}")
+    console.print(table if latest else f"no tenant manifests on {settings.topic(MANIFESTS.name)}")
+
+
+@topics_app.command("create")
+def create_topics(ctx: typer.Context) -> None:
+    """Create the catalogue's missing topics; existing ones are kept (a mismatching one fails). Idempotent."""
+    settings = _settings(ctx)
+    if not kafka_answers(settings.bootstrap):
+        _fail(_unreachable(settings))
+    try:
+        facts = ensure_topics(settings)
+    except TopicMismatch as error:
+        _fail(f"{error}: delete those topics or use another CTXFLOW_TOPIC_PREFIX")
+    except (KafkaError, OSError, TimeoutError) as error:
+        _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
+    table = Table("topic", "partitions", "cleanup.policy")
+    for name, fact in sorted(facts.items()):
+        table.add_row(name, str(fact.partitions), fact.cleanup_policy or "?")
+    console.print(table)
