@@ -190,6 +190,36 @@ def demo(
     raise typer.Exit(run_demo(settings_of(ctx), duration_s=duration, rate=rate))
 
 
+@app.command()
+def bench(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(min=1000, help="TurnEvents in the throughput corpus.")] = 200_000,
+    runs_for_memory: Annotated[int, typer.Option(min=1000, help="Active runs for the memory phase.")] = 100_000,
+    batch_max: Annotated[int | None, typer.Option(help="Worker batch size (default: the configured one).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small smoke run (~1 minute); overrides the sizes.")] = False,
+    output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("bench-results.json"),
+) -> None:
+    """Benchmark on a private embedded stack: raw decode ceiling, worker rate, latency, memory, recovery."""
+    from streams.bench import BenchConfig, run_bench, verdicts
+
+    settings = settings_of(ctx)
+    if batch_max is not None:
+        settings = settings.model_copy(update={"batch_max": batch_max})
+    config = BenchConfig.quick() if quick else BenchConfig(events=events, runs_for_memory=runs_for_memory)
+    results = run_bench(settings, config, console.print)
+    results.write(output)
+    table = Table("metric", "measured", "target", "met")
+    for metric, value, target, met in verdicts(results):
+        table.add_row(metric, value, target, "yes" if met else "NO")
+    table.add_row("raw_ceiling_eps (fetch + decode only)", f"{results.raw_ceiling_eps:,.0f}", "", "")
+    table.add_row("ratio pipeline / raw", f"{results.ratio:.2f}", "", "")
+    table.add_row("p50_latency_ms", f"{results.p50_latency_ms:.1f}", "", "")
+    table.add_row("sessions_rss_bytes_per_run", f"{results.sessions_rss_bytes_per_run:,.0f}", "", "")
+    table.add_row("recovery_s", f"{results.recovery_s:.1f}", "", "")
+    console.print(table)
+    console.print(f"results in {output} (git {results.git_sha})")
+
+
 #: Subcommand groups owned by other modules: ``{"tenants": "streams.tenants_cli:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
 SUBCOMMAND_GROUPS: dict[str, str] = {

@@ -18,6 +18,18 @@ Commit order (each step starts after the previous one is durable):
 A crash anywhere before 6 replays the batch from the last commit. Every effect is idempotent under replay:
 ClickHouse rows collapse by event identity, decisions and dead letters carry deterministic ids, table values
 skip records they already hold.
+
+Overlap: :meth:`BudgetPipeline.prepare` runs steps 1-2, starts producing the decisions and dead letters (the
+first half of step 3, so an agent waiting on a decision gets it at once) and *captures* the rest of the
+batch's effects (encoded changelog records, run headrooms): later batches cannot change them.
+:meth:`BudgetPipeline.commit` runs steps 3-5 for one or more prepared batches as a group, in their order:
+all their decisions acknowledged and ClickHouse flushed, then all aggregates, then all run ledgers (each key
+once, with its last value), then Redis. The worker keeps deciding batches while earlier ones commit, and
+commits groups strictly one after another, acknowledging a group only after its step 5. So offsets still
+commit only over durable effects, and within a group aggregates still precede run ledgers (an aggregate may
+be ahead of a run ledger, never behind: the crash argument of :mod:`processors.ledger`). Effects that may
+land before an earlier group is done are idempotent and precede their own group's changelogs: decisions,
+dead letters, and ClickHouse rows (the sink flushes whatever is buffered).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -49,7 +61,7 @@ from schemas.models import (
 from sinks.clickhouse import ClickHouseSink
 from sinks.redis import RedisProjection
 from streams.deadletter import dead_letter
-from streams.tables import TableBudgetStore
+from streams.tables import BatchProducer, OutRecord, TableBudgetStore
 from streams.topics import DEAD_LETTERS, DECISIONS
 
 log = logging.getLogger(__name__)
@@ -62,11 +74,10 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
 }
+#: Runs (and decisions) projected to Redis per round trip.
+_REDIS_SLICE = 64
 #: Records that are also analytics rows in ClickHouse.
 _SUNK = (TurnEvent, UsageReport, RunEvent)
-
-#: ``send(topic_spec_name, key, value)`` produces a record and returns an awaitable acknowledgement.
-Send = Callable[[str, str, bytes], Awaitable[Awaitable[object]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,17 @@ class InputRecord:
 
 
 @dataclass(slots=True)
+class PreparedBatch:
+    """A decided batch's effects, captured when its processing ended (see the module docstring)."""
+
+    report: BatchReport
+    started: float
+    outputs: asyncio.Task[int]  # decisions and dead letters, already being produced
+    changelogs: tuple[list[OutRecord], list[OutRecord]]  # aggregates, then run ledgers
+    headrooms: list[tuple[str, str, RunHeadroom]]
+
+
+@dataclass(slots=True)
 class BatchReport:
     """What one batch did (for logs, progress and benchmarks)."""
 
@@ -89,6 +111,8 @@ class BatchReport:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
+    #: Wall seconds per step of the commit order: process, sinks (ClickHouse + decisions), tables, redis.
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 class BudgetPipeline:
@@ -102,7 +126,7 @@ class BudgetPipeline:
         store: TableBudgetStore,
         sink: ClickHouseSink,
         redis: RedisProjection,
-        send: Send,
+        producer: BatchProducer,
         full_topic: Callable[[str], str],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -111,37 +135,80 @@ class BudgetPipeline:
         self._store = store
         self._sink = sink
         self._redis = redis
-        self._send = send
+        self._producer = producer
         self._full_topic = full_topic
+        self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._clock = clock
 
     async def handle(self, records: Sequence[InputRecord]) -> BatchReport:
         """Process ``records`` (in consumption order); returns once every effect is durable."""
+        return await self.commit([await self.prepare(records)])
+
+    async def prepare(self, records: Sequence[InputRecord], yield_every: int = 64) -> PreparedBatch:
+        """Steps 1-2 for ``records``, then capture their effects; nothing is written yet.
+
+        Yields to the event loop every ``yield_every`` records so a batch committing meanwhile makes progress.
+        """
         started = time.perf_counter()
         now = self._clock()
         report = BatchReport(records=len(records))
-        for record in records:
+        for index, record in enumerate(records, 1):
             self._apply(record, now, report)
-        acks = [
-            await self._send(DECISIONS.name, f"{d.tenant_id}:{d.run_id or '-'}", self._codec.encode(d))
+            if index % yield_every == 0:
+                await asyncio.sleep(0)
+        encode = self._codec.encode
+        outputs: list[OutRecord] = [
+            (self._decisions_topic, None, f"{d.tenant_id}:{d.run_id or '-'}".encode(), encode(d))
             for d in report.decisions
         ]
-        acks += [
-            await self._send(DEAD_LETTERS.name, dl.source_topic, self._codec.encode(dl))
-            for dl in report.dead_letters
+        outputs += [
+            (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
         for row in (*report.decisions, *report.dead_letters):
             self._sink.add(row)
-        await asyncio.gather(asyncio.to_thread(self._sink.flush), *acks)
-        headrooms = self._headrooms()  # before persist(), which forgets which runs were written
-        report.changelog_records = await self._store.persist()
-        await self._redis.write(headrooms, report.decisions)
-        report.seconds = time.perf_counter() - started
+        headrooms = self._headrooms()  # before the changelog capture, which forgets which runs were written
+        # Step 3 begins here for the decisions: an agent waiting on one sees it without waiting for the batch
+        # before this one to commit. Harmless before that batch is durable: decision ids are deterministic.
+        sending = asyncio.create_task(self._producer.send(outputs))
+        prepared = PreparedBatch(report, started, sending, self._store.capture_changelogs(), headrooms)
+        self._step(report, "process_s", started)
+        return prepared
+
+    async def commit(self, batches: Sequence[PreparedBatch]) -> BatchReport:
+        """Steps 3-5 for prepared batches, in their order, as one group; returns once every effect is durable
+        (step 6 is the caller's). A group writes each changelog key and Redis run once, with its last value.
+        """
+        report = BatchReport(records=sum(b.report.records for b in batches), steps={"process_s": 0.0})
+        for batch in batches:
+            report.decisions += batch.report.decisions
+            report.dead_letters += batch.report.dead_letters
+            report.steps["process_s"] += batch.report.steps["process_s"]
+        mark = time.perf_counter()
+        await asyncio.gather(asyncio.to_thread(self._sink.flush), *(batch.outputs for batch in batches))
+        mark = self._step(report, "sinks_s", mark)
+        aggregates = _last_per_key(record for batch in batches for record in batch.changelogs[0])
+        runs = _last_per_key(record for batch in batches for record in batch.changelogs[1])
+        report.changelog_records = await self._store.write_changelogs((aggregates, runs))
+        mark = self._step(report, "tables_s", mark)
+        headrooms = list({(t, r): (t, r, h) for batch in batches for t, r, h in batch.headrooms}.values())
+        # In slices: packing one pipeline of thousands of commands holds the event loop for tens of ms, and
+        # the decisions of the batches being decided meanwhile wait behind it.
+        for start in range(0, max(len(headrooms), len(report.decisions)), _REDIS_SLICE):
+            end = start + _REDIS_SLICE
+            await self._redis.write(headrooms[start:end], report.decisions[start:end])
+        self._step(report, "redis_s", mark)
+        report.seconds = time.perf_counter() - batches[0].started
         if report.dead_letters:
             log.warning(
                 "dead-lettered records", extra={"count": len(report.dead_letters), "batch": report.records}
             )
         return report
+
+    @staticmethod
+    def _step(report: BatchReport, name: str, since: float) -> float:
+        now = time.perf_counter()
+        report.steps[name] = round(now - since, 4)
+        return now
 
     def _apply(self, record: InputRecord, now: datetime, report: BatchReport) -> None:
         try:
@@ -161,7 +228,7 @@ class BudgetPipeline:
             report.dead_letters.append(self._dead_letter(record, failure, now))
             return
         if isinstance(event, _SUNK):
-            self._sink.add(event)
+            self._sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
 
     def _decode(self, record: InputRecord) -> BaseModel:
         if record.value is None:
@@ -197,3 +264,8 @@ class BudgetPipeline:
             hard[TOTAL] = budget.total.hard_at
             out.append((tenant_id, run_id, RunHeadroom(used, hard, budget.manifest_version)))
         return out
+
+
+def _last_per_key(records: Iterable[OutRecord]) -> list[OutRecord]:
+    """The last record of each (topic, key): a changelog's reader keeps the latest value of a key anyway."""
+    return list({(record[0], record[2]): record for record in records}.values())

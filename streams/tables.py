@@ -10,16 +10,24 @@ the *current* event. A batch spans partitions, and the crash argument in :mod:`p
 aggregates durable before the run ledgers. :class:`TableBudgetStore` therefore writes the in-memory store
 directly, remembers each dirty key with the partition of the record that wrote it, and :meth:`persist`
 produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers.
+
+The records go out through :class:`BatchProducer` (aiokafka's batch API), not Faust's ``Topic.send``: a large
+batch dirties thousands of keys, and a record costs ~1.3 us of CPU that way against ~12 us through
+``AIOKafkaProducer.send`` and ~25 us through a Faust topic (measured here). They are the same records Faust
+would write (same topic, key and value codecs), so Faust's table recovery reads them back unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers.codecs import Codec
 
 from processors.ledger import RunLedger, WorkflowLedger
@@ -73,6 +81,63 @@ AGGREGATES = ("manifests", "counts", "tenants", "users", "workflows")
 RUNS = ("runs",)
 
 
+#: ``(topic, partition or None for the key's default partition, key, value)``
+OutRecord = tuple[str, int | None, bytes | None, bytes | None]
+
+
+class BatchProducer:
+    """Produces records through one aiokafka producer, one record batch per topic partition.
+
+    :meth:`send` returns once the broker acknowledged every record (order kept per partition); it raises
+    if any record failed, in which case some others may have been written (callers replay idempotently).
+    A record without a partition goes where aiokafka's default partitioner puts its key (murmur2, as for
+    every other producer of ctxflow topics).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._partitioner = DefaultPartitioner()
+        self._partitions: dict[str, list[int]] = {}
+
+    async def send(self, records: Iterable[OutRecord]) -> int:
+        """Produce ``records`` and wait for all acknowledgements; returns how many were sent."""
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for topic, partition, key, value in records:
+            if partition is None:
+                partition = await self._partition_of(topic, key)
+            groups.setdefault((topic, partition), []).append((key, value))
+        pending: list[asyncio.Future[Any]] = []
+        for (topic, partition), items in groups.items():
+            # The last record of a partition goes alone in its own batch: Tansu answers ListOffsets(latest) with
+            # the last *batch's* base offset + 1, so a reader that stops at the end offsets (Faust's table
+            # recovery, for one) would otherwise miss the rest of a multi-record last batch.
+            for chunk in (items[:-1], items[-1:]):
+                if chunk:
+                    pending += await self._ship(topic, partition, chunk)
+        if pending:
+            await asyncio.gather(*pending)
+        return sum(len(items) for items in groups.values())
+
+    async def _ship(self, topic: str, partition: int, items: list[tuple[bytes | None, bytes | None]]
+                    ) -> list[asyncio.Future[Any]]:
+        producer, futures = self._producer, []
+        batch: BatchBuilder = producer.create_batch()
+        for key, value in items:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it, start another
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a record of {len(value or b'')} bytes exceeds the producer's batch size")
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
+
+    async def _partition_of(self, topic: str, key: bytes | None) -> int:
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+        return int(self._partitioner(key, partitions, partitions))
+
+
 def declare_tables(app: faust.App, partitions: int) -> dict[str, faust.Table]:
     """Create the budget tables on ``app`` (co-partitioned with the tenant-keyed input topics)."""
     tables = {}
@@ -101,8 +166,10 @@ class TableBudgetStore:
     record writes is persisted to that changelog partition (a tenant's keys live in its input partition).
     """
 
-    def __init__(self, tables: dict[str, faust.Table]) -> None:
+    def __init__(self, tables: dict[str, faust.Table], producer: BatchProducer) -> None:
         self._tables = tables
+        self._producer = producer
+        self._changelogs = {name: table.changelog_topic.get_topic_name() for name, table in tables.items()}
         # The memory store's plain dicts: the hot path reads and writes them directly; ``_key_partition`` is
         # how the store drops keys of partitions this worker no longer owns after a rebalance.
         self._data = {name: table.data.data for name, table in tables.items()}
@@ -164,15 +231,26 @@ class TableBudgetStore:
         Returns the number of changelog records written. Raises if the broker refuses a record, in which
         case the batch must not be acknowledged (it will be replayed, and replays are idempotent).
         """
-        written = 0
-        for group in (AGGREGATES, RUNS):
-            pending = []
-            for name in group:
-                table, data, dirty = self._tables[name], self._data[name], self._dirty[name]
-                for key, partition in dirty.items():
-                    pending.append(await table.changelog_topic.send(key=key, value=data[key], partition=partition))
-                dirty.clear()
-            if pending:
-                await asyncio.gather(*pending)
-                written += len(pending)
-        return written
+        return await self.write_changelogs(self.capture_changelogs())
+
+    def capture_changelogs(self) -> tuple[list[OutRecord], list[OutRecord]]:
+        """Encode every dirty value now (aggregates, run ledgers) and forget that they were dirty.
+
+        Later writes to the tables do not change what was captured, so a batch's changelog can be written
+        while the next batch is processed.
+        """
+        return self._changelog_records(AGGREGATES), self._changelog_records(RUNS)
+
+    async def write_changelogs(self, captured: tuple[list[OutRecord], list[OutRecord]]) -> int:
+        """Produce captured changelogs: aggregates, await their acks, then run ledgers, await theirs."""
+        aggregates, runs = captured
+        return await self._producer.send(aggregates) + await self._producer.send(runs)
+
+    def _changelog_records(self, names: Iterable[str]) -> list[OutRecord]:
+        records: list[OutRecord] = []
+        for name in names:
+            topic, dumps = self._changelogs[name], VALUE_CODECS[name].dumps
+            data, dirty = self._data[name], self._dirty[name]
+            records += [(topic, partition, key.encode(), dumps(data[key])) for key, partition in dirty.items()]
+            dirty.clear()
+        return records

@@ -32,7 +32,13 @@ async def read_topics(settings: Settings, names: Iterable[str], timeout_s: float
     short. A fetch returns whole batches, so reading until the reported end and keeping every record the
     last fetch returned yields the whole partition.
     """
-    tps = [TopicPartition(settings.topic(name), p) for name in names for p in range(settings.partitions)]
+    return await read_full_topics(settings, [settings.topic(name) for name in names], timeout_s)
+
+
+async def read_full_topics(settings: Settings, topics: Iterable[str], timeout_s: float = 60.0
+                           ) -> list[ConsumerRecord]:
+    """:func:`read_topics` for full topic names (e.g. the worker's changelog topics)."""
+    tps = [TopicPartition(topic, p) for topic in topics for p in range(settings.partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -97,6 +103,12 @@ def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
     asyncio.run(poll())
 
 
+def changelog_keys(settings: Settings, table: str) -> set[str]:
+    """The keys the worker has written to the changelog of budget table ``table`` (e.g. ``runs``)."""
+    records = asyncio.run(read_full_topics(settings, [f"{settings.app_id}-budget-{table}-changelog"]))
+    return {r.key.decode() for r in records if r.key is not None}
+
+
 def decisions_on_topic(settings: Settings) -> list[Decision]:
     """Every decision the deployment's decisions topic holds, decoded (re-emitted copies included)."""
     codec = Codec(settings.schema_registry_url)
@@ -113,6 +125,22 @@ async def _committed_records(settings: Settings, admin: AIOKafkaAdminClient) -> 
     tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
     committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
     return sum(max(meta.offset, 0) for meta in committed.values() if meta is not None)
+
+
+def committed_offsets(settings: Settings) -> dict[tuple[str, int], int]:
+    """The worker group's committed offset per ``(full input topic, partition)`` (0 when none)."""
+
+    async def probe() -> dict[tuple[str, int], int]:
+        tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
+        finally:
+            await admin.close()
+        return {(tp.topic, tp.partition): max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
+
+    return asyncio.run(probe())
 
 
 def committed_records(settings: Settings) -> int:

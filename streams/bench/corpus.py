@@ -94,7 +94,8 @@ def admission_for(turn: TurnEvent, request_id: str, at: datetime) -> AdmissionRe
 
 
 def core_traffic(runs: int, per_run: int, tenants: int = 50, first: int = 0) -> list[TurnEvent]:
-    """Turns for runs ``first .. first + runs - 1``: seq 0 a static system prompt counted from content, the rest supplied counts.
+    """Turns for runs ``first .. first + runs - 1``: seq 0 a static system prompt counted from content, the
+    rest with supplied counts.
 
     Items repeat across runs (same digests), so the token counter's digest cache stays small and the memory
     measured is the runs' own. Copies of validated templates (``model_copy`` skips validation), so building

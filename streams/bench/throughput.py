@@ -9,6 +9,7 @@ reached the end of every input: every effect (ClickHouse, Redis, decisions, chan
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from streams.worker_process import INPUT_TOPICS, WorkerProcess
 FETCH_MAX_WAIT_MS = 20
 
 
-async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, int]:
-    """Fetch and decode ``expected`` records of ``topics`` from offset 0; returns (events/s, rejected)."""
+async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, float, int]:
+    """Fetch and decode ``expected`` records of ``topics`` from offset 0; (events/s, CPU us/event, rejected)."""
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
     names = {settings.topic(t): INPUT_MODELS[t] for t in topics}
     consumer = AIOKafkaConsumer(
@@ -38,25 +39,34 @@ async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int
         consumer.assign([TopicPartition(t, p) for t in names for p in range(settings.partitions)])
         await consumer.seek_to_beginning()
         seen = rejected = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         while seen < expected:
             for tp, records in (await consumer.getmany(timeout_ms=500, max_records=10_000)).items():
                 _, bad = codec.decode_batch([r.value for r in records], names[tp.topic])
                 seen += len(records)
                 rejected += len(bad)
-        return seen / (time.perf_counter() - started), rejected
+        cpu_us = (time.process_time() - cpu_started) * 1e6 / seen
+        return seen / (time.perf_counter() - started), cpu_us, rejected
     finally:
         await consumer.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (all its threads), from ``/proc/<pid>/stat``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineRun:
-    """A worker that consumed a pre-produced backlog: its rate and how long it took to become ready."""
+    """A worker that consumed a pre-produced backlog: its rate, CPU, and how long it took to become ready."""
 
     worker: WorkerProcess
     startup_s: float
     seconds: float
     records: int
+    cpu_s: float
 
     @property
     def eps(self) -> float:
@@ -74,12 +84,14 @@ def run_pipeline(settings: Settings, records: int, say: Callable[[str], None], t
     began = time.perf_counter()
     worker.start(ready_timeout_s=120)
     ready = time.perf_counter()
+    cpu_before = cpu_seconds(worker.pid)
     try:
         asyncio.run(wait_committed(settings, records, say, timeout_s))
     except BaseException:
         worker.stop()
         raise
-    return PipelineRun(worker, ready - began, time.perf_counter() - ready, records)
+    done = time.perf_counter()
+    return PipelineRun(worker, ready - began, done - ready, records, cpu_seconds(worker.pid) - cpu_before)
 
 
 async def wait_committed(settings: Settings, records: int, say: Callable[[str], None], timeout_s: float) -> None:

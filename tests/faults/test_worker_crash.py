@@ -8,64 +8,46 @@ the ground truth of the distinct events produced and a crash-free replay of the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import Counter
 
-import redis.asyncio as aioredis
-from pydantic import BaseModel
+import pytest
 
-from processors.admission import TOTAL, RunHeadroom
-from schemas.models import DecisionKind, RunEvent, TurnEvent, UsageReport
-from sinks.redis import read_headroom
+from processors.admission import TOTAL
+from schemas.codec import Codec
+from schemas.models import DecisionKind, ItemKind, Role, Slot, TurnEvent
 from streams.config import Settings
+from streams.sdk import RunContext
 from streams.worker_process import WorkerProcess
-from streams.workload import GroundTruth, Workload
-from tests.replay import Replay, read_input_log, replay
-from tests.support_decisions import lost_decisions
-from tests.support_kafka import committed_records, decisions_on_topic, wait_committed, wait_processed
-from tests.support_traffic import BackgroundTraffic, publish
+from streams.workload import Workload
+from tests.replay import read_input_log, replay
+from tests.support_deploy import redis_headroom, redis_writes_paused
+from tests.support_kafka import (
+    changelog_keys,
+    committed_offsets,
+    committed_records,
+    dead_letters_on_topic,
+    wait_committed,
+    wait_processed,
+    wait_until,
+)
+from tests.support_traffic import BackgroundTraffic, publish, send_raw
+from tests.support_verdict import (
+    clickhouse_problems,
+    decision_problems,
+    distinct,
+    redis_problems,
+    summary,
+    table_problems,
+)
 
 log = logging.getLogger(__name__)
 SEED = 20250106
-RATE_EPS = 1500
+RATE_EPS = 500
 KILLS = 3
-
-
-def _distinct(events: list[BaseModel], kind: type[BaseModel]) -> list[BaseModel]:
-    seen: dict[str, BaseModel] = {}
-    for e in events:
-        if isinstance(e, kind):
-            seen.setdefault(e.event_id, e)  # type: ignore[attr-defined]
-    return list(seen.values())
-
-
-async def _headrooms(settings: Settings, runs: list[tuple[str, str]]) -> dict[tuple[str, str], RunHeadroom | None]:
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        return {(t, r): await read_headroom(client, t, r) for t, r in runs}
-    finally:
-        await client.aclose()
-
-
-def _redis_problems(settings: Settings, truth: GroundTruth, oracle: Replay, tenants: list[str]) -> list[str]:
-    """Per run, the Redis projection must hold the ground-truth tokens per slot and the replayed headroom."""
-    runs = sorted({(t, r) for t in tenants for r in oracle.runs(t)} | set(truth.run_tokens))
-    projected = asyncio.run(_headrooms(settings, runs))
-    problems = []
-    for (tenant, run), headroom in projected.items():
-        if headroom is None:
-            problems.append(f"{tenant}/{run}: no headroom in Redis")
-            continue
-        want = {slot: truth.slot_tokens[(tenant, run, slot)] for slot in headroom.used if slot != TOTAL}
-        got = {slot: tokens for slot, tokens in headroom.used.items() if slot != TOTAL}
-        if got != want or headroom.used[TOTAL] != truth.run_tokens[(tenant, run)]:
-            problems.append(f"{tenant}/{run}: Redis used {headroom.used}, ground truth {want}")
-        if headroom != oracle.headroom(tenant, run):
-            problems.append(f"{tenant}/{run}: Redis {headroom} != replay {oracle.headroom(tenant, run)}")
-    return problems
 
 
 def _kill_mid_stream(settings: Settings, worker: WorkerProcess, after: int) -> WorkerProcess:
@@ -92,9 +74,9 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         traffic.start()
         # Different moments: well into the stream, at the first commit after recovery (the restarted worker is
         # still catching up on the backlog that built up while it was down), and after a random stretch.
-        for after in (rng.randint(1_500, 4_000), 1, rng.randint(500, 6_000))[:KILLS]:
+        for after in (rng.randint(800, 2_000), 1, rng.randint(300, 2_500))[:KILLS]:
             worker = _kill_mid_stream(settings, worker, after)
-        wait_committed(settings, committed_records(settings) + 1_000)  # producers still sending after the last crash
+        wait_committed(settings, committed_records(settings) + 500)  # producers still sending after the last crash
         sent = traffic.stop()
         stopped = time.monotonic()
         wait_processed(settings)
@@ -104,44 +86,108 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         truth = Workload.ground_truth(sent)
         oracle = replay(read_input_log(settings))
         assert not oracle.refused, f"the replay refused records: {oracle.refused[:3]}"
-        replay_done = time.monotonic()
-
-        # Token tables, as projected to Redis: exact per tenant, run and slot.
-        problems = _redis_problems(settings, truth, oracle, tenants)
-        assert not problems, f"{len(problems)} runs differ, first: {problems[:5]}"
-        tenant_totals = Counter({t: sum(tok for (tt, _), tok in truth.run_tokens.items() if tt == t) for t in tenants})
-        assert +tenant_totals == truth.tenant_tokens
-
-        # ClickHouse: every distinct event once, whatever was re-sent or replayed.
-        turns = _distinct(sent, TurnEvent)
-        rows = worker.query("SELECT tenant_id, count(), sum(token_count) FROM turns GROUP BY tenant_id").rows
-        assert {t: (n, tok) for t, n, tok in rows} == {
-            t: (sum(1 for e in turns if e.tenant_id == t), truth.tenant_tokens[t])  # type: ignore[attr-defined]
-            for t in {e.tenant_id for e in turns}  # type: ignore[attr-defined]
-        }
-        rows = worker.query(
-            "SELECT tenant_id, sum(input_tokens), sum(output_tokens), sum(cached_read_tokens), "
-            "sum(cache_write_tokens), sum(reasoning_tokens), count() FROM usage GROUP BY tenant_id").rows
-        kinds = ("input", "output", "cached_read", "cache_write", "reasoning")
-        usage = _distinct(sent, UsageReport)
-        assert {r[0]: tuple(r[1:]) for r in rows} == {
-            t: (*(truth.usage_tokens[(t, k)] for k in kinds), sum(1 for e in usage if e.tenant_id == t))  # type: ignore[attr-defined]
-            for t in {e.tenant_id for e in usage}  # type: ignore[attr-defined]
-        }
-        assert worker.scalar("SELECT count() FROM runs") == len(_distinct(sent, RunEvent))
-
-        # Decisions: everything a crash-free run decides is on the decisions topic, and in ClickHouse once.
-        live = decisions_on_topic(settings)
         assert {DecisionKind.REJECTION, DecisionKind.SPEND_EXHAUSTED} <= {d.kind for d in oracle.decisions}
-        lost = lost_decisions(live, oracle.decisions, oracle.workflows)
-        assert not lost, f"{len(lost)} decisions lost or altered, first: {lost[:5]}"
-        stored = worker.query("SELECT decision_id, count() FROM decisions GROUP BY decision_id").rows
-        assert {d for d, _ in stored} == {d.decision_id for d in live}
-        assert all(n == 1 for _, n in stored)
+        replay_done = time.monotonic()
+        sections = {
+            # The token tables (what a restart recovers), exact per tenant, run and slot.
+            "token tables": table_problems(settings, truth, oracle),
+            # Their Redis projection, as agents read it.
+            "redis": redis_problems(settings, truth, oracle, tenants),
+            # ClickHouse: every distinct event once, whatever was re-sent or replayed.
+            "clickhouse": clickhouse_problems(worker, sent, truth),
+            # Everything a crash-free run decides is on the decisions topic, and in ClickHouse once.
+            "decisions": decision_problems(settings, worker, oracle),
+        }
+        assert not any(sections.values()), summary(sections)
     finally:
         traffic.cancel()
         worker.stop()
     log.info(
-        "crash test: %d events (%d distinct turns), %d kills, caught up after %.1fs, replay %.1fs, total %.1fs",
-        len(sent), len(turns), KILLS, caught_up - started, replay_done - caught_up, time.monotonic() - started,
+        "crash test: %d events, %d kills, caught up after %.1fs, replay %.1fs, total %.1fs",
+        len(sent), KILLS, caught_up - started, replay_done - caught_up, time.monotonic() - started,
     )
+
+
+def test_a_record_the_worker_cannot_process_does_not_stop_it_across_a_restart(settings: Settings) -> None:
+    workload = Workload(SEED + 1, tenants=2, sessions_per_tenant=1, max_events=300)
+    events, poison, tenant = list(workload.events()), workload.poison_records(), workload.tenants[0]
+    good = [e for e in events if isinstance(e, TurnEvent) and e.tenant_id == tenant.tenant_id][:4]
+    codec, key = Codec(), tenant.tenant_id.encode()
+    # Bad records between good turns of the same tenant (one partition, one fetch): they share a batch.
+    burst = [("turns", key, codec.encode(t)) for t in good[:2]] + [(p.topic.name, p.key, p.value) for p in poison]
+    burst += [("turns", key, codec.encode(t)) for t in good[2:]]
+    publish(settings, workload.manifests())
+    worker = WorkerProcess(settings).start()
+    try:
+        wait_processed(settings)
+        # A Redis stall holds that batch open after its dead letters went out, so its offsets are never
+        # committed: the crash below makes the restarted worker meet the bad records again.
+        with redis_writes_paused(settings):
+            send_raw(settings, burst)
+            wait_until(lambda: {d.dead_letter_id for d in dead_letters_on_topic(settings)},
+                       lambda ids: len(ids) >= len(poison), what="the bad records' dead letters")
+            worker.kill()
+        committed = committed_offsets(settings)
+        assert all(committed[(d.source_topic, d.source_partition)] <= d.source_offset
+                   for d in dead_letters_on_topic(settings))
+        worker = WorkerProcess(settings).start()
+        publish(settings, events)
+        wait_processed(settings)
+
+        letters = dead_letters_on_topic(settings)
+        copies = Counter(d.dead_letter_id for d in letters)
+        assert len(copies) == len(poison) and set(copies.values()) == {2}  # refused again, under the same id
+        assert sorted({d.dead_letter_id: d.reason_code for d in letters}.values()) == sorted(
+            p.expected_reason for p in poison)
+        assert worker.scalar("SELECT count() FROM dead_letters") == len(poison)
+        truth = Workload.ground_truth(events)
+        rows = worker.query("SELECT tenant_id, count(), sum(token_count) FROM turns GROUP BY tenant_id").rows
+        turns = distinct(events, TurnEvent)
+        assert {t: (n, tok) for t, n, tok in rows} == {
+            t: (sum(1 for e in turns if e.tenant_id == t), truth.tenant_tokens[t])  # type: ignore[attr-defined]
+            for t in truth.tenant_tokens
+        }
+    finally:
+        worker.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: BudgetPipeline.commit (streams/pipeline.py) writes the run-ledger changelogs (step 4) before "
+    "Redis (step 5); a crash in between leaves the ledger durable and Redis stale, and the replayed records are "
+    "skipped as already applied, so the run is never projected again"))
+def test_redis_projection_survives_a_crash_after_the_tables_were_persisted(settings: Settings) -> None:
+    tenant = f"crash{uuid.uuid4().hex[:8]}"
+    ctx = RunContext(tenant_id=tenant, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
+    worker = WorkerProcess(settings).start()
+    try:
+        with redis_writes_paused(settings):
+            publish(settings, [ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "hello", token_count=120)])
+            wait_until(lambda: changelog_keys(settings, "runs"), lambda keys: f"{tenant}:{ctx.run_id}" in keys,
+                       what="the run ledger in its changelog")
+            worker.kill()
+        worker = WorkerProcess(settings).start()
+        wait_processed(settings)
+        headroom = redis_headroom(settings, tenant, ctx.run_id)
+        assert headroom is not None and headroom.used[TOTAL] == 120
+    finally:
+        worker.stop()
+
+
+def test_a_restart_recovers_every_token_table_value(settings: Settings) -> None:
+    """Regression: the embedded broker reports a partition's end as its last record *batch*'s base offset + 1,
+    and Faust's table recovery stops there; a changelog whose last batch held several records lost them."""
+    tenant = f"restart{uuid.uuid4().hex[:8]}"
+    runs = [RunContext(tenant_id=tenant, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
+            for _ in range(6)]
+    worker = WorkerProcess(settings).start()
+    try:
+        publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "first", token_count=100) for r in runs])
+        wait_processed(settings)
+        worker.stop()  # a clean restart, not even a crash
+        worker = WorkerProcess(settings).start()
+        publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "second", token_count=1) for r in runs])
+        wait_processed(settings)
+        totals = [(h.used[TOTAL] if (h := redis_headroom(settings, tenant, r.run_id)) else None) for r in runs]
+        assert totals == [101] * len(runs)
+    finally:
+        worker.stop()

@@ -1,0 +1,11 @@
+"""``ctxflow bench``: what one worker process sustains, measured end to end against its own embedded stack.
+
+Modules: :mod:`.corpus` (encoded inputs), :mod:`.throughput` (raw decode ceiling, worker rate),
+:mod:`.latency` (produce -> decision), :mod:`.sessions` (memory per active run, SIGKILL recovery),
+:mod:`.core` (the budget core alone), :mod:`.report` (results JSON, targets), :mod:`.runner` (the run).
+"""
+
+from streams.bench.report import BenchResults, verdicts
+from streams.bench.runner import BenchConfig, run_bench
+
+__all__ = ["BenchConfig", "BenchResults", "run_bench", "verdicts"]

@@ -1,0 +1,123 @@
+"""Latency phase: produce at a steady rate and time each admission from send to its decision on the topic.
+
+Every admission request yields exactly one ``admission`` decision, so interleaving one every ``every`` turns
+gives a steady stream of probes through the same batches as the turns around them. A probe's latency is
+measured in this process from just before the SDK queues the request to the moment this process's consumer
+fetched the decision (one clock, no skew). It includes the SDK's linger, the broker, the worker's fetch wait,
+its batch and the commit order up to the decision's produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.codec import Codec
+from schemas.models import Decision, DecisionKind, TurnEvent
+from streams.bench.corpus import Encoded, admission_for, encode
+from streams.config import Settings
+from streams.sdk import CtxflowClient
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResult:
+    """Percentiles of produce -> decision available, over ``samples`` admissions at ``rate_eps``."""
+
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    samples: int
+    missing: int
+    rate_eps: float
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` percentile (0-100) of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+async def measure_latency(
+    settings: Settings, turns: Sequence[Encoded], models: Sequence[TurnEvent], rate_eps: float, every: int,
+    say: Callable[[str], None],
+) -> LatencyResult:
+    """Send ``turns`` at ``rate_eps`` with an admission for the current turn's run after every ``every``-th."""
+    codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic("decisions"), p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)  # resolve "end" now, before the first probe is sent
+        done = asyncio.Event()
+        reader = asyncio.create_task(_read_decisions(consumer, codec, sent, latencies, done))
+        started = time.perf_counter()
+        async with CtxflowClient.from_settings(settings, max_in_flight=100_000) as client:
+            await _send_steadily(client, settings, turns, models, rate_eps, every, sent, say)
+        elapsed = time.perf_counter() - started
+        probes = len(sent) + len(latencies)
+        deadline = time.perf_counter() + 30
+        while sent and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        done.set()
+        await reader
+    finally:
+        await consumer.stop()
+    latencies.sort()
+    return LatencyResult(
+        p50_ms=percentile(latencies, 50) * 1000, p99_ms=percentile(latencies, 99) * 1000,
+        max_ms=(latencies[-1] if latencies else float("nan")) * 1000, samples=len(latencies),
+        missing=probes - len(latencies), rate_eps=(len(turns) + probes) / elapsed,
+    )
+
+
+async def _send_steadily(
+    client: CtxflowClient, settings: Settings, turns: Sequence[Encoded], models: Sequence[TurnEvent],
+    rate_eps: float, every: int, sent: dict[str, float], say: Callable[[str], None],
+) -> None:
+    turns_topic, admissions_topic = settings.topic("turns"), settings.topic("admissions")
+    began = next_report = time.perf_counter()
+    index = records = 0  # records counts probes too: the rate is in input records, like pipeline_eps
+    while index < len(turns):
+        due = int((time.perf_counter() - began) * rate_eps) + 1
+        while records < due and index < len(turns):
+            record = turns[index]
+            await client.send_raw(turns_topic, record.key, record.value)
+            records += 1
+            if index % every == every - 1:
+                request_id = f"bench-probe-{index}"
+                probe = encode(client.codec, admission_for(models[index], request_id, datetime.now(UTC)))
+                sent[request_id] = time.perf_counter()
+                await client.send_raw(admissions_topic, probe.key, probe.value)
+                records += 1
+            index += 1
+        now = time.perf_counter()
+        if now >= next_report:
+            say(f"  ... {records:,} records sent at {records / max(now - began, 1e-9):,.0f}/s")
+            next_report = now + 2.0
+        await asyncio.sleep(0.002)
+    await client.flush()
+
+
+async def _read_decisions(
+    consumer: AIOKafkaConsumer, codec: Codec, sent: dict[str, float], latencies: list[float], done: asyncio.Event
+) -> None:
+    while not done.is_set():
+        batches = await consumer.getmany(timeout_ms=20)
+        arrived = time.perf_counter()
+        for records in batches.values():
+            for record in records:
+                decision = codec.decode(record.value, Decision)
+                if decision.kind is DecisionKind.ADMISSION and decision.request_id in sent:
+                    latencies.append(arrived - sent.pop(decision.request_id))

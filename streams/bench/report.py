@@ -1,0 +1,80 @@
+"""The benchmark's results: one JSON object (``bench-results.json``) and a summary against the targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Targets of the budget issue, on a 2-core machine: (field, comparison, bound, label).
+TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("pipeline_eps", ">=", 20_000, "turn events/s end to end, budget decisions in the path"),
+    ("p99_latency_ms", "<", 100, "produce -> decision available, at half the pipeline rate"),
+)
+#: Floors that guard the budget core (they were timed unit tests): (field, comparison, bound, label).
+CORE_FLOORS: tuple[tuple[str, str, float, str], ...] = (
+    ("processor_eps", ">=", 40_000, "TurnEvents per CPU second through process()"),
+    ("core_bytes_per_run", "<", 1_200, "heap bytes per active run in the budget core"),
+)
+
+
+@dataclass
+class BenchResults:
+    """Everything one ``ctxflow bench`` run measured (rates in input records per second)."""
+
+    events: int
+    raw_ceiling_eps: float
+    pipeline_eps: float
+    ratio: float
+    p50_latency_ms: float
+    p99_latency_ms: float
+    sessions_rss_bytes_per_run: float
+    recovery_s: float
+    processor_eps: float
+    core_bytes_per_run: float
+    git_sha: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The results as one JSON object, details flattened in (they never shadow a headline field)."""
+        data = asdict(self)
+        details = data.pop("details")
+        return json.dumps({**details, **data}, indent=2, sort_keys=True, default=str)
+
+    def write(self, path: Path) -> None:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+
+def verdicts(results: BenchResults) -> list[tuple[str, str, str, bool]]:
+    """``(metric, measured, target, met)`` for every target and core floor."""
+    rows = []
+    for name, op, bound, label in (*TARGETS, *CORE_FLOORS):
+        value = float(getattr(results, name))
+        met = value >= bound if op == ">=" else value < bound
+        rows.append((f"{name} ({label})", f"{value:,.1f}", f"{op} {bound:,.0f}", met))
+    return rows
+
+
+def git_sha(cwd: Path | None = None) -> str:
+    """HEAD's sha, with ``-dirty`` when the work tree has changes; ``unknown`` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def machine() -> dict[str, Any]:
+    """Facts about where the numbers were taken (a loaded machine explains a bad run)."""
+    return {
+        "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }

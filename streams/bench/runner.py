@@ -1,0 +1,129 @@
+"""One benchmark run: its own embedded stack on free ports, every phase in order, one results object.
+
+Phases (all in the same run, so their figures are comparable): corpus (encoded before any clock starts) ->
+(a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate,
+same worker -> (d) session memory and SIGKILL recovery with ``runs_for_memory`` active runs, fresh worker ->
+(e) the budget core alone, in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from streams.admin import ensure_topics
+from streams.bench.core import measure_core
+from streams.bench.corpus import TurnCorpus, publish
+from streams.bench.latency import measure_latency
+from streams.bench.report import BenchResults, git_sha, machine
+from streams.bench.sessions import measure_sessions
+from streams.bench.throughput import raw_ceiling, run_pipeline
+from streams.config import Settings
+from streams.processes import free_port
+from streams.stack import EmbeddedStack
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """What to run: corpus size, active runs for the memory phase, latency duration, probe spacing."""
+
+    events: int = 200_000
+    runs_for_memory: int = 100_000
+    latency_s: float = 10.0
+    admission_every: int = 20
+    core_rate_runs: int = 20_000
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
+        return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000)
+
+
+def _fresh(base: Settings, home: Path, name: str) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    fresh = base.model_copy(update={
+        "topic_prefix": f"bench-{name}-{tag}", "app_id": f"bench-{name}-{tag}", "home": home / name,
+        "web_port": free_port(),
+    })
+    ensure_topics(fresh)
+    return fresh
+
+
+def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults:
+    """Run every phase against a private stack built from ``settings`` (batch size, partitions, ...)."""
+    details: dict[str, object] = {**machine(), "batch_max": settings.batch_max, "partitions": settings.partitions,
+                                  "admission_every": config.admission_every}
+    sha = git_sha()
+    home = Path(tempfile.mkdtemp(prefix="ctxflow-bench-"))
+    try:
+        stack_settings = settings.model_copy(update={
+            "home": home / "stack", "bootstrap": f"127.0.0.1:{free_port()}",
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0", "clickhouse_dsn": None, "schema_registry_url": None,
+        })
+        with EmbeddedStack(stack_settings) as stack:
+            return _phases(stack.settings, home, config, say, details, sha)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, object], sha: str
+            ) -> BenchResults:
+    s1 = _fresh(base, home, "pipeline")
+    corpus = TurnCorpus()
+    say(f"corpus: encoding {config.events:,} TurnEvents of {len(corpus.workload.tenants)} tenants")
+    records = corpus.manifests() + corpus.take(config.events, lambda n: say(f"  ... {n:,} encoded"))
+    details["corpus_bytes_per_record"] = round(sum(len(r.value) for r in records) / len(records))
+    say(f"producing {len(records):,} records")
+    asyncio.run(publish(s1, records, lambda n: say(f"  ... {n:,} produced")))
+
+    say("(a) raw ceiling: aiokafka consumer + Codec.decode_batch, nothing else")
+    raw_eps, raw_cpu_us, rejected = asyncio.run(raw_ceiling(s1, ("manifests", "turns"), len(records)))
+    details |= {"raw_cpu_us_per_event": round(raw_cpu_us, 1), "raw_rejected": rejected}
+    say(f"  raw_ceiling_eps = {raw_eps:,.0f} ({raw_cpu_us:.1f} us CPU per record)")
+
+    say("(b) pipeline: ctxflow worker from ready to committed offsets at the end")
+    run = run_pipeline(s1, len(records), say)
+    details |= {"worker_startup_s": round(run.startup_s, 2), "pipeline_seconds": round(run.seconds, 2),
+                "worker_cpu_us_per_event": round(run.cpu_s * 1e6 / run.records, 1),
+                "worker_cpu_utilisation": round(run.cpu_s / run.seconds, 2)}
+    say(f"  pipeline_eps = {run.eps:,.0f} (ratio {run.eps / raw_eps:.2f}; worker CPU "
+        f"{details['worker_cpu_us_per_event']} us/record at {details['worker_cpu_utilisation']:.0%} of a core)")
+    try:
+        rate = run.eps / 2
+        turns_needed = int(rate * config.latency_s * config.admission_every / (config.admission_every + 1))
+        say(f"(c) latency at {rate:,.0f} records/s for {config.latency_s:.0f}s: encoding {turns_needed:,} turns")
+        probes = corpus.take(turns_needed)
+        latency = asyncio.run(measure_latency(s1, probes, corpus.last, rate, config.admission_every, say))
+    finally:
+        run.worker.stop()
+    details |= {"latency_rate_eps": round(latency.rate_eps), "latency_samples": latency.samples,
+                "latency_missing": latency.missing, "max_latency_ms": round(latency.max_ms, 1)}
+    say(f"  p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms over {latency.samples:,} admissions "
+        f"({latency.missing} unanswered)")
+
+    say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
+    sessions = measure_sessions(_fresh(base, home, "sessions"), config.runs_for_memory, say)
+    details |= {"sessions_runs": sessions.runs, "sessions_baseline_rss_bytes": sessions.baseline_rss_bytes,
+                "sessions_loaded_rss_bytes": sessions.loaded_rss_bytes,
+                "recovered_rss_bytes": sessions.recovered_rss_bytes}
+    say(f"  {sessions.bytes_per_run:,.0f} RSS bytes per run; recovery {sessions.recovery_s:.1f}s "
+        f"(an empty worker starts in {run.startup_s:.1f}s)")
+
+    say("(e) budget core in process: TurnEvents per CPU second, heap bytes per run")
+    core = measure_core(config.core_rate_runs, config.runs_for_memory)
+    details |= {"processor_events": core.processor_events, "processor_decisions": core.processor_decisions}
+    say(f"  processor_eps = {core.processor_eps:,.0f}; {core.bytes_per_run:,.0f} bytes/run (tracemalloc)")
+    return BenchResults(
+        events=len(records), raw_ceiling_eps=round(raw_eps), pipeline_eps=round(run.eps),
+        ratio=round(run.eps / raw_eps, 3), p50_latency_ms=round(latency.p50_ms, 1),
+        p99_latency_ms=round(latency.p99_ms, 1), sessions_rss_bytes_per_run=round(sessions.bytes_per_run),
+        recovery_s=round(sessions.recovery_s, 2), processor_eps=round(core.processor_eps),
+        core_bytes_per_run=round(core.bytes_per_run), git_sha=sha, details=details,
+    )

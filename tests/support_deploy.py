@@ -1,0 +1,74 @@
+"""A private deployment on the session's stack for a whole test module: fresh topics, consumer group and home.
+
+The ``settings`` fixture in ``tests/conftest.py`` is per test; modules that share one worker across tests (or
+across hypothesis examples) build the same thing once with :func:`fresh_settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+from processors.admission import RunHeadroom
+from schemas.models import Decision
+from sinks.redis import read_decisions, read_headroom
+from streams.admin import ensure_topics
+from streams.config import Settings
+from streams.processes import free_port
+from streams.stack import EmbeddedStack
+
+
+def fresh_settings(stack: EmbeddedStack, home: Path) -> Settings:
+    """The stack's addresses with a new topic prefix, app id and web port, and that prefix's topics created."""
+    tag = uuid.uuid4().hex[:12]
+    home.mkdir(parents=True, exist_ok=True)
+    fresh = stack.settings.model_copy(
+        update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "home": home, "web_port": free_port()}
+    )
+    ensure_topics(fresh)
+    return fresh
+
+
+def redis_headroom(settings: Settings, tenant_id: str, run_id: str) -> RunHeadroom | None:
+    """The run's projected headroom, read the way agents read it (one ``read_headroom`` call)."""
+
+    async def read() -> RunHeadroom | None:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            return await read_headroom(client, tenant_id, run_id)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def redis_decisions(settings: Settings, tenant_id: str, run_id: str) -> list[Decision]:
+    """The run's decisions as projected into Redis."""
+
+    async def read() -> list[Decision]:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            return await read_decisions(client, tenant_id, run_id)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+@contextlib.contextmanager
+def redis_writes_paused(settings: Settings, timeout_s: float = 30.0) -> Iterator[None]:
+    """Hold every Redis write (``CLIENT PAUSE ... WRITE``) for the block: a Redis stall, as an outage would
+    cause, which keeps the worker's batch from finishing; reads still answer."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.client_pause(int(timeout_s * 1000), all=False)
+        yield
+    finally:
+        client.client_unpause()
+        client.close()

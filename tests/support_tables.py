@@ -1,0 +1,33 @@
+"""The worker's token tables as the broker holds them: the last changelog value of every key.
+
+A Faust table is its changelog (the worker restores it from there after any restart), so reading the changelog
+to its end observes exactly what a restarted worker would start from, without asking the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from processors.ledger import RunLedger
+from processors.manifest import SLOTS
+from streams.config import Settings
+from tests.support_kafka import read_full_topics
+
+
+def run_ledgers(settings: Settings) -> dict[tuple[str, str], RunLedger]:
+    """``(tenant, run) -> RunLedger`` from the end of the run table's changelog (a null value deletes)."""
+    topic = f"{settings.app_id}-budget-runs-changelog"
+    ledgers: dict[tuple[str, str], RunLedger] = {}
+    for record in asyncio.run(read_full_topics(settings, [topic])):
+        tenant_id, run_id = record.key.decode().split(":", 1)
+        if record.value is None:
+            ledgers.pop((tenant_id, run_id), None)
+        else:
+            ledgers[(tenant_id, run_id)] = RunLedger.from_list(json.loads(record.value))
+    return ledgers
+
+
+def slot_tokens(ledger: RunLedger) -> dict[str, int]:
+    """A run ledger's working-set tokens per slot name."""
+    return {slot.value: ledger.tokens[i] for i, slot in enumerate(SLOTS)}

@@ -1,0 +1,114 @@
+"""What a deployment must show after any crash, checked against the produced events and a crash-free replay.
+
+Each check returns a list of problems (empty when the output is right) so a fault test can report every output
+that went wrong at once: the token tables (their changelogs), the Redis projection, ClickHouse, decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from processors.admission import TOTAL, RunHeadroom
+from schemas.models import RunEvent, TurnEvent, UsageReport
+from sinks.redis import read_headroom
+from streams.config import Settings
+from streams.worker_process import WorkerProcess
+from streams.workload import GroundTruth
+from tests.replay import Replay
+from tests.support_decisions import lost_decisions
+from tests.support_kafka import decisions_on_topic
+from tests.support_tables import run_ledgers, slot_tokens
+
+USAGE_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
+
+
+def distinct(events: list[BaseModel], kind: type[BaseModel]) -> list[BaseModel]:
+    """The first copy of every event of ``kind`` (by event id), in publish order."""
+    seen: dict[str, BaseModel] = {}
+    for e in events:
+        if isinstance(e, kind):
+            seen.setdefault(e.event_id, e)  # type: ignore[attr-defined]
+    return list(seen.values())
+
+
+def _want(truth: GroundTruth, tenant: str, run: str, slots: list[str]) -> dict[str, int]:
+    return {slot: truth.slot_tokens[(tenant, run, slot)] for slot in slots}
+
+
+def table_problems(settings: Settings, truth: GroundTruth, oracle: Replay) -> list[str]:
+    """Every run ledger in the durable token table holds the ground-truth tokens per slot."""
+    ledgers, problems = run_ledgers(settings), []
+    for tenant, run in sorted(set(truth.run_tokens) | {k for k in ledgers if k[0] in truth.tenant_tokens}):
+        ledger = ledgers.get((tenant, run))
+        if ledger is None:
+            problems.append(f"{tenant}/{run}: no run ledger in the table")
+            continue
+        got = slot_tokens(ledger)
+        if got != _want(truth, tenant, run, list(got)):
+            problems.append(f"{tenant}/{run}: table {got}, truth {_want(truth, tenant, run, list(got))}")
+    return problems
+
+
+async def _headrooms(settings: Settings, runs: list[tuple[str, str]]) -> dict[tuple[str, str], RunHeadroom | None]:
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        return {(t, r): await read_headroom(client, t, r) for t, r in runs}
+    finally:
+        await client.aclose()
+
+
+def redis_problems(settings: Settings, truth: GroundTruth, oracle: Replay, tenants: list[str]) -> list[str]:
+    """Per run, Redis holds the ground-truth tokens per slot and exactly the replayed headroom."""
+    runs = sorted({(t, r) for t in tenants for r in oracle.runs(t)} | set(truth.run_tokens))
+    problems = []
+    for (tenant, run), headroom in asyncio.run(_headrooms(settings, runs)).items():
+        if headroom is None:
+            problems.append(f"{tenant}/{run}: no headroom in Redis")
+            continue
+        got = {slot: tokens for slot, tokens in headroom.used.items() if slot != TOTAL}
+        if got != _want(truth, tenant, run, list(got)) or headroom.used[TOTAL] != truth.run_tokens[(tenant, run)]:
+            problems.append(f"{tenant}/{run}: Redis {headroom.used}, truth {_want(truth, tenant, run, list(got))}")
+        elif headroom != oracle.headroom(tenant, run):
+            problems.append(f"{tenant}/{run}: Redis {headroom} != replay {oracle.headroom(tenant, run)}")
+    return problems
+
+
+def clickhouse_problems(worker: WorkerProcess, sent: list[BaseModel], truth: GroundTruth) -> list[str]:
+    """ClickHouse holds every distinct event once: counts and token sums per tenant equal the truth."""
+    problems = []
+    turns, usage = distinct(sent, TurnEvent), distinct(sent, UsageReport)
+    rows = worker.query("SELECT tenant_id, count(), sum(token_count) FROM turns GROUP BY tenant_id").rows
+    want = {t: (sum(1 for e in turns if e.tenant_id == t), truth.tenant_tokens[t])  # type: ignore[attr-defined]
+            for t in {e.tenant_id for e in turns}}  # type: ignore[attr-defined]
+    if {t: (n, tok) for t, n, tok in rows} != want:
+        problems.append(f"turns per tenant (count, tokens): {sorted(rows)} != {sorted(want.items())}")
+    rows = worker.query(
+        "SELECT tenant_id, sum(input_tokens), sum(output_tokens), sum(cached_read_tokens), "
+        "sum(cache_write_tokens), sum(reasoning_tokens), count() FROM usage GROUP BY tenant_id").rows
+    want_usage = {t: (*(truth.usage_tokens[(t, k)] for k in USAGE_KINDS), sum(
+        1 for e in usage if e.tenant_id == t)) for t in {e.tenant_id for e in usage}}  # type: ignore[attr-defined]
+    if {r[0]: tuple(r[1:]) for r in rows} != want_usage:
+        problems.append(f"usage per tenant: {sorted(rows)} != {sorted(want_usage.items())}")
+    runs = worker.scalar("SELECT count() FROM runs")
+    if runs != len(distinct(sent, RunEvent)):
+        problems.append(f"{runs} run events in ClickHouse, {len(distinct(sent, RunEvent))} distinct published")
+    return problems
+
+
+def decision_problems(settings: Settings, worker: WorkerProcess, oracle: Replay) -> list[str]:
+    """The decisions topic covers the crash-free replay's decisions, and ClickHouse holds each decision once."""
+    live = decisions_on_topic(settings)
+    problems = lost_decisions(live, oracle.decisions, oracle.workflows)
+    stored = worker.query("SELECT decision_id, count() FROM decisions GROUP BY decision_id").rows
+    if {d for d, _ in stored} != {d.decision_id for d in live}:
+        problems.append(f"ClickHouse has {len(stored)} decision ids, the topic {len({d.decision_id for d in live})}")
+    problems += [f"decision {d} stored {n} times" for d, n in stored if n != 1]
+    return problems
+
+
+def summary(sections: dict[str, list[str]]) -> str:
+    """One line per failed output: how many problems and the first few."""
+    return "; ".join(f"{name}: {len(p)} problems, first {p[:3]}" for name, p in sections.items() if p)
