@@ -12,7 +12,8 @@ Commit order (each step starts after the previous one is durable):
    dead letters) — concurrently; wait for both;
 4. persist the token tables: aggregate changelogs, await acks; then run-ledger changelogs, await acks
    (the order the crash argument in :mod:`processors.ledger` relies on);
-5. project run headroom and decisions into Redis (absolute values: a replay rewrites the same fields);
+5. project run headroom and decisions into Redis (absolute values: a replay rewrites the same fields; the
+   headroom of every run the batch touched, so a replay that finds its records already applied still does);
 6. return, so the agent acknowledges the batch and Faust may commit its offsets.
 
 A crash anywhere before 6 replays the batch from the last commit. Every effect is idempotent under replay:
@@ -46,7 +47,7 @@ from pydantic import BaseModel
 from processors.admission import TOTAL, RunHeadroom
 from processors.budget import BudgetProcessor
 from processors.manifest import SLOTS, ManifestError
-from processors.types import InvalidTenantError, Position
+from processors.types import InvalidTenantError, Position, run_key
 from schemas.codec import Codec
 from schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
 from schemas.models import (
@@ -107,6 +108,8 @@ class BatchReport:
     """What one batch did (for logs, progress and benchmarks)."""
 
     records: int = 0
+    #: Run keys of every record applied or skipped as already applied (their headroom is projected).
+    runs: set[str] = field(default_factory=set)
     decisions: list[Decision] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     changelog_records: int = 0
@@ -166,7 +169,7 @@ class BudgetPipeline:
         ]
         for row in (*report.decisions, *report.dead_letters):
             self._sink.add(row)
-        headrooms = self._headrooms()  # before the changelog capture, which forgets which runs were written
+        headrooms = self._headrooms(report.runs)  # before the changelog capture, which forgets the dirty runs
         # Step 3 begins here for the decisions: an agent waiting on one sees it without waiting for the batch
         # before this one to commit. Harmless before that batch is durable: decision ids are deterministic.
         sending = asyncio.create_task(self._producer.send(outputs))
@@ -228,6 +231,7 @@ class BudgetPipeline:
             report.dead_letters.append(self._dead_letter(record, failure, now))
             return
         if isinstance(event, _SUNK):
+            report.runs.add(run_key(event.tenant_id, event.run_id))  # type: ignore[union-attr]
             self._sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
 
     def _decode(self, record: InputRecord) -> BaseModel:
@@ -253,9 +257,16 @@ class BudgetPipeline:
             failed_at=now,
         )
 
-    def _headrooms(self) -> list[tuple[str, str, RunHeadroom]]:
+    def _headrooms(self, touched: set[str]) -> list[tuple[str, str, RunHeadroom]]:
+        # Runs written by this batch, and runs whose records it skipped as already applied: after a crash
+        # between the changelogs and Redis, the replayed batch changes no table but must still project.
+        ledgers = dict(self._store.dirty_runs())
+        for key in touched.difference(ledgers):
+            ledger = self._store.get_run(key)
+            if ledger is not None:
+                ledgers[key] = ledger
         out = []
-        for key, ledger in self._store.dirty_runs():
+        for key, ledger in ledgers.items():
             tenant_id, run_id = key.split(":", 1)
             budget = self._processor.budget(self._store, tenant_id, None)
             used = {slot.value: ledger.tokens[i] for i, slot in enumerate(SLOTS)}

@@ -52,9 +52,13 @@ log = logging.getLogger(__name__)
 class BatchIntake:
     """Input-topic messages on their way from the consumer's drain loop to the budget agent, in bulk.
 
-    ``put`` appends a fetch's messages (waiting while ``max_buffered`` are pending); ``take`` returns up to
-    ``limit`` of the current consumer generation as soon as any are buffered, marked in flight. ``clear``
-    (called by Faust's flow control on rebalance) drops everything buffered.
+    ``put`` appends a fetch's messages (waiting while ``max_buffered`` are pending, and while a rebalance
+    suspends flow); ``take`` returns up to ``limit`` of them as soon as any are buffered, marked in flight.
+    ``take`` drops messages fetched before the latest rebalance (older consumer generation, or taken while
+    flow is suspended): the rebalance ends by seeking to the committed offsets, so they are fetched again.
+    The intake is deliberately not one of the flow-control managed queues: Faust clears those on *every*
+    ``flow_control.resume()``, including the one right after that seek, which would drop messages already
+    fetched from the new positions and leave a gap no later commit can pass.
     """
 
     def __init__(self, app: faust.App, topics: set[str], max_buffered: int) -> None:
@@ -64,11 +68,6 @@ class BatchIntake:
         self._buffer: list[Message] = []
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
-        self._room.set()
-
-    def clear(self) -> None:
-        """Forget buffered messages: they are not in flight, so they will be fetched again."""
-        self._buffer.clear()
         self._room.set()
 
     async def put(self, messages: list[Message]) -> None:
@@ -90,9 +89,13 @@ class BatchIntake:
             del self._buffer[:limit]
             self._room.set()
             if not self.app.flow_control.is_active():
+                log.warning("intake dropped messages taken during a rebalance", extra={"count": len(taken)})
                 continue
             generation = self.app.consumer_generation_id
             fresh = [m for m in taken if m.generation_id == generation]
+            if len(fresh) < len(taken):
+                log.warning("intake dropped messages of an older consumer generation",
+                            extra={"count": len(taken) - len(fresh), "generation": generation})
             # Consumer.track_message without its per-message sensor calls, as Faust's own Stream inlines it.
             in_flight = self.app.consumer._unacked_messages.add  # type: ignore[attr-defined]
             for message in fresh:
@@ -190,7 +193,6 @@ def build_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )
     app.intake = BatchIntake(app, set(logical), max_buffered=4 * settings.batch_max)
-    app.flow_control.manage_queue(app.intake)  # type: ignore[arg-type]  (only its clear() is called)
     sink = ClickHouseSink(settings.chdb_dsn)
     sink.ensure_schema()
 

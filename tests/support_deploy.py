@@ -72,3 +72,13 @@ def redis_writes_paused(settings: Settings, timeout_s: float = 30.0) -> Iterator
     finally:
         client.client_unpause()
         client.close()
+
+
+def drop_other_redis_clients(settings: Settings) -> None:
+    """Close every other client connection (``CLIENT KILL TYPE normal SKIPME yes``), discarding commands a
+    paused Redis had read from them but not run: a crashed process's last writes must not land later."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        client.close()
