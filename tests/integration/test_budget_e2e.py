@@ -195,20 +195,22 @@ def test_fast_admission_check_agrees_with_the_authoritative_decision(world: Worl
 def test_interrupted_or_missing_usage_is_estimated_and_flagged_never_zero(world: World) -> None:
     tenant = world.workload.tenants[1]
     cut, silent = _context(world, tenant, "streamer"), _context(world, tenant, "silent")
-    records: list[BaseModel] = []
-    for ctx in (cut, silent):
-        records += [ctx.started(),
-                    ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Summarize the ledger.", token_count=1_200),
-                    ctx.turn(Role.ASSISTANT, ItemKind.MESSAGE, Slot.OUTPUT, "The ledger shows", token_count=300)]
-    records.append(cut.usage(provider=tenant.provider, input_tokens=400, output_tokens=60, latency_ms=900,
-                             streamed=True, complete=False))
-    records += [cut.finalized(RunStatus.INTERRUPTED), silent.finalized(RunStatus.SUCCEEDED)]
+    # In phases, so the finalizations (runs topic) come after the turns and the usage (other topics) in every
+    # interleaving: the estimate a finalization records is the working set it sees then.
+    publish(world.settings, [record for ctx in (cut, silent) for record in (
+        ctx.started(),
+        ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Summarize the ledger.", token_count=1_200),
+        ctx.turn(Role.ASSISTANT, ItemKind.MESSAGE, Slot.OUTPUT, "The ledger shows", token_count=300))])
+    publish(world.settings, [cut.usage(provider=tenant.provider, input_tokens=400, output_tokens=60, latency_ms=900,
+                                       streamed=True, complete=False)])
+    wait_processed(world.settings)
     runs = {cut.run_id, silent.run_id}
     reconciled = asyncio.run(_await_decisions(
-        world.settings, tenant.tenant_id, records, 3,
+        world.settings, tenant.tenant_id, [cut.finalized(RunStatus.INTERRUPTED), silent.finalized()], 2,
         lambda d: d.kind is DecisionKind.USAGE_RECONCILED and d.run_id in runs))
-    by_run = {d.run_id: d for d in reconciled if subject_of(d) == "run"}
-    assert set(by_run) == {cut.run_id, silent.run_id}
+    by_run = {d.run_id: d for d in reconciled}
+    assert set(by_run) == runs and all(subject_of(d) == "run" for d in reconciled)
+    wait_processed(world.settings)  # Redis and ClickHouse follow once the batch is committed
     for ctx in (cut, silent):
         d = by_run[ctx.run_id]
         assert d.used_tokens == 1_500, d.reason  # the working set stands in for what was never reported
