@@ -11,8 +11,8 @@ when records are replayed. Two kinds of repeats reach the processor:
 (b) replays at the same offset after a crash, when some values already hold the record's effect.
 
 The worker persists each batch in this order: decisions, then aggregates (spend and workflow ledgers, static
-item counts), then run ledgers, then the consumer offsets. So after a crash an aggregate may be *ahead* of a
-run ledger but never behind it. Three rules follow.
+item counts) and projections, then run ledgers, then the consumer offsets. So after a crash an aggregate may
+be *ahead* of a run ledger but never behind it. Three rules follow.
 
 1. *Run ledger first.* A record of stream ``s`` at offset ``o`` is skipped when ``run.offsets[s] >= o``: the
    run ledger holds it, so by the write order every aggregate does too. Otherwise its verdict (new or
@@ -49,7 +49,7 @@ processor). Run ledgers must outlive redelivery: deleting one (e.g. a TTL after 
 dedup state.
 
 Memory: a run ledger is a slots dataclass with two small ``array('q')`` (slot tokens, stream offsets), plain
-ints and no per-item collections; ``tests/unit/test_budget_perf.py`` measures the bytes held per run.
+ints and no per-item collections; ``ctxflow bench`` measures the bytes held per run.
 """
 
 from __future__ import annotations

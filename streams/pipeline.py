@@ -10,10 +10,12 @@ Commit order (each step starts after the previous one is durable):
 2. apply the records to the budget processor in offset order, collecting decisions;
 3. produce decisions and dead letters to Kafka, and flush the ClickHouse sink (ingested events, decisions,
    dead letters) — concurrently; wait for both;
-4. persist the token tables: aggregate changelogs, await acks; then run-ledger changelogs, await acks
-   (the order the crash argument in :mod:`processors.ledger` relies on);
-5. project run headroom and decisions into Redis (absolute values: a replay rewrites the same fields; the
-   headroom of every run the batch touched, so a replay that finds its records already applied still does);
+4. persist the aggregate tables' changelogs and project run headroom and decisions into Redis (absolute
+   values: a replay rewrites the same fields; the headroom of every run the batch touched, so a replay that
+   finds its records already applied still does) — concurrently; wait for both;
+5. persist the run ledgers' changelogs, await acks. Run ledgers come last because they are what makes a
+   replay skip a record (the crash argument in :mod:`processors.ledger`): everything derived from a record
+   must be durable before its run ledger is;
 6. return, so the agent acknowledges the batch and Faust may commit its offsets.
 
 A crash anywhere before 6 replays the batch from the last commit. Every effect is idempotent under replay:
@@ -24,8 +26,8 @@ Overlap: :meth:`BudgetPipeline.prepare` runs steps 1-2, starts producing the dec
 first half of step 3, so an agent waiting on a decision gets it at once) and *captures* the rest of the
 batch's effects (encoded changelog records, run headrooms): later batches cannot change them.
 :meth:`BudgetPipeline.commit` runs steps 3-5 for one or more prepared batches as a group, in their order:
-all their decisions acknowledged and ClickHouse flushed, then all aggregates, then all run ledgers (each key
-once, with its last value), then Redis. The worker keeps deciding batches while earlier ones commit, and
+all their decisions acknowledged and ClickHouse flushed, then all aggregates and Redis, then all run ledgers
+(each key once, with its last value). The worker keeps deciding batches while earlier ones commit, and
 commits groups strictly one after another, acknowledging a group only after its step 5. So offsets still
 commit only over durable effects, and within a group aggregates still precede run ledgers (an aggregate may
 be ahead of a run ledger, never behind: the crash argument of :mod:`processors.ledger`). Effects that may
@@ -191,21 +193,26 @@ class BudgetPipeline:
         mark = self._step(report, "sinks_s", mark)
         aggregates = _last_per_key(record for batch in batches for record in batch.changelogs[0])
         runs = _last_per_key(record for batch in batches for record in batch.changelogs[1])
-        report.changelog_records = await self._store.write_changelogs((aggregates, runs))
-        mark = self._step(report, "tables_s", mark)
         headrooms = list({(t, r): (t, r, h) for batch in batches for t, r, h in batch.headrooms}.values())
-        # In slices: packing one pipeline of thousands of commands holds the event loop for tens of ms, and
-        # the decisions of the batches being decided meanwhile wait behind it.
-        for start in range(0, max(len(headrooms), len(report.decisions)), _REDIS_SLICE):
-            end = start + _REDIS_SLICE
-            await self._redis.write(headrooms[start:end], report.decisions[start:end])
-        self._step(report, "redis_s", mark)
+        # Aggregates and Redis both precede the run ledgers: once a run ledger is durable, a replay skips its
+        # records, so whatever is projected from them must already be written.
+        written = await asyncio.gather(self._store.write_changelogs(aggregates), self._project(headrooms, report))
+        mark = self._step(report, "aggregates_redis_s", mark)
+        report.changelog_records = written[0] + await self._store.write_changelogs(runs)
+        self._step(report, "runs_s", mark)
         report.seconds = time.perf_counter() - batches[0].started
         if report.dead_letters:
             log.warning(
                 "dead-lettered records", extra={"count": len(report.dead_letters), "batch": report.records}
             )
         return report
+
+    async def _project(self, headrooms: list[tuple[str, str, RunHeadroom]], report: BatchReport) -> None:
+        # In slices: packing one pipeline of thousands of commands holds the event loop for tens of ms, and
+        # the decisions of the batches being decided meanwhile wait behind it.
+        for start in range(0, max(len(headrooms), len(report.decisions)), _REDIS_SLICE):
+            end = start + _REDIS_SLICE
+            await self._redis.write(headrooms[start:end], report.decisions[start:end])
 
     @staticmethod
     def _step(report: BatchReport, name: str, since: float) -> float:

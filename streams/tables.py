@@ -221,17 +221,9 @@ class TableBudgetStore:
         self._put("counts", key, value)
 
     def dirty_runs(self) -> list[tuple[str, RunLedger]]:
-        """The run ledgers written since the last :meth:`persist` (for projections)."""
+        """The run ledgers written since the last :meth:`capture_changelogs` (for projections)."""
         data = self._data["runs"]
         return [(key, data[key]) for key in self._dirty["runs"]]
-
-    async def persist(self) -> int:
-        """Produce the changelog of every dirty value: aggregates, await acks, then runs, await acks.
-
-        Returns the number of changelog records written. Raises if the broker refuses a record, in which
-        case the batch must not be acknowledged (it will be replayed, and replays are idempotent).
-        """
-        return await self.write_changelogs(self.capture_changelogs())
 
     def capture_changelogs(self) -> tuple[list[OutRecord], list[OutRecord]]:
         """Encode every dirty value now (aggregates, run ledgers) and forget that they were dirty.
@@ -241,10 +233,9 @@ class TableBudgetStore:
         """
         return self._changelog_records(AGGREGATES), self._changelog_records(RUNS)
 
-    async def write_changelogs(self, captured: tuple[list[OutRecord], list[OutRecord]]) -> int:
-        """Produce captured changelogs: aggregates, await their acks, then run ledgers, await theirs."""
-        aggregates, runs = captured
-        return await self._producer.send(aggregates) + await self._producer.send(runs)
+    async def write_changelogs(self, records: list[OutRecord]) -> int:
+        """Produce captured changelog records and await their acks (the caller keeps the commit order)."""
+        return await self._producer.send(records)
 
     def _changelog_records(self, names: Iterable[str]) -> list[OutRecord]:
         records: list[OutRecord] = []

@@ -110,10 +110,13 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
 
     say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
     sessions = measure_sessions(_fresh(base, home, "sessions"), config.runs_for_memory, say)
-    details |= {"sessions_runs": sessions.runs, "sessions_baseline_rss_bytes": sessions.baseline_rss_bytes,
+    details |= {"sessions_runs": sessions.runs, "sessions_empty_rss_bytes": sessions.empty_rss_bytes,
+                "sessions_warm_rss_bytes": sessions.baseline_rss_bytes,
                 "sessions_loaded_rss_bytes": sessions.loaded_rss_bytes,
-                "recovered_rss_bytes": sessions.recovered_rss_bytes}
-    say(f"  {sessions.bytes_per_run:,.0f} RSS bytes per run; recovery {sessions.recovery_s:.1f}s "
+                "sessions_recovered_rss_bytes": sessions.recovered_rss_bytes,
+                "sessions_live_rss_bytes_per_run": round(sessions.live_bytes_per_run)}
+    say(f"  {sessions.bytes_per_run:,.0f} RSS bytes per run held (recovered worker vs empty one; "
+        f"{sessions.live_bytes_per_run:,.0f} while ingesting); recovery {sessions.recovery_s:.1f}s "
         f"(an empty worker starts in {run.startup_s:.1f}s)")
 
     say("(e) budget core in process: TurnEvents per CPU second, heap bytes per run")

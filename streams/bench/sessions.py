@@ -1,11 +1,13 @@
 """Session-state phase: the worker's resident memory per active run, and its restart time holding them.
 
-A fresh worker ingests a warm-up of runs (so imports, chDB, Faust and the first batches have claimed their
-memory), its RSS is the baseline; then it ingests the rest, up to ``runs`` active runs of three turns each
-(every other run with a usage report). ``(RSS - baseline) / new runs`` is what one more active run costs the
-process, tables and everything else included. Then the worker is SIGKILLed and a new one started on the same
-app id: ``recovery_s`` runs from spawn until ``/health`` reports every partition, which Faust only does once
-the tables are recovered from their changelogs.
+A fresh worker's RSS at ready is the empty baseline. It ingests ``runs`` active runs of three turns each
+(every other run with a usage report), is SIGKILLed, and a new worker starts on the same app id:
+``recovery_s`` runs from spawn until ``/health`` reports every partition, which Faust only does once the
+tables are recovered from their changelogs; it includes process start-up and the broker's wait for the dead
+member's session to expire. The headline ``bytes_per_run`` is (RSS of the recovered worker, which holds
+exactly the runs and has processed nothing) minus the empty baseline, per run. ``live_bytes_per_run`` is the
+growth of the ingesting worker itself after a warm-up, per run: it also counts what ingestion leaves behind
+(chDB caches and parts, heap high-water of large batches), so it is an upper bound.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ class SessionsResult:
     """Memory per active run and restart-to-ready time with them."""
 
     runs: int
+    empty_rss_bytes: int
     baseline_rss_bytes: int
     loaded_rss_bytes: int
-    bytes_per_run: float
-    recovery_s: float
     recovered_rss_bytes: int
+    bytes_per_run: float
+    live_bytes_per_run: float
+    recovery_s: float
     records: int
 
 
@@ -62,6 +66,7 @@ def measure_sessions(settings: Settings, runs: int, say: Callable[[str], None]) 
     worker = WorkerProcess(settings, name="worker-sessions").start(ready_timeout_s=120)
     produced = 0
     try:
+        empty = settled_rss(worker.pid)
         say(f"  warm-up: {warm:,} runs")
         records = held_runs(warm)
         asyncio.run(publish(settings, records))
@@ -84,7 +89,7 @@ def measure_sessions(settings: Settings, runs: int, say: Callable[[str], None]) 
     finally:
         worker.stop()
     return SessionsResult(
-        runs=runs, baseline_rss_bytes=baseline, loaded_rss_bytes=loaded,
-        bytes_per_run=(loaded - baseline) / (runs - warm), recovery_s=recovery_s, recovered_rss_bytes=recovered,
-        records=produced,
+        runs=runs, empty_rss_bytes=empty, baseline_rss_bytes=baseline, loaded_rss_bytes=loaded,
+        recovered_rss_bytes=recovered, bytes_per_run=(recovered - empty) / runs,
+        live_bytes_per_run=(loaded - baseline) / (runs - warm), recovery_s=recovery_s, records=produced,
     )

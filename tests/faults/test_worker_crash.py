@@ -15,8 +15,6 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
-import pytest
-
 from processors.admission import TOTAL
 from schemas.codec import Codec
 from schemas.models import (
@@ -77,10 +75,6 @@ def _kill_mid_stream(settings: Settings, worker: WorkerProcess, after: int) -> W
     return restarted
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: after repeated SIGKILL + restart, one input partition's committed offset can stop advancing "
-    "(seen with both the bulk-intake and the plain take_events worker against the embedded Tansu broker); "
-    "totals are checked once it catches up, so this test stays and must pass before issue 3 is closed"))
 def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Settings) -> None:
     started = time.monotonic()
     rng = random.Random(SEED)
@@ -174,11 +168,12 @@ def test_a_record_the_worker_cannot_process_does_not_stop_it_across_a_restart(se
         worker.stop()
 
 
-def _crash_between_tables_and_redis(settings: Settings) -> tuple[WorkerProcess, RunContext]:
-    """Crash the worker after a batch's run ledger is durable but before its Redis write, then restart it.
+def _crash_while_redis_stalls(settings: Settings) -> tuple[WorkerProcess, RunContext]:
+    """Crash the worker while a deciding batch waits on Redis, then restart it.
 
-    The batch is one turn that takes a fresh tenant's run past its hard limit (so it also decides). A Redis
-    stall holds the batch at its Redis step; the crash comes once the run ledger is in its changelog.
+    The batch is one turn that takes a fresh tenant's run past its hard limit. A Redis stall holds the batch
+    at its projection step, after its decisions are on the topic; the run ledger, which makes a replay skip
+    the turn, must not be in its changelog yet (it is written only after the projection).
     """
     tenant = f"crash{uuid.uuid4().hex[:8]}"
     ctx = RunContext(tenant_id=tenant, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
@@ -190,8 +185,12 @@ def _crash_between_tables_and_redis(settings: Settings) -> tuple[WorkerProcess, 
         wait_processed(settings)
         with redis_writes_paused(settings):
             publish(settings, [ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "hello", token_count=120)])
-            wait_until(lambda: changelog_keys(settings, "runs"), lambda keys: f"{tenant}:{ctx.run_id}" in keys,
-                       what="the run ledger in its changelog")
+            wait_until(lambda: decisions_on_topic(settings),
+                       lambda out: DecisionKind.REJECTION in {d.kind for d in out if d.run_id == ctx.run_id},
+                       what="the batch's rejection on the decisions topic")
+            assert f"{tenant}:{ctx.run_id}" not in changelog_keys(settings, "runs"), (
+                "the run ledger was persisted before the batch's Redis projection: after a crash now, the replay "
+                "would skip the turn and its headroom and decisions would never reach Redis")
             worker.kill()
             drop_other_redis_clients(settings)  # the dead worker's paused write must not run on unpause
         worker = WorkerProcess(settings).start()
@@ -202,8 +201,8 @@ def _crash_between_tables_and_redis(settings: Settings) -> tuple[WorkerProcess, 
     return worker, ctx
 
 
-def test_redis_headroom_survives_a_crash_after_the_tables_were_persisted(settings: Settings) -> None:
-    worker, ctx = _crash_between_tables_and_redis(settings)
+def test_redis_headroom_survives_a_crash_before_the_projection(settings: Settings) -> None:
+    worker, ctx = _crash_while_redis_stalls(settings)
     try:
         headroom = redis_headroom(settings, ctx.tenant_id, ctx.run_id)
         assert headroom is not None and headroom.used[TOTAL] == 120
@@ -211,12 +210,8 @@ def test_redis_headroom_survives_a_crash_after_the_tables_were_persisted(setting
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: BudgetPipeline.commit (streams/pipeline.py) projects a batch's decisions into Redis only "
-    "after its run-ledger changelogs; after a crash in between, the replayed records are skipped as already "
-    "applied and decide nothing, so those decisions never reach Redis (they are on the topic)"))
-def test_redis_decisions_survive_a_crash_after_the_tables_were_persisted(settings: Settings) -> None:
-    worker, ctx = _crash_between_tables_and_redis(settings)
+def test_redis_decisions_survive_a_crash_before_the_projection(settings: Settings) -> None:
+    worker, ctx = _crash_while_redis_stalls(settings)
     try:
         published = {d.decision_id for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
         assert {DecisionKind.BUDGET_STATE, DecisionKind.REJECTION} <= {
