@@ -1,13 +1,14 @@
 """The fast admission check: do planned slot sizes fit a run's projected budget state?
 
 The worker projects, per run, the tokens held per slot and the hard limit of each slot and of the total into
-Redis (:mod:`sinks.redis`). An agent reads that one hash and calls :func:`check_admission` before assembling a
+Redis (:mod:`sinks.redis`). An agent reads that one value and calls :func:`check_admission` before assembling a
 context. The answer is advisory and can lag the stream by one batch; the authoritative answer is the
 ``admission`` decision the worker publishes for an ``AdmissionRequest``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,30 +25,16 @@ class RunHeadroom:
     hard_limits: Mapping[str, int]
     manifest_version: int | None = None
 
-    def to_fields(self) -> dict[str, int]:
-        """The flat hash fields the projection stores (``used:<slot>``, ``hard:<slot>``)."""
-        fields = {f"used:{k}": v for k, v in self.used.items()}
-        fields.update({f"hard:{k}": v for k, v in self.hard_limits.items()})
-        if self.manifest_version is not None:
-            fields["manifest_version"] = self.manifest_version
-        return fields
+    def to_json(self) -> str:
+        """The projection's value: ``{"used": {slot: n}, "hard": {slot: n}, "manifest_version": v}``."""
+        return json.dumps({"used": self.used, "hard": self.hard_limits, "manifest_version": self.manifest_version},
+                          separators=(",", ":"))
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, str | bytes]) -> RunHeadroom:
-        """Inverse of :meth:`to_fields` (Redis returns strings or bytes)."""
-        used: dict[str, int] = {}
-        hard: dict[str, int] = {}
-        version: int | None = None
-        for raw_key, raw_value in fields.items():
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            value = int(raw_value)
-            if key.startswith("used:"):
-                used[key[5:]] = value
-            elif key.startswith("hard:"):
-                hard[key[5:]] = value
-            elif key == "manifest_version":
-                version = value
-        return cls(used, hard, version)
+    def from_json(cls, text: str | bytes) -> RunHeadroom:
+        """Inverse of :meth:`to_json`."""
+        value = json.loads(text)
+        return cls(value["used"], value["hard"], value.get("manifest_version"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,11 @@ class TokenCounter:
                 return Tokenizer(name, exact)
         return Tokenizer(None, False)
 
+    def preload(self) -> None:
+        """Load every encoding the model families name now, not on the first turn that needs one (~0.3 s)."""
+        for name, _ in set(self._families.values()):
+            self.encoding(name)
+
     def encoding(self, name: str) -> tiktoken.Encoding | None:
         """The offline tiktoken encoding for a public encoding name, or None when none is bundled."""
         if name not in self._encodings:

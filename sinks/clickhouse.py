@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver import options
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
 from pydantic import BaseModel
@@ -116,6 +117,8 @@ class ClickHouseSink(BatchingSink[BaseModel]):
 
     def ensure_schema(self) -> None:
         """Create the database and every projected table if missing (safe to call any number of times)."""
+        # clickhouse-connect looks for pandas on its first insert: an import that would stall the first batch.
+        options.pd  # noqa: B018
         self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
         for spec in TABLES:
             self._writer.command(spec.create_sql(self.database))

@@ -42,6 +42,7 @@ from schemas.models import Decision, Slot
 from sinks.redis import read_headroom
 from streams.admin import ensure_topics
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.logs import LogfmtFormatter
 from streams.processes import free_port, pid_alive, start_time_of
 from streams.query import QueryFailed, run_query
@@ -208,7 +209,7 @@ async def _watch_lag(settings: Settings, worker_pid: int, progress: _Progress) -
             if not pid_alive(worker_pid):
                 raise _WorkerDied("the worker process exited during the demo")
             measured_at = time.monotonic()
-            ends = await consumer.end_offsets(tps)
+            ends = await log_end_offsets(consumer, tps)  # end_offsets alone under-reports the lag
             committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
             done = {tp: max(0, m.offset) for tp, m in committed.items() if m is not None}
             progress.lag = sum(max(0, end - done.get(tp, 0)) for tp, end in ends.items())

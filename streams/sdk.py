@@ -23,6 +23,11 @@ after ``request_timeout_ms``. Entering a client whose bootstrap does not answer 
 tenant's events share a partition), decisions ``tenant_id:run_id``. :class:`SyncCtxflowClient` is the
 blocking facade for runtimes without an event loop.
 
+Topics: the client publishes to and reads only topics that exist (``ctxflow up`` or ``ctxflow topics
+create`` makes them from the catalogue) and raises :class:`TopicMissing` otherwise. A produce or a metadata
+request naming a missing topic would make the broker auto-create it with its own default partition count
+and cleanup policy, silently moving tenants between partitions once the real topic is made.
+
 Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content``; its ``content_digest``
 is kept (computed here when missing) and ``token_count`` is sent only if the caller gave it: the SDK does
 not tokenize, so give ``token_count`` for no-retention turns or the budget cannot count them. A run
@@ -68,11 +73,12 @@ from schemas.models import (
 from schemas.models import content_digest as digest
 from streams.budget_reader import BudgetReader
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.topics import ADMISSIONS, DECISIONS, MANIFESTS, MEMORY_CANDIDATES, RUNS, TURNS, USAGE, TopicSpec
 
 __all__ = [
     "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",
-    "RunContext", "SyncCtxflowClient", "record_key", "redact",
+    "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,17 @@ class CtxflowError(Exception):
 
 class BrokerUnavailable(CtxflowError):
     """The broker could not be reached within the connect timeout; the message says what to check."""
+
+
+class TopicMissing(CtxflowError):
+    """A topic the client needs does not exist on the broker; the message says how to create it."""
+
+    def __init__(self, topic: str, settings: Settings) -> None:
+        super().__init__(
+            f"topic {topic} does not exist on the broker at {settings.bootstrap}: create the topics with `ctxflow up` "
+            f"(or `ctxflow topics create`), or check CTXFLOW_TOPIC_PREFIX (now {settings.topic_prefix!r}); ctxflow "
+            "never lets the broker auto-create a topic with its default partition count")
+        self.topic = topic
 
 
 class PublishFailed(CtxflowError):
@@ -286,6 +303,7 @@ class CtxflowClient:
         self._failures: list[tuple[str, BaseException]] = []
         self._failed = 0
         self._private_runs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._partitions_of: dict[str, list[TopicPartition]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> CtxflowClient:
@@ -367,6 +385,8 @@ class CtxflowClient:
         """Queue encoded bytes (tools, poison demos); waits while ``max_in_flight`` are unacknowledged."""
         if self._producer is None:
             raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
+        if topic not in self._partitions_of:
+            await self._partitions(topic)  # before the producer's metadata request for it, which would create it
         while self._in_flight >= self._max_in_flight:
             self._room.clear()
             await self._room.wait()
@@ -454,9 +474,16 @@ class CtxflowClient:
         return latest
 
     async def _partitions(self, topic: str) -> list[TopicPartition]:
+        """The partitions of ``topic``; raises :class:`TopicMissing` if it does not exist (see the module doc)."""
         if self._producer is None:
             raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
-        return [TopicPartition(topic, p) for p in sorted(await self._producer.partitions_for(topic))]
+        if topic not in self._partitions_of:
+            # Metadata for *all* topics: unlike a request naming the topic, it never makes the broker create it.
+            cluster = await self._producer.client.fetch_all_metadata()
+            if topic not in cluster.topics():
+                raise TopicMissing(topic, self.settings)
+            self._partitions_of[topic] = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic))]
+        return self._partitions_of[topic]
 
 
 class SyncCtxflowClient:
@@ -512,11 +539,11 @@ class _Reader:
                                     enable_auto_commit=False, client_id="ctxflow-sdk-reader")
         await consumer.start()
         self.consumer = consumer
-        consumer.assign(self.partitions)
         if self._from_beginning:
+            consumer.assign(self.partitions)
             await consumer.seek_to_beginning(*self.partitions)
-        else:
-            await consumer.seek_to_end(*self.partitions)
+        else:  # not seek_to_end: the broker's reported end can fall inside the last batch (see streams.log_end)
+            await log_end_offsets(consumer, self.partitions)
         for tp in self.partitions:  # resolve offsets now, so records published after entry are never skipped
             await consumer.position(tp)
         return self
@@ -531,7 +558,10 @@ class _Reader:
         assert self.consumer is not None
         consumer, found = self.consumer, []
         async with asyncio.timeout(timeout_s):
-            ends = await consumer.end_offsets(self.partitions)
+            start = {tp: await consumer.position(tp) for tp in self.partitions}
+            ends = await log_end_offsets(consumer, self.partitions)  # moves the consumer to the ends: come back
+            for tp, offset in start.items():
+                consumer.seek(tp, offset)
             while [tp for tp in self.partitions if await consumer.position(tp) < ends[tp]]:
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     found.extend(records)

@@ -94,8 +94,9 @@ class BatchProducer:
     every other producer of ctxflow topics).
     """
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, last_record_alone: bool = False) -> None:
         self._producer = producer
+        self._last_alone = last_record_alone
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
 
@@ -108,9 +109,13 @@ class BatchProducer:
             groups.setdefault((topic, partition), []).append((key, value))
         pending: list[asyncio.Future[Any]] = []
         for (topic, partition), items in groups.items():
-            # The last record of a partition goes alone in its own batch: Tansu answers ListOffsets(latest) with
-            # the last *batch's* base offset + 1, so a reader that stops at the end offsets (Faust's table
-            # recovery, for one) would otherwise miss the rest of a multi-record last batch.
+            if not self._last_alone:
+                pending += await self._ship(topic, partition, items)
+                continue
+            # Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1, so a reader that stops
+            # at the end offsets (Faust's table recovery) would miss the rest of a multi-record last batch. It
+            # costs a second produce round trip per partition (aiokafka holds one batch per partition until it
+            # is drained), which is why only changelog producers ask for it.
             for chunk in (items[:-1], items[-1:]):
                 if chunk:
                     pending += await self._ship(topic, partition, chunk)

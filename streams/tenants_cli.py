@@ -6,10 +6,10 @@ compacted topic keeps. ``set`` validates the whole file before touching the brok
 version against the tenant's history, publishes with :meth:`CtxflowClient.set_manifest`, then reads the log
 back: of two operators who raced to the same version, the loser is told the worker keeps the other one.
 
-Every command first checks that the broker answers and that the topic exists, through *consumer* metadata:
-a producer's metadata request makes Tansu auto-create a missing topic with the wrong partition count. That
-is why ``get`` reads the log here rather than through ``CtxflowClient.latest_manifest`` (same result: the
-last value for the key).
+Every command first checks that the broker answers and that the topic exists, through all-topics metadata:
+a metadata request naming a missing topic makes Tansu auto-create it with the wrong partition count (the
+SDK refuses a missing topic with the same :class:`streams.sdk.TopicMissing`). ``get`` and ``list`` read the
+whole log, as ``set`` does, and take the last value per key (what ``CtxflowClient.latest_manifest`` returns).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from schemas.codec import Codec, RejectedRecord
 from schemas.models import SpendWindow, TenantManifest
 from streams.admin import TopicMismatch, ensure_topics
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.manifest_files import (
     ManifestFileError,
     StaleVersion,
@@ -44,7 +45,7 @@ from streams.manifest_files import (
     load_manifest,
     stamp,
 )
-from streams.sdk import CtxflowClient, CtxflowError
+from streams.sdk import CtxflowClient, CtxflowError, TopicMissing
 from streams.stack import kafka_answers
 from streams.topics import MANIFESTS
 
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ManifestLog = list[tuple[str, TenantManifest | None]]
 PRECEDENCE = "user override field (when set) > tenant manifest field > built-in default"
-
-
-class TopicMissing(RuntimeError):
-    """A catalogue topic does not exist under this deployment's prefix."""
 
 
 class VersionRace(RuntimeError):
@@ -92,8 +89,7 @@ def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(work)
     except TopicMissing as error:
-        _fail(f"{error}: create the topics with `ctxflow topics create` (or `ctxflow up`), or check "
-              f"CTXFLOW_TOPIC_PREFIX (now {settings.topic_prefix!r})")
+        _fail(str(error))
     except (KafkaError, CtxflowError, OSError, TimeoutError) as error:
         _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
 
@@ -109,11 +105,10 @@ async def read_manifest_log(settings: Settings, timeout_s: float = 15.0) -> Mani
         async with asyncio.timeout(timeout_s):
             await consumer.start()
             if topic not in await consumer.topics():
-                raise TopicMissing(f"topic {topic} does not exist")
+                raise TopicMissing(topic, settings)
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            consumer.assign(partitions)
+            ends = await log_end_offsets(consumer, partitions)
             await consumer.seek_to_beginning(*partitions)
-            ends = await consumer.end_offsets(partitions)
             while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
                 for records in (await consumer.getmany(*partitions, timeout_ms=200)).values():
                     found.extend(entry for record in records if (entry := _entry(codec, record)) is not None)

@@ -14,7 +14,7 @@ import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-FETCH_MAX_WAIT_MS = 20
+FETCH_MAX_WAIT_MS = 5
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

@@ -28,12 +28,15 @@ import asyncio
 import gc
 import json
 import logging
+from collections.abc import Iterable
 
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.types import TP, Message
+from faust.types.tuples import ack_lock
 from faust.web import Request, Response, View
 from mode import ServiceT
+from mode.utils.futures import notify
 
 from processors.budget import BudgetProcessor
 from processors.tokens import TokenCounter
@@ -209,6 +212,34 @@ class _BulkConsumer(_Consumer):
             raise
 
 
+    def ack_all(self, messages: Iterable[Message]) -> None:
+        """``Consumer.ack`` for many messages: one lock and one notification, not one each (~2 us a message).
+
+        Unlike ``ack`` it also forgets a message that was already committed (a replay after a seek), which
+        ``ack`` leaves in the in-flight set until it is garbage collected.
+        """
+        enabled = self.app.topics.acks_enabled_for
+        committed, index, acked = self._committed_offset, self._acked_index, self._acked
+        in_flight = self._unacked_messages
+        added = 0
+        with ack_lock:
+            for message in messages:
+                if message.acked:
+                    continue
+                message.acked = True
+                in_flight.discard(message)
+                if not enabled(message.topic):
+                    continue
+                tp, offset = message.tp, message.offset
+                floor, seen = committed[tp], index[tp]
+                if (floor is None or offset >= floor) and offset not in seen:
+                    seen.add(offset)
+                    acked[tp].append(offset)
+                    added += 1
+            self._n_acked += added
+        notify(self._waiting_for_ack)
+
+
 class _BulkTransport(_Transport):
     Consumer = _BulkConsumer
 
@@ -273,10 +304,12 @@ def build_app(settings: Settings) -> faust.App:
         ]
         for kafka in producers:
             await kafka.start()
+        counter = TokenCounter()
+        counter.preload()
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
-            processor=BudgetProcessor(TokenCounter()),
-            store=TableBudgetStore(tables, BatchProducer(producers[1])),
+            processor=BudgetProcessor(counter),
+            store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             sink=sink,
             redis=redis,
             producer=BatchProducer(producers[0]),
@@ -306,10 +339,9 @@ def build_app(settings: Settings) -> faust.App:
                 except Exception as exc:
                     await fail(exc, sum(len(messages) for _, messages in group))
                     raise
-                consumer = app.consumer
+                consumer: _BulkConsumer = app.consumer  # type: ignore[assignment]
                 for _, messages in group:
-                    for message in messages:
-                        consumer.ack(message)
+                    consumer.ack_all(messages)
                     in_queue[0] -= len(messages)
                 room.set()
                 log.debug(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sinks.clickhouse import QueryResult
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.processes import ManagedProcess, tail
 from streams.query import run_query
 
@@ -114,7 +115,7 @@ async def _wait_caught_up(settings: Settings, timeout_s: float) -> dict[str, int
     await consumer.start()
     await admin.start()
     try:
-        ends = await _true_ends(consumer, tps)
+        ends = await log_end_offsets(consumer, tps)
         deadline = time.monotonic() + timeout_s
         while True:
             committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
@@ -132,18 +133,3 @@ async def _wait_caught_up(settings: Settings, timeout_s: float) -> dict[str, int
 def _committed(committed: dict, tp: object) -> int:
     meta = committed.get(tp)
     return 0 if meta is None or meta.offset < 0 else meta.offset
-
-
-async def _true_ends(consumer: object, tps: list) -> dict:
-    """One past the last offset of each partition.
-
-    The embedded broker (Tansu 0.6) answers ListOffsets(latest) with the base offset of the last record *batch*
-    plus one, which is short when that batch holds several records; reading from there finds the real end.
-    """
-    reported = await consumer.end_offsets(tps)  # type: ignore[attr-defined]
-    consumer.assign(tps)  # type: ignore[attr-defined]
-    for tp in tps:
-        consumer.seek(tp, max(reported[tp] - 1, 0))  # type: ignore[attr-defined]
-    while [tp for tp in tps if await consumer.position(tp) < reported[tp]]:  # type: ignore[attr-defined]
-        await consumer.getmany(timeout_ms=200)  # type: ignore[attr-defined]
-    return {tp: max(reported[tp], await consumer.position(tp)) for tp in tps}  # type: ignore[attr-defined]

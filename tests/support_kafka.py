@@ -1,4 +1,5 @@
-"""Test-side views of a deployment's broker: whole topics, decoded decisions, the worker's committed progress.
+"""Test-side views of a deployment's broker: whole topics, decoded decisions, the worker's committed progress,
+and :func:`send_one_batch` to lay records down as one record batch.
 
 Everything here talks to the real broker with group-less consumers (nothing joins or disturbs the worker's
 consumer group), and every wait polls a condition against a deadline.
@@ -11,12 +12,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.codec import Codec
 from schemas.models import DeadLetter, Decision
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.worker_process import INPUT_TOPICS
 
 T = TypeVar("T")
@@ -25,12 +28,8 @@ T = TypeVar("T")
 async def read_topics(settings: Settings, names: Iterable[str], timeout_s: float = 60.0) -> list[ConsumerRecord]:
     """Every record of the logical topics ``names``, from the beginning to their end offsets as of this call.
 
-    Records come back grouped by topic and partition, each group in offset order.
-
-    The embedded broker (Tansu 0.6, memory engine) answers ListOffsets(latest) with the *base* offset of a
-    partition's last record batch plus one, so when that batch holds several records the reported end is
-    short. A fetch returns whole batches, so reading until the reported end and keeping every record the
-    last fetch returned yields the whole partition.
+    Records come back grouped by topic and partition, each group in offset order. The end is the true one
+    (:func:`streams.log_end.log_end_offsets`): the embedded broker under-reports it.
     """
     return await read_full_topics(settings, [settings.topic(name) for name in names], timeout_s)
 
@@ -42,11 +41,10 @@ async def read_full_topics(settings: Settings, topics: Iterable[str], timeout_s:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         found: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in tps}
         async with asyncio.timeout(timeout_s):
+            ends = await log_end_offsets(consumer, tps)
+            await consumer.seek_to_beginning(*tps)
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                     found[tp].extend(records)
@@ -57,29 +55,57 @@ async def read_full_topics(settings: Settings, topics: Iterable[str], timeout_s:
 
 async def true_end_offsets(settings: Settings, names: Iterable[str], timeout_s: float = 30.0
                            ) -> dict[TopicPartition, int]:
-    """One past the last offset of every partition of ``names``, correcting the broker's short answer (see
-    :func:`read_topics`) by fetching the last batch from the reported end minus one."""
+    """One past the last offset of every partition of ``names`` (:func:`streams.log_end.log_end_offsets`)."""
     tps = [TopicPartition(settings.topic(name), p) for name in names for p in range(settings.partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, max(ends[tp] - 1, 0))
         async with asyncio.timeout(timeout_s):
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                await consumer.getmany(timeout_ms=200)
-            return {tp: max(ends[tp], await consumer.position(tp)) for tp in tps}
+            return await log_end_offsets(consumer, tps)
     finally:
         await consumer.stop()
+
+
+async def send_one_batch(settings: Settings, topic: str, key: bytes, values: list[bytes]) -> int:
+    """Produce ``values`` under ``key`` as ONE record batch on the key's partition, which the producer would do
+    with whatever it sends within ``linger_ms``, but deterministically; returns the partition.
+
+    The broker then reports the batch's base offset + 1 as the partition's end (see :mod:`streams.log_end`).
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        partition = DefaultPartitioner()(key, partitions, partitions)
+        batch = producer.create_batch()
+        for value in values:
+            assert batch.append(key=key, value=value, timestamp=None) is not None, "batch full: send fewer values"
+        batch.close()
+        await (await producer.send_batch(batch, topic, partition=partition))
+        return partition
+    finally:
+        await producer.stop()
+
+
+def broker_topics(settings: Settings) -> set[str]:
+    """The topics under ``settings.topic_prefix`` that exist on the broker (read without creating any)."""
+
+    async def names() -> set[str]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+        await consumer.start()
+        try:
+            return {t for t in await consumer.topics() if t.startswith(f"{settings.topic_prefix}.")}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(names())
 
 
 def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
     """Wait until the worker's committed offsets cover every input record on the broker now.
 
-    Like ``WorkerProcess.wait_caught_up`` (committed offsets imply durable effects), but against the true end
-    of each partition: that helper trusts the broker's reported end, which can be short (see read_topics).
+    Like ``WorkerProcess.wait_caught_up`` (committed offsets imply durable effects; both measure against the
+    true end of each partition, see :mod:`streams.log_end`), without needing the ``WorkerProcess`` at hand.
     """
 
     async def poll() -> None:

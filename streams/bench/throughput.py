@@ -20,10 +20,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.codec import Codec
 from streams.config import Settings
 from streams.pipeline import INPUT_MODELS
+from streams.transport import FETCH_MAX_WAIT_MS  # the worker's own fetch wait
 from streams.worker_process import INPUT_TOPICS, WorkerProcess
-
-#: How long the consumer may wait for data per fetch (the worker uses the same order of magnitude).
-FETCH_MAX_WAIT_MS = 20
 
 
 async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, float, int]:

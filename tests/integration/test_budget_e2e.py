@@ -69,9 +69,8 @@ async def _await_decisions(settings: Settings, tenant_id: str, records: list[Bas
                            match: Callable[[Decision], bool]) -> list[Decision]:
     """Publish ``records`` under a live subscription and return the first ``want`` decisions that ``match``.
 
-    Matching by the caller's own ids is what an agent does, and it is needed here: the subscription starts at
-    the broker's reported end offset, which the embedded broker reports short (see ``tests.support_kafka``),
-    so a few older decisions can come first.
+    Matching by the caller's own ids is what an agent does: the subscription starts at the end of the log (the
+    true end, see ``streams.log_end``), but the worker may still be deciding about the tenant's earlier records.
     """
     found: list[Decision] = []
     async with CtxflowClient.from_settings(settings) as client, client.decisions(tenant_id) as stream:

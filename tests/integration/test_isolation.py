@@ -136,8 +136,11 @@ async def _redis_dump(settings: Settings, tenant_id: str) -> dict[str, str]:
     """Every Redis key of ``tenant_id`` with its full content, as text."""
     client = aioredis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return {key: repr(sorted((await client.hgetall(key)).items()))
-                async for key in client.scan_iter(match=f"ctxflow:{tenant_id}:*")}
+        dump: dict[str, str] = {}
+        async for key in client.scan_iter(match=f"ctxflow:{tenant_id}:*"):
+            kind = await client.type(key)
+            dump[key] = await client.get(key) if kind == "string" else repr(sorted((await client.hgetall(key)).items()))
+        return dump
     finally:
         await client.aclose()
 

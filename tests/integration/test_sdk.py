@@ -39,11 +39,14 @@ from streams.sdk import (
     PublishFailed,
     RunContext,
     SyncCtxflowClient,
+    TopicMissing,
+    record_key,
     redact,
 )
 from streams.stack import kafka_answers
 from streams.topics import DECISIONS, MANIFESTS, TopicSpec
 from streams.workload import DriveProgress, Workload, drive
+from tests.support_kafka import broker_topics, send_one_batch
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -201,6 +204,53 @@ def test_latest_manifest_is_the_last_one_published_for_the_tenant(settings: Sett
     acme, other, nobody = asyncio.run(scenario())
     assert acme == acme_v2 and other == base[1] and nobody is None
     assert MANIFESTS.cleanup == "compact"
+
+
+def test_records_of_one_batch_are_history_to_a_live_stream_and_all_there_for_readers(settings: Settings) -> None:
+    # An SDK client batches what it sends within linger_ms; the broker reports such a batch short of its end.
+    old = [decision("acme", "r1", f"old {n}") for n in range(5)]
+    manifest = Workload(seed=1, tenants=1, start=NOW).manifests()[0]
+    versions = [manifest.model_copy(update={"version": v, "total_cap": 10_000 * v}) for v in (1, 2, 3)]
+    fresh = decision("acme", "r1", "fresh")
+
+    async def scenario() -> tuple[list[Decision], list[Decision], object]:
+        codec = Codec()
+        for spec, records in ((DECISIONS, old), (MANIFESTS, versions)):
+            await send_one_batch(settings, spec.full_name(settings), record_key(spec, records[0]),
+                                 [codec.encode(r) for r in records])
+        async with CtxflowClient.from_settings(settings) as client:
+            async with client.decisions("acme") as live:
+                await client.publish(fresh)
+                await client.flush()
+                seen = await collect(live, lambda got: got[-1].reason == "fresh")
+            replayed = await collect(client.decisions("acme", from_beginning=True),
+                                     lambda got: got[-1].reason == "fresh")
+            return seen, replayed, await client.latest_manifest(manifest.tenant_id)
+
+    seen, replayed, latest = asyncio.run(scenario())
+    assert [d.reason for d in seen] == ["fresh"]  # entered after the batch: none of it is news
+    assert [d.reason for d in replayed] == [*(d.reason for d in old), "fresh"]
+    assert latest == versions[-1]
+
+
+def test_a_missing_topic_is_refused_not_auto_created(settings: Settings) -> None:
+    bare = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}-bare"})  # `ctxflow up` never ran
+    ctx = RunContext(tenant_id="acme", user_id="u1", session_id="s1", agent_id="a", model="gpt-4o")
+
+    async def scenario() -> list[TopicMissing]:
+        refused = []
+        async with CtxflowClient.from_settings(bare) as client:
+            for attempt in (client.publish_turn(ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "hi")),
+                            client.latest_manifest("acme"), anext(aiter(client.decisions("acme")))):
+                with pytest.raises(TopicMissing) as raised:
+                    await attempt
+                refused.append(raised.value)
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert [e.topic for e in refused] == [bare.topic("turns"), bare.topic("manifests"), bare.topic("decisions")]
+    assert all("ctxflow up" in str(e) and bare.bootstrap in str(e) for e in refused)
+    assert not broker_topics(bare)
 
 
 def test_drive_holds_the_target_rate_reports_progress_and_publishes_everything(settings: Settings) -> None:

@@ -13,13 +13,17 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from schemas.codec import Codec
 from schemas.models import ItemKind, Role, Slot
 from streams.admin import ensure_topics
 from streams.config import Settings
+from streams.log_end import log_end_offsets
 from streams.manifest_files import load_manifest
 from streams.processes import free_port
 from streams.sdk import CtxflowClient, RunContext
 from streams.worker_process import WorkerProcess
+from streams.workload import Workload
+from tests.support_kafka import broker_topics, send_one_batch
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
 EXAMPLES = Path(__file__).parents[2] / "examples" / "manifests"
@@ -102,6 +106,22 @@ def test_versions_grow_and_a_stale_version_is_refused(settings: Settings, tmp_pa
     listed = json.loads(ok(ctxflow(settings, "tenants", "list", "--json", cwd=tmp_path)))
     assert [(m["tenant_id"], m["version"], m["total_cap"]) for m in listed] == [("acme", 11, 4000)]
     assert manifest_records(settings) == 5  # the refused ones were never published
+
+
+def test_versions_published_in_one_batch_are_all_read(settings: Settings, tmp_path: Path) -> None:
+    # An SDK client batches what it sends within linger_ms; the broker reports such a batch short of its end.
+    first = Workload(seed=3, tenants=1).manifests()[0]
+    versions = [first.model_copy(update={"version": v, "total_cap": 10_000 * v}) for v in (1, 2, 3, 4)]
+    asyncio.run(send_one_batch(settings, settings.topic("manifests"), first.tenant_id.encode(),
+                               [Codec().encode(m) for m in versions]))
+
+    shown = json.loads(ok(ctxflow(settings, "tenants", "get", first.tenant_id, "--json", cwd=tmp_path)))
+    assert (shown["manifest"]["version"], shown["manifest"]["total_cap"]) == (4, 40_000)
+    listed = json.loads(ok(ctxflow(settings, "tenants", "list", "--json", cwd=tmp_path)))
+    assert [(m["tenant_id"], m["version"]) for m in listed] == [(first.tenant_id, 4)]
+    assert manifest_records(settings) == 4
+    manifest = write(tmp_path / "next.json", small_manifest(first.tenant_id, 5_000))
+    assert "version 5 " in ok(ctxflow(settings, "tenants", "set", str(manifest), cwd=tmp_path))
 
 
 def test_an_invalid_file_is_refused_with_every_field_named(settings: Settings, tmp_path: Path) -> None:
@@ -199,22 +219,8 @@ def manifest_records(settings: Settings) -> int:
             topic = settings.topic("manifests")
             await consumer.topics()
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            return sum((await consumer.end_offsets(partitions)).values())
+            return sum((await log_end_offsets(consumer, partitions)).values())
         finally:
             await consumer.stop()
 
     return asyncio.run(count())
-
-
-def broker_topics(settings: Settings) -> set[str]:
-    """The topics under ``settings.topic_prefix`` that exist on the broker."""
-
-    async def names() -> set[str]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
-        await consumer.start()
-        try:
-            return {t for t in await consumer.topics() if t.startswith(f"{settings.topic_prefix}.")}
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(names())
