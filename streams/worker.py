@@ -53,7 +53,37 @@ log = logging.getLogger(__name__)
 
 
 class IntakeGap(RuntimeError):
-    """A partition's input offsets jumped: processing on would skip records (see :meth:`BatchIntake._fresh`)."""
+    """A partition's input offsets jumped: processing on would skip records (see :class:`OffsetContinuity`)."""
+
+
+class OffsetContinuity:
+    """The offset each input partition's next message must have, so no record is ever applied over a hole.
+
+    Input offsets are contiguous (no compaction, no transaction markers), so a partition's next message
+    follows on from the last one handed out, or repeats an earlier one (a seek back to the committed offset);
+    the first one in a consumer generation (every rebalance seeks each partition to its committed offset) is
+    the committed offset. Anything later would apply records over unprocessed ones, which no commit can pass
+    and a restart would skip for good.
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[TP, int] = {}
+        self._generation: int | None = None
+
+    def admit(self, generation: int, tp: TP, offset: int, committed: int | None) -> None:
+        """Record ``offset`` as handed out, or raise :class:`IntakeGap` if it skips any record."""
+        if generation != self._generation:
+            self._generation = generation
+            self._next.clear()
+        expected = self._next.get(tp, committed)
+        if expected is not None and 0 <= expected < offset:
+            raise IntakeGap(
+                f"{tp.topic}[{tp.partition}]: offset {offset} follows {expected - 1}; offsets {expected}..{offset - 1} "
+                "were never handed to the pipeline. Input topics must be written without transactions or "
+                "compaction; otherwise this is a bug: restart the worker (it resumes from the last commit) and "
+                "report it"
+            )
+        self._next[tp] = offset + 1
 
 
 class BatchIntake:
@@ -76,8 +106,7 @@ class BatchIntake:
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._next: dict[TP, int] = {}  # per partition, the offset the next message must have
-        self._generation: int | None = None
+        self._continuity = OffsetContinuity()
 
     async def put(self, messages: list[Message]) -> None:
         """Buffer ``messages`` (a fetch, in offset order per partition); waits while flow is suspended."""
@@ -89,33 +118,14 @@ class BatchIntake:
         self._ready.set()
 
     def _fresh(self, taken: list[Message]) -> list[Message]:
-        """``taken`` without messages fetched under an older consumer generation; refuses a gap.
-
-        Input offsets are contiguous (no compaction, no transaction markers), so each partition's messages
-        must follow on from the last one handed out (or repeat it, after a seek back to the committed offset)
-        and the first one after an assignment must be the committed offset. Anything else would apply later
-        records over unprocessed ones, which no commit can pass and a restart would skip for good.
-        """
+        """``taken`` without messages fetched under an older consumer generation; refuses a gap."""
         generation = self.app.consumer_generation_id
-        if generation != self._generation:  # a rebalance sought every partition back to its committed offset
-            self._generation = generation
-            self._next.clear()
         committed = self.app.consumer._committed_offset  # type: ignore[attr-defined]
         fresh = []
         for message in taken:
-            if message.generation_id != generation:
-                continue
-            tp, offset = message.tp, message.offset
-            expected = self._next.get(tp, committed.get(tp))
-            if expected is not None and 0 <= expected < offset:
-                raise IntakeGap(
-                    f"{tp.topic}[{tp.partition}]: offset {offset} follows {expected - 1}; offsets "
-                    f"{expected}..{offset - 1} were never handed to the pipeline. Input topics must be written "
-                    "without transactions or compaction; otherwise this is a bug: restart the worker (it resumes "
-                    "from the last commit) and report it"
-                )
-            self._next[tp] = offset + 1
-            fresh.append(message)
+            if message.generation_id == generation:
+                self._continuity.admit(generation, message.tp, message.offset, committed.get(message.tp))
+                fresh.append(message)
         if len(fresh) < len(taken):
             log.info("intake dropped messages of an older generation", extra={"count": len(taken) - len(fresh)})
         return fresh
