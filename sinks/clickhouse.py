@@ -31,6 +31,8 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,17 +149,8 @@ class ClickHouseSink(BatchingSink[BaseModel]):
         rows = [spec.to_row(record) for record in batch.records]
         if not rows:
             return
-        try:
-            table = f"`{self.database}`.`{spec.name}`"
-            self._writer.insert(table, rows, column_names=spec.column_names)
-        except OperationalError as exc:
-            if exc.code is None or exc.code in TRANSIENT_CODES:
-                raise SinkBackpressure(TRANSIENT_CODES.get(exc.code or 0, 1.0), str(exc)) from exc
-            raise
-        except DatabaseError as exc:
-            if exc.code in TRANSIENT_CODES:
-                raise SinkBackpressure(TRANSIENT_CODES[exc.code], str(exc)) from exc
-            raise
+        with _backpressure_on_transient_errors():
+            self._writer.insert(f"`{self.database}`.`{spec.name}`", rows, column_names=spec.column_names)
 
     def add_encoded(self, record: BaseModel, value: bytes) -> None:
         """Buffer ``record`` (decoded from ``value``) for its table, keeping only its Avro body when the fast
@@ -230,16 +223,8 @@ class ClickHouseSink(BatchingSink[BaseModel]):
                 f"INSERT INTO `{self.database}`.`{plan.spec.name}` ({columns}) "
                 f"SELECT {plan.select} FROM file({_quote(path)}, 'Avro')"
             )
-            try:
+            with _backpressure_on_transient_errors():
                 self._writer.command(sql)
-            except OperationalError as exc:
-                if exc.code is None or exc.code in TRANSIENT_CODES:
-                    raise SinkBackpressure(TRANSIENT_CODES.get(exc.code or 0, 1.0), str(exc)) from exc
-                raise
-            except DatabaseError as exc:
-                if exc.code in TRANSIENT_CODES:
-                    raise SinkBackpressure(TRANSIENT_CODES[exc.code], str(exc)) from exc
-                raise
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         """Run one read-only analyst statement over de-duplicated tables (unqualified names resolve to the
@@ -278,6 +263,21 @@ class _AvroPlan:
     spec: TableSpec
     header: bytes
     select: str
+
+
+@contextmanager
+def _backpressure_on_transient_errors() -> Iterator[None]:
+    """Turn ClickHouse errors expected to clear by themselves into :class:`SinkBackpressure`; re-raise others."""
+    try:
+        yield
+    except OperationalError as exc:  # connection-level: no code, or a transient one
+        if exc.code is None or exc.code in TRANSIENT_CODES:
+            raise SinkBackpressure(TRANSIENT_CODES.get(exc.code or 0, 1.0), str(exc)) from exc
+        raise
+    except DatabaseError as exc:
+        if exc.code in TRANSIENT_CODES:
+            raise SinkBackpressure(TRANSIENT_CODES[exc.code], str(exc)) from exc
+        raise
 
 
 class _TempFile:

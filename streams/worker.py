@@ -364,12 +364,13 @@ def build_app(settings: Settings) -> faust.App:
         committing = asyncio.create_task(commit_groups())
         try:
             while True:
+                messages = []
                 try:
                     messages = await app.intake.take(settings.batch_max)
                     records = [InputRecord(logical[m.topic], m.partition, m.offset, m.key, m.value) for m in messages]
                     prepared = await pipeline.prepare(records)
                 except Exception as exc:
-                    await fail(exc, settings.batch_max)
+                    await fail(exc, len(messages))
                     raise
                 if committing.done():
                     committing.result()  # the committer only ends by failing: raise its error here too

@@ -9,19 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import redis
-import redis.asyncio as aioredis
 
 from processors.admission import RunHeadroom
 from schemas.models import Decision
-from sinks.redis import read_decisions, read_headroom
 from streams.admin import ensure_topics
+from streams.budget_reader import BudgetReader
 from streams.config import Settings
 from streams.processes import free_port
 from streams.stack import EmbeddedStack
+
+T = TypeVar("T")
 
 
 def fresh_settings(stack: EmbeddedStack, home: Path) -> Settings:
@@ -35,30 +37,25 @@ def fresh_settings(stack: EmbeddedStack, home: Path) -> Settings:
     return fresh
 
 
-def redis_headroom(settings: Settings, tenant_id: str, run_id: str) -> RunHeadroom | None:
-    """The run's projected headroom, read the way agents read it (one ``read_headroom`` call)."""
-
-    async def read() -> RunHeadroom | None:
-        client = aioredis.from_url(settings.redis_url)
+def _read_projection(settings: Settings, read: Callable[[BudgetReader], Awaitable[T]]) -> T:
+    async def run() -> T:
+        reader = BudgetReader(settings.redis_url)
         try:
-            return await read_headroom(client, tenant_id, run_id)
+            return await read(reader)
         finally:
-            await client.aclose()
+            await reader.close()
 
-    return asyncio.run(read())
+    return asyncio.run(run())
+
+
+def redis_headroom(settings: Settings, tenant_id: str, run_id: str) -> RunHeadroom | None:
+    """The run's projected headroom, read the way agents read it (the SDK's ``BudgetReader``)."""
+    return _read_projection(settings, lambda reader: reader.headroom(tenant_id, run_id))
 
 
 def redis_decisions(settings: Settings, tenant_id: str, run_id: str) -> list[Decision]:
     """The run's decisions as projected into Redis."""
-
-    async def read() -> list[Decision]:
-        client = aioredis.from_url(settings.redis_url)
-        try:
-            return await read_decisions(client, tenant_id, run_id)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(read())
+    return _read_projection(settings, lambda reader: reader.decisions(tenant_id, run_id))
 
 
 @contextlib.contextmanager

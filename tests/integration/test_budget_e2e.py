@@ -47,27 +47,11 @@ def _total_hard(decisions: list[Decision]) -> bool:
     return any(d.kind is DecisionKind.REJECTION and subject_of(d) == "total" for d in decisions)
 
 
-async def _publish_while_subscribed(settings: Settings, tenant_id: str, events: list[BaseModel]) -> list[Decision]:
-    """Publish ``events`` with a live subscription to ``tenant_id``'s decisions; return what it delivered
-    up to the rejection on the total context."""
-    seen: list[Decision] = []
-    async with CtxflowClient.from_settings(settings) as client, client.decisions(tenant_id) as stream:
-        for event in events:
-            await client.publish(event)
-        await client.flush()
-        decisions = aiter(stream)
-        try:
-            async with asyncio.timeout(60):
-                while not _total_hard(seen):
-                    seen.append(await anext(decisions))
-        finally:
-            await decisions.aclose()  # type: ignore[attr-defined]
-    return seen
-
-
-async def _await_decisions(settings: Settings, tenant_id: str, records: list[BaseModel], want: int,
-                           match: Callable[[Decision], bool]) -> list[Decision]:
-    """Publish ``records`` under a live subscription and return the first ``want`` decisions that ``match``.
+async def _decisions_while_publishing(settings: Settings, tenant_id: str, records: list[BaseModel],
+                                      done: Callable[[list[Decision]], bool],
+                                      keep: Callable[[Decision], bool] = lambda _: True) -> list[Decision]:
+    """Publish ``records`` under a live subscription to ``tenant_id``'s decisions; return the ones that ``keep``
+    accepts, in order, as soon as they make ``done`` true.
 
     Matching by the caller's own ids is what an agent does: the subscription starts at the end of the log (the
     true end, see ``streams.log_end``), but the worker may still be deciding about the tenant's earlier records.
@@ -80,10 +64,10 @@ async def _await_decisions(settings: Settings, tenant_id: str, records: list[Bas
         decisions = aiter(stream)
         try:
             async with asyncio.timeout(60):
-                while len(found) < want:
-                    d = await anext(decisions)
-                    if match(d):
-                        found.append(d)
+                while not done(found):
+                    decision = await anext(decisions)
+                    if keep(decision):
+                        found.append(decision)
         finally:
             await decisions.aclose()  # type: ignore[attr-defined]
     return found
@@ -98,7 +82,8 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     with WorkerProcess(settings) as worker:
         publish(settings, workload.manifests())
         wait_processed(settings)
-        streamed = asyncio.run(_publish_while_subscribed(settings, runaway.tenant_id, list(workload.events())))
+        streamed = asyncio.run(_decisions_while_publishing(settings, runaway.tenant_id, list(workload.events()),
+                                                        done=_total_hard))
         wait_processed(settings)
         yield World(settings, worker, workload, runaway, streamed)
 
@@ -184,8 +169,9 @@ def test_fast_admission_check_agrees_with_the_authoritative_decision(world: Worl
     assert [a.admitted for a in answers] == [True, False, False]
     decided = []
     for request in requests:
-        decided += asyncio.run(_await_decisions(world.settings, request.tenant_id, [request], 1,
-                                                lambda d, r=request: d.request_id == r.request_id))
+        decided += asyncio.run(_decisions_while_publishing(
+            world.settings, request.tenant_id, [request], done=bool,
+            keep=lambda d, r=request: d.request_id == r.request_id))
     assert [d.request_id for d in decided] == [r.request_id for r in requests]
     assert [d.admitted for d in decided] == [a.admitted for a in answers]
     assert all(d.reason.startswith("not admitted") for d in decided[1:])
@@ -204,9 +190,10 @@ def test_interrupted_or_missing_usage_is_estimated_and_flagged_never_zero(world:
                                        streamed=True, complete=False)])
     wait_processed(world.settings)
     runs = {cut.run_id, silent.run_id}
-    reconciled = asyncio.run(_await_decisions(
-        world.settings, tenant.tenant_id, [cut.finalized(RunStatus.INTERRUPTED), silent.finalized()], 2,
-        lambda d: d.kind is DecisionKind.USAGE_RECONCILED and d.run_id in runs))
+    reconciled = asyncio.run(_decisions_while_publishing(
+        world.settings, tenant.tenant_id, [cut.finalized(RunStatus.INTERRUPTED), silent.finalized()],
+        done=lambda found: len(found) >= 2,
+        keep=lambda d: d.kind is DecisionKind.USAGE_RECONCILED and d.run_id in runs))
     by_run = {d.run_id: d for d in reconciled}
     assert set(by_run) == runs and all(subject_of(d) == "run" for d in reconciled)
     wait_processed(world.settings)  # Redis and ClickHouse follow once the batch is committed
