@@ -46,7 +46,17 @@ from processors.ledger import (
 from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
 from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
 from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
-from processors.types import BudgetStore, Position, count_key, decision_id, run_key, tenant_key, user_key, workflow_key
+from processors.types import (
+    BudgetStore,
+    Position,
+    StaticCount,
+    count_key,
+    decision_id,
+    run_key,
+    tenant_key,
+    user_key,
+    workflow_key,
+)
 from processors.windows import SpendLedger, to_ms
 from schemas.models import (
     AdmissionRequest,
@@ -263,7 +273,7 @@ class BudgetProcessor:
         if pos.offset <= run.offsets[TURNS] or not run.accept_seq(t.seq):
             return []
         budget = self.budget(state, t.tenant_id, t.user_id)
-        count = self._count(t, budget, state)
+        count = self._count(t, pos, budget, state)
         i = SLOT_INDEX[t.slot]
         run.tokens[i] += count.tokens
         if count.estimated:
@@ -283,9 +293,14 @@ class BudgetProcessor:
         state.put_run(key, run)
         return em.out
 
-    def _count(self, t: TurnEvent, budget: EffectiveBudget, state: BudgetStore) -> TokenCount:
+    def _count(self, t: TurnEvent, pos: Position, budget: EffectiveBudget, state: BudgetStore) -> TokenCount:
         """The turn's tokens; static items (system, tools) are remembered per tenant, so a later digest-only
-        copy is counted the same way in every replay (the table is durable state, not a worker cache)."""
+        copy is counted the same way in every replay (the table is durable state, not a worker cache).
+
+        A remembered count is used only if a turn at an earlier offset counted it: after a crash the count
+        table may be ahead of the run ledgers, and a replayed digest-only turn must not see a count that only
+        a later turn established (it did not see it the first time).
+        """
         if t.slot not in _STATIC_SLOTS:
             return self.counter.count_turn(t, budget.tokenizers)
         digest = t.content_digest or content_digest(t.content or "")
@@ -293,10 +308,12 @@ class BudgetProcessor:
         tok = self.counter.resolve(t.model, budget.tokenizers)
         key = count_key(t.tenant_id, tok.encoding or ESTIMATOR, digest)
         known = state.get_count(key)
+        if known is not None and known.since > pos.offset:
+            known = None
         if count.method == UNKNOWN:
-            return count if known is None else TokenCount(known, not tok.exact, "digest")
+            return count if known is None else TokenCount(known.tokens, not tok.exact, "digest")
         if known is None:
-            state.put_count(key, count.tokens)
+            state.put_count(key, StaticCount(count.tokens, pos.offset))
         return count
 
     def _usage(self, u: UsageReport, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:

@@ -38,9 +38,11 @@ be *ahead* of a run ledger but never behind it. Three rules follow.
    to its event time as a linear effect (rule 2), so the windows' retention does not depend on the order in
    which estimates came and went.
 
-The per-tenant count table of static items (``BudgetStore.get_count``) is written with the aggregates: a
-count is a pure function of the content, so it is either already there when a replayed digest-only turn
-needs it or recomputed by the replayed content turn that precedes it in the ``turns`` stream.
+The per-tenant count table of static items (``BudgetStore.get_count``) is written with the aggregates, so
+after a crash it may hold a count that only a *later* turn established: a replayed digest-only turn that
+found nothing the first time would now find it. Each count therefore remembers the ``turns`` offset that
+first counted it, and a turn uses only counts from earlier offsets: it sees exactly what it saw the first
+time (the count is a pure function of the content, so an earlier content turn always recomputes the same).
 
 Decisions carry ids derived from their source record, so decisions re-emitted by a replay overwrite
 themselves downstream. Offsets are compared per stream, not per partition: a tenant keeps its partition as

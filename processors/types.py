@@ -91,6 +91,29 @@ def tenant_of_key(key: str) -> str:
     return key.split(":", 1)[0]
 
 
+class StaticCount(NamedTuple):
+    """A static item's remembered token count, and the ``turns`` offset of the turn that first counted it.
+
+    ``since`` is what makes the remembered count safe under replay: a digest-only turn uses it only when it was
+    counted at an earlier offset, which is exactly what the turn saw when it was first processed.
+    """
+
+    tokens: int
+    since: int
+
+    def to_list(self) -> list[int]:
+        """The changelog form: ``[tokens, since]``."""
+        return [self.tokens, self.since]
+
+    @classmethod
+    def from_json(cls, value: int | list[int]) -> StaticCount:
+        """Read :meth:`to_list`'s form, or a bare count written before ``since`` existed (counted at the start)."""
+        if isinstance(value, int):
+            return cls(value, -1)
+        tokens, since = value
+        return cls(tokens, since)
+
+
 class BudgetStore(Protocol):
     """Budget state of the tenants one worker owns; each getter returns None for an absent key.
 
@@ -108,8 +131,8 @@ class BudgetStore(Protocol):
     def put_workflow(self, key: str, value: WorkflowLedger) -> None: ...
     def get_manifest(self, key: str) -> TenantManifest | None: ...
     def put_manifest(self, key: str, value: TenantManifest) -> None: ...
-    def get_count(self, key: str) -> int | None: ...
-    def put_count(self, key: str, value: int) -> None: ...
+    def get_count(self, key: str) -> StaticCount | None: ...
+    def put_count(self, key: str, value: StaticCount) -> None: ...
 
 
 @dataclass
@@ -121,7 +144,7 @@ class DictBudgetState:
     users: dict[str, SpendLedger] = field(default_factory=dict)
     workflows: dict[str, WorkflowLedger] = field(default_factory=dict)
     manifests: dict[str, TenantManifest] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, StaticCount] = field(default_factory=dict)
     dirty: dict[str, set[str]] = field(default_factory=dict)
 
     def _put(self, table: str, key: str, value: object) -> None:
@@ -168,10 +191,10 @@ class DictBudgetState:
         """Store a manifest."""
         self._put("manifests", key, value)
 
-    def get_count(self, key: str) -> int | None:
+    def get_count(self, key: str) -> StaticCount | None:
         """The remembered token count at ``key``."""
         return self.counts.get(key)
 
-    def put_count(self, key: str, value: int) -> None:
+    def put_count(self, key: str, value: StaticCount) -> None:
         """Remember a token count."""
         self._put("counts", key, value)

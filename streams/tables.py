@@ -31,6 +31,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers.codecs import Codec
 
 from processors.ledger import RunLedger, WorkflowLedger
+from processors.types import StaticCount
 from processors.windows import SpendLedger
 from schemas.models import TenantManifest
 
@@ -73,7 +74,7 @@ VALUE_CODECS: dict[str, Codec] = {
     "tenants": _ValueCodec(SpendLedger.to_dict, SpendLedger.from_dict),
     "users": _ValueCodec(SpendLedger.to_dict, SpendLedger.from_dict),
     "workflows": _ValueCodec(WorkflowLedger.to_dict, WorkflowLedger.from_dict),
-    "counts": _ValueCodec(int, int),
+    "counts": _ValueCodec(StaticCount.to_list, StaticCount.from_json),
     "manifests": _ManifestCodec(),
 }
 #: Persisted before run ledgers: see the crash argument in processors.ledger.
@@ -219,10 +220,10 @@ class TableBudgetStore:
     def put_manifest(self, key: str, value: TenantManifest) -> None:
         self._put("manifests", key, value)
 
-    def get_count(self, key: str) -> int | None:
+    def get_count(self, key: str) -> StaticCount | None:
         return self._get("counts", key)
 
-    def put_count(self, key: str, value: int) -> None:
+    def put_count(self, key: str, value: StaticCount) -> None:
         self._put("counts", key, value)
 
     def dirty_runs(self) -> list[tuple[str, RunLedger]]:
