@@ -1,23 +1,68 @@
-"""A Faust app whose Kafka consumer waits at most ``fetch_max_wait_ms`` for data.
+"""A Faust app whose Kafka consumer runs on the app's own event loop and waits at most ``fetch_max_wait_ms``.
 
-Faust's aiokafka driver hard-codes ``fetch_max_wait_ms=1500``. Tansu (the embedded broker) holds a fetch for
-about half that long before answering even when data arrives, which would put ~0.4-0.75 s of latency on every
-record. Apache Kafka answers a fetch as soon as data arrives, so a short wait costs it only a few more
+Faust's aiokafka driver runs the consumer in a thread of its own with a second event loop, and every fetch,
+seek and commit crosses threads through method queues. On a worker whose main thread is busy deciding, each
+crossing waits for the GIL (up to the 5 ms switch interval, several times per fetch): records reached the
+intake 20-60 ms after they were produced, where a plain aiokafka consumer on the same broker saw them after
+~8 ms. :class:`_LoopConsumerThread` keeps Faust's consumer service and its rebalance handling but runs it as a
+service on the app's loop, and calls what Faust would queue for the thread directly.
+
+Faust's aiokafka driver also hard-codes ``fetch_max_wait_ms=1500``. Tansu (the embedded broker) holds a fetch
+for about half that long before answering even when data arrives, which would put ~0.4-0.75 s of latency on
+every record. Apache Kafka answers a fetch as soon as data arrives, so a short wait costs it only a few more
 empty fetches per second.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.utils.futures import maybe_async
 
 FETCH_MAX_WAIT_MS = 5
 
 
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+class _LoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer "thread" as a service on the app's loop: same start/stop sequence, no thread.
+
+    ``ServiceThread.start`` would run :meth:`_serve` (start, serve until stopped, shut down) in a new thread;
+    here it is a task on the caller's loop. Calls meant for the thread are made directly.
+    """
+
+    def __init__(self, consumer: Any, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(consumer, loop=loop, thread_loop=loop, **kwargs)
+        self._serving: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        assert not self._thread_started.is_set()
+        self._thread_started.set()
+        self._thread_running = running = self.parent_loop.create_future()
+        self._serving = asyncio.ensure_future(self._serve())
+        try:
+            await running  # set by _serve once started, or failed with the start-up error
+        finally:
+            self._thread_running = None
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._serving is not None:
+            await self._serving
+
+    async def _gather_remaining_tasks(self) -> None:
+        # The thread's version cancels every task of its loop, which here is the whole app's.
+        return None
+
+    async def call_thread(self, fun: Callable[..., Awaitable], *args: Any, **kwargs: Any) -> Any:
+        return await maybe_async(fun(*args, **kwargs))
+
+    async def cast_thread(self, fun: Callable[..., Awaitable], *args: Any, **kwargs: Any) -> None:
+        await maybe_async(fun(*args, **kwargs))
+
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher, so setting it here takes effect.
@@ -27,7 +72,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return _LoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
 class _Transport(faust_aiokafka.Transport):
@@ -35,7 +80,7 @@ class _Transport(faust_aiokafka.Transport):
 
 
 class ShortFetchApp(faust.App):
-    """``faust.App`` with a short consumer fetch wait (see module docstring)."""
+    """``faust.App`` whose consumer runs on the app's loop with a short fetch wait (see module docstring)."""
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
