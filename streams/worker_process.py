@@ -51,9 +51,13 @@ class WorkerProcess:
         return self._process.pid
 
     def start(self, ready_timeout_s: float = 60.0) -> WorkerProcess:
-        """Spawn the worker and wait until it owns every input partition."""
+        """Spawn the worker and wait until it owns every input partition (stopping it if it never does)."""
         self._process.start()
-        self.wait_ready(ready_timeout_s)
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float) -> list[int]:

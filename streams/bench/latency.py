@@ -5,6 +5,11 @@ gives a steady stream of probes through the same batches as the turns around the
 measured in this process from just before the SDK queues the request to the moment this process's consumer
 fetched the decision (one clock, no skew). It includes the SDK's linger, the broker, the worker's fetch wait,
 its batch and the commit order up to the decision's produce.
+
+The same consumer also fetches the probes themselves from the admissions topic: send -> fetched is what the
+broker alone costs (one produce and one fetch hop, with no worker in between), measured on the same probes at
+the same time. A decision makes two such hops (request in, decision out), so twice the broker's figure is the
+floor under the end-to-end one on this machine.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import Codec
-from schemas.models import Decision, DecisionKind, TurnEvent
+from schemas.models import AdmissionRequest, Decision, DecisionKind, TurnEvent
 from streams.bench.corpus import Encoded, admission_for, encode
 from streams.config import Settings
 from streams.sdk import CtxflowClient
@@ -26,7 +31,8 @@ from streams.sdk import CtxflowClient
 
 @dataclass(frozen=True, slots=True)
 class LatencyResult:
-    """Percentiles of produce -> decision available, over ``samples`` admissions at ``rate_eps``."""
+    """Percentiles of produce -> decision available, over ``samples`` admissions at ``rate_eps``; and of
+    produce -> the probe itself fetched from the broker (``broker_*``, no worker involved)."""
 
     p50_ms: float
     p99_ms: float
@@ -34,6 +40,8 @@ class LatencyResult:
     samples: int
     missing: int
     rate_eps: float
+    broker_p50_ms: float
+    broker_p99_ms: float
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -52,16 +60,20 @@ async def measure_latency(
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
     sent: dict[str, float] = {}
     latencies: list[float] = []
+    hops: list[float] = []
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
     try:
-        tps = [TopicPartition(settings.topic("decisions"), p) for p in range(settings.partitions)]
+        tps = [TopicPartition(settings.topic(topic), p)
+               for topic in ("decisions", "admissions") for p in range(settings.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
         for tp in tps:
             await consumer.position(tp)  # resolve "end" now, before the first probe is sent
         done = asyncio.Event()
-        reader = asyncio.create_task(_read_decisions(consumer, codec, sent, latencies, done))
+        reader = asyncio.create_task(_read_arrivals(
+            consumer, codec, settings.topic("admissions"), sent, latencies, hops, done
+        ))
         started = time.perf_counter()
         async with CtxflowClient.from_settings(settings, max_in_flight=100_000) as client:
             await _send_steadily(client, settings, turns, models, rate_eps, every, sent, say)
@@ -75,10 +87,12 @@ async def measure_latency(
     finally:
         await consumer.stop()
     latencies.sort()
+    hops.sort()
     return LatencyResult(
         p50_ms=percentile(latencies, 50) * 1000, p99_ms=percentile(latencies, 99) * 1000,
         max_ms=(latencies[-1] if latencies else float("nan")) * 1000, samples=len(latencies),
         missing=probes - len(latencies), rate_eps=(len(turns) + probes) / elapsed,
+        broker_p50_ms=percentile(hops, 50) * 1000, broker_p99_ms=percentile(hops, 99) * 1000,
     )
 
 
@@ -110,14 +124,23 @@ async def _send_steadily(
     await client.flush()
 
 
-async def _read_decisions(
-    consumer: AIOKafkaConsumer, codec: Codec, sent: dict[str, float], latencies: list[float], done: asyncio.Event
+async def _read_arrivals(
+    consumer: AIOKafkaConsumer, codec: Codec, admissions: str, sent: dict[str, float], latencies: list[float],
+    hops: list[float], done: asyncio.Event,
 ) -> None:
+    sent_at: dict[str, float] = {}  # every probe's send time, kept: its request may be fetched after its decision
     while not done.is_set():
         batches = await consumer.getmany(timeout_ms=20)
         arrived = time.perf_counter()
-        for records in batches.values():
+        for tp, records in batches.items():
             for record in records:
+                if tp.topic == admissions:
+                    request_id = codec.decode(record.value, AdmissionRequest).request_id
+                    began = sent_at.get(request_id, sent.get(request_id))
+                    if began is not None:
+                        hops.append(arrived - began)
+                    continue
                 decision = codec.decode(record.value, Decision)
                 if decision.kind is DecisionKind.ADMISSION and decision.request_id in sent:
+                    sent_at[decision.request_id] = sent[decision.request_id]
                     latencies.append(arrived - sent.pop(decision.request_id))

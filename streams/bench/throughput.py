@@ -58,9 +58,8 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class PipelineRun:
-    """A worker that consumed a pre-produced backlog: its rate, CPU, and how long it took to become ready."""
+    """How a worker consumed a pre-produced backlog: its rate, CPU, and how long it took to become ready."""
 
-    worker: WorkerProcess
     startup_s: float
     seconds: float
     records: int
@@ -74,22 +73,18 @@ class PipelineRun:
 
 def run_pipeline(settings: Settings, records: int, say: Callable[[str], None], timeout_s: float = 900.0
                  ) -> PipelineRun:
-    """Start a worker on ``settings`` (a fresh app id starts at offset 0) and time it through ``records``.
-
-    The worker is left running for the next phase; the caller stops it.
-    """
-    worker = WorkerProcess(settings, name=f"worker-{settings.app_id}")
+    """Start a worker on ``settings`` (a fresh app id starts at offset 0), time it through ``records``, stop it."""
     began = time.perf_counter()
-    worker.start(ready_timeout_s=120)
-    ready = time.perf_counter()
-    cpu_before = cpu_seconds(worker.pid)
+    worker = WorkerProcess(settings, name=f"worker-{settings.app_id}").start(ready_timeout_s=120)
     try:
+        ready = time.perf_counter()
+        cpu_before = cpu_seconds(worker.pid)
         asyncio.run(wait_committed(settings, records, say, timeout_s))
-    except BaseException:
+        done = time.perf_counter()
+        cpu_s = cpu_seconds(worker.pid) - cpu_before
+    finally:
         worker.stop()
-        raise
-    done = time.perf_counter()
-    return PipelineRun(worker, ready - began, done - ready, records, cpu_seconds(worker.pid) - cpu_before)
+    return PipelineRun(ready - began, done - ready, records, cpu_s)
 
 
 async def wait_committed(settings: Settings, records: int, say: Callable[[str], None], timeout_s: float) -> None:
