@@ -46,6 +46,7 @@ from sinks.redis import RedisProjection
 from streams.config import Settings
 from streams.logs import log_handler
 from streams.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
+from streams.recovery import PreloadedTable, PreloadingTableManager
 from streams.tables import BatchProducer, TableBudgetStore, declare_tables
 from streams.transport import ShortFetchApp, _Consumer, _Transport
 
@@ -286,6 +287,12 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=4.0,
         broker_heartbeat_interval=0.5,
         table_standby_replicas=0,
+        # Tables are read from their changelogs in bulk before Faust's recovery (streams.recovery). The preload
+        # reads to the true log end, which Tansu's ListOffsets can under-report, so a preloaded offset may be
+        # past what Faust takes for the highwater: nothing is left to recover then, not an inconsistency.
+        Table=PreloadedTable,
+        TableManager=PreloadingTableManager,
+        recovery_consistency_check=False,
     )
     tables = declare_tables(app, settings.partitions)
     logical = {settings.topic(name): name for name in INPUT_MODELS}
@@ -402,12 +409,17 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/health")
     class HealthView(View):
-        """The partitions this worker owns and processes; empty while it rebalances or recovers its tables."""
+        """The partitions this worker owns and processes (empty while it rebalances or recovers its tables), and
+        how many changelog records it has read into its tables in bulk since it started."""
 
         async def get(self, request: Request) -> Response:
             ready = app.consumer is not None and not app.rebalancing and not getattr(app, "in_recovery", False)
-            assigned = sorted({tp.partition for tp in app.consumer.assignment()}) if ready else []
-            return self.json({"status": "ready" if assigned else "starting", "partitions": assigned})
+            inputs = app.intake.topics
+            assigned = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in inputs}) if ready else []
+            preloaded = getattr(app.tables, "preloaded_records", 0)
+            return self.json({
+                "status": "ready" if assigned else "starting", "partitions": assigned, "tables_preloaded": preloaded,
+            })
 
     return app
 

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 from sinks.clickhouse import QueryResult
 from streams.config import Settings
@@ -50,28 +51,33 @@ class WorkerProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    def start(self, ready_timeout_s: float = 60.0) -> WorkerProcess:
-        """Spawn the worker and wait until it owns every input partition (stopping it if it never does)."""
+    def start(self, ready_timeout_s: float = 60.0, *, sole: bool = True) -> WorkerProcess:
+        """Spawn the worker and wait until it owns every input partition, or any when it is not the ``sole``
+        worker of its app (stopping it if it never does)."""
         self._process.start()
         try:
-            self.wait_ready(ready_timeout_s)
+            self.wait_ready(ready_timeout_s, sole=sole)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def wait_ready(self, timeout_s: float) -> list[int]:
-        """Poll ``/health`` until the worker's assignment covers every partition; returns the partitions."""
-        deadline = time.monotonic() + timeout_s
+    def health(self) -> dict[str, Any]:
+        """The worker's ``/health`` answer: status, owned partitions, table records preloaded since start."""
         url = f"http://127.0.0.1:{self.settings.web_port}/health"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return cast(dict[str, Any], json.loads(response.read()))
+
+    def wait_ready(self, timeout_s: float, *, sole: bool = True) -> list[int]:
+        """Poll ``/health`` until the worker processes every partition (``sole``) or any; returns them."""
+        deadline = time.monotonic() + timeout_s
         want = list(range(self.settings.partitions))
         while time.monotonic() < deadline:
             if self._process.exit_code() is not None:
                 raise WorkerNotReady(f"worker exited with {self._process.exit_code()}:\n{tail(self.log_path)}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    partitions = json.loads(response.read())["partitions"]
-                if partitions == want:
+                partitions = self.health()["partitions"]
+                if partitions == want or (partitions and not sole):
                     return partitions
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass

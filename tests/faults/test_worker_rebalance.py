@@ -1,0 +1,85 @@
+"""Workers joining and leaving: each token table follows its partitions, and totals stay exact.
+
+A second worker of the same app takes over some partitions (it reads their tables from the changelogs the
+first one wrote); then the first stops and the second takes the rest. Every run's total must count every
+turn exactly once through both hand-overs.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import uuid
+
+from aiokafka.partitioner import DefaultPartitioner
+
+from processors.admission import TOTAL
+from schemas.models import ItemKind, Role, Slot
+from streams.config import Settings
+from streams.processes import free_port
+from streams.sdk import RunContext
+from streams.worker_process import WorkerProcess
+from tests.support_deploy import redis_headroom
+from tests.support_kafka import wait_processed, wait_until
+from tests.support_traffic import publish
+
+PER_PARTITION = 2
+
+
+def _tenants_on_every_partition(partitions: int) -> list[str]:
+    """Tenant ids, ``PER_PARTITION`` on each input partition (records are keyed by tenant id)."""
+    place, every = DefaultPartitioner(), list(range(partitions))
+    tag, chosen, index = uuid.uuid4().hex[:6], {p: [] for p in every}, 0
+    while any(len(names) < PER_PARTITION for names in chosen.values()):
+        name, index = f"reb{tag}{index}", index + 1
+        names = chosen[place(name.encode(), every, every)]
+        if len(names) < PER_PARTITION:
+            names.append(name)
+    return [name for names in chosen.values() for name in names]
+
+
+def _owned(worker: WorkerProcess) -> list[int]:
+    try:
+        health = worker.health()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return []
+    return health["partitions"] if health["status"] == "ready" else []
+
+
+def _turns(runs: list[RunContext], tokens: int) -> list:
+    return [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, f"{tokens} tokens", token_count=tokens) for r in runs]
+
+
+def test_partitions_handed_between_workers_keep_every_total(settings: Settings) -> None:
+    runs = [RunContext(tenant_id=t, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
+            for t in _tenants_on_every_partition(settings.partitions)]
+    first = WorkerProcess(settings, name="first").start()
+    second: WorkerProcess | None = None
+    try:
+        publish(settings, _turns(runs, 100))
+        wait_processed(settings)
+
+        # Its own home: chDB is embedded, one engine per path (deployments share a ClickHouse server instead).
+        elsewhere = {"web_port": free_port(), "home": settings.home / "second"}
+        second = WorkerProcess(settings.model_copy(update=elsewhere), name="second")
+        second.start(ready_timeout_s=120, sole=False)
+        split = wait_until(
+            lambda: (_owned(first), _owned(second)),
+            lambda owned: all(owned) and sorted(owned[0] + owned[1]) == list(range(settings.partitions)),
+            timeout_s=120, what="the partitions split between two workers",
+        )
+        assert second.health()["tables_preloaded"] > 0, split  # it took over tables the first one wrote
+        publish(settings, _turns(runs, 10))
+        wait_processed(settings)
+
+        first.stop()
+        second.wait_ready(120)  # every partition, the first worker's included
+        publish(settings, _turns(runs, 1))
+        wait_processed(settings)
+
+        totals = {r.tenant_id: (h.used[TOTAL] if (h := redis_headroom(settings, r.tenant_id, r.run_id)) else None)
+                  for r in runs}
+        assert totals == {r.tenant_id: 111 for r in runs}
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
