@@ -42,8 +42,10 @@ class Settings(BaseSettings):
     web_port: int = 6066
     #: Largest batch a worker agent takes from the stream before processing it.
     batch_max: int = Field(default=2000, ge=1)
-    #: Longest a partial batch waits for more events, in seconds.
-    batch_wait_s: float = Field(default=0.05, gt=0)
+    #: Shortest time between two commits of decided batches, in seconds. Decisions go out as soon as a batch
+    #: is decided; a commit (ClickHouse rows, changelogs, Redis headroom, then input offsets) covers every batch
+    #: decided since the last one, so its fixed costs are paid at most this often.
+    commit_interval_s: float = Field(default=0.5, ge=0)
     #: TTL of tenant-scoped Redis keys, in seconds.
     redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
 

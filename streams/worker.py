@@ -25,6 +25,7 @@ worker runs and opens chDB itself otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -339,16 +340,25 @@ def build_app(settings: Settings) -> faust.App:
             log.error("batch failed; stopping the worker", exc_info=exc, extra={"records": records})
             await app.crash(exc)
 
-        # Batches are decided as fast as they come (their decisions go out at once) and committed by one task,
-        # in order, as groups of whatever is waiting: steps 3-6 of streams.pipeline for the group at a time.
-        # Deciding runs ahead of committing by at most ~4 x batch_max records (memory bound).
+        # Batches are decided as fast as they come (their decisions and Redis projections go out at once) and
+        # committed by one task, in order, as groups: steps 3-6 of streams.pipeline for the group at a time. A
+        # group starts commit_interval_s after the previous one, or as soon as 2 x batch_max records wait,
+        # whichever comes first; deciding runs ahead of committing by at most ~4 x batch_max records (memory).
         pending: asyncio.Queue[tuple[PreparedBatch, list[Message]]] = asyncio.Queue()
-        room = asyncio.Event()
+        room, enough = asyncio.Event(), asyncio.Event()
         in_queue = [0]  # records decided and not yet committed
+        group_records = 2 * settings.batch_max
 
         async def commit_groups() -> None:
+            loop, due = asyncio.get_running_loop(), 0.0
             while True:
                 group = [await pending.get()]
+                if (wait := due - loop.time()) > 0 and in_queue[0] < group_records:
+                    enough.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await enough.wait()
+                due = loop.time() + settings.commit_interval_s
                 while not pending.empty():
                     group.append(pending.get_nowait())
                 try:
@@ -383,6 +393,8 @@ def build_app(settings: Settings) -> faust.App:
                     committing.result()  # the committer only ends by failing: raise its error here too
                 pending.put_nowait((prepared, messages))
                 in_queue[0] += len(messages)
+                if in_queue[0] >= group_records:
+                    enough.set()
                 while in_queue[0] >= 4 * settings.batch_max and not committing.done():
                     room.clear()
                     await room.wait()
