@@ -16,12 +16,13 @@ empty fetches per second.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode.utils.futures import maybe_async
 
 FETCH_MAX_WAIT_MS = 5
@@ -73,6 +74,26 @@ class _LoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _LoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    # Faust pauses a partition by leaving it out of what it takes from aiokafka's fetcher, which goes on
+    # fetching it: every fetch request named every changelog partition too (twice the partitions per request,
+    # each one parsed in Python here and listed in storage by the broker). Pausing in aiokafka as well keeps
+    # them out of the requests.
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        super().pause_partitions(tps)
+        self._fetch_only_active()
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        super().resume_partitions(tps)
+        self._fetch_only_active()
+
+    def _fetch_only_active(self) -> None:
+        consumer = self._thread._consumer
+        if consumer is None:
+            return
+        active, assigned = self._get_active_partitions(), consumer.assignment()
+        consumer.pause(*(tp for tp in assigned if tp not in active))
+        consumer.resume(*(tp for tp in assigned if tp in active))
 
 
 class _Transport(faust_aiokafka.Transport):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from streams.bench.corpus import TurnCorpus, publish
 from streams.bench.latency import measure_latency
 from streams.bench.report import BenchResults, git_sha, machine
 from streams.bench.sessions import measure_sessions
-from streams.bench.throughput import raw_ceiling, run_pipeline
+from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
 from streams.config import Settings
 from streams.processes import free_port
 from streams.stack import EmbeddedStack
@@ -107,16 +108,20 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
     probes = corpus.take(turns_needed)
     worker = WorkerProcess(s2, name="worker-latency").start(ready_timeout_s=120)
     try:
+        cpu_before, began = cpu_seconds(worker.pid), time.perf_counter()
         latency = asyncio.run(measure_latency(s2, probes, corpus.last, rate, config.admission_every, say))
+        latency_cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - began)
     finally:
         worker.stop()
     details |= {"latency_rate_eps": round(latency.rate_eps), "latency_samples": latency.samples,
+                "latency_worker_cpu_utilisation": round(latency_cpu, 2),
                 "latency_missing": latency.missing, "max_latency_ms": round(latency.max_ms, 1),
                 "broker_hop_p50_ms": round(latency.broker_p50_ms, 1),
                 "broker_hop_p99_ms": round(latency.broker_p99_ms, 1)}
     say(f"  p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms over {latency.samples:,} admissions "
         f"({latency.missing} unanswered); the broker alone (probe produced -> fetched): "
-        f"p50 {latency.broker_p50_ms:.1f} ms, p99 {latency.broker_p99_ms:.1f} ms per hop")
+        f"p50 {latency.broker_p50_ms:.1f} ms, p99 {latency.broker_p99_ms:.1f} ms per hop; worker at "
+        f"{latency_cpu:.0%} of a core")
 
     say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
     sessions = measure_sessions(_fresh(base, home, "sessions"), config.runs_for_memory, say)
