@@ -12,10 +12,11 @@ and stream (two tasks and three queue hops per message), which costs ~100 us of 
 worker at a few thousand events/s; a no-op bulk path measured ~17 us. The worker's consumer therefore drains
 input-topic messages into a :class:`BatchIntake` a fetch at a time; the budget agent takes everything buffered
 (up to ``batch_max``) as soon as it is free, so batches grow under load and stay small (low latency) when
-idle. Changelog records (table recovery) still go through Faust's own path. The intake keeps Faust's
-rebalance contract: messages handed to the agent are tracked as in flight (a rebalance waits for their
-acknowledgement, as for stream events), a rebalance clears what is buffered (it is fetched again from the
-committed offsets), and messages of an older consumer generation are dropped.
+idle. Changelog records that Faust's recovery reads (those written after the bulk preload of
+:mod:`streams.recovery`) still go through Faust's own path. The intake keeps Faust's rebalance contract:
+messages handed to the agent are tracked as in flight (a rebalance waits for their acknowledgement, as for
+stream events), a rebalance clears what is buffered (it is fetched again from the committed offsets), and
+messages of an older consumer generation are dropped.
 
 The worker process also owns the process's only chDB engine (chDB hosts one per process), so it serves
 analyst queries over HTTP at ``POST /query`` on ``127.0.0.1:<web_port>``; ``ctxflow query`` uses it when a
