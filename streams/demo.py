@@ -531,7 +531,7 @@ class _Report:
             "ORDER BY max(occurred_at) DESC LIMIT 1") if healthy else []
         checks = [(self.runaway, r[0]) for r in runaway_run] + [(str(healthy), r[0]) for r in healthy_run]
         plan = ", ".join(f"{slot.value} {tokens}" for slot, tokens in _PLAN.items())
-        self.console.print(f"admission check from Redis (one HGETALL per run), planning {plan} tokens:")
+        self.console.print(f"admission check from Redis (one GET per run), planning {plan} tokens:")
         for tenant, run, answer, ms in asyncio.run(_admit(self.worker.settings.redis_url, checks)):
             self.console.print(f"  {tenant} run {run[:8]}: {answer.reason} ({ms:.1f} ms)",
                                style="green" if answer.admitted else "red")
