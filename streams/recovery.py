@@ -84,6 +84,8 @@ async def preload(app: faust.App, tables: dict[TP, Any]) -> int:
         bootstrap_servers=[f"{url.host}:{url.port or 9092}" for url in app.conf.broker_consumer],
         client_id=f"{app.conf.id}-preload", enable_auto_commit=False, fetch_max_wait_ms=5,
         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
+        # A start before the log's first offset (records deleted by retention) reads from the first one.
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     applied = 0
@@ -99,7 +101,10 @@ async def preload(app: faust.App, tables: dict[TP, Any]) -> int:
             for kafka_tp, records in fetched.items():
                 tp = wanted[kafka_tp]
                 applied += _apply(partitions[tp], tp, records, ends[kafka_tp])
-                if records[-1].offset + 1 >= ends[kafka_tp]:
+            # By position, not by the last record's offset: a compacted log or transaction markers can end
+            # in offsets that are never returned as records.
+            for kafka_tp in list(remaining):
+                if await consumer.position(kafka_tp) >= ends[kafka_tp]:
                     remaining.discard(kafka_tp)
     finally:
         await consumer.stop()
