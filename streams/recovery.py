@@ -1,7 +1,7 @@
 """Table recovery in bulk: changelog partitions read straight into the tables before Faust's recovery runs.
 
 Faust recovers a table by passing every changelog record through its consumer, conductor, changelog queue
-and events, one at a time (~100 us each), and the memory store forgets on every restart how far it had read,
+and events, one at a time, and the memory store forgets on every restart how far it had read,
 so it starts again at offset 0. Tansu never compacts, so a worker holding 100,000 runs re-read every write
 of every run ledger that way: a minute to restart.
 

@@ -61,9 +61,6 @@ class _LoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def call_thread(self, fun: Callable[..., Awaitable], *args: Any, **kwargs: Any) -> Any:
         return await maybe_async(fun(*args, **kwargs))
 
-    async def cast_thread(self, fun: Callable[..., Awaitable], *args: Any, **kwargs: Any) -> None:
-        await maybe_async(fun(*args, **kwargs))
-
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher, so setting it here takes effect.

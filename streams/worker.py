@@ -166,8 +166,6 @@ class _BulkConsumer(_Consumer):
         consumer_stopped, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set  # type: ignore[attr-defined]
         get_read_offset, set_read_offset = self._read_offset.__getitem__, self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
-        tables, flow, producer_buffer = self.app.tables, self.app.flow_control, self.app.producer.buffer
-        changelogs, changelog_queue = tables.changelog_topics, tables.changelog_queue
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 fetched: list[Message] = []
@@ -194,18 +192,9 @@ class _BulkConsumer(_Consumer):
                         continue
                     if read and offset - read > 1 and acks_enabled_for(message.topic):
                         await self._add_gap(tp, read + 1, offset)
-                    # Changelogs (table recovery) and anything else: Faust's conductor path. Faust runs each
-                    # delivery under wait_first (four tasks per message) so that a rebalance can abandon a
-                    # delivery blocked on suspended flow, a full queue or a full producer buffer. A changelog
-                    # delivery that can do none of those cannot block, so it is awaited directly: table
-                    # recovery reads changelogs ~40% faster.
-                    if (
-                        message.topic in changelogs and flow.is_active() and not changelog_queue.full()
-                        and producer_buffer.size <= producer_buffer.max_messages
-                    ):
-                        await callback(message)
-                    else:
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    # Changelog records Faust's recovery reads after the bulk preload, and anything else:
+                    # Faust's conductor path, unchanged.
+                    await self.wait_first(callback(message), self.suspend_flow.wait())
                     set_read_offset(tp, offset)
                 if fetched:
                     await intake.put(fetched)
@@ -429,7 +418,7 @@ def build_app(settings: Settings) -> faust.App:
             ready = app.consumer is not None and not app.rebalancing and not getattr(app, "in_recovery", False)
             inputs = app.intake.topics
             assigned = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in inputs}) if ready else []
-            preloaded = getattr(app.tables, "preloaded_records", 0)
+            preloaded = app.tables.preloaded_records  # type: ignore[attr-defined]  (PreloadingTableManager)
             return self.json({
                 "status": "ready" if assigned else "starting", "partitions": assigned, "tables_preloaded": preloaded,
             })

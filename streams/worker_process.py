@@ -68,6 +68,13 @@ class WorkerProcess:
         with urllib.request.urlopen(url, timeout=2) as response:
             return cast(dict[str, Any], json.loads(response.read()))
 
+    def partitions(self) -> list[int]:
+        """The input partitions the worker processes now; none while it starts, rebalances or recovers."""
+        try:
+            return cast(list[int], self.health()["partitions"])
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return []
+
     def wait_ready(self, timeout_s: float, *, sole: bool = True) -> list[int]:
         """Poll ``/health`` until the worker processes every partition (``sole``) or any; returns them."""
         deadline = time.monotonic() + timeout_s
@@ -75,12 +82,9 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self._process.exit_code() is not None:
                 raise WorkerNotReady(f"worker exited with {self._process.exit_code()}:\n{tail(self.log_path)}")
-            try:
-                partitions = self.health()["partitions"]
-                if partitions == want or (partitions and not sole):
-                    return partitions
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            partitions = self.partitions()
+            if partitions == want or (partitions and not sole):
+                return partitions
             time.sleep(0.1)
         raise WorkerNotReady(f"worker not ready after {timeout_s:.0f}s:\n{tail(self.log_path)}")
 

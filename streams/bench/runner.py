@@ -2,8 +2,8 @@
 
 Phases (all in the same run, so their figures are comparable): corpus (encoded before any clock starts) ->
 (a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate,
-fresh worker and topics -> (d) session memory and SIGKILL recovery with ``runs_for_memory`` active runs, fresh worker ->
-(e) the budget core alone, in process.
+fresh worker and topics -> (d) session memory and SIGKILL recovery with ``runs_for_memory`` active runs,
+fresh worker -> (e) the budget core alone, in process.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ turn exactly once through both hand-overs.
 
 from __future__ import annotations
 
-import urllib.error
 import uuid
 
 from aiokafka.partitioner import DefaultPartitioner
@@ -37,14 +36,6 @@ def _tenants_on_every_partition(partitions: int) -> list[str]:
     return [name for names in chosen.values() for name in names]
 
 
-def _owned(worker: WorkerProcess) -> list[int]:
-    try:
-        health = worker.health()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return []
-    return health["partitions"] if health["status"] == "ready" else []
-
-
 def _turns(runs: list[RunContext], tokens: int) -> list:
     return [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, f"{tokens} tokens", token_count=tokens) for r in runs]
 
@@ -63,7 +54,7 @@ def test_partitions_handed_between_workers_keep_every_total(settings: Settings) 
         second = WorkerProcess(settings.model_copy(update=elsewhere), name="second")
         second.start(ready_timeout_s=120, sole=False)
         split = wait_until(
-            lambda: (_owned(first), _owned(second)),
+            lambda: (first.partitions(), second.partitions()),
             lambda owned: all(owned) and sorted(owned[0] + owned[1]) == list(range(settings.partitions)),
             timeout_s=120, what="the partitions split between two workers",
         )
