@@ -81,7 +81,7 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "manifests": TenantManifest,
 }
 #: Runs (and decisions) projected to Redis per round trip.
-_REDIS_SLICE = 64
+_REDIS_SLICE = 256
 #: Records that are also analytics rows in ClickHouse.
 _SUNK = (TurnEvent, UsageReport, RunEvent)
 
@@ -222,8 +222,8 @@ class BudgetPipeline:
         must land last. A failed predecessor fails this one too, so awaiting the latest covers them all."""
         if after is not None:
             await after
-        # In slices: packing one pipeline of thousands of commands holds the event loop for tens of ms, and
-        # the decisions of the batches being decided meanwhile wait behind it.
+        # In slices: packing one call for thousands of runs would hold the event loop for milliseconds, and the
+        # decisions of the batches being decided meanwhile would wait behind it.
         for start in range(0, max(len(headrooms), len(decisions)), _REDIS_SLICE):
             end = start + _REDIS_SLICE
             await self._redis.write(headrooms[start:end], decisions[start:end])

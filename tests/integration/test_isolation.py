@@ -132,14 +132,15 @@ def deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -
         yield Deployment(settings, worker)
 
 
-async def _redis_dump(settings: Settings, tenant_id: str) -> dict[str, str]:
-    """Every Redis key of ``tenant_id`` with its full content, as text."""
+async def _redis_dump(settings: Settings, tenant_id: str) -> dict[str, tuple[str, int]]:
+    """Every Redis key of ``tenant_id`` with its full content, as text, and its remaining time to live (s)."""
     client = aioredis.from_url(settings.redis_url, decode_responses=True)
     try:
-        dump: dict[str, str] = {}
+        dump: dict[str, tuple[str, int]] = {}
         async for key in client.scan_iter(match=f"ctxflow:{tenant_id}:*"):
             kind = await client.type(key)
-            dump[key] = await client.get(key) if kind == "string" else repr(sorted((await client.hgetall(key)).items()))
+            value = await client.get(key) if kind == "string" else repr(sorted((await client.hgetall(key)).items()))
+            dump[key] = (value, await client.ttl(key))
         return dump
     finally:
         await client.aclose()
@@ -165,6 +166,7 @@ def test_interleaved_tenants_never_see_each_other(deployment: Deployment, genera
         dump = asyncio.run(_redis_dump(s, tenant.tenant_id))
         assert {key.rsplit(":", 1)[1] for key in dump} == set(tenant.runs)  # every run is projected
         assert not _crossings(repr(dump), tenant, tenants)
+        assert all(0 < ttl <= s.redis_ttl_s for _, ttl in dump.values())  # every key expires
         # ClickHouse: every row filed under the tenant is about the tenant's runs, users and sessions.
         for table, extra in (("turns", ""), ("usage", ""), ("runs", ""), ("decisions", ", reason")):
             rows = deployment.worker.query(
