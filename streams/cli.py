@@ -214,6 +214,9 @@ def bench(
     table.add_row("raw_ceiling_eps (fetch + decode only)", f"{results.raw_ceiling_eps:,.0f}", "", "")
     table.add_row("ratio pipeline / raw", f"{results.ratio:.2f}", "", "")
     table.add_row("p50_latency_ms", f"{results.p50_latency_ms:.1f}", "", "")
+    quarter = results.details.get("quarter_rate_p99_latency_ms")
+    if quarter is not None:
+        table.add_row("p99_latency_ms at a quarter of the pipeline rate", f"{quarter:.1f}", "", "")
     table.add_row("sessions_rss_bytes_per_run", f"{results.sessions_rss_bytes_per_run:,.0f}", "", "")
     table.add_row("recovery_s", f"{results.recovery_s:.1f}", "", "")
     console.print(table)

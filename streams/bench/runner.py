@@ -1,9 +1,9 @@
 """One benchmark run: its own embedded stack on free ports, every phase in order, one results object.
 
 Phases (all in the same run, so their figures are comparable): corpus (encoded before any clock starts) ->
-(a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate,
-fresh worker and topics -> (d) session memory and SIGKILL recovery with ``runs_for_memory`` active runs,
-fresh worker -> (e) the budget core alone, in process.
+(a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate
+(the target) and at a quarter of it, each with a fresh worker and topics -> (d) session memory and SIGKILL
+recovery with ``runs_for_memory`` active runs, fresh worker -> (e) the budget core alone, in process.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from streams.admin import ensure_topics
 from streams.bench.core import measure_core
 from streams.bench.corpus import TurnCorpus, publish
-from streams.bench.latency import measure_latency
+from streams.bench.latency import LatencyResult, measure_latency
 from streams.bench.report import BenchResults, git_sha, machine
 from streams.bench.sessions import measure_sessions
 from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
@@ -89,6 +89,34 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
+def _latency_phase(base: Settings, home: Path, corpus: TurnCorpus, rate: float, config: BenchConfig, say: Say,
+                   name: str) -> tuple[LatencyResult, float]:
+    """Latency at ``rate`` with a fresh worker on fresh topics; (result, the worker's CPU in cores meanwhile).
+
+    Fresh topics because Tansu's memory storage lists a partition's stored batches on every fetch and produce,
+    so on topics that already hold the pipeline phase's records its own hop is slower than on a new
+    deployment's (see README).
+    """
+    settings = _fresh(base, home, name)
+    asyncio.run(publish(settings, corpus.manifests()))
+    turns_needed = int(rate * config.latency_s * config.admission_every / (config.admission_every + 1))
+    say(f"  fresh worker and topics; encoding {turns_needed:,} turns")
+    probes = corpus.take(turns_needed)
+    _settle_heap()
+    worker = WorkerProcess(settings, name=f"worker-{name}").start(ready_timeout_s=120)
+    try:
+        cpu_before, began = cpu_seconds(worker.pid), time.perf_counter()
+        latency = asyncio.run(measure_latency(settings, probes, corpus.last, rate, config.admission_every, say))
+        cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - began)
+    finally:
+        worker.stop()
+    say(f"  p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms over {latency.samples:,} admissions "
+        f"({latency.missing} unanswered); the broker alone (probe produced -> fetched): "
+        f"p50 {latency.broker_p50_ms:.1f} ms, p99 {latency.broker_p99_ms:.1f} ms per hop; "
+        f"worker at {cpu:.0%} of a core")
+    return latency, cpu
+
+
 def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, object], sha: str
             ) -> BenchResults:
     s1 = _fresh(base, home, "pipeline")
@@ -112,32 +140,21 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
                 "worker_cpu_utilisation": round(run.cpu_s / run.seconds, 2)}
     say(f"  pipeline_eps = {run.eps:,.0f} (ratio {run.eps / raw_eps:.2f}; worker CPU "
         f"{details['worker_cpu_us_per_event']} us/record at {details['worker_cpu_utilisation']:.0%} of a core)")
-    # A fresh worker on fresh topics: Tansu's memory storage lists a partition's stored batches on every fetch
-    # and produce, so on (b)'s topics the broker's own hop is slower than on a new deployment's (see README).
-    s2 = _fresh(base, home, "latency")
-    asyncio.run(publish(s2, corpus.manifests()))
     rate = run.eps / 2
-    turns_needed = int(rate * config.latency_s * config.admission_every / (config.admission_every + 1))
-    say(f"(c) latency at {rate:,.0f} records/s for {config.latency_s:.0f}s, fresh worker and topics: "
-        f"encoding {turns_needed:,} turns")
-    probes = corpus.take(turns_needed)
-    _settle_heap()
-    worker = WorkerProcess(s2, name="worker-latency").start(ready_timeout_s=120)
-    try:
-        cpu_before, began = cpu_seconds(worker.pid), time.perf_counter()
-        latency = asyncio.run(measure_latency(s2, probes, corpus.last, rate, config.admission_every, say))
-        latency_cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - began)
-    finally:
-        worker.stop()
+    say(f"(c) latency at {rate:,.0f} records/s (half the pipeline rate) for {config.latency_s:.0f}s")
+    latency, latency_cpu = _latency_phase(base, home, corpus, rate, config, say, "latency")
     details |= {"latency_rate_eps": round(latency.rate_eps), "latency_samples": latency.samples,
                 "latency_worker_cpu_utilisation": round(latency_cpu, 2),
                 "latency_missing": latency.missing, "max_latency_ms": round(latency.max_ms, 1),
                 "broker_hop_p50_ms": round(latency.broker_p50_ms, 1),
                 "broker_hop_p99_ms": round(latency.broker_p99_ms, 1)}
-    say(f"  p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms over {latency.samples:,} admissions "
-        f"({latency.missing} unanswered); the broker alone (probe produced -> fetched): "
-        f"p50 {latency.broker_p50_ms:.1f} ms, p99 {latency.broker_p99_ms:.1f} ms per hop; worker at "
-        f"{latency_cpu:.0%} of a core")
+    # The same at a quarter of the rate: where the latency stands when the machine is not near its limit.
+    say(f"    and at {rate / 2:,.0f} records/s (a quarter of the pipeline rate)")
+    light, light_cpu = _latency_phase(base, home, corpus, rate / 2, config, say, "latency-quarter")
+    details |= {"quarter_rate_eps": round(light.rate_eps), "quarter_rate_p50_latency_ms": round(light.p50_ms, 1),
+                "quarter_rate_p99_latency_ms": round(light.p99_ms, 1),
+                "quarter_rate_worker_cpu_utilisation": round(light_cpu, 2),
+                "quarter_rate_broker_hop_p99_ms": round(light.broker_p99_ms, 1)}
 
     say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
     sessions = measure_sessions(_fresh(base, home, "sessions"), config.runs_for_memory, say)
