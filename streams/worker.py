@@ -220,7 +220,10 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     handler = log_handler()
     handler.setLevel(loglevel.upper())  # mode's logging setup leaves the root at DEBUG for extra handlers
     app.conf.loghandlers = [handler]
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    # Only our structured handler: by default mode also installs a console handler of its own on the root
+    # logger, and every line came out twice, once unstructured.
+    only_ours = {"version": 1, "disable_existing_loggers": False, "root": {"level": loglevel.upper(), "handlers": []}}
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, logging_config=only_ours)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every record: every debug
     # call in aiokafka and Faust then builds a LogRecord (measured ~4% of the worker's CPU). No spinner here.
     worker.spinner = None
