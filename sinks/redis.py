@@ -21,6 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError
 
 from processors.admission import RunHeadroom
 from processors.types import check_tenant
@@ -66,7 +69,11 @@ class RedisProjection:
     """Writes budget headroom and decisions to Redis, one script call per write."""
 
     def __init__(self, url: str, ttl_s: int) -> None:
-        self._redis = aioredis.from_url(url)
+        # A restart or failover drops connections; writes are absolute and keyed by id, so repeating one is
+        # safe. Connection errors, timeouts and a server still loading its data are retried for ~30 s (backoff
+        # capped at 2 s); after that the batch fails and the worker stops (a restart replays it).
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20)
+        self._redis = aioredis.from_url(url, retry=retry, retry_on_error=[BusyLoadingError])
         self._ttl_s = ttl_s
         self._write = self._redis.register_script(_WRITE)
 
