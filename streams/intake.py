@@ -187,7 +187,6 @@ class BulkConsumer(_Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
 
-
     def ack_all(self, messages: Iterable[Message]) -> None:
         """``Consumer.ack`` for many messages: one lock and one notification, not one each (~2 us a message).
 

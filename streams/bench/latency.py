@@ -58,8 +58,8 @@ async def measure_latency(
 ) -> LatencyResult:
     """Send ``turns`` at ``rate_eps`` with an admission for the current turn's run after every ``every``-th."""
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
-    sent: dict[str, float] = {}
-    latencies: list[float] = []
+    sent: dict[str, float] = {}  # probe request id -> send time
+    latencies: list[float] = []  # one per answered probe
     hops: list[float] = []
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
@@ -78,9 +78,9 @@ async def measure_latency(
         async with CtxflowClient.from_settings(settings, max_in_flight=100_000) as client:
             await _send_steadily(client, settings, turns, models, rate_eps, every, sent, say)
         elapsed = time.perf_counter() - started
-        probes = len(sent) + len(latencies)
+        probes = len(sent)
         deadline = time.perf_counter() + 30
-        while sent and time.perf_counter() < deadline:
+        while len(latencies) < probes and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
         done.set()
         await reader
@@ -128,7 +128,7 @@ async def _read_arrivals(
     consumer: AIOKafkaConsumer, codec: Codec, admissions: str, sent: dict[str, float], latencies: list[float],
     hops: list[float], done: asyncio.Event,
 ) -> None:
-    sent_at: dict[str, float] = {}  # every probe's send time, kept: its request may be fetched after its decision
+    answered: set[str] = set()  # a decision fetched twice (a replay re-publishes it) is one answer
     while not done.is_set():
         batches = await consumer.getmany(timeout_ms=20)
         arrived = time.perf_counter()
@@ -136,11 +136,11 @@ async def _read_arrivals(
             for record in records:
                 if tp.topic == admissions:
                     request_id = codec.decode(record.value, AdmissionRequest).request_id
-                    began = sent_at.get(request_id, sent.get(request_id))
-                    if began is not None:
-                        hops.append(arrived - began)
+                    if request_id in sent:
+                        hops.append(arrived - sent[request_id])
                     continue
                 decision = codec.decode(record.value, Decision)
-                if decision.kind is DecisionKind.ADMISSION and decision.request_id in sent:
-                    sent_at[decision.request_id] = sent[decision.request_id]
-                    latencies.append(arrived - sent.pop(decision.request_id))
+                request_id = decision.request_id
+                if decision.kind is DecisionKind.ADMISSION and request_id in sent and request_id not in answered:
+                    answered.add(request_id)
+                    latencies.append(arrived - sent[request_id])
