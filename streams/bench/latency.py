@@ -10,11 +10,17 @@ The same consumer also fetches the probes themselves from the admissions topic: 
 broker alone costs (one produce and one fetch hop, with no worker in between), measured on the same probes at
 the same time. A decision makes two such hops (request in, decision out), so twice the broker's figure is the
 floor under the end-to-end one on this machine.
+
+Both are also reported per half of the window (probes sent in its first and its second half): at a steady
+rate they should match. The embedded broker's memory storage lists every stored batch of a partition on each
+fetch, so its hop gets slower as the topics fill during the window; a second half worse than the first, in the
+broker's hop as much as end to end, shows that growth rather than a change in ctxflow's own cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +36,14 @@ from streams.sdk import CtxflowClient
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """One probe's duration (seconds) and when it was sent (``time.perf_counter()``)."""
+
+    sent_at: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LatencyResult:
     """Percentiles of produce -> decision available, over ``samples`` admissions at ``rate_eps``; and of
     produce -> the probe itself fetched from the broker (``broker_*``, no worker involved)."""
@@ -42,14 +56,24 @@ class LatencyResult:
     rate_eps: float
     broker_p50_ms: float
     broker_p99_ms: float
+    #: p99 of the probes sent in the first and in the second half of the window, end to end and broker alone.
+    p99_halves_ms: tuple[float, float]
+    broker_p99_halves_ms: tuple[float, float]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The nearest-rank ``q`` percentile (0-100) of already sorted values."""
     if not sorted_values:
         return float("nan")
-    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    # ceil, not round(x + 0.5): Python rounds halves to even, which made the p99 of 100 values the maximum.
+    rank = max(1, min(len(sorted_values), math.ceil(q * len(sorted_values) / 100)))
     return sorted_values[rank - 1]
+
+
+def _p99_halves(samples: Sequence[Sample], middle: float) -> tuple[float, float]:
+    first = sorted(s.seconds for s in samples if s.sent_at < middle)
+    second = sorted(s.seconds for s in samples if s.sent_at >= middle)
+    return percentile(first, 99) * 1000, percentile(second, 99) * 1000
 
 
 async def measure_latency(
@@ -59,8 +83,8 @@ async def measure_latency(
     """Send ``turns`` at ``rate_eps`` with an admission for the current turn's run after every ``every``-th."""
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
     sent: dict[str, float] = {}  # probe request id -> send time
-    latencies: list[float] = []  # one per answered probe
-    hops: list[float] = []
+    latencies: list[Sample] = []  # one per answered probe
+    hops: list[Sample] = []
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
     try:
@@ -86,13 +110,14 @@ async def measure_latency(
         await reader
     finally:
         await consumer.stop()
-    latencies.sort()
-    hops.sort()
+    middle = (min(sent.values()) + max(sent.values())) / 2 if sent else 0.0
+    total, hop = sorted(s.seconds for s in latencies), sorted(s.seconds for s in hops)
     return LatencyResult(
-        p50_ms=percentile(latencies, 50) * 1000, p99_ms=percentile(latencies, 99) * 1000,
-        max_ms=(latencies[-1] if latencies else float("nan")) * 1000, samples=len(latencies),
-        missing=probes - len(latencies), rate_eps=(len(turns) + probes) / elapsed,
-        broker_p50_ms=percentile(hops, 50) * 1000, broker_p99_ms=percentile(hops, 99) * 1000,
+        p50_ms=percentile(total, 50) * 1000, p99_ms=percentile(total, 99) * 1000,
+        max_ms=(total[-1] if total else float("nan")) * 1000, samples=len(total),
+        missing=probes - len(total), rate_eps=(len(turns) + probes) / elapsed,
+        broker_p50_ms=percentile(hop, 50) * 1000, broker_p99_ms=percentile(hop, 99) * 1000,
+        p99_halves_ms=_p99_halves(latencies, middle), broker_p99_halves_ms=_p99_halves(hops, middle),
     )
 
 
@@ -125,8 +150,8 @@ async def _send_steadily(
 
 
 async def _read_arrivals(
-    consumer: AIOKafkaConsumer, codec: Codec, admissions: str, sent: dict[str, float], latencies: list[float],
-    hops: list[float], done: asyncio.Event,
+    consumer: AIOKafkaConsumer, codec: Codec, admissions: str, sent: dict[str, float], latencies: list[Sample],
+    hops: list[Sample], done: asyncio.Event,
 ) -> None:
     answered: set[str] = set()  # a decision fetched twice (a replay re-publishes it) is one answer
     while not done.is_set():
@@ -137,10 +162,10 @@ async def _read_arrivals(
                 if tp.topic == admissions:
                     request_id = codec.decode(record.value, AdmissionRequest).request_id
                     if request_id in sent:
-                        hops.append(arrived - sent[request_id])
+                        hops.append(Sample(sent[request_id], arrived - sent[request_id]))
                     continue
                 decision = codec.decode(record.value, Decision)
                 request_id = decision.request_id
                 if decision.kind is DecisionKind.ADMISSION and request_id in sent and request_id not in answered:
                     answered.add(request_id)
-                    latencies.append(arrived - sent[request_id])
+                    latencies.append(Sample(sent[request_id], arrived - sent[request_id]))

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,22 @@ def git_sha(cwd: Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def cpu_probe_ms() -> float:
+    """Milliseconds one core takes for a fixed pure-Python loop (best of five): how fast the machine is now.
+
+    Shared machines change speed under their tenants' load (the same code measured 1.8x slower for minutes at
+    a time here); taken before each phase, it tells a slow run from a slow machine, and shows when the rate
+    and the latency at half of it were measured on a machine of different speed.
+    """
+    best = float("inf")
+    for _ in range(5):
+        started, total = time.perf_counter(), 0
+        for i in range(1_000_000):
+            total += i * i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
 
 
 def machine() -> dict[str, Any]:

@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streams.admin import ensure_topics
 from streams.bench.core import measure_core
 from streams.bench.corpus import TurnCorpus, publish
 from streams.bench.latency import LatencyResult, measure_latency
-from streams.bench.report import BenchResults, git_sha, machine
+from streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
 from streams.bench.sessions import measure_sessions
 from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
 from streams.config import Settings
@@ -61,8 +62,8 @@ def _fresh(base: Settings, home: Path, name: str) -> Settings:
 
 def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults:
     """Run every phase against a private stack built from ``settings`` (batch size, partitions, ...)."""
-    details: dict[str, object] = {**machine(), "batch_max": settings.batch_max, "partitions": settings.partitions,
-                                  "admission_every": config.admission_every}
+    details: dict[str, Any] = {**machine(), "batch_max": settings.batch_max, "partitions": settings.partitions,
+                               "admission_every": config.admission_every, "cpu_probe_ms": {"start": cpu_probe_ms()}}
     sha = git_sha()
     home = Path(tempfile.mkdtemp(prefix="ctxflow-bench-"))
     try:
@@ -71,7 +72,9 @@ def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults
             "redis_url": f"redis://127.0.0.1:{free_port()}/0", "clickhouse_dsn": None, "schema_registry_url": None,
         })
         with EmbeddedStack(stack_settings) as stack:
-            return _phases(stack.settings, home, config, say, details, sha)
+            results = _phases(stack.settings, home, config, say, details, sha)
+        details["cpu_probe_ms"]["end"] = cpu_probe_ms()
+        return results
     finally:
         gc.unfreeze()
         shutil.rmtree(home, ignore_errors=True)
@@ -110,14 +113,17 @@ def _latency_phase(base: Settings, home: Path, corpus: TurnCorpus, rate: float, 
         cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - began)
     finally:
         worker.stop()
+    (first, second), (broker_first, broker_second) = latency.p99_halves_ms, latency.broker_p99_halves_ms
     say(f"  p50 {latency.p50_ms:.1f} ms, p99 {latency.p99_ms:.1f} ms over {latency.samples:,} admissions "
         f"({latency.missing} unanswered); the broker alone (probe produced -> fetched): "
         f"p50 {latency.broker_p50_ms:.1f} ms, p99 {latency.broker_p99_ms:.1f} ms per hop; "
         f"worker at {cpu:.0%} of a core")
+    say(f"  p99 by half of the window: {first:.1f} then {second:.1f} ms end to end, "
+        f"{broker_first:.1f} then {broker_second:.1f} ms for the broker alone")
     return latency, cpu
 
 
-def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, object], sha: str
+def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, Any], sha: str
             ) -> BenchResults:
     s1 = _fresh(base, home, "pipeline")
     corpus = TurnCorpus()
@@ -133,6 +139,7 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
     details |= {"raw_cpu_us_per_event": round(raw_cpu_us, 1), "raw_rejected": rejected}
     say(f"  raw_ceiling_eps = {raw_eps:,.0f} ({raw_cpu_us:.1f} us CPU per record)")
 
+    details["cpu_probe_ms"]["pipeline"] = cpu_probe_ms()
     say("(b) pipeline: ctxflow worker from ready to committed offsets at the end")
     run = run_pipeline(s1, len(records), say)
     details |= {"worker_startup_s": round(run.startup_s, 2), "pipeline_seconds": round(run.seconds, 2),
@@ -141,13 +148,16 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
     say(f"  pipeline_eps = {run.eps:,.0f} (ratio {run.eps / raw_eps:.2f}; worker CPU "
         f"{details['worker_cpu_us_per_event']} us/record at {details['worker_cpu_utilisation']:.0%} of a core)")
     rate = run.eps / 2
+    details["cpu_probe_ms"]["latency"] = cpu_probe_ms()
     say(f"(c) latency at {rate:,.0f} records/s (half the pipeline rate) for {config.latency_s:.0f}s")
     latency, latency_cpu = _latency_phase(base, home, corpus, rate, config, say, "latency")
     details |= {"latency_rate_eps": round(latency.rate_eps), "latency_samples": latency.samples,
                 "latency_worker_cpu_utilisation": round(latency_cpu, 2),
                 "latency_missing": latency.missing, "max_latency_ms": round(latency.max_ms, 1),
                 "broker_hop_p50_ms": round(latency.broker_p50_ms, 1),
-                "broker_hop_p99_ms": round(latency.broker_p99_ms, 1)}
+                "broker_hop_p99_ms": round(latency.broker_p99_ms, 1),
+                "p99_latency_ms_by_half": [round(v, 1) for v in latency.p99_halves_ms],
+                "broker_hop_p99_ms_by_half": [round(v, 1) for v in latency.broker_p99_halves_ms]}
     # The same at a quarter of the rate: where the latency stands when the machine is not near its limit.
     say(f"    and at {rate / 2:,.0f} records/s (a quarter of the pipeline rate)")
     light, light_cpu = _latency_phase(base, home, corpus, rate / 2, config, say, "latency-quarter")
