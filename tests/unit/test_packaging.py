@@ -1,0 +1,37 @@
+"""A built wheel carries every module and every contract schema of the source tree.
+
+The development install is editable (the source tree is on the path), so nothing else would notice a
+subpackage or a data file left out of the distribution: ``pip install`` of such a wheel gives a ``ctxflow``
+whose ``bench`` command cannot import, or a codec without its schemas.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("schemas", "processors", "streams", "sinks")
+
+
+def test_wheel_holds_every_module_and_schema(tmp_path: Path) -> None:
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    assert "BuildBackendWarning" not in build.stderr, build.stderr
+    (wheel,) = tmp_path.glob("ctxflow-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        path.relative_to(ROOT).as_posix()
+        for package in PACKAGES
+        for pattern in ("*.py", "*.avsc")
+        for path in (ROOT / package).rglob(pattern)
+        if "__pycache__" not in path.parts
+    }
+    assert any(name.endswith(".avsc") for name in expected)
+    assert "streams/bench/runner.py" in expected
+    assert expected - shipped == set()
