@@ -219,6 +219,9 @@ def bench(
         table.add_row("p99_latency_ms at a quarter of the pipeline rate", f"{quarter:.1f}", "", "")
     table.add_row("sessions_rss_bytes_per_run", f"{results.sessions_rss_bytes_per_run:,.0f}", "", "")
     table.add_row("recovery_s", f"{results.recovery_s:.1f}", "", "")
+    probes = results.details.get("cpu_probe_ms", {})
+    speeds = " / ".join(f"{probes[phase]:.0f}" for phase in ("start", "pipeline", "latency", "end") if phase in probes)
+    table.add_row("cpu_probe_ms (machine speed, lower is faster: start, pipeline, latency, end)", speeds, "", "")
     console.print(table)
     console.print(f"results in {output} (git {results.git_sha})")
 

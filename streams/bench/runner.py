@@ -73,7 +73,7 @@ def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults
         })
         with EmbeddedStack(stack_settings) as stack:
             results = _phases(stack.settings, home, config, say, details, sha)
-        details["cpu_probe_ms"]["end"] = cpu_probe_ms()
+        results.details["cpu_probe_ms"]["end"] = cpu_probe_ms()
         return results
     finally:
         gc.unfreeze()

@@ -7,6 +7,7 @@ whose ``bench`` command cannot import, or a codec without its schemas.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,15 @@ PACKAGES = ("schemas", "processors", "streams", "sinks")
 
 
 def test_wheel_holds_every_module_and_schema(tmp_path: Path) -> None:
+    # Built from a copy: setuptools leaves build/ in the tree it builds, and a stale build/ would ship files
+    # the source no longer has.
+    source = tmp_path / "source"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
