@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     #: is decided; a commit (ClickHouse rows, changelogs, Redis headroom, then input offsets) covers every batch
     #: decided since the last one, so its fixed costs are paid at most this often.
     commit_interval_s: float = Field(default=0.5, ge=0)
+    #: Longest a worker's fetch request waits at the broker for new records, in milliseconds. The embedded broker
+    #: (Tansu) holds every fetch this long even when records arrive meanwhile, so it stays short for it; Apache
+    #: Kafka answers as soon as records arrive, so there a long wait (500) only spares the empty fetches an idle
+    #: worker would otherwise make every few milliseconds.
+    fetch_max_wait_ms: int = Field(default=5, ge=1, le=30_000)
     #: TTL of tenant-scoped Redis keys, in seconds.
     redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
 

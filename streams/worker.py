@@ -72,6 +72,7 @@ def build_app(settings: Settings) -> faust.App:
         TableManager=PreloadingTableManager,
         recovery_consistency_check=False,
     )
+    app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     tables = declare_tables(app, settings.partitions)
     logical = {settings.topic(name): name for name in INPUT_MODELS}
     inputs = app.topic(

@@ -20,7 +20,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.codec import Codec
 from streams.config import Settings
 from streams.pipeline import INPUT_MODELS
-from streams.transport import FETCH_MAX_WAIT_MS  # the worker's own fetch wait
 from streams.worker_process import INPUT_TOPICS, WorkerProcess
 
 
@@ -29,7 +28,7 @@ async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
     names = {settings.topic(t): INPUT_MODELS[t] for t in topics}
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
     )
     await consumer.start()

@@ -215,7 +215,9 @@ def test_dockerfile_installs_every_project_package_and_runs_ctxflow() -> None:
     assert re.search(r'^ENTRYPOINT \["ctxflow"\]$', dockerfile, re.M)
     copied = {src for line in re.findall(r"^COPY (.+)$", dockerfile, re.M) for src in line.split()[:-1]}
     assert all((ROOT / src).exists() for src in copied), copied
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    included = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.removesuffix("*") for pattern in included["include"]}  # "streams*": streams and below
+    assert all((ROOT / package / "__init__.py").exists() for package in packages), packages
     assert {"pyproject.toml", *packages} <= copied
 
 

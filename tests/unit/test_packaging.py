@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("schemas", "processors", "streams", "sinks")
+_FIND = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+PACKAGES = sorted(pattern.removesuffix("*") for pattern in _FIND["include"])
 
 
 def test_wheel_holds_every_module_and_schema(tmp_path: Path) -> None:
