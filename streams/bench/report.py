@@ -76,9 +76,9 @@ def git_sha(cwd: Path | None = None) -> str:
 def cpu_probe_ms() -> float:
     """Milliseconds one core takes for a fixed pure-Python loop (best of five): how fast the machine is now.
 
-    Shared machines change speed under their tenants' load (the same code measured 1.8x slower for minutes at
-    a time here); taken before each phase, it tells a slow run from a slow machine, and shows when the rate
-    and the latency at half of it were measured on a machine of different speed.
+    Virtual machines change speed (the same loop measured up to 1.8x slower here, faster right after sustained
+    load and slower a few seconds into idling); taken before each phase, it tells a slow run from a slow
+    machine. It sees the machine between phases, not under a phase's own load.
     """
     best = float("inf")
     for _ in range(5):
