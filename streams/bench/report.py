@@ -76,9 +76,9 @@ def git_sha(cwd: Path | None = None) -> str:
 def cpu_probe_ms() -> float:
     """Milliseconds one core takes for a fixed pure-Python loop (best of five): how fast the machine is now.
 
-    Virtual machines change speed (the same loop measured up to 1.8x slower here, faster right after sustained
-    load and slower a few seconds into idling); taken before each phase, it tells a slow run from a slow
-    machine. It sees the machine between phases, not under a phase's own load.
+    Shared virtual machines change speed (the same loop measured up to 1.8x slower here, for minutes at a time,
+    whatever the machine itself was doing); taken before each phase, it tells a slow run from a slow machine.
+    It sees the machine between phases, not under a phase's own load.
     """
     best = float("inf")
     for _ in range(5):
