@@ -96,9 +96,9 @@ def _latency_phase(base: Settings, home: Path, corpus: TurnCorpus, rate: float, 
                    name: str) -> tuple[LatencyResult, float]:
     """Latency at ``rate`` with a fresh worker on fresh topics; (result, the worker's CPU in cores meanwhile).
 
-    Fresh topics because Tansu's memory storage lists a partition's stored batches on every fetch and produce,
-    so on topics that already hold the pipeline phase's records its own hop is slower than on a new
-    deployment's (see README).
+    Fresh topics because Tansu's memory storage lists a partition's stored batches on every fetch, so on
+    topics that already hold the pipeline phase's records its own hop is slower than on a new deployment's
+    (see README).
     """
     settings = _fresh(base, home, name)
     asyncio.run(publish(settings, corpus.manifests()))
