@@ -7,6 +7,7 @@ and every command reads it with ``settings_of(ctx)``. Adding a command is one de
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import signal
 from pathlib import Path
@@ -196,6 +197,9 @@ def bench(
     events: Annotated[int, typer.Option(min=1000, help="TurnEvents in the throughput corpus.")] = 200_000,
     runs_for_memory: Annotated[int, typer.Option(min=1000, help="Active runs for the memory phase.")] = 100_000,
     batch_max: Annotated[int | None, typer.Option(help="Worker batch size (default: the configured one).")] = None,
+    partitions: Annotated[int, typer.Option(
+        min=1, help="Partitions per topic of the benchmark's one-worker deployment; the half-rate latency is also "
+        "measured on the configured count (CTXFLOW_PARTITIONS) when it differs.")] = 1,
     quick: Annotated[bool, typer.Option(help="Small smoke run (~1 minute); overrides the sizes.")] = False,
     output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("bench-results.json"),
 ) -> None:
@@ -206,6 +210,7 @@ def bench(
     if batch_max is not None:
         settings = settings.model_copy(update={"batch_max": batch_max})
     config = BenchConfig.quick() if quick else BenchConfig(events=events, runs_for_memory=runs_for_memory)
+    config = dataclasses.replace(config, partitions=partitions)
     results = run_bench(settings, config, console.print)
     results.write(output)
     table = Table("metric", "measured", "target", "met")
@@ -217,6 +222,10 @@ def bench(
     quarter = results.details.get("quarter_rate_p99_latency_ms")
     if quarter is not None:
         table.add_row("p99_latency_ms at a quarter of the pipeline rate", f"{quarter:.1f}", "", "")
+    compared = results.details.get("compared_partitions_p99_latency_ms")
+    if compared is not None:
+        count = results.details["compared_partitions"]
+        table.add_row(f"p99_latency_ms at half the rate with {count} partitions per topic", f"{compared:.1f}", "", "")
     table.add_row("sessions_rss_bytes_per_run", f"{results.sessions_rss_bytes_per_run:,.0f}", "", "")
     table.add_row("recovery_s", f"{results.recovery_s:.1f}", "", "")
     probes = results.details.get("cpu_probe_ms", {})

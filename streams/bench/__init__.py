@@ -1,7 +1,8 @@
 """``ctxflow bench``: what one worker process sustains, measured end to end against its own embedded stack.
 
 Modules: :mod:`.corpus` (encoded inputs), :mod:`.throughput` (raw decode ceiling, worker rate),
-:mod:`.latency` (produce -> decision), :mod:`.sessions` (memory per active run, SIGKILL recovery),
+:mod:`.latency` (produce -> decision), :mod:`.load` (the latency phase's load, from a child process),
+:mod:`.sessions` (memory per active run, SIGKILL recovery),
 :mod:`.core` (the budget core alone), :mod:`.report` (results JSON, targets), :mod:`.runner` (the run).
 """
 

@@ -1,10 +1,12 @@
 """Latency phase: produce at a steady rate and time each admission from send to its decision on the topic.
 
 Every admission request yields exactly one ``admission`` decision, so interleaving one every ``every`` turns
-gives a steady stream of probes through the same batches as the turns around them. A probe's latency is
-measured in this process from just before the SDK queues the request to the moment this process's consumer
-fetched the decision (one clock, no skew). It includes the SDK's linger, the broker, the worker's fetch wait,
-its batch and the commit order up to the decision's produce.
+gives a steady stream of probes through the same batches as the turns around them. The turns and probes are
+sent from a process of their own at low CPU priority, standing for agents on other machines
+(:mod:`streams.bench.load`). A probe's latency runs from just before the SDK queues the request to the moment
+this process's consumer fetched the decision (both on the machine's monotonic clock). It includes the SDK's
+linger, the broker, the worker's fetch wait, its batch and the commit order up to the decision's produce, and
+the decision's way back to a subscriber.
 
 The same consumer also fetches the probes themselves from the admissions topic: send -> fetched is what the
 broker alone costs (one produce and one fetch hop, with no worker in between), measured on the same probes at
@@ -24,15 +26,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import Codec
 from schemas.models import AdmissionRequest, Decision, DecisionKind, TurnEvent
-from streams.bench.corpus import Encoded, admission_for, encode
+from streams.bench.corpus import Encoded
+from streams.bench.load import LoadPlan, generate_load
 from streams.config import Settings
-from streams.sdk import CtxflowClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +81,13 @@ async def measure_latency(
     settings: Settings, turns: Sequence[Encoded], models: Sequence[TurnEvent], rate_eps: float, every: int,
     say: Callable[[str], None],
 ) -> LatencyResult:
-    """Send ``turns`` at ``rate_eps`` with an admission for the current turn's run after every ``every``-th."""
+    """Send ``turns`` at ``rate_eps`` with an admission for the current turn's run after every ``every``-th.
+
+    The load comes from a process of its own (:mod:`streams.bench.load`); this process subscribes.
+    """
     codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
-    sent: dict[str, float] = {}  # probe request id -> send time
-    latencies: list[Sample] = []  # one per answered probe
-    hops: list[Sample] = []
+    answered: dict[str, float] = {}  # probe request id -> when its decision was fetched
+    fetched: dict[str, float] = {}  # probe request id -> when the probe itself was fetched
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
     await consumer.start()
     try:
@@ -95,77 +98,46 @@ async def measure_latency(
         for tp in tps:
             await consumer.position(tp)  # resolve "end" now, before the first probe is sent
         done = asyncio.Event()
-        reader = asyncio.create_task(_read_arrivals(
-            consumer, codec, settings.topic("admissions"), sent, latencies, hops, done
-        ))
-        started = time.perf_counter()
-        async with CtxflowClient.from_settings(settings, max_in_flight=100_000) as client:
-            await _send_steadily(client, settings, turns, models, rate_eps, every, sent, say)
-        elapsed = time.perf_counter() - started
-        probes = len(sent)
-        deadline = time.perf_counter() + 30
-        while len(latencies) < probes and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
-        done.set()
-        await reader
+        reader = asyncio.create_task(_read_arrivals(consumer, codec, settings.topic("admissions"), answered,
+                                                    fetched, done))
+        probes = {index: models[index] for index in range(every - 1, len(turns), every)}
+        try:
+            load = await generate_load(LoadPlan(settings, turns, probes, rate_eps), say)
+            deadline = time.perf_counter() + 30
+            while not load.sent.keys() <= answered.keys() and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            done.set()
+            await reader
     finally:
         await consumer.stop()
+    sent = load.sent
+    latencies = [Sample(at, answered[rid] - at) for rid, at in sent.items() if rid in answered]
+    hops = [Sample(at, fetched[rid] - at) for rid, at in sent.items() if rid in fetched]
     middle = (min(sent.values()) + max(sent.values())) / 2 if sent else 0.0
     total, hop = sorted(s.seconds for s in latencies), sorted(s.seconds for s in hops)
     return LatencyResult(
         p50_ms=percentile(total, 50) * 1000, p99_ms=percentile(total, 99) * 1000,
         max_ms=(total[-1] if total else float("nan")) * 1000, samples=len(total),
-        missing=probes - len(total), rate_eps=(len(turns) + probes) / elapsed,
+        missing=len(sent) - len(total), rate_eps=load.rate_eps,
         broker_p50_ms=percentile(hop, 50) * 1000, broker_p99_ms=percentile(hop, 99) * 1000,
         p99_halves_ms=_p99_halves(latencies, middle), broker_p99_halves_ms=_p99_halves(hops, middle),
     )
 
 
-async def _send_steadily(
-    client: CtxflowClient, settings: Settings, turns: Sequence[Encoded], models: Sequence[TurnEvent],
-    rate_eps: float, every: int, sent: dict[str, float], say: Callable[[str], None],
-) -> None:
-    turns_topic, admissions_topic = settings.topic("turns"), settings.topic("admissions")
-    began = next_report = time.perf_counter()
-    index = records = 0  # records counts probes too: the rate is in input records, like pipeline_eps
-    while index < len(turns):
-        due = int((time.perf_counter() - began) * rate_eps) + 1
-        while records < due and index < len(turns):
-            record = turns[index]
-            await client.send_raw(turns_topic, record.key, record.value)
-            records += 1
-            if index % every == every - 1:
-                request_id = f"bench-probe-{index}"
-                probe = encode(client.codec, admission_for(models[index], request_id, datetime.now(UTC)))
-                sent[request_id] = time.perf_counter()
-                await client.send_raw(admissions_topic, probe.key, probe.value)
-                records += 1
-            index += 1
-        now = time.perf_counter()
-        if now >= next_report:
-            say(f"  ... {records:,} records sent at {records / max(now - began, 1e-9):,.0f}/s")
-            next_report = now + 2.0
-        await asyncio.sleep(0.002)
-    await client.flush()
-
-
 async def _read_arrivals(
-    consumer: AIOKafkaConsumer, codec: Codec, admissions: str, sent: dict[str, float], latencies: list[Sample],
-    hops: list[Sample], done: asyncio.Event,
+    consumer: AIOKafkaConsumer, codec: Codec, admissions: str, answered: dict[str, float], fetched: dict[str, float],
+    done: asyncio.Event,
 ) -> None:
-    answered: set[str] = set()  # a decision fetched twice (a replay re-publishes it) is one answer
+    # First arrivals only: a decision fetched twice (a replay re-publishes it) is one answer.
     while not done.is_set():
         batches = await consumer.getmany(timeout_ms=20)
         arrived = time.perf_counter()
         for tp, records in batches.items():
             for record in records:
                 if tp.topic == admissions:
-                    request_id = codec.decode(record.value, AdmissionRequest).request_id
-                    if request_id in sent:
-                        hops.append(Sample(sent[request_id], arrived - sent[request_id]))
+                    fetched.setdefault(codec.decode(record.value, AdmissionRequest).request_id, arrived)
                     continue
                 decision = codec.decode(record.value, Decision)
-                request_id = decision.request_id
-                if decision.kind is DecisionKind.ADMISSION and request_id in sent and request_id not in answered:
-                    answered.add(request_id)
-                    latencies.append(Sample(sent[request_id], arrived - sent[request_id]))
+                if decision.kind is DecisionKind.ADMISSION and decision.request_id is not None:
+                    answered.setdefault(decision.request_id, arrived)

@@ -2,8 +2,13 @@
 
 Phases (all in the same run, so their figures are comparable): corpus (encoded before any clock starts) ->
 (a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate
-(the target) and at a quarter of it, each with a fresh worker and topics -> (d) session memory and SIGKILL
-recovery with ``runs_for_memory`` active runs, fresh worker -> (e) the budget core alone, in process.
+(the target), at half of it again on the deployment's partition count when that differs, and at a quarter of
+it, each with a fresh worker and topics -> (d) session memory and SIGKILL recovery with
+``runs_for_memory`` active runs, fresh worker -> (e) the budget core alone, in process.
+
+The benchmark's deployment is one worker process, so its topics have one partition each
+(``BenchConfig.partitions``): that worker reads every partition anyway, and the embedded broker's fetch costs
+CPU per partition that holds new records, in proportion to the batches that partition stores (see README).
 """
 
 from __future__ import annotations
@@ -43,11 +48,18 @@ class BenchConfig:
     latency_s: float = 10.0
     admission_every: int = 20
     core_rate_runs: int = 20_000
+    #: Partitions of every topic: one worker process reads them all.
+    partitions: int = 1
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
         return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000)
+
+    @classmethod
+    def smoke(cls) -> BenchConfig:
+        """The smallest run that still goes through every phase: for the test suite, not for figures."""
+        return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500)
 
 
 def _fresh(base: Settings, home: Path, name: str) -> Settings:
@@ -61,8 +73,9 @@ def _fresh(base: Settings, home: Path, name: str) -> Settings:
 
 
 def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults:
-    """Run every phase against a private stack built from ``settings`` (batch size, partitions, ...)."""
-    details: dict[str, Any] = {**machine(), "batch_max": settings.batch_max, "partitions": settings.partitions,
+    """Run every phase against a private stack built from ``settings`` (batch size, fetch wait, ...) with
+    ``config.partitions``; ``settings.partitions``, when it differs, is the comparison's (phase c)."""
+    details: dict[str, Any] = {**machine(), "batch_max": settings.batch_max, "partitions": config.partitions,
                                "admission_every": config.admission_every, "cpu_probe_ms": {"start": cpu_probe_ms()}}
     sha = git_sha()
     home = Path(tempfile.mkdtemp(prefix="ctxflow-bench-"))
@@ -72,7 +85,7 @@ def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults
             "redis_url": f"redis://127.0.0.1:{free_port()}/0", "clickhouse_dsn": None, "schema_registry_url": None,
         })
         with EmbeddedStack(stack_settings) as stack:
-            results = _phases(stack.settings, home, config, say, details, sha)
+            results = _phases(stack.settings, home, config, say, details, sha, compare_partitions=settings.partitions)
         results.details["cpu_probe_ms"]["end"] = cpu_probe_ms()
         return results
     finally:
@@ -123,9 +136,10 @@ def _latency_phase(base: Settings, home: Path, corpus: TurnCorpus, rate: float, 
     return latency, cpu
 
 
-def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, Any], sha: str
-            ) -> BenchResults:
-    s1 = _fresh(base, home, "pipeline")
+def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, Any], sha: str,
+            compare_partitions: int) -> BenchResults:
+    deployment = base.model_copy(update={"partitions": config.partitions})
+    s1 = _fresh(deployment, home, "pipeline")
     corpus = TurnCorpus()
     say(f"corpus: encoding {config.events:,} TurnEvents of {len(corpus.workload.tenants)} tenants")
     records = corpus.manifests() + corpus.take(config.events, lambda n: say(f"  ... {n:,} encoded"))
@@ -150,7 +164,7 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
     rate = run.eps / 2
     details["cpu_probe_ms"]["latency"] = cpu_probe_ms()
     say(f"(c) latency at {rate:,.0f} records/s (half the pipeline rate) for {config.latency_s:.0f}s")
-    latency, latency_cpu = _latency_phase(base, home, corpus, rate, config, say, "latency")
+    latency, latency_cpu = _latency_phase(deployment, home, corpus, rate, config, say, "latency")
     details |= {"latency_rate_eps": round(latency.rate_eps), "latency_samples": latency.samples,
                 "latency_worker_cpu_utilisation": round(latency_cpu, 2),
                 "latency_missing": latency.missing, "max_latency_ms": round(latency.max_ms, 1),
@@ -158,16 +172,28 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
                 "broker_hop_p99_ms": round(latency.broker_p99_ms, 1),
                 "p99_latency_ms_by_half": [round(v, 1) for v in latency.p99_halves_ms],
                 "broker_hop_p99_ms_by_half": [round(v, 1) for v in latency.broker_p99_halves_ms]}
+    if compare_partitions != config.partitions:
+        # The same half rate on the deployment's partition count, right after (the machine and the broker as alike
+        # as they get): what the embedded broker's per-partition fetch cost adds (on Apache Kafka a fetch does not
+        # depend on how much a partition stores).
+        say(f"    and at {rate:,.0f} records/s again with {compare_partitions} partitions per topic")
+        spread, spread_cpu = _latency_phase(base.model_copy(update={"partitions": compare_partitions}), home, corpus,
+                                            rate, config, say, "latency-partitions")
+        details |= {"compared_partitions": compare_partitions, "compared_partitions_eps": round(spread.rate_eps),
+                    "compared_partitions_p50_latency_ms": round(spread.p50_ms, 1),
+                    "compared_partitions_p99_latency_ms": round(spread.p99_ms, 1),
+                    "compared_partitions_worker_cpu_utilisation": round(spread_cpu, 2),
+                    "compared_partitions_broker_hop_p99_ms": round(spread.broker_p99_ms, 1)}
     # The same at a quarter of the rate: where the latency stands when the machine is not near its limit.
     say(f"    and at {rate / 2:,.0f} records/s (a quarter of the pipeline rate)")
-    light, light_cpu = _latency_phase(base, home, corpus, rate / 2, config, say, "latency-quarter")
+    light, light_cpu = _latency_phase(deployment, home, corpus, rate / 2, config, say, "latency-quarter")
     details |= {"quarter_rate_eps": round(light.rate_eps), "quarter_rate_p50_latency_ms": round(light.p50_ms, 1),
                 "quarter_rate_p99_latency_ms": round(light.p99_ms, 1),
                 "quarter_rate_worker_cpu_utilisation": round(light_cpu, 2),
                 "quarter_rate_broker_hop_p99_ms": round(light.broker_p99_ms, 1)}
 
     say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
-    sessions = measure_sessions(_fresh(base, home, "sessions"), config.runs_for_memory, say)
+    sessions = measure_sessions(_fresh(deployment, home, "sessions"), config.runs_for_memory, say)
     details |= {"sessions_runs": sessions.runs, "sessions_empty_rss_bytes": sessions.empty_rss_bytes,
                 "sessions_warm_rss_bytes": sessions.baseline_rss_bytes,
                 "sessions_loaded_rss_bytes": sessions.loaded_rss_bytes,

@@ -1,0 +1,50 @@
+"""``ctxflow bench`` end to end at its smallest size: every phase runs against its own embedded stack and
+reports figures a reader can trust (every probe answered, the latency rate the one asked for)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from streams.bench import BenchConfig, run_bench
+from streams.bench.corpus import TurnCorpus
+from streams.bench.load import LoadFailed, LoadPlan, generate_load
+from streams.config import Settings
+from streams.stack import EmbeddedStack
+
+
+@pytest.mark.timeout(240)
+def test_smoke_bench_runs_every_phase_and_answers_every_probe(tmp_path: Path) -> None:
+    said: list[str] = []
+    results = run_bench(Settings(), BenchConfig.smoke(), said.append)
+    results.write(tmp_path / "bench-results.json")
+    written = json.loads((tmp_path / "bench-results.json").read_text())
+
+    assert written["pipeline_eps"] > 0 and written["raw_ceiling_eps"] > 0
+    assert written["ratio"] == pytest.approx(written["pipeline_eps"] / written["raw_ceiling_eps"], abs=0.001)
+    # The latency phases ran at the rates they were given (half and a quarter of the pipeline rate), every
+    # probe got its decision, and the load came from its own process at the benchmark's partition count.
+    assert written["latency_rate_eps"] == pytest.approx(written["pipeline_eps"] / 2, rel=0.15)
+    assert written["quarter_rate_eps"] == pytest.approx(written["pipeline_eps"] / 4, rel=0.15)
+    assert written["latency_missing"] == 0 and written["latency_samples"] > 0
+    assert 0 < written["p50_latency_ms"] <= written["p99_latency_ms"] <= written["max_latency_ms"]
+    assert written["partitions"] == 1
+    # The deployment's own partition count (4 by default) is measured too, for comparison.
+    assert written["compared_partitions"] == Settings().partitions
+    assert written["compared_partitions_p99_latency_ms"] > 0
+    assert written["sessions_runs"] == 1_000 and written["recovery_s"] > 0
+    assert any("records sent at" in line for line in said), "the load generator's progress reaches the caller"
+
+
+def test_a_failing_load_generator_stops_the_phase_with_its_reason(stack: EmbeddedStack) -> None:
+    # Topics that were never created: the SDK in the child process refuses to send, and the parent says why.
+    settings = stack.settings.model_copy(update={"topic_prefix": f"missing-{uuid.uuid4().hex[:8]}"})
+    corpus = TurnCorpus()
+    turns = corpus.take(40)
+    plan = LoadPlan(settings, turns, {19: corpus.last[19]}, rate_eps=1_000)
+    with pytest.raises(LoadFailed, match="does not exist on the broker"):
+        asyncio.run(generate_load(plan, lambda _: None))
