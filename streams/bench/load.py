@@ -70,7 +70,9 @@ async def generate_load(plan: LoadPlan, say: Callable[[str], None], ready_timeou
         assert isinstance(report, LoadReport)
         return report
     finally:
-        process.join(timeout=10)
+        # The child takes a while to exit (its producer, its loop, its heap); joining on this loop would stop the
+        # subscriber meanwhile, and the last probes' decisions would seem to arrive that much later.
+        await asyncio.to_thread(process.join, 10)
         if process.is_alive():
             process.kill()
         ours.close()
