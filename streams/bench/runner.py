@@ -136,6 +136,14 @@ def _latency_phase(base: Settings, home: Path, corpus: TurnCorpus, rate: float, 
     return latency, cpu
 
 
+def _rate_details(prefix: str, latency: LatencyResult, worker_cpu: float) -> dict[str, float]:
+    """The figures of a latency phase beside the headline one, under ``prefix``."""
+    return {f"{prefix}_eps": round(latency.rate_eps), f"{prefix}_p50_latency_ms": round(latency.p50_ms, 1),
+            f"{prefix}_p99_latency_ms": round(latency.p99_ms, 1),
+            f"{prefix}_worker_cpu_utilisation": round(worker_cpu, 2),
+            f"{prefix}_broker_hop_p99_ms": round(latency.broker_p99_ms, 1)}
+
+
 def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: dict[str, Any], sha: str,
             compare_partitions: int) -> BenchResults:
     deployment = base.model_copy(update={"partitions": config.partitions})
@@ -179,18 +187,12 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         say(f"    and at {rate:,.0f} records/s again with {compare_partitions} partitions per topic")
         spread, spread_cpu = _latency_phase(base.model_copy(update={"partitions": compare_partitions}), home, corpus,
                                             rate, config, say, "latency-partitions")
-        details |= {"compared_partitions": compare_partitions, "compared_partitions_eps": round(spread.rate_eps),
-                    "compared_partitions_p50_latency_ms": round(spread.p50_ms, 1),
-                    "compared_partitions_p99_latency_ms": round(spread.p99_ms, 1),
-                    "compared_partitions_worker_cpu_utilisation": round(spread_cpu, 2),
-                    "compared_partitions_broker_hop_p99_ms": round(spread.broker_p99_ms, 1)}
+        details |= {"compared_partitions": compare_partitions,
+                    **_rate_details("compared_partitions", spread, spread_cpu)}
     # The same at a quarter of the rate: where the latency stands when the machine is not near its limit.
     say(f"    and at {rate / 2:,.0f} records/s (a quarter of the pipeline rate)")
     light, light_cpu = _latency_phase(deployment, home, corpus, rate / 2, config, say, "latency-quarter")
-    details |= {"quarter_rate_eps": round(light.rate_eps), "quarter_rate_p50_latency_ms": round(light.p50_ms, 1),
-                "quarter_rate_p99_latency_ms": round(light.p99_ms, 1),
-                "quarter_rate_worker_cpu_utilisation": round(light_cpu, 2),
-                "quarter_rate_broker_hop_p99_ms": round(light.broker_p99_ms, 1)}
+    details |= _rate_details("quarter_rate", light, light_cpu)
 
     say(f"(d) sessions: {config.runs_for_memory:,} active runs in a fresh worker, then SIGKILL + restart")
     sessions = measure_sessions(_fresh(deployment, home, "sessions"), config.runs_for_memory, say)

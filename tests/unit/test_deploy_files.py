@@ -13,14 +13,14 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support_project import PACKAGES, ROOT
+
 COMPOSE_DIR = ROOT / "compose"
 PROVISIONING = COMPOSE_DIR / "grafana" / "provisioning"
 DATASOURCE_UID = "ctxflow-clickhouse"
@@ -215,10 +215,8 @@ def test_dockerfile_installs_every_project_package_and_runs_ctxflow() -> None:
     assert re.search(r'^ENTRYPOINT \["ctxflow"\]$', dockerfile, re.M)
     copied = {src for line in re.findall(r"^COPY (.+)$", dockerfile, re.M) for src in line.split()[:-1]}
     assert all((ROOT / src).exists() for src in copied), copied
-    included = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    packages = {pattern.removesuffix("*") for pattern in included["include"]}  # "streams*": streams and below
-    assert all((ROOT / package / "__init__.py").exists() for package in packages), packages
-    assert {"pyproject.toml", *packages} <= copied
+    assert all((ROOT / package / "__init__.py").exists() for package in PACKAGES), PACKAGES
+    assert {"pyproject.toml", *PACKAGES} <= copied
 
 
 def _interpolate(node: Any) -> Any:

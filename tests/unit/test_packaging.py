@@ -10,13 +10,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-_FIND = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-PACKAGES = sorted(pattern.removesuffix("*") for pattern in _FIND["include"])
+from tests.support_project import PACKAGES, ROOT
 
 
 def test_wheel_holds_every_module_and_schema(tmp_path: Path) -> None:
