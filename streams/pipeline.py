@@ -153,10 +153,14 @@ class BudgetPipeline:
         """Process ``records`` (in consumption order); returns once every effect is durable."""
         return await self.commit([await self.prepare(records)])
 
-    async def prepare(self, records: Sequence[InputRecord], yield_every: int = 64) -> PreparedBatch:
+    async def prepare(self, records: Sequence[InputRecord], yield_every: int = 16) -> PreparedBatch:
         """Steps 1-2 for ``records``, then capture their effects; nothing is written yet.
 
-        Yields to the event loop every ``yield_every`` records so a batch committing meanwhile makes progress.
+        Yields to the event loop every ``yield_every`` records so that other work makes progress meanwhile: a
+        batch committing, the previous batch's decisions going out, and the consumer draining the last fetch
+        response (aiokafka sends no next fetch until it is drained). Every 16 rather than 64 records: p50 from
+        produce to decision 25-37 vs 31-39 ms in three interleaved pairs at 3,800 events/s, worker CPU alike
+        (a yield costs ~5 us, 16 records ~2 ms).
         """
         started = time.perf_counter()
         now = self._clock()
