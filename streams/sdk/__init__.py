@@ -1,0 +1,49 @@
+"""Client SDK for agent runtimes: publish a run's events to ctxflow and follow the decisions about it.
+
+One import path::
+
+    from streams.sdk import CtxflowClient, RunContext
+
+    async with CtxflowClient("127.0.0.1:9092") as client:
+        ctx = RunContext(tenant_id="acme", user_id="u1", session_id="s1", agent_id="planner", model="gpt-4o")
+        async with client.run(ctx):  # RunEvent started ... finalized(succeeded | failed | cancelled)
+            await client.publish_turn(ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Plan my trip"))
+        async with client.decisions("acme", run_id=ctx.run_id) as stream:
+            async for decision in stream: ...
+
+    async with BudgetReader("redis://127.0.0.1:16379/0") as budgets:  # read instead of subscribe
+        answer = await budgets.check_admission("acme", ctx.run_id, {Slot.RETRIEVED: 6_000})
+
+Delivery: ``publish_*`` encode the record and queue it; aiokafka batches per partition (``linger_ms``) and at
+most ``max_in_flight`` records wait for an acknowledgement (publishing waits for room beyond that).
+Delivery failures surface at :meth:`CtxflowClient.flush` (also run on a clean ``async with`` exit), which
+raises :class:`PublishFailed` if any record was not acknowledged: a broker lost mid-run fails its records
+after ``request_timeout_ms``. Entering a client whose bootstrap does not answer raises
+:class:`BrokerUnavailable` at once. Records are keyed as ``streams.topics`` says: ``tenant_id`` (one
+tenant's events share a partition), decisions ``tenant_id:run_id``. :class:`SyncCtxflowClient` is the
+blocking facade for runtimes without an event loop.
+
+Topics: the client publishes to and reads only topics that exist (``ctxflow up`` or ``ctxflow topics
+create`` makes them from the catalogue) and raises :class:`TopicMissing` otherwise. A produce or a metadata
+request naming a missing topic would make the broker auto-create it with its own default partition count
+and cleanup policy, silently moving tenants between partitions once the real topic is made.
+
+Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content``; its ``content_digest``
+is kept (computed here when missing) and ``token_count`` is sent only if the caller gave it: the SDK does
+not tokenize, so give ``token_count`` for no-retention turns or the budget cannot count them. A run
+published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
+if they say ``retained`` (delegation cannot downgrade privacy).
+"""
+
+from streams.budget_reader import BudgetReader
+from streams.sdk.client import CtxflowClient
+from streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from streams.sdk.readers import DecisionStream
+from streams.sdk.records import TOPIC_OF, record_key, redact
+from streams.sdk.run_context import RunContext
+from streams.sdk.sync import SyncCtxflowClient
+
+__all__ = [
+    "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",
+    "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
+]

@@ -1,0 +1,247 @@
+"""The async client: publishes records (privacy step, key, topic checks) and reads decisions and manifests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel
+
+from schemas.codec import Codec
+from schemas.models import (
+    AdmissionRequest,
+    MemoryCandidate,
+    PrivacyMode,
+    RunEvent,
+    RunStatus,
+    TenantManifest,
+    TurnEvent,
+    UsageReport,
+)
+from streams.config import Settings
+from streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from streams.sdk.readers import DecisionStream, TopicReader
+from streams.sdk.records import TOPIC_OF, R, record_key, redact
+from streams.sdk.run_context import RunContext
+from streams.topics import MANIFESTS, TopicSpec
+
+#: Runs this client remembers as no_retention, so their later records and children stay private.
+_PRIVATE_RUNS_REMEMBERED = 100_000
+
+
+class CtxflowClient:
+    """Async ctxflow producer (plus decision and manifest readers) over one aiokafka producer.
+
+    Use as ``async with``: entering connects (or raises :class:`BrokerUnavailable` within
+    ``connect_timeout_s``), a clean exit flushes (raising :class:`PublishFailed` on lost records) and closes.
+    """
+
+    def __init__(self, bootstrap: str, *, topic_prefix: str = "ctxflow", registry_url: str | None = None,
+                 linger_ms: int = 5, max_batch_bytes: int = 512 * 1024, max_in_flight: int = 20_000,
+                 request_timeout_ms: int = 30_000, connect_timeout_s: float = 10.0,
+                 max_content_bytes: int = 256 * 1024, client_id: str = "ctxflow-sdk") -> None:
+        self.bootstrap = bootstrap
+        self.settings = Settings(bootstrap=bootstrap, topic_prefix=topic_prefix,
+                                 schema_registry_url=registry_url, max_content_bytes=max_content_bytes)
+        self.codec = Codec(registry_url=registry_url, max_content_bytes=max_content_bytes)
+        self._producer_args: dict[str, Any] = {
+            "bootstrap_servers": bootstrap, "client_id": client_id, "linger_ms": linger_ms,
+            "max_batch_size": max_batch_bytes, "request_timeout_ms": request_timeout_ms, "acks": "all",
+        }
+        self._connect_timeout_s = connect_timeout_s
+        self._max_in_flight = max_in_flight
+        self._producer: AIOKafkaProducer | None = None
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failures: list[tuple[str, BaseException]] = []
+        self._failed = 0
+        self._private_runs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._partitions_of: dict[str, list[TopicPartition]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw: Any) -> CtxflowClient:
+        """A client for the deployment ``settings`` describe (bootstrap, prefix, registry, content limit)."""
+        return cls(settings.bootstrap, topic_prefix=settings.topic_prefix,
+                   registry_url=settings.schema_registry_url, max_content_bytes=settings.max_content_bytes,
+                   **kw)
+
+    async def __aenter__(self) -> CtxflowClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if exc_type is None:
+                await self.flush()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Connect the producer; raises :class:`BrokerUnavailable` saying what to check."""
+        producer = AIOKafkaProducer(**self._producer_args)
+        try:
+            await asyncio.wait_for(producer.start(), self._connect_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await producer.stop()
+            raise BrokerUnavailable(
+                f"cannot reach the Kafka broker at {self.bootstrap!r} within {self._connect_timeout_s}s "
+                f"({exc!r}): {CHECK_BROKER}") from exc
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Close the producer without waiting for acknowledgements (call :meth:`flush` first for those)."""
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    def topic(self, spec: TopicSpec) -> str:
+        """The full topic name of ``spec`` under this client's prefix."""
+        return spec.full_name(self.settings)
+
+    async def publish(self, record: BaseModel) -> None:
+        """Apply the privacy step, encode, and queue ``record`` on its contract topic with its key.
+
+        Raises ``schemas.ContractViolation`` (nothing is sent) when the record breaks a deployment limit,
+        such as content over ``max_content_bytes``; :class:`CtxflowError` when the client is not started.
+        """
+        spec = TOPIC_OF.get(type(record))
+        if spec is None:
+            raise TypeError(f"{type(record).__name__} is not a record agents publish")
+        record = self._apply_privacy(record)
+        await self.send_raw(self.topic(spec), record_key(spec, record), self.codec.encode(record))
+
+    async def publish_turn(self, event: TurnEvent) -> None:
+        """Queue one context item (content dropped if its run is no_retention)."""
+        await self.publish(event)
+
+    async def publish_usage(self, report: UsageReport) -> None:
+        """Queue one provider call's usage."""
+        await self.publish(report)
+
+    async def publish_run(self, event: RunEvent) -> None:
+        """Queue a run boundary; a no_retention run makes this client redact the run and its children."""
+        await self.publish(event)
+
+    async def publish_memory_candidate(self, candidate: MemoryCandidate) -> None:
+        """Queue a memory promotion proposal (content dropped if its run is no_retention)."""
+        await self.publish(candidate)
+
+    async def request_admission(self, request: AdmissionRequest) -> None:
+        """Queue an admission request; the answer arrives as a ``admission`` decision for the run."""
+        await self.publish(request)
+
+    async def set_manifest(self, manifest: TenantManifest) -> None:
+        """Queue a tenant's budget manifest (the newest version per tenant wins)."""
+        await self.publish(manifest)
+
+    async def send_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Queue encoded bytes (tools, poison demos); waits while ``max_in_flight`` are unacknowledged."""
+        if self._producer is None:
+            raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
+        if topic not in self._partitions_of:
+            await self.partitions(topic)  # before the producer's metadata request for it, which would create it
+        while self._in_flight >= self._max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        future = await self._producer.send(topic, value, key=key)
+        self._in_flight += 1
+        self._idle.clear()
+        future.add_done_callback(functools.partial(self._acked, topic))
+
+    def _acked(self, topic: str, future: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is not None:
+            self._failed += 1
+            if len(self._failures) < 20:
+                self._failures.append((topic, error))
+        if self._in_flight < self._max_in_flight:
+            self._room.set()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued record is acknowledged or failed; raise :class:`PublishFailed` on failures.
+
+        Failures are reported once: a later flush only reports records queued after this one.
+        """
+        if self._producer is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._producer.flush()
+                    await self._idle.wait()
+            except TimeoutError:
+                raise PublishFailed(f"{self._in_flight} records not acknowledged within {timeout_s}s by "
+                                    f"{self.bootstrap!r}: {CHECK_BROKER}", []) from None
+        if self._failed:
+            failures, failed = self._failures, self._failed
+            self._failures, self._failed = [], 0
+            raise PublishFailed(f"{failed} records were not acknowledged by {self.bootstrap!r} "
+                                f"(first: {failures[0][1]!r} on {failures[0][0]}): {CHECK_BROKER}", failures)
+
+    def _apply_privacy(self, record: R) -> R:
+        run_id = getattr(record, "run_id", None)
+        privacy = getattr(record, "privacy", None)
+        if run_id is None or privacy is None:
+            return record
+        tenant_id: str = record.tenant_id  # type: ignore[attr-defined]
+        if privacy == PrivacyMode.RETAINED and (
+            (tenant_id, run_id) in self._private_runs
+            or (tenant_id, getattr(record, "parent_run_id", None)) in self._private_runs
+        ):
+            record = record.model_copy(update={"privacy": PrivacyMode.NO_RETENTION})
+        if isinstance(record, RunEvent) and record.privacy == PrivacyMode.NO_RETENTION:
+            self._private_runs[(tenant_id, run_id)] = None
+            while len(self._private_runs) > _PRIVATE_RUNS_REMEMBERED:
+                self._private_runs.popitem(last=False)
+        return redact(record)
+
+    @contextlib.asynccontextmanager
+    async def run(self, ctx: RunContext) -> AsyncIterator[RunContext]:
+        """Publish ``started`` on entry, ``finalized`` on exit: succeeded, cancelled, or failed on errors."""
+        await self.publish_run(ctx.started())
+        status = RunStatus.FAILED
+        try:
+            yield ctx
+            status = RunStatus.SUCCEEDED
+        except asyncio.CancelledError:
+            status = RunStatus.CANCELLED
+            raise
+        finally:
+            await self.publish_run(ctx.finalized(status))
+
+    def decisions(self, tenant_id: str, session_id: str | None = None, run_id: str | None = None,
+                  from_beginning: bool = False) -> DecisionStream:
+        """Decisions for one tenant (and session/run when given); see :class:`DecisionStream`."""
+        return DecisionStream(self, tenant_id, session_id, run_id, from_beginning)
+
+    async def latest_manifest(self, tenant_id: str, timeout_s: float = 10.0) -> TenantManifest | None:
+        """The last manifest published for ``tenant_id`` (reads the manifests topic to its current end)."""
+        latest: TenantManifest | None = None
+        async with TopicReader(self, self.topic(MANIFESTS), from_beginning=True) as reader:
+            key = tenant_id.encode()
+            for message in await reader.until_end(timeout_s):
+                if message.key == key:
+                    value = message.value
+                    latest = None if value is None else self.codec.decode(value, TenantManifest)
+        return latest
+
+    async def partitions(self, topic: str) -> list[TopicPartition]:
+        """The partitions of ``topic``; raises :class:`TopicMissing` if it does not exist (see :mod:`streams.sdk`)."""
+        if self._producer is None:
+            raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
+        if topic not in self._partitions_of:
+            # Metadata for *all* topics: unlike a request naming the topic, it never makes the broker create it.
+            cluster = await self._producer.client.fetch_all_metadata()
+            if topic not in cluster.topics():
+                raise TopicMissing(topic, self.settings)
+            self._partitions_of[topic] = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic))]
+        return self._partitions_of[topic]

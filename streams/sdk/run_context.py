@@ -1,0 +1,157 @@
+"""A run's identity and the builders that stamp it on every event an agent publishes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.models import (
+    AdmissionRequest,
+    ItemKind,
+    MemoryCandidate,
+    MemoryScope,
+    MemoryType,
+    PrivacyMode,
+    Role,
+    RunEvent,
+    RunPhase,
+    RunStatus,
+    Slot,
+    TurnEvent,
+    UsageReport,
+)
+from schemas.models import content_digest as digest
+
+
+def _utc_now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)  # the wire keeps milliseconds
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass
+class RunContext:
+    """The identity of one agent run and builders that stamp it on every event, so agents never hand-roll ids.
+
+    Guarantees: every event built here carries this run's tenant/user/session/run/agent ids and privacy;
+    turns get ``seq`` 0, 1, 2, ... in build order; ids come from ``id_factory`` (uuid4 unless injected);
+    ``content_digest`` is computed from ``content``; timestamps come from ``clock`` unless ``at`` is given.
+    A :meth:`child` run points ``parent_run_id`` here and ``workflow_id`` at the root, and is never less
+    private than its parent. Builders are pure: nothing is sent until a client publishes the result.
+    """
+
+    tenant_id: str
+    user_id: str
+    session_id: str
+    agent_id: str
+    model: str
+    run_id: str = ""
+    parent_run_id: str | None = None
+    workflow_id: str = ""
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    clock: Callable[[], datetime] = _utc_now
+    id_factory: Callable[[], str] = _uuid
+    next_seq: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self.run_id = self.run_id or self.id_factory()
+        self.workflow_id = self.workflow_id or self.run_id
+
+    def _ids(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "user_id": self.user_id, "session_id": self.session_id,
+                "run_id": self.run_id, "agent_id": self.agent_id}
+
+    def turn(self, role: Role, kind: ItemKind, slot: Slot, content: str | None = None, *,
+             content_digest: str | None = None, token_count: int | None = None, item_id: str | None = None,
+             tool_call_id: str | None = None, importance: float | None = None, relevance: float | None = None,
+             tier_hint: int | None = None, embedding: list[float] | None = None, at: datetime | None = None,
+             ) -> TurnEvent:
+        """One context item entering the run, with the next ``seq``. Needs ``content`` or its digest."""
+        if content is None and content_digest is None:
+            raise ValueError("a turn needs content or content_digest")
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return TurnEvent(
+            event_id=self.id_factory(), **self._ids(), parent_run_id=self.parent_run_id, seq=seq, role=role,
+            kind=kind, slot=slot, item_id=item_id or self.id_factory(), content=content,
+            content_digest=content_digest or digest(content), token_count=token_count,
+            model=self.model, importance=importance, tier_hint=tier_hint, embedding=embedding,
+            privacy=self.privacy, occurred_at=at or self.clock(), tool_call_id=tool_call_id,
+            relevance=relevance,
+        )
+
+    def tool_call(self, content: str, **kw: Any) -> TurnEvent:
+        """An assistant tool call in the history slot, with a fresh ``tool_call_id`` for its result."""
+        kw.setdefault("tool_call_id", self.id_factory())
+        return self.turn(Role.ASSISTANT, ItemKind.TOOL_CALL, Slot.HISTORY, content, **kw)
+
+    def tool_result(self, call: TurnEvent, content: str, **kw: Any) -> TurnEvent:
+        """The tool's answer to ``call``, sharing its ``tool_call_id`` so the pair is evicted together."""
+        kw["tool_call_id"] = call.tool_call_id
+        return self.turn(Role.TOOL, ItemKind.TOOL_RESULT, Slot.HISTORY, content, **kw)
+
+    def usage(self, *, provider: str, input_tokens: int, output_tokens: int, latency_ms: int,
+              cached_read_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0,
+              streamed: bool = False, complete: bool = True, call_id: str | None = None,
+              model: str | None = None, at: datetime | None = None) -> UsageReport:
+        """One provider call's usage; ``complete=False`` marks counts cut short by an interrupted stream."""
+        return UsageReport(
+            event_id=self.id_factory(), **self._ids(), call_id=call_id or self.id_factory(),
+            provider=provider, model=model or self.model, input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_read_tokens=cached_read_tokens, cache_write_tokens=cache_write_tokens,
+            reasoning_tokens=reasoning_tokens, latency_ms=latency_ms, streamed=streamed, complete=complete,
+            occurred_at=at or self.clock(),
+        )
+
+    def _run_event(self, phase: RunPhase, status: RunStatus | None, at: datetime | None) -> RunEvent:
+        return RunEvent(
+            event_id=self.id_factory(), **self._ids(), parent_run_id=self.parent_run_id,
+            workflow_id=self.workflow_id, phase=phase, status=status, policy_version=self.policy_version,
+            prefix_hash=self.prefix_hash, model=self.model, privacy=self.privacy,
+            occurred_at=at or self.clock(),
+        )
+
+    def started(self, at: datetime | None = None) -> RunEvent:
+        """The run-started boundary event."""
+        return self._run_event(RunPhase.STARTED, None, at)
+
+    def finalized(self, status: RunStatus = RunStatus.SUCCEEDED, at: datetime | None = None) -> RunEvent:
+        """The run-finalized boundary event with its outcome."""
+        return self._run_event(RunPhase.FINALIZED, status, at)
+
+    def child(self, agent_id: str, *, model: str | None = None, privacy: PrivacyMode | None = None,
+              run_id: str = "") -> RunContext:
+        """A sub-agent run in this workflow; under a no_retention parent it is no_retention whatever asked."""
+        private = PrivacyMode.NO_RETENTION in (self.privacy, privacy)
+        return RunContext(
+            tenant_id=self.tenant_id, user_id=self.user_id, session_id=self.session_id, agent_id=agent_id,
+            model=model or self.model, run_id=run_id, parent_run_id=self.run_id, workflow_id=self.workflow_id,
+            privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
+            policy_version=self.policy_version, prefix_hash=self.prefix_hash, clock=self.clock,
+            id_factory=self.id_factory,
+        )
+
+    def admission(self, planned: Mapping[Slot | str, int], *, at: datetime | None = None) -> AdmissionRequest:
+        """Ask the budget whether a planned call (tokens per slot) may proceed."""
+        return AdmissionRequest(
+            request_id=self.id_factory(), **self._ids(), model=self.model,
+            planned={Slot(slot): tokens for slot, tokens in planned.items()}, requested_at=at or self.clock(),
+        )
+
+    def memory_candidate(self, scope: MemoryScope, type_: MemoryType, content: str, *, confidence: float,
+                         source_item_ids: Iterable[str] = (), at: datetime | None = None) -> MemoryCandidate:
+        """Propose promoting ``content`` to durable memory; the gate decides."""
+        return MemoryCandidate(
+            event_id=self.id_factory(), **self._ids(), candidate_id=self.id_factory(), scope=scope,
+            type=type_, content=content, content_digest=digest(content),
+            source_item_ids=list(source_item_ids),
+            confidence=confidence, privacy=self.privacy, occurred_at=at or self.clock(),
+        )

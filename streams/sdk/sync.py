@@ -1,0 +1,51 @@
+"""The blocking facade over the async client, for agent runtimes without an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas.models import TenantManifest
+from streams.sdk.client import CtxflowClient
+
+
+class SyncCtxflowClient:
+    """Blocking facade over :class:`CtxflowClient` for runtimes without an event loop; same guarantees.
+
+    Records travel while a call runs (each call drives a private event loop), so :meth:`flush` at the end
+    of a unit of work; a clean ``with`` exit flushes and closes. One thread per facade.
+    """
+
+    def __init__(self, bootstrap: str, **kw: Any) -> None:
+        self._runner = asyncio.Runner()
+        self.client = CtxflowClient(bootstrap, **kw)
+
+    def __enter__(self) -> SyncCtxflowClient:
+        try:
+            self._runner.run(self.client.start())
+        except BaseException:
+            self._runner.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self._runner.run(self.client.stop())
+            self._runner.close()
+
+    def publish(self, record: BaseModel) -> None:
+        """:meth:`CtxflowClient.publish`, blocking until the record is queued."""
+        self._runner.run(self.client.publish(record))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """:meth:`CtxflowClient.flush`: blocks until every record is acknowledged, raises on failures."""
+        self._runner.run(self.client.flush(timeout_s))
+
+    def latest_manifest(self, tenant_id: str) -> TenantManifest | None:
+        """:meth:`CtxflowClient.latest_manifest`."""
+        return self._runner.run(self.client.latest_manifest(tenant_id))
