@@ -46,12 +46,12 @@ from processors.ledger import (
 from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
 from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
 from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
+from processors.transitions import DecisionEmitter
 from processors.types import (
     BudgetStore,
     Position,
     StaticCount,
     count_key,
-    decision_id,
     run_key,
     tenant_key,
     user_key,
@@ -62,13 +62,10 @@ from schemas.models import (
     AdmissionRequest,
     Decision,
     DecisionKind,
-    HardLimitBehaviour,
-    OverflowBehaviour,
     RunEvent,
     RunPhase,
     Slot,
     SpendWindow,
-    SpendWindowKind,
     TenantManifest,
     TurnEvent,
     UsageReport,
@@ -77,127 +74,10 @@ from schemas.models import (
 from schemas.models import BudgetState as Level
 
 Event = TurnEvent | UsageReport | RunEvent | AdmissionRequest | TenantManifest
-LEVELS = (Level.OK, Level.SOFT, Level.HARD)
 _OUTPUT = SLOT_INDEX[Slot.OUTPUT]
 _SLOT_GAUGE = tuple(f"slot:{slot.value}" for slot in SLOTS)
 _STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
 
-
-class _Emitter:
-    """Builds the decisions of one source record."""
-
-    __slots__ = ("budget", "event", "now", "out", "source_id")
-
-    def __init__(
-        self,
-        event: TurnEvent | UsageReport | RunEvent | AdmissionRequest,
-        source_id: str,
-        budget: EffectiveBudget,
-        now: datetime,
-    ) -> None:
-        self.event, self.source_id, self.budget, self.now = event, source_id, budget, now
-        self.out: list[Decision] = []
-
-    def emit(self, kind: DecisionKind, subject: str, reason: str, **fields: object) -> None:
-        e = self.event
-        self.out.append(
-            Decision(
-                decision_id=decision_id(e.tenant_id, self.source_id, kind, subject),
-                tenant_id=e.tenant_id,
-                user_id=e.user_id,
-                session_id=e.session_id,
-                run_id=e.run_id,
-                kind=kind,
-                reason=reason,
-                source_event_id=self.source_id,
-                manifest_version=self.budget.manifest_version,
-                decided_at=self.now,
-                **fields,
-            )
-        )
-
-    def context(self, gauge: str, slot: Slot | None, limit: Limit, used: int, old: int) -> int:
-        """Emit the decisions of a slot/total gauge moving from level ``old``; return the new level."""
-        new = limit.rank(used)
-        if new == old:
-            return new
-        b, state, prev = self.budget, LEVELS[new], LEVELS[old]
-        where = f"slot {slot.value}" if slot is not None else "total context"
-        fields = {"slot": slot, "state": state, "used_tokens": used, "cap_tokens": limit.cap}
-        self.emit(
-            DecisionKind.BUDGET_STATE,
-            gauge,
-            (
-                f"{where} went {prev.value} -> {state.value} at {used} tokens (soft from {limit.soft_at}, "
-                f"hard from {limit.hard_at}; cap {limit.cap}, tier {b.tier})"
-            ),
-            previous_state=prev,
-            **fields,
-        )
-        if new > old and b.overflow is OverflowBehaviour.EVICT_AND_COMPRESS:
-            target = b.evict_target(limit)
-            self.emit(
-                DecisionKind.EVICTION_REQUEST,
-                gauge,
-                (
-                    f"{where} holds {used} tokens, over its soft watermark ({limit.soft_at}): evict or "
-                    f"compress at least {used - target} tokens to reach {target} ("
-                    f"{b.qos.evict_to:.0%} of cap {limit.cap}, tier {b.tier})"
-                ),
-                **fields,
-            )
-        if new == 2 and b.hard_limit is not HardLimitBehaviour.FLAG:
-            if b.hard_limit is HardLimitBehaviour.TERMINATE_RUN:
-                head = "run terminated by budget policy"
-            else:
-                head = "503 context budget exhausted, request rejected"
-            self.emit(
-                DecisionKind.REJECTION,
-                gauge,
-                (
-                    f"{head}: {where} holds {used} tokens, hard limit {limit.hard_at} (cap {limit.cap}, tier "
-                    f"{b.tier}). Free {where} tokens or ask the operator to raise the budget, then retry."
-                ),
-                **fields,
-            )
-        return new
-
-    def spend(self, gauge: str, what: str, old: int, limit: Limit, used: int) -> int:
-        """A run or workflow consumption gauge against ``limit``; return the new level."""
-        what = f"{what} ({used} of {limit.cap} tokens)"
-        return self.change(gauge, what, old, limit.rank(used), used, limit.cap, None)
-
-    def change(
-        self,
-        gauge: str,
-        what: str,
-        old: int,
-        new: int,
-        used: int,
-        cap: int | None,
-        window: SpendWindowKind | None,
-    ) -> int:
-        """Emit a consumption gauge's level change (and exhaustion on reaching hard); return ``new``."""
-        if new == old:
-            return new
-        state, prev = LEVELS[new], LEVELS[old]
-        fields = {"state": state, "used_tokens": used, "cap_tokens": cap, "window": window}
-        self.emit(
-            DecisionKind.BUDGET_STATE,
-            gauge,
-            f"{what} went {prev.value} -> {state.value}",
-            previous_state=prev,
-            **fields,
-        )
-        if new == 2:
-            until = "until the window resets" if window is not None else "unless the operator raises the cap"
-            self.emit(
-                DecisionKind.SPEND_EXHAUSTED,
-                gauge,
-                f"{what} is exhausted: calls are over budget {until}",
-                **fields,
-            )
-        return new
 
 
 @dataclass(slots=True)
@@ -282,7 +162,7 @@ class BudgetProcessor:
         run.applied += 1
         run.set_model(t.model)
         run.place(t.parent_run_id, None)
-        em = _Emitter(t, t.event_id, budget, now)
+        em = DecisionEmitter(t, t.event_id, budget, now)
         limit, used, old = budget.slot_limits[i], run.tokens[i], run.level(i)
         if limit is not None and limit.rank(used) != old:
             run.set_level(i, em.context(_SLOT_GAUGE[i], t.slot, limit, used, old))
@@ -330,7 +210,7 @@ class BudgetProcessor:
         run.reports += 1
         if not u.complete:
             run.flags |= INCOMPLETE
-        em = _Emitter(u, u.event_id, budget, now)
+        em = DecisionEmitter(u, u.event_id, budget, now)
         estimate, reported = run.working_set() - run.tokens[_OUTPUT], prompt_tokens(u)
         gap = reported - estimate
         em.emit(
@@ -365,7 +245,7 @@ class BudgetProcessor:
         run.applied += 1
         run.set_model(r.model, from_run_event=True)
         run.place(r.parent_run_id, r.workflow_id)
-        em = _Emitter(r, r.event_id, budget, now)
+        em = DecisionEmitter(r, r.event_id, budget, now)
         spend: list[_Spend] = []
         if phase == FINALIZED:
             run.finalized_ms = ms = to_ms(r.occurred_at)
@@ -410,7 +290,7 @@ class BudgetProcessor:
         e: TurnEvent | UsageReport | RunEvent,
         run: RunLedger,
         state: BudgetStore,
-        em: _Emitter,
+        em: DecisionEmitter,
         spend: list[_Spend],
         consumption_changed: bool,
     ) -> None:
@@ -450,7 +330,7 @@ class BudgetProcessor:
         tokens: int,
         cost: int,
         state: BudgetStore,
-        em: _Emitter,
+        em: DecisionEmitter,
     ) -> None:
         key = workflow_key(e.tenant_id, wf)
         flow = state.get_workflow(key)
@@ -464,7 +344,7 @@ class BudgetProcessor:
                 flow.level = em.spend("workflow_cap", f"workflow {wf} token cap", flow.level, cap, flow.tokens)
             state.put_workflow(key, flow)
 
-    def _window_gauges(self, scope: str, ledger: SpendLedger, em: _Emitter) -> None:
+    def _window_gauges(self, scope: str, ledger: SpendLedger, em: DecisionEmitter) -> None:
         b = em.budget
         tenant = scope == "tenant"
         for w in b.tenant_windows if tenant else b.user_windows:
@@ -487,7 +367,7 @@ class BudgetProcessor:
         """
         budget = self.budget(state, a.tenant_id, a.user_id)
         run = state.get_run(run_key(a.tenant_id, a.run_id)) or RunLedger()
-        em = _Emitter(a, a.request_id, budget, now)
+        em = DecisionEmitter(a, a.request_id, budget, now)
         planned_total = sum(a.planned.values())
         checks: list[tuple[str, Limit | None, int, dict[str, object]]] = []
         for slot, planned in sorted(a.planned.items(), key=lambda kv: SLOT_INDEX[kv[0]]):

@@ -41,7 +41,8 @@ from schemas.models import (
 
 SLOTS: tuple[Slot, ...] = tuple(Slot)
 SLOT_INDEX: dict[Slot, int] = {slot: i for i, slot in enumerate(SLOTS)}
-_LEVELS = (BudgetState.OK, BudgetState.SOFT, BudgetState.HARD)
+#: Budget levels by rank (:meth:`Limit.rank`): ok, soft watermark, hard limit.
+LEVELS = (BudgetState.OK, BudgetState.SOFT, BudgetState.HARD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ class Limit:
 
     def level(self, used: int) -> BudgetState:
         """``ok`` below the watermark, ``soft`` from it, ``hard`` from the hard limit; empty is always ok."""
-        return _LEVELS[self.rank(used)]
+        return LEVELS[self.rank(used)]
 
     def rank(self, used: int) -> int:
         """:meth:`level` as 0 (ok), 1 (soft) or 2 (hard): the hot path compares ints, not enums."""
