@@ -84,8 +84,7 @@ async def preload(app: faust.App, tables: dict[TP, Any]) -> int:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=[f"{url.host}:{url.port or 9092}" for url in app.conf.broker_consumer],
         client_id=f"{app.conf.id}-preload", enable_auto_commit=False,
-        # The worker's own fetch wait (streams.transport): short for Tansu, which holds a fetch even when data
-        # is there; long on Apache Kafka, where a short one only adds empty fetches once the preload caught up.
+        # The worker's own fetch wait (see streams.transport): short for Tansu, long on Apache Kafka.
         fetch_max_wait_ms=getattr(app, "fetch_max_wait_ms", ShortFetchApp.fetch_max_wait_ms),
         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
         # A start before the log's first offset (records deleted by retention) reads from the first one.
