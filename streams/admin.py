@@ -71,13 +71,18 @@ async def ensure_topics_async(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=f"{settings.app_id}-admin")
     await admin.start()
     try:
-        response = await admin.create_topics(list(wanted.values()))
-        for name, error_code, message in response.topic_errors:
-            error = for_code(error_code) if error_code else None
-            if error is not None and error is not TopicAlreadyExistsError:
-                raise error(f"creating topic {name}: {message}")
-            if error is None:
-                logger.info("created topic %s", name)
+        # Only what is missing (all-topics metadata: a request naming a missing topic may auto-create it), so a
+        # deployment whose topics exist needs no right to create topics.
+        existing = set(await admin.list_topics())
+        missing = [topic for name, topic in wanted.items() if name not in existing]
+        if missing:
+            response = await admin.create_topics(missing)
+            for name, error_code, message in response.topic_errors:
+                error = for_code(error_code) if error_code else None
+                if error is not None and error is not TopicAlreadyExistsError:  # another process was quicker
+                    raise error(f"creating topic {name}: {message}")
+                if error is None:
+                    logger.info("created topic %s", name)
         facts = await describe_topics(admin, wanted)
     finally:
         await admin.close()

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
 from streams import logs
-from streams.admin import ensure_topics
+from streams.admin import TopicMismatch, ensure_topics
 from streams.config import Settings
 from streams.stack import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 
@@ -147,12 +148,28 @@ def worker(
     web_port: Annotated[int | None, typer.Option(help="Port of the query/health endpoint.")] = None,
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
-    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections."""
+    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections.
+
+    Creates the catalogue's missing topics first, as ``ctxflow up`` does, and refuses to start when an existing
+    one differs: left to Faust and the broker, the inputs would be created without their cleanup policy (a
+    manifests topic that deletes instead of compacting) and the outputs with the broker's default partitions.
+    """
     from streams.worker import run_worker
 
     settings = settings_of(ctx)
     if web_port is not None:
         settings = settings.model_copy(update={"web_port": web_port})
+    try:
+        ensure_topics(settings)
+    except TopicMismatch as err:
+        console.print(f"ctxflow worker cannot start: {err}. Recreate those topics with the catalogue's settings "
+                      "(`ctxflow topics create` after deleting them) or set CTXFLOW_PARTITIONS to their "
+                      "partition count.", style="red")
+        raise typer.Exit(1) from err
+    except (KafkaError, OSError) as err:
+        console.print(f"ctxflow worker cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
+                      "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
+        raise typer.Exit(1) from err
     run_worker(settings, loglevel)
 
 

@@ -18,8 +18,10 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.codec import Codec
 from schemas.models import DeadLetter, Decision
+from streams.admin import TopicFacts, describe_topics
 from streams.config import Settings
 from streams.log_end import log_end_offsets
+from streams.topics import ALL_TOPICS
 from streams.worker_process import INPUT_TOPICS
 
 T = TypeVar("T")
@@ -99,6 +101,23 @@ def broker_topics(settings: Settings) -> set[str]:
             await consumer.stop()
 
     return asyncio.run(names())
+
+
+def catalogue_facts(settings: Settings) -> dict[str, TopicFacts]:
+    """Partition count and cleanup policy of every catalogue topic under ``settings.topic_prefix`` that exists
+    (asked by name only once listed, since a metadata request naming a missing topic may create it)."""
+    present = broker_topics(settings)
+
+    async def facts() -> dict[str, TopicFacts]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            names = [spec.full_name(settings) for spec in ALL_TOPICS if spec.full_name(settings) in present]
+            return await describe_topics(admin, names)
+        finally:
+            await admin.close()
+
+    return asyncio.run(facts())
 
 
 def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.admin import TopicFacts, TopicMismatch, describe_topics, ensure_topics
+from streams.admin import TopicMismatch, ensure_topics
 from streams.config import Settings
 from streams.processes import pid_alive
 from streams.stack import (
@@ -34,6 +33,7 @@ from streams.stack import (
 )
 from streams.topics import ALL_TOPICS, MANIFESTS, TURNS
 from tests.conftest import loopback_settings
+from tests.support_kafka import catalogue_facts
 
 CTXFLOW = Path(sys.executable).parent / "ctxflow"
 
@@ -71,15 +71,7 @@ def test_stack_servers_answer(stack: EmbeddedStack) -> None:
 
 
 def test_topics_match_catalogue(settings: Settings) -> None:
-    async def facts() -> dict[str, TopicFacts]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-        await admin.start()
-        try:
-            return await describe_topics(admin, [spec.full_name(settings) for spec in ALL_TOPICS])
-        finally:
-            await admin.close()
-
-    found = asyncio.run(facts())
+    found = catalogue_facts(settings)
     for spec in ALL_TOPICS:
         topic = found[spec.full_name(settings)]
         assert topic.partitions == spec.partition_count(settings)
