@@ -148,17 +148,14 @@ def worker(
     web_port: Annotated[int | None, typer.Option(help="Port of the query/health endpoint.")] = None,
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
-    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections.
-
-    Creates the catalogue's missing topics first, as ``ctxflow up`` does, and refuses to start when an existing
-    one differs: left to Faust and the broker, the inputs would be created without their cleanup policy (a
-    manifests topic that deletes instead of compacting) and the outputs with the broker's default partitions.
-    """
+    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections; makes missing topics."""
     from streams.worker import run_worker
 
     settings = settings_of(ctx)
     if web_port is not None:
         settings = settings.model_copy(update={"web_port": web_port})
+    # Left to Faust and the broker, the inputs would be created without their cleanup policy (a manifests topic
+    # that deletes instead of compacting) and the outputs with the broker's default partition count.
     try:
         ensure_topics(settings)
     except TopicMismatch as err:
