@@ -40,8 +40,15 @@ class TopicFacts:
 
 
 async def describe_topics(admin: AIOKafkaAdminClient, names: Iterable[str]) -> dict[str, TopicFacts]:
-    """Partition count and ``cleanup.policy`` of each named topic that exists (absent ones are left out)."""
-    wanted = list(names)
+    """Partition count and ``cleanup.policy`` of each named topic that exists (absent ones are left out).
+
+    Only topics found in all-topics metadata are asked about by name: a metadata request naming a missing topic
+    may make the broker auto-create it with its own defaults.
+    """
+    existing = set(await admin.list_topics())
+    wanted = [name for name in names if name in existing]
+    if not wanted:
+        return {}
     metadata = await admin.describe_topics(wanted)
     partitions = {t["topic"]: len(t["partitions"]) for t in metadata if t["error_code"] == 0}
     policies: dict[str, str | None] = dict.fromkeys(partitions)
@@ -71,10 +78,9 @@ async def ensure_topics_async(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=f"{settings.app_id}-admin")
     await admin.start()
     try:
-        # Only what is missing (all-topics metadata: a request naming a missing topic may auto-create it), so a
-        # deployment whose topics exist needs no right to create topics.
-        existing = set(await admin.list_topics())
-        missing = [topic for name, topic in wanted.items() if name not in existing]
+        # Only what is missing, so a deployment whose topics exist needs no right to create topics.
+        facts = await describe_topics(admin, wanted)
+        missing = [topic for name, topic in wanted.items() if name not in facts]
         if missing:
             response = await admin.create_topics(missing)
             for name, error_code, message in response.topic_errors:
@@ -83,7 +89,7 @@ async def ensure_topics_async(
                     raise error(f"creating topic {name}: {message}")
                 if error is None:
                     logger.info("created topic %s", name)
-        facts = await describe_topics(admin, wanted)
+            facts = await describe_topics(admin, wanted)
     finally:
         await admin.close()
     problems = [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -71,11 +71,12 @@ class PreloadingTableManager(TableManager):
         if generation_id == self.app.consumer_generation_id:
             changelogs = self._changelogs
             actives = {tp for tp in self.app.assignor.assigned_actives() if tp.topic in changelogs}
-            self.preloaded_records += await preload(self.app, {tp: changelogs[tp.topic] for tp in actives})
+            app = cast(ShortFetchApp, self.app)  # the worker's app (streams.worker) is one
+            self.preloaded_records += await preload(app, {tp: changelogs[tp.topic] for tp in actives})
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
 
-async def preload(app: faust.App, tables: dict[TP, Any]) -> int:
+async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
     """Apply the changelog records of ``tables``' partitions after their preloaded offsets; returns how many."""
     partitions = {tp: table for tp, table in tables.items() if isinstance(table, PreloadedTable)}
     if not partitions:
@@ -85,7 +86,7 @@ async def preload(app: faust.App, tables: dict[TP, Any]) -> int:
         bootstrap_servers=[f"{url.host}:{url.port or 9092}" for url in app.conf.broker_consumer],
         client_id=f"{app.conf.id}-preload", enable_auto_commit=False,
         # The worker's own fetch wait (see streams.transport): short for Tansu, long on Apache Kafka.
-        fetch_max_wait_ms=getattr(app, "fetch_max_wait_ms", ShortFetchApp.fetch_max_wait_ms),
+        fetch_max_wait_ms=app.fetch_max_wait_ms,
         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
         # A start before the log's first offset (records deleted by retention) reads from the first one.
         auto_offset_reset="earliest",

@@ -104,16 +104,13 @@ def broker_topics(settings: Settings) -> set[str]:
 
 
 def catalogue_facts(settings: Settings) -> dict[str, TopicFacts]:
-    """Partition count and cleanup policy of every catalogue topic under ``settings.topic_prefix`` that exists
-    (asked by name only once listed, since a metadata request naming a missing topic may create it)."""
-    present = broker_topics(settings)
+    """Partition count and cleanup policy of every catalogue topic under ``settings.topic_prefix`` that exists."""
 
     async def facts() -> dict[str, TopicFacts]:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
         await admin.start()
         try:
-            names = [spec.full_name(settings) for spec in ALL_TOPICS if spec.full_name(settings) in present]
-            return await describe_topics(admin, names)
+            return await describe_topics(admin, [spec.full_name(settings) for spec in ALL_TOPICS])
         finally:
             await admin.close()
 
