@@ -8,8 +8,8 @@ gauge (stored level)      used vs limit              on a level change
 ========================  =========================  ==================================================
 slot, total (run)         working-set tokens vs      ``budget_state``; going up with overflow
                           cap (soft at watermark,    ``evict_and_compress``: ``eviction_request``;
-                          hard at cap * tier grace)  reaching hard with hard_limit reject/terminate_run:
-                                                     ``rejection``
+                          hard at cap * tier grace)  reaching hard with hard_limit reject/terminate_run,
+                                                     or with overflow reject: ``rejection``
 run cap, sub-agent share  run consumption            ``budget_state``; reaching hard: ``spend_exhausted``
 (run), workflow cap       (usage + estimates)
 spend windows (tenant,    window tokens and cost     ``budget_state`` (with ``window``); reaching hard:
@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from processors.admission import BudgetLimits
 from processors.ledger import (
     CHILD,
     FINALIZED,
@@ -146,6 +147,14 @@ class BudgetProcessor:
             self._budgets.clear()
         self._budgets[(tenant_id, who)] = (manifest, budget)
         return budget
+
+    def limits(self, state: BudgetStore, tenant_id: str) -> BudgetLimits:
+        """The hard limits a new run of ``tenant_id`` starts from: the tenant's own and each overridden user's."""
+        manifest = state.get_manifest(tenant_key(tenant_id))
+        users = manifest.user_overrides if manifest is not None else {}
+        return BudgetLimits.of(
+            self.budget(state, tenant_id, None), {user: self.budget(state, tenant_id, user) for user in users}
+        )
 
     def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         key = run_key(t.tenant_id, t.run_id)

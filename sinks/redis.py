@@ -5,6 +5,9 @@ Keys (every one starts with a validated tenant id, and expires after ``ttl_s``):
 - ``ctxflow:{tenant}:run:{run_id}``: JSON ``{"used": {<slot>|"total": n}, "hard": {<slot>|"total": n},
   "manifest_version": v}`` — read in one round trip (``GET``) by :func:`read_headroom` for the fast admission
   check. One string, not a hash: a hash of its fifteen fields plus ``EXPIRE`` cost 2.6x the client CPU.
+- ``ctxflow:{tenant}:budget``: JSON ``{"hard": {<gauge>: n}, "users": {<user>: {<gauge>: n}},
+  "manifest_version": v}``: the hard limits a run that has used nothing starts from, so the fast check can
+  refuse a new run's oversized plan. Read together with the run's key (``MGET``) by :func:`read_admission`.
 - ``ctxflow:{tenant}:decisions:{run_id}``: hash ``decision_id -> decision JSON``.
 
 Writes set absolute values and key decisions by their deterministic id, so the projection is idempotent: a
@@ -25,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError
 
-from processors.admission import RunHeadroom
+from processors.admission import BudgetLimits, RunHeadroom
 from processors.types import check_tenant
 from schemas.models import Decision
 
@@ -35,6 +38,11 @@ PREFIX = "ctxflow"
 def run_key(tenant_id: str, run_id: str) -> str:
     """The key holding a run's budget headroom."""
     return f"{PREFIX}:{check_tenant(tenant_id)}:run:{_part(run_id)}"
+
+
+def limits_key(tenant_id: str) -> str:
+    """The key holding a tenant's budget limits for runs the projection has not seen."""
+    return f"{PREFIX}:{check_tenant(tenant_id)}:budget"
 
 
 def decisions_key(tenant_id: str, run_id: str) -> str:
@@ -48,8 +56,8 @@ def _part(value: str) -> str:
     return value
 
 
-#: KEYS: run keys, then decision hashes. ARGV: ttl, number of run keys, a value per run key, then a
-#: (decision id, decision JSON) pair per decision hash.
+#: KEYS: string keys (runs, tenants' limits), then decision hashes. ARGV: ttl, number of string keys, a value
+#: per string key, then a (decision id, decision JSON) pair per decision hash.
 _WRITE = """
 local ttl, runs = ARGV[1], tonumber(ARGV[2])
 for i = 1, runs do
@@ -74,14 +82,18 @@ class RedisProjection:
         # capped at 2 s); after that the batch fails and the worker stops (a restart replays it).
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20)
         self._redis = aioredis.from_url(url, retry=retry, retry_on_error=[BusyLoadingError])
-        self._ttl_s = ttl_s
+        self.ttl_s = ttl_s
         self._write = self._redis.register_script(_WRITE)
 
-    async def write(self, headrooms: Sequence[tuple[str, str, RunHeadroom]], decisions: Sequence[Decision]) -> int:
-        """Project ``(tenant, run, headroom)`` triples and decisions; returns the number of keys written."""
+    async def write(self, headrooms: Sequence[tuple[str, str, RunHeadroom]], decisions: Sequence[Decision],
+                    limits: Sequence[tuple[str, BudgetLimits]] = ()) -> int:
+        """Project ``(tenant, run, headroom)`` triples, decisions and ``(tenant, limits)`` pairs; returns the
+        number of keys written."""
         keys = [run_key(tenant_id, run_id) for tenant_id, run_id, _ in headrooms]
-        args: list[str | int] = [self._ttl_s, len(keys)]
+        keys += [limits_key(tenant_id) for tenant_id, _ in limits]
+        args: list[str | int] = [self.ttl_s, len(keys)]
         args += [headroom.to_json() for _, _, headroom in headrooms]
+        args += [budget.to_json() for _, budget in limits]
         for decision in decisions:
             keys.append(decisions_key(decision.tenant_id, decision.run_id or "-"))
             args += [decision.decision_id, decision.model_dump_json()]
@@ -98,6 +110,15 @@ async def read_headroom(client: aioredis.Redis, tenant_id: str, run_id: str) -> 
     """A run's projected headroom in one round trip, or None when the projection has not seen the run."""
     value = await client.get(run_key(tenant_id, run_id))
     return RunHeadroom.from_json(value) if value is not None else None
+
+
+async def read_admission(client: aioredis.Redis, tenant_id: str, run_id: str
+                         ) -> tuple[RunHeadroom | None, BudgetLimits | None]:
+    """What the fast admission check needs, in one round trip: the run's headroom (None when the projection
+    has not seen the run) and its tenant's limits for new runs (None before the worker projected any)."""
+    run, limits = await client.mget(run_key(tenant_id, run_id), limits_key(tenant_id))
+    return (RunHeadroom.from_json(run) if run is not None else None,
+            BudgetLimits.from_json(limits) if limits is not None else None)
 
 
 async def read_decisions(client: aioredis.Redis, tenant_id: str, run_id: str) -> list[Decision]:

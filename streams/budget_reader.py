@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from processors.admission import AdmissionAnswer, RunHeadroom, check_admission
 from schemas.models import Decision, Slot
-from sinks.redis import read_decisions, read_headroom
+from sinks.redis import read_admission, read_decisions, read_headroom
 
 
 class BudgetReader:
@@ -27,9 +27,15 @@ class BudgetReader:
         """Tokens used and hard limits per slot of a run, or None before the worker has seen it."""
         return await read_headroom(self._redis, tenant_id, run_id)
 
-    async def check_admission(self, tenant_id: str, run_id: str, planned: Mapping[Slot | str, int]) -> AdmissionAnswer:
-        """Whether ``planned`` (slot -> tokens) fits the run's projected budget: one Redis round trip."""
-        return check_admission(await self.headroom(tenant_id, run_id), planned)
+    async def check_admission(self, tenant_id: str, run_id: str, planned: Mapping[Slot | str, int],
+                              user_id: str | None = None) -> AdmissionAnswer:
+        """Whether ``planned`` (slot -> tokens) fits the run's projected budget: one Redis round trip.
+
+        A run the worker has not seen yet is checked against its tenant's limits for new runs, ``user_id``'s
+        own where the tenant's manifest overrides them.
+        """
+        headroom, limits = await read_admission(self._redis, tenant_id, run_id)
+        return check_admission(headroom, planned, limits, user_id)
 
     async def decisions(self, tenant_id: str, run_id: str) -> list[Decision]:
         """The decisions the worker published about a run, oldest first."""

@@ -25,14 +25,13 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from processors.admission import TOTAL, RunHeadroom
+from processors.admission import BudgetLimits, RunHeadroom, run_headroom
 from processors.budget import BudgetProcessor
-from processors.manifest import SLOTS
 from processors.tokens import TokenCounter
 from processors.types import DictBudgetState, Position, run_key
 from schemas.codec import Codec
 from schemas.contract import RejectedRecord
-from schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest
+from schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest, TurnEvent, UsageReport
 from streams.config import Settings
 from streams.pipeline import INPUT_MODELS
 from tests.support_kafka import read_topics
@@ -138,19 +137,20 @@ class Replay:
     decisions: list[Decision]
     refused: list[LoggedRecord]
     workflows: dict[tuple[str, str], str]
+    #: (tenant, run) -> the user of the run's last record: whose effective budget its headroom holds.
+    users: dict[tuple[str, str], str]
 
     def headroom(self, tenant_id: str, run_id: str) -> RunHeadroom | None:
         """What the worker's Redis projection must hold for the run (``streams.pipeline`` projects the run
-        ledger with the tenant-level limits), or None for a run the replay never saw."""
+        ledger with the limits of the run's user), or None for a run the replay never saw."""
         ledger = self.state.get_run(run_key(tenant_id, run_id))
         if ledger is None:
             return None
-        budget = self.processor.budget(self.state, tenant_id, None)
-        used = {slot.value: ledger.tokens[i] for i, slot in enumerate(SLOTS)}
-        used[TOTAL] = ledger.working_set()
-        hard = {s.value: limit.hard_at for s, limit in zip(SLOTS, budget.slot_limits, strict=True) if limit}
-        hard[TOTAL] = budget.total.hard_at
-        return RunHeadroom(used, hard, budget.manifest_version)
+        return run_headroom(ledger, self.processor.budget(self.state, tenant_id, self.users.get((tenant_id, run_id))))
+
+    def limits(self, tenant_id: str) -> BudgetLimits:
+        """The limits for new runs the worker's Redis projection must hold for ``tenant_id``."""
+        return self.processor.limits(self.state, tenant_id)
 
     def runs(self, tenant_id: str) -> list[str]:
         """The run ids of ``tenant_id`` that hold a run ledger."""
@@ -165,14 +165,17 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
     decisions: list[Decision] = []
     refused = [r for r in log.records() if r.event is None]
     workflows: dict[tuple[str, str], str] = {}
+    users: dict[tuple[str, str], str] = {}
     for record in interleave(log, tenants):
         event = record.event
         if isinstance(event, RunEvent):
             workflows[(event.tenant_id, event.run_id)] = event.workflow_id
+        if isinstance(event, TurnEvent | UsageReport | RunEvent):
+            users[(event.tenant_id, event.run_id)] = event.user_id
         try:
             decisions += processor.process(event, Position(record.topic, record.partition, record.offset),  # type: ignore[arg-type]
                                            state, now)
         except Exception as error:  # the worker dead-letters whatever the processor refuses, and goes on
             refused.append(LoggedRecord(record.topic, record.partition, record.offset, record.key, None,
                                         f"{type(error).__name__}: {error}"))
-    return Replay(processor, state, decisions, refused, workflows)
+    return Replay(processor, state, decisions, refused, workflows, users)

@@ -28,6 +28,19 @@ def run_ledgers(settings: Settings) -> dict[tuple[str, str], RunLedger]:
     return ledgers
 
 
+def aggregate_snapshots(settings: Settings, table: str) -> dict[str, dict]:
+    """``key -> snapshot`` (the value's JSON, as its ``to_dict`` wrote it) from the end of an aggregate table's
+    changelog: ``tenants`` and ``users`` (spend ledgers) or ``workflows``."""
+    topic = f"{settings.app_id}-budget-{table}-changelog"
+    values: dict[str, dict] = {}
+    for record in asyncio.run(read_full_topics(settings, [topic])):
+        if record.value is None:
+            values.pop(record.key.decode(), None)
+        else:
+            values[record.key.decode()] = json.loads(record.value)
+    return values
+
+
 def slot_tokens(ledger: RunLedger) -> dict[str, int]:
     """A run ledger's working-set tokens per slot name."""
     return {slot.value: ledger.tokens[i] for i, slot in enumerate(SLOTS)}

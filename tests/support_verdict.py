@@ -7,13 +7,15 @@ that went wrong at once: the token tables (their changelogs), the Redis projecti
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from processors.admission import TOTAL, RunHeadroom
+from processors.admission import TOTAL, BudgetLimits, RunHeadroom
+from processors.manifest import SLOTS
 from schemas.models import RunEvent, TurnEvent, UsageReport
-from sinks.redis import read_headroom
+from sinks.redis import limits_key, read_headroom
 from streams.config import Settings
 from streams.worker_process import WorkerProcess
 from streams.workload import GroundTruth
@@ -21,7 +23,7 @@ from tests.replay import Replay
 from tests.support_decisions import is_exact, lost_decisions
 from tests.support_deploy import redis_decisions
 from tests.support_kafka import decisions_on_topic
-from tests.support_tables import run_ledgers, slot_tokens
+from tests.support_tables import aggregate_snapshots, run_ledgers, slot_tokens
 
 USAGE_KINDS = ("input", "output", "cached_read", "cache_write", "reasoning")
 
@@ -53,23 +55,53 @@ def table_problems(settings: Settings, truth: GroundTruth, oracle: Replay) -> li
     return problems
 
 
-async def _headrooms(settings: Settings, runs: list[tuple[str, str]]) -> dict[tuple[str, str], RunHeadroom | None]:
+def _totals(snapshot: dict) -> dict:
+    """What an aggregate must hold whatever the interleaving: a snapshot without the level a gauge was last
+    found at, nor the ``applied`` stamp of each run's assigned contribution (both record *when* a record saw
+    the value, which differs in another interleaving; processors.ledger, rule 3)."""
+    out = {k: v for k, v in snapshot.items() if k not in ("levels", "level")}
+    for per_run in ("runs", "estimates"):  # workflow contributions, a spend ledger's estimated top-ups
+        if per_run in out:
+            out[per_run] = {run: entry[1:] for run, entry in out[per_run].items()}
+    return out
+
+
+def aggregate_problems(settings: Settings, oracle: Replay) -> list[str]:
+    """The tenant and user spend ledgers and the workflow ledgers in the durable tables equal the crash-free
+    replay's: windows, lifetime totals, estimates, applied offsets, per-run workflow contributions."""
+    problems = []
+    for table, replayed in (("tenants", oracle.state.tenants), ("users", oracle.state.users),
+                            ("workflows", oracle.state.workflows)):
+        live = {key: _totals(value) for key, value in aggregate_snapshots(settings, table).items()}
+        want = {key: _totals(json.loads(json.dumps(value.to_dict()))) for key, value in replayed.items()}
+        problems += [f"{table} {key}: table {live.get(key)} != replay {want.get(key)}"
+                     for key in sorted(live.keys() | want.keys()) if live.get(key) != want.get(key)]
+    return problems
+
+
+async def _projected(settings: Settings, runs: list[tuple[str, str]], tenants: list[str]
+                     ) -> tuple[dict[tuple[str, str], RunHeadroom | None], dict[str, BudgetLimits | None]]:
     client = aioredis.from_url(settings.redis_url)
     try:
-        return {(t, r): await read_headroom(client, t, r) for t, r in runs}
+        headrooms = {(t, r): await read_headroom(client, t, r) for t, r in runs}
+        limits = {t: await client.get(limits_key(t)) for t in tenants}
+        return headrooms, {t: BudgetLimits.from_json(v) if v is not None else None for t, v in limits.items()}
     finally:
         await client.aclose()
 
 
 def redis_problems(settings: Settings, truth: GroundTruth, oracle: Replay, tenants: list[str]) -> list[str]:
-    """Per run, Redis holds the ground-truth tokens per slot and exactly the replayed headroom."""
+    """Per run, Redis holds the ground-truth tokens per slot and exactly the replayed headroom; per tenant, the
+    replayed limits for new runs."""
     runs = sorted({(t, r) for t in tenants for r in oracle.runs(t)} | set(truth.run_tokens))
-    problems = []
-    for (tenant, run), headroom in asyncio.run(_headrooms(settings, runs)).items():
+    headrooms, limits = asyncio.run(_projected(settings, runs, tenants))
+    problems = [f"{tenant}: Redis limits {got} != replay {oracle.limits(tenant)}"
+                for tenant, got in limits.items() if got != oracle.limits(tenant)]
+    for (tenant, run), headroom in headrooms.items():
         if headroom is None:
             problems.append(f"{tenant}/{run}: no headroom in Redis")
             continue
-        got = {slot: tokens for slot, tokens in headroom.used.items() if slot != TOTAL}
+        got = {slot.value: headroom.used[slot.value] for slot in SLOTS}
         if got != _want(truth, tenant, run, list(got)) or headroom.used[TOTAL] != truth.run_tokens[(tenant, run)]:
             problems.append(f"{tenant}/{run}: Redis {headroom.used}, truth {_want(truth, tenant, run, list(got))}")
         elif headroom != oracle.headroom(tenant, run):

@@ -45,6 +45,7 @@ from tests.support_kafka import (
 )
 from tests.support_traffic import BackgroundTraffic, publish, send_raw
 from tests.support_verdict import (
+    aggregate_problems,
     clickhouse_problems,
     decision_problems,
     distinct,
@@ -100,6 +101,8 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         sections = {
             # The token tables (what a restart recovers), exact per tenant, run and slot.
             "token tables": table_problems(settings, truth, oracle),
+            # Spend per tenant and user per window, and per workflow and agent: what a crash-free run holds.
+            "spend and workflow tables": aggregate_problems(settings, oracle),
             # Their Redis projection, as agents read it.
             "redis": redis_problems(settings, truth, oracle, tenants),
             # ClickHouse: every distinct event once, whatever was re-sent or replayed.

@@ -16,9 +16,20 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from processors.admission import check_admission
-from schemas.models import BudgetState, Decision, DecisionKind, ItemKind, Role, RunStatus, Slot
-from sinks.redis import read_headroom
+from processors.admission import AdmissionAnswer, check_admission
+from schemas.models import (
+    BudgetState,
+    Decision,
+    DecisionKind,
+    ItemKind,
+    Role,
+    RunStatus,
+    Slot,
+    SlotCaps,
+    TenantManifest,
+    UserOverride,
+)
+from sinks.redis import read_admission
 from streams.config import Settings
 from streams.sdk import CtxflowClient, RunContext
 from streams.stack import EmbeddedStack
@@ -132,6 +143,34 @@ def test_other_tenants_get_no_budget_state_or_rejection(world: World) -> None:
         f"SELECT count() FROM decisions WHERE tenant_id IN ({names}) AND kind IN ('budget_state', 'rejection')") == 0
 
 
+def _fast_answer(settings: Settings, run: RunContext, planned: dict[Slot, int]) -> tuple[AdmissionAnswer, int]:
+    """The fast admission check for ``run``'s user, and how many Redis commands it took."""
+    async def check() -> tuple[AdmissionAnswer, int]:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            await client.ping()  # connect first: the check itself must cost one round trip
+            before = await client.info("commandstats")
+            headroom, limits = await read_admission(client, run.tenant_id, run.run_id)
+            after = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        calls = sum(v["calls"] for k, v in after.items() if k != "cmdstat_info") - sum(
+            v["calls"] for k, v in before.items() if k != "cmdstat_info")
+        return check_admission(headroom, planned, limits, run.user_id), calls  # type: ignore[arg-type]
+
+    return asyncio.run(check())
+
+
+def _authoritative(settings: Settings, runs_and_plans: list[tuple[RunContext, dict[Slot, int]]]) -> list[Decision]:
+    """The worker's admission decision for each plan, in order."""
+    decided = []
+    for run, planned in runs_and_plans:
+        request = run.admission(planned)
+        decided += asyncio.run(_decisions_while_publishing(
+            settings, request.tenant_id, [request], done=bool, keep=lambda d, r=request: d.request_id == r.request_id))
+    return decided
+
+
 def test_fast_admission_check_agrees_with_the_authoritative_decision(world: World) -> None:
     tenant = world.workload.tenants[0]
     ctx = _context(world, tenant, "planner")
@@ -145,36 +184,48 @@ def test_fast_admission_check_agrees_with_the_authoritative_decision(world: Worl
     runaway_ctx = RunContext(tenant_id=world.runaway.tenant_id, user_id=world.runaway.users[0], session_id="s",
                              agent_id="assistant", model=world.runaway.model, run_id=runaway_run or "")
 
-    async def fast(tenant_id: str, run_id: str) -> tuple[object, int]:
-        client = aioredis.from_url(world.settings.redis_url)
-        try:
-            await client.ping()  # connect first: the check itself must cost one round trip
-            before = await client.info("commandstats")
-            headroom = await read_headroom(client, tenant_id, run_id)
-            after = await client.info("commandstats")
-        finally:
-            await client.aclose()
-        calls = sum(v["calls"] for k, v in after.items() if k != "cmdstat_info") - sum(
-            v["calls"] for k, v in before.items() if k != "cmdstat_info")
-        return headroom, calls
-
+    fresh = _context(world, tenant, "newcomer")  # a run the worker has not seen: checked against its tenant's limits
     cases = [(ctx, {Slot.HISTORY: 100, Slot.OUTPUT: 500}), (ctx, {Slot.HISTORY: 10 * tenant.manifest.total_cap}),
-             (runaway_ctx, {Slot.OUTPUT: 10})]
-    requests, answers = [], []
+             (runaway_ctx, {Slot.OUTPUT: 10}), (fresh, {Slot.RETRIEVED: 10 * tenant.manifest.total_cap}),
+             (fresh, {Slot.HISTORY: 100})]
+    answers = []
     for run, planned in cases:
-        headroom, calls = asyncio.run(fast(run.tenant_id, run.run_id))
-        assert headroom is not None and calls == 1
-        answers.append(check_admission(headroom, planned))  # type: ignore[arg-type]
-        requests.append(run.admission(planned))
-    assert [a.admitted for a in answers] == [True, False, False]
-    decided = []
-    for request in requests:
-        decided += asyncio.run(_decisions_while_publishing(
-            world.settings, request.tenant_id, [request], done=bool,
-            keep=lambda d, r=request: d.request_id == r.request_id))
-    assert [d.request_id for d in decided] == [r.request_id for r in requests]
+        answer, calls = _fast_answer(world.settings, run, planned)
+        assert calls == 1
+        answers.append(answer)
+    assert [(a.admitted, a.known_run) for a in answers] == [
+        (True, True), (False, True), (False, True), (False, False), (True, False)]
+    decided = _authoritative(world.settings, cases)
     assert [d.admitted for d in decided] == [a.admitted for a in answers]
-    assert all(d.reason.startswith("not admitted") for d in decided[1:])
+    assert all(d.reason.startswith("not admitted") for d in decided if not d.admitted)
+
+
+def test_fast_admission_check_applies_the_users_override_and_the_run_cap(world: World) -> None:
+    """A user whose override raises the total is admitted where the tenant's other users are refused, on a new
+    run and on one the worker holds; a run whose consumption reached its cap is refused whatever its context."""
+    manifest = TenantManifest(
+        tenant_id="overrides", version=1, tier="standard", slot_caps=SlotCaps(), total_cap=4_000,
+        run_cap_tokens=6_000, user_overrides={"vip": UserOverride(total_cap=12_000, run_cap_tokens=30_000)},
+        updated_at=datetime.now(UTC).replace(microsecond=0))
+    publish(world.settings, [manifest])
+    wait_processed(world.settings)
+    vip, staff, spender = (
+        RunContext(tenant_id="overrides", user_id=user, session_id="s", agent_id="planner", model="gpt-4o")
+        for user in ("vip", "staff", "staff"))
+    publish(world.settings, [
+        vip.started(), vip.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Go.", token_count=3_000),
+        spender.started(), spender.usage(provider="openai", input_tokens=5_500, output_tokens=0, latency_ms=300),
+    ])
+    wait_processed(world.settings)
+    fresh_vip = RunContext(tenant_id="overrides", user_id="vip", session_id="s", agent_id="planner", model="gpt-4o")
+    cases = [(fresh_vip, {Slot.HISTORY: 8_000}), (staff, {Slot.HISTORY: 8_000}), (vip, {Slot.HISTORY: 5_000}),
+             (vip, {Slot.HISTORY: 10_000}), (spender, {Slot.OUTPUT: 400}), (spender, {Slot.OUTPUT: 600})]
+    answers = [_fast_answer(world.settings, run, planned)[0] for run, planned in cases]
+    assert [(a.admitted, a.known_run) for a in answers] == [
+        (True, False), (False, False), (True, True), (False, True), (True, True), (False, True)]
+    assert "run token cap would reach 6100" in answers[-1].reason
+    decided = _authoritative(world.settings, cases)
+    assert [d.admitted for d in decided] == [a.admitted for a in answers]
 
 
 def test_interrupted_or_missing_usage_is_estimated_and_flagged_never_zero(world: World) -> None:

@@ -2,8 +2,11 @@
 
 Hypothesis generates small multi-tenant traffic (runs of turns, usage, admissions, finalizations, SDK-style
 re-sends) and interleaves the tenants' runs at random. Each example uses fresh tenant ids on one worker shared
-by the module. No Redis key, ClickHouse row or decision of one tenant may mention another tenant's ids, and
-each tenant's Redis headroom must equal a replay of that tenant's events alone through ``processors``.
+by the module. In some examples every tenant's runs, users and sessions carry their own ids, and no Redis key,
+ClickHouse row or decision of one tenant may mention another tenant's ids; in the others all tenants use the
+*same* run, user and session ids, so any state keyed without its tenant would merge them. Either way each
+tenant's Redis projection (run headroom, limits for new runs) must equal a replay of that tenant's events alone
+through ``processors``, and so must its decisions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from processors.admission import BudgetLimits
 from schemas.codec import Codec
 from schemas.models import (
     HardLimitBehaviour,
@@ -34,6 +38,7 @@ from schemas.models import (
     SpendWindowKind,
     TenantManifest,
 )
+from sinks.redis import limits_key
 from streams.config import Settings
 from streams.sdk import RunContext
 from streams.stack import EmbeddedStack
@@ -56,7 +61,8 @@ op = st.one_of(
 run_script = st.tuples(st.lists(op, min_size=1, max_size=10), st.booleans())
 tenant_script = st.tuples(st.integers(400, 3_000), st.sampled_from(("free", "standard", "enterprise")),
                           st.lists(run_script, min_size=1, max_size=3))
-traffic = st.tuples(st.lists(tenant_script, min_size=2, max_size=4), st.randoms(use_true_random=False))
+traffic = st.tuples(st.lists(tenant_script, min_size=2, max_size=4), st.randoms(use_true_random=False),
+                    st.booleans())
 
 
 @dataclass
@@ -65,16 +71,17 @@ class Tenant:
 
     tenant_id: str
     manifest: TenantManifest
+    shared_ids: bool
     runs: dict[str, list[BaseModel]] = field(default_factory=dict)
     users: set[str] = field(default_factory=set)
     sessions: set[str] = field(default_factory=set)
 
     def names(self) -> set[str]:
         """Every identifier that belongs to this tenant and must not appear in another tenant's output."""
-        return {self.tenant_id, *self.runs, *self.users, *self.sessions}
+        return {self.tenant_id} if self.shared_ids else {self.tenant_id, *self.runs, *self.users, *self.sessions}
 
 
-def _build(scripts: list, rng: random.Random) -> tuple[list[Tenant], list[BaseModel]]:
+def _build(scripts: list, rng: random.Random, shared_ids: bool) -> tuple[list[Tenant], list[BaseModel]]:
     tenants, queues = [], []
     for i, (cap, tier, runs) in enumerate(scripts):
         tid = f"iso{uuid.uuid4().hex[:10]}"
@@ -84,11 +91,13 @@ def _build(scripts: list, rng: random.Random) -> tuple[list[Tenant], list[BaseMo
             hard_limit=HardLimitBehaviour.REJECT, run_cap_tokens=cap,
             spend_windows=[SpendWindow(window=SpendWindowKind.HOUR, max_tokens=3 * cap)], updated_at=START,
         )
-        tenant = Tenant(tid, manifest)
+        tenant = Tenant(tid, manifest, shared_ids)
         for r, (ops, finalize) in enumerate(runs):
             clock = iter(START + timedelta(seconds=s) for s in range(0, 10**6, 7))
-            ctx = RunContext(tenant_id=tid, user_id=f"{tid}-user{r % 2}", session_id=f"{tid}-session{r}",
-                             agent_id="agent", model="gpt-4o", clock=lambda c=clock: next(c))
+            prefix = "" if shared_ids else f"{tid}-"
+            ctx = RunContext(tenant_id=tid, user_id=f"{prefix}user{r % 2}", session_id=f"{prefix}session{r}",
+                             agent_id="agent", model="gpt-4o", clock=lambda c=clock: next(c),
+                             **({"run_id": f"run-{r}"} if shared_ids else {}))
             tenant.users.add(ctx.user_id)
             tenant.sessions.add(ctx.session_id)
             records: list[BaseModel] = [ctx.started()]
@@ -150,11 +159,11 @@ def _crossings(text: str, owner: Tenant, tenants: list[Tenant]) -> list[str]:
     return [name for other in tenants if other is not owner for name in other.names() if name in text]
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(generated=traffic)
 def test_interleaved_tenants_never_see_each_other(deployment: Deployment, generated: tuple) -> None:
-    scripts, rng = generated
-    tenants, interleaved = _build(scripts, rng)
+    scripts, rng, shared_ids = generated
+    tenants, interleaved = _build(scripts, rng, shared_ids)
     s = deployment.settings
     publish(s, [t.manifest for t in tenants])
     wait_processed(s)
@@ -164,7 +173,9 @@ def test_interleaved_tenants_never_see_each_other(deployment: Deployment, genera
     for tenant in tenants:
         # Redis: only the tenant's own runs, and nothing in them names another tenant.
         dump = asyncio.run(_redis_dump(s, tenant.tenant_id))
-        assert {key.rsplit(":", 1)[1] for key in dump} == set(tenant.runs)  # every run is projected
+        assert limits_key(tenant.tenant_id) in dump  # what a new run's fast admission check reads
+        runs = {key.rsplit(":", 1)[1] for key in dump if key != limits_key(tenant.tenant_id)}
+        assert runs == set(tenant.runs)  # every run is projected
         assert not _crossings(repr(dump), tenant, tenants)
         assert all(0 < ttl <= s.redis_ttl_s for _, ttl in dump.values())  # every key expires
         # ClickHouse: every row filed under the tenant is about the tenant's runs, users and sessions.
@@ -173,11 +184,14 @@ def test_interleaved_tenants_never_see_each_other(deployment: Deployment, genera
                 f"SELECT run_id, user_id, session_id{extra} FROM {table} WHERE tenant_id = '{tenant.tenant_id}'").rows
             assert {r[0] for r in rows} <= set(tenant.runs) and {r[1] for r in rows} <= tenant.users
             assert not _crossings(repr(rows), tenant, tenants)
-    owner = {run: t for t in tenants for run in t.runs}
+    by_id = {t.tenant_id: t for t in tenants}
+    owner = {run: t for t in tenants for run in t.runs if not shared_ids}
     for d in decisions_on_topic(s):
-        if d.run_id in owner:
-            assert d.tenant_id == owner[d.run_id].tenant_id and d.user_id in owner[d.run_id].users
-            assert not _crossings(d.model_dump_json(), owner[d.run_id], tenants)
+        mine = by_id.get(d.tenant_id)
+        if mine is not None and d.run_id is not None:
+            assert d.run_id in mine.runs and d.user_id in mine.users
+            assert not _crossings(d.model_dump_json(), mine, tenants)
+        assert d.run_id not in owner or d.tenant_id == owner[d.run_id].tenant_id
     raw = asyncio.run(read_topics(s, ["decisions"]))
     assert all(r.key.decode().split(":", 1)[0] == owner[r.key.decode().split(":", 1)[1]].tenant_id
                for r in raw if r.key.decode().split(":", 1)[1] in owner)
@@ -190,6 +204,8 @@ def test_interleaved_tenants_never_see_each_other(deployment: Deployment, genera
         for run in tenant.runs:
             headroom = redis_headroom(s, tenant.tenant_id, run)
             assert headroom is not None and headroom == alone.headroom(tenant.tenant_id, run)
+        limits = asyncio.run(_redis_dump(s, tenant.tenant_id))[limits_key(tenant.tenant_id)][0]
+        assert BudgetLimits.from_json(limits) == alone.limits(tenant.tenant_id)
         mine = [d for d in live if d.tenant_id == tenant.tenant_id]
         assert not lost_decisions(mine, alone.decisions, alone.workflows)
 
