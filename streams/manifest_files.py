@@ -194,12 +194,13 @@ def first_with_version(history: Iterable[TenantManifest], version: int) -> Tenan
 
 
 def latest_per_tenant(entries: Iterable[tuple[str, TenantManifest | None]]) -> dict[str, TenantManifest]:
-    """The last value per key of a manifests log read in offset order (a ``None`` value deletes the tenant):
-    what a compacted topic keeps, computed by the reader because Tansu does not compact."""
+    """The manifest the worker enforces per tenant, from a manifests log read in offset order: the first one
+    published with the tenant's highest version (the worker applies a version only above the one it holds, so
+    a stale or raced version published later changes nothing). A null value changes nothing either: the worker
+    dead-letters it, and a tenant's budget changes only by a new version."""
     latest: dict[str, TenantManifest] = {}
     for tenant_id, manifest in entries:
-        if manifest is None:
-            latest.pop(tenant_id, None)
-        else:
+        held = latest.get(tenant_id)
+        if manifest is not None and (held is None or manifest.version > held.version):
             latest[tenant_id] = manifest
     return dict(sorted(latest.items()))

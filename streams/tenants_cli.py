@@ -1,15 +1,15 @@
 """``ctxflow tenants set/get/list`` (budget manifests) and ``ctxflow topics create`` (the topic catalogue).
 
-Manifests live on the compacted ``manifests`` topic keyed by tenant id. Tansu does not compact, so readers
-take the last value per key (:func:`streams.manifest_files.latest_per_tenant`), which is also what a
-compacted topic keeps. ``set`` validates the whole file before touching the broker, assigns or checks the
+Manifests live on the compacted ``manifests`` topic keyed by tenant id. Readers show what the worker enforces
+(:func:`streams.manifest_files.latest_per_tenant`): per tenant, the first manifest with the highest version.
+``set`` validates the whole file before touching the broker, assigns or checks the
 version against the tenant's history, publishes with :meth:`CtxflowClient.set_manifest`, then reads the log
 back: of two operators who raced to the same version, the loser is told the worker keeps the other one.
 
 Every command first checks that the broker answers and that the topic exists, through all-topics metadata:
 a metadata request naming a missing topic makes Tansu auto-create it with the wrong partition count (the
 SDK refuses a missing topic with the same :class:`streams.sdk.TopicMissing`). ``get`` and ``list`` read the
-whole log, as ``set`` does, and take the last value per key (what ``CtxflowClient.latest_manifest`` returns).
+whole log, as ``set`` does, and show what the worker enforces (as ``CtxflowClient.latest_manifest`` does).
 """
 
 from __future__ import annotations

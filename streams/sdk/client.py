@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
+from processors.manifest import check_manifest
 from schemas.codec import Codec
 from schemas.models import (
     AdmissionRequest,
@@ -25,6 +26,7 @@ from schemas.models import (
     UsageReport,
 )
 from streams.config import Settings
+from streams.manifest_files import latest_per_tenant
 from streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from streams.sdk.readers import DecisionStream, TopicReader
 from streams.sdk.records import TOPIC_OF, R, record_key, redact
@@ -139,7 +141,13 @@ class CtxflowClient:
         await self.publish(request)
 
     async def set_manifest(self, manifest: TenantManifest) -> None:
-        """Queue a tenant's budget manifest (the newest version per tenant wins)."""
+        """Queue a tenant's budget manifest (the worker keeps the first with the tenant's highest version).
+
+        Raises :class:`~processors.manifest.ManifestError`, listing every fix needed, for a manifest the worker
+        would dead-letter (a slot cap above the total, a share without a workflow cap, ...); nothing is sent
+        then. ``ctxflow tenants set`` also assigns the next version and detects races.
+        """
+        check_manifest(manifest)
         await self.publish(manifest)
 
     async def send_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
@@ -224,15 +232,13 @@ class CtxflowClient:
         return DecisionStream(self, tenant_id, session_id, run_id, from_beginning)
 
     async def latest_manifest(self, tenant_id: str, timeout_s: float = 10.0) -> TenantManifest | None:
-        """The last manifest published for ``tenant_id`` (reads the manifests topic to its current end)."""
-        latest: TenantManifest | None = None
+        """The manifest the worker enforces for ``tenant_id``: the first published with its highest version
+        (:func:`streams.manifest_files.latest_per_tenant`; reads the manifests topic to its current end)."""
         async with TopicReader(self, self.topic(MANIFESTS), from_beginning=True) as reader:
             key = tenant_id.encode()
-            for message in await reader.until_end(timeout_s):
-                if message.key == key:
-                    value = message.value
-                    latest = None if value is None else self.codec.decode(value, TenantManifest)
-        return latest
+            history = [(tenant_id, None if message.value is None else self.codec.decode(message.value, TenantManifest))
+                       for message in await reader.until_end(timeout_s) if message.key == key]
+        return latest_per_tenant(history).get(tenant_id)
 
     async def partitions(self, topic: str) -> list[TopicPartition]:
         """The partitions of ``topic``; raises :class:`TopicMissing` if it does not exist (see :mod:`streams.sdk`)."""

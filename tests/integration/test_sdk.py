@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import BaseModel
 
+from processors.manifest import ManifestError
 from schemas.codec import Codec
 from schemas.models import (
     Decision,
@@ -27,6 +28,7 @@ from schemas.models import (
     RunPhase,
     RunStatus,
     Slot,
+    SlotCaps,
     TurnEvent,
 )
 from streams.admin import ensure_topics
@@ -189,20 +191,26 @@ def test_decisions_stream_yields_only_the_tenants_and_skips_undecodable(settings
     assert [d.reason for d in run_seen] == ["first", "third", "closer"]
 
 
-def test_latest_manifest_is_the_last_one_published_for_the_tenant(settings: Settings) -> None:
+def test_latest_manifest_is_the_one_the_worker_enforces_and_invalid_ones_are_refused(settings: Settings) -> None:
     base = Workload(seed=1, tenants=2, start=NOW).manifests()
     acme_v2 = base[0].model_copy(update={"version": 2, "total_cap": 99_000})
+    stale = base[0].model_copy(update={"updated_by": "late"})  # version 1 again, after version 2
+    invalid = base[1].model_copy(update={"version": 9, "slot_caps": SlotCaps(history=base[1].total_cap + 1)})
 
-    async def scenario() -> tuple[object, object, object]:
+    async def scenario() -> tuple[object, object, object, str]:
         async with CtxflowClient.from_settings(settings) as client:
-            for manifest in (base[0], base[1], acme_v2):
+            for manifest in (base[0], base[1], acme_v2, stale):
                 await client.set_manifest(manifest)
+            with pytest.raises(ManifestError) as refused:
+                await client.set_manifest(invalid)
             await client.flush()
             return (await client.latest_manifest(base[0].tenant_id), await client.latest_manifest(
-                base[1].tenant_id), await client.latest_manifest("nobody"))
+                base[1].tenant_id), await client.latest_manifest("nobody"), str(refused.value))
 
-    acme, other, nobody = asyncio.run(scenario())
+    acme, other, nobody, refusal = asyncio.run(scenario())
+    # The worker applies a version only above the one it holds: the stale v1 published last changes nothing.
     assert acme == acme_v2 and other == base[1] and nobody is None
+    assert f"slot_caps.history ({base[1].total_cap + 1}) exceeds total_cap" in refusal  # and nothing was sent
     assert MANIFESTS.cleanup == "compact"
 
 

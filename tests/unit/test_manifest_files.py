@@ -163,9 +163,12 @@ def test_history_helpers_follow_the_worker_and_compaction_rules() -> None:
     # The worker applies a version only if above the one it holds: the first v2 wins a race.
     assert first_with_version([v1, v2, v2_late], 2) is v2
     assert first_with_version([v1], 2) is None
-    other = manifest(4, tenant="globex")
-    log = [("acme", v1), ("globex", other), ("acme", v2), ("gone", manifest(1, "gone")), ("gone", None)]
-    assert latest_per_tenant(log) == {"acme": v2, "globex": other}
+    other, kept = manifest(4, tenant="globex"), manifest(1, "kept")
+    # What the worker enforces: the first highest version; a stale version or a null value published later
+    # changes nothing (the worker ignores the one and dead-letters the other).
+    log = [("acme", v1), ("globex", other), ("acme", v2), ("acme", v2_late), ("acme", v1), ("kept", kept),
+           ("kept", None)]
+    assert latest_per_tenant(log) == {"acme": v2, "globex": other, "kept": kept}
 
 
 @pytest.mark.parametrize(
