@@ -88,7 +88,10 @@ class DecisionEmitter:
                 ),
                 **fields,
             )
-        if new == 2 and b.hard_limit is not HardLimitBehaviour.FLAG:
+        # A tenant that declined eviction (overflow reject) is always refused at the hard limit: with only a
+        # flag, nothing would ever make room.
+        rejects = b.hard_limit is not HardLimitBehaviour.FLAG or b.overflow is OverflowBehaviour.REJECT
+        if new == 2 and rejects:
             if b.hard_limit is HardLimitBehaviour.TERMINATE_RUN:
                 head = "run terminated by budget policy"
             else:

@@ -135,14 +135,14 @@ class RunStatus(StrEnum):
 
 
 class OverflowBehaviour(StrEnum):
-    """What happens when a cap is exceeded."""
+    """What happens as a context cap fills: ask for eviction, or none and refuse at the hard limit."""
 
     EVICT_AND_COMPRESS = "evict_and_compress"
     REJECT = "reject"
 
 
 class HardLimitBehaviour(StrEnum):
-    """What happens at a hard limit."""
+    """What reaching a context cap's hard limit does (spend limits announce exhaustion either way)."""
 
     REJECT = "reject"
     FLAG = "flag"

@@ -40,6 +40,15 @@ def test_overflow_reject_sends_no_eviction_request() -> None:
     assert kinds(feed(turn(0, 900))) == [(K.BUDGET_STATE, "history", "soft")]
 
 
+def test_overflow_reject_refuses_at_the_hard_limit_even_when_hard_limits_only_flag() -> None:
+    # Declining eviction leaves nothing to make room: the item that reaches the hard limit is refused.
+    feed = Feed(manifest(overflow="reject", hard_limit="flag", tier="enterprise"))
+    assert kinds(feed(turn(0, 1_100))) == [(K.BUDGET_STATE, "history", "soft")]  # 110%: within the tier's grace
+    out = feed(turn(1, 100))
+    assert kinds(out) == [(K.BUDGET_STATE, "history", "hard"), (K.REJECTION, "history", "hard")]
+    assert out[1].reason.startswith("503 context budget exhausted") and "hard limit 1150" in out[1].reason
+
+
 def test_hard_limit_rejects_with_a_reason_an_agent_can_show() -> None:
     feed = Feed(manifest())
     feed(turn(0, 900))
