@@ -233,6 +233,8 @@ class BudgetProcessor:
                 f"{'; partial counts from an interrupted stream' if not u.complete else ''}"
             ),
             used_tokens=reported,
+            estimated_tokens=0,
+            discrepancy_tokens=gap,
         )
         ms = to_ms(u.occurred_at)
         spend = self._spend_ledgers(u, state)
@@ -263,6 +265,7 @@ class BudgetProcessor:
                 # The finalization time advances the windows (a linear, per-record effect, rule 2).
                 s.changed |= s.ledger.apply(STREAMS[RUNS], pos.offset, ms, 0, 0)
             topup, ws = run.topup(), run.working_set()
+            discrepancy: int | None = None
             if run.reports == 0:
                 why = f"estimated: no usage report; consumption estimated from the working set as {ws} tokens"
             elif run.flags & INCOMPLETE:
@@ -271,15 +274,18 @@ class BudgetProcessor:
                     f"reported); working-set estimate adds {topup} tokens"
                 )
             else:
+                discrepancy = run.reported_tokens - ws
                 why = (
                     f"reported: {run.reported_tokens} tokens over {run.reports} calls; working-set estimate "
-                    f"{ws} (discrepancy {run.reported_tokens - ws:+d})"
+                    f"{ws} (discrepancy {discrepancy:+d})"
                 )
             em.emit(
                 DecisionKind.USAGE_RECONCILED,
                 "run",
                 f"run {r.status.value if r.status else 'ended'}; {why}",
                 used_tokens=run.reported_tokens + topup,
+                estimated_tokens=topup,
+                discrepancy_tokens=discrepancy,
             )
         self._settle(r, run, state, em, spend, consumption_changed=True)
         state.put_run(key, run)

@@ -475,6 +475,10 @@ class Decision(_Record):
     source_event_id: Id | None = None
     manifest_version: Annotated[int, Field(ge=1, le=_LONG_MAX)] | None = None
     decided_at: Timestamp
+    #: ``usage_reconciled``: the part of ``used_tokens`` estimated from the working set, not reported.
+    estimated_tokens: Count | None = None
+    #: ``usage_reconciled``: reported minus the working-set estimate (null for a run with missing or partial usage).
+    discrepancy_tokens: Annotated[int, Field(ge=-_LONG_MAX - 1, le=_LONG_MAX)] | None = None
 
 
 class Invalidation(_Record):

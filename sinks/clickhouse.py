@@ -118,12 +118,14 @@ class ClickHouseSink(BatchingSink[BaseModel]):
         self._plans: dict[bytes, _AvroPlan] = {}  # filled by ensure_schema on chDB
 
     def ensure_schema(self) -> None:
-        """Create the database and every projected table if missing (safe to call any number of times)."""
+        """Create the database and every projected table if missing, and add the columns a table created by an
+        older version lacks (safe to call any number of times)."""
         # clickhouse-connect looks for pandas on its first insert: an import that would stall the first batch.
         options.pd  # noqa: B018
         self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
         for spec in TABLES:
             self._writer.command(spec.create_sql(self.database))
+            self._writer.command(spec.add_columns_sql(self.database))
         if self.dsn.startswith("chdb:"):  # a server could not read the container from this host's files
             for model in ENCODED_TYPES:
                 for writer in kept_schemas()[model.__name__]:

@@ -62,6 +62,12 @@ class TableSpec:
     def column_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
 
+    def add_columns_sql(self, database: str) -> str:
+        """Idempotent ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for every column: brings a table created by
+        an older ctxflow up to this one's columns (a new schema version's fields), a no-op otherwise."""
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}" for name, ch_type in self.columns)
+        return f"ALTER TABLE `{database}`.`{self.name}` {adds}"
+
     def create_sql(self, database: str) -> str:
         """Idempotent ``CREATE TABLE`` in ``database``; the sorting key starts with tenant_id."""
         cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in self.columns)
@@ -152,7 +158,8 @@ _DECISION_COLUMNS = (
         "kind": _ENUM, "slot": _OPT_ENUM, "state": _OPT_ENUM, "previous_state": _OPT_ENUM,
         "used_tokens": "Nullable(UInt64)", "cap_tokens": "Nullable(UInt64)", "window": _OPT_ENUM,
         "admitted": "Nullable(Bool)", "request_id": _OPT, "reason": "String", "source_event_id": _OPT,
-        "manifest_version": "Nullable(UInt64)", "decided_at": _TS,
+        "manifest_version": "Nullable(UInt64)", "decided_at": _TS, "estimated_tokens": "Nullable(UInt64)",
+        "discrepancy_tokens": "Nullable(Int64)",
     }),
     ("actions", "Array(Tuple(item_id String, action LowCardinality(String), tokens UInt64))"),
 )

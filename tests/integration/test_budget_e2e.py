@@ -251,10 +251,11 @@ def test_interrupted_or_missing_usage_is_estimated_and_flagged_never_zero(world:
     for ctx in (cut, silent):
         d = by_run[ctx.run_id]
         assert d.used_tokens == 1_500, d.reason  # the working set stands in for what was never reported
-        assert "estimated" in d.reason
+        assert "estimated" in d.reason and d.discrepancy_tokens is None
         assert d.decision_id in {x.decision_id for x in redis_decisions(world.settings, tenant.tenant_id, ctx.run_id)}
-        assert world.worker.scalar(
-            f"SELECT used_tokens FROM decisions WHERE tenant_id = '{tenant.tenant_id}' "
-            f"AND decision_id = '{d.decision_id}'") == 1_500
+        assert world.worker.query(
+            f"SELECT used_tokens, estimated_tokens FROM decisions WHERE tenant_id = '{tenant.tenant_id}' "
+            f"AND decision_id = '{d.decision_id}'").rows == [(1_500, d.estimated_tokens)]
+    assert (by_run[cut.run_id].estimated_tokens, by_run[silent.run_id].estimated_tokens) == (1_040, 1_500)
     assert "interrupted stream (460 tokens reported)" in by_run[cut.run_id].reason
     assert "no usage report" in by_run[silent.run_id].reason

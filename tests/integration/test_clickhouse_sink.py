@@ -6,6 +6,7 @@ and closes its clients so the engine is free for other modules (which may open a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import subprocess
 import sys
@@ -173,6 +174,30 @@ def test_every_projected_record_type_round_trips(sink: ClickHouseSink) -> None:
     assert actions == [("item-3", 40)]
     assert sink.query("SELECT `window`, decided_at FROM decisions").rows == [("day", T0)]
     assert sink.query("SELECT tenant_id, source_offset, original FROM dead_letters").rows == [("", 9, None)]
+
+
+def test_a_table_from_an_older_version_gains_the_new_columns(chdb_dsn: str) -> None:
+    """A deployment's tables outlive upgrades: decisions written before Decision v2 had no estimate columns."""
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    spec = next(s for s in TABLES if s.name == "decisions")
+    older = dataclasses.replace(spec, columns=tuple(
+        c for c in spec.columns if c[0] not in ("estimated_tokens", "discrepancy_tokens")))
+    admin = clickhouse_connect.get_client(dsn=chdb_dsn)
+    try:
+        admin.command(f"CREATE DATABASE `{database}`")
+        admin.command(older.create_sql(database))
+    finally:
+        admin.close()
+    sink = ClickHouseSink(chdb_dsn, database=database)
+    try:
+        sink.ensure_schema()
+        sink.add(Decision(decision_id="d-1", tenant_id="acme", run_id="run-0", kind="usage_reconciled",
+                          reason="run succeeded", used_tokens=900, estimated_tokens=600, discrepancy_tokens=-12,
+                          decided_at=T0))
+        sink.flush()
+        assert sink.query("SELECT estimated_tokens, discrepancy_tokens FROM decisions").rows == [(600, -12)]
+    finally:
+        sink.close()
 
 
 @pytest.mark.parametrize(

@@ -149,8 +149,11 @@ def test_usage_reconciliation_records_the_discrepancy() -> None:
     (rec,) = feed(usage("c1", 520, 40))
     assert rec.kind is K.USAGE_RECONCILED and rec.used_tokens == 520
     assert "reported 520 prompt tokens, working-set estimate 500 (discrepancy +20, +4.0%)" in rec.reason
+    assert (rec.estimated_tokens, rec.discrepancy_tokens) == (0, 20)  # the same, as fields analysts can sum
     run = feed.state.runs["acme:r1"]
     assert (run.reported_tokens, run.reports, run.working_set()) == (560, 1, 550)
+    (final,) = feed(run_event("finalized"))
+    assert (final.used_tokens, final.estimated_tokens, final.discrepancy_tokens) == (560, 0, 10)
 
 
 def test_finalized_run_without_usage_is_estimated_never_zero() -> None:
@@ -159,6 +162,7 @@ def test_finalized_run_without_usage_is_estimated_never_zero() -> None:
     (rec,) = feed(run_event("finalized", status="interrupted"))
     assert rec.kind is K.USAGE_RECONCILED and rec.used_tokens == 500
     assert rec.reason.startswith("run interrupted; estimated: no usage report")
+    assert (rec.estimated_tokens, rec.discrepancy_tokens) == (500, None)  # all of it estimated, nothing to compare
     tenant = feed.state.tenants["acme"]
     assert (tenant.tokens, tenant.estimated_tokens) == (500, 500)
     assert tenant.cost > 0 and feed.state.users["acme:u1"].tokens == 500
@@ -170,6 +174,7 @@ def test_interrupted_stream_is_topped_up_and_late_usage_replaces_the_estimate() 
     (rec,) = feed(run_event("finalized"))
     assert "partial usage from an interrupted stream (300 tokens reported)" in rec.reason
     assert rec.used_tokens == 900 and feed.state.tenants["acme"].tokens == 900
+    assert (rec.estimated_tokens, rec.discrepancy_tokens) == (600, None)  # 300 reported, 600 filled in
     feed(usage("c2", 1200))  # the provider's full report for the run arrives after finalization
     tenant = feed.state.tenants["acme"]
     assert (tenant.tokens, tenant.estimated_tokens, tenant.estimates) == (1500, 0, {})

@@ -48,7 +48,7 @@ TABLES: dict[str, dict[str, str]] = {
         "session_id Nullable(String), run_id Nullable(String), kind String, slot Nullable(String), "
         "state Nullable(String), previous_state Nullable(String), used_tokens Nullable(Int64), "
         "cap_tokens Nullable(Int64), window Nullable(String), admitted Nullable(Bool), reason String, "
-        "decided_at DateTime64(3)",
+        "decided_at DateTime64(3), estimated_tokens Nullable(UInt64), discrepancy_tokens Nullable(Int64)",
         "dead_letters": "source_topic String, source_partition Int32, source_offset Int64, "
         "tenant_id Nullable(String), reason_code String, reason String, failed_at DateTime64(3)",
     }.items()

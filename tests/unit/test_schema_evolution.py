@@ -181,6 +181,7 @@ RELEASED_FINGERPRINTS = {
     ("AdmissionRequest", 1): "fd58030761eff905",
     ("DeadLetter", 1): "a11728ec7fb8749c",
     ("Decision", 1): "d209be795a224cde",
+    ("Decision", 2): "12717a986e75f3a4",
     ("Invalidation", 1): "00fa890b5d152702",
     ("MemoryCandidate", 1): "d64dd9aa42bb2cae",
     ("MemoryRecord", 1): "78067b821ac19e7e",
