@@ -20,7 +20,8 @@ Tier QoS (:data:`TIER_QOS`) makes context budgets softer for higher tiers in two
 hard limit above the cap (hard at ``cap * grace``): an enterprise run may burst 15% over its slot cap before
 it is rejected, a free run not at all. ``evict_to`` is the eviction target as a fraction of the cap: a free
 tenant's eviction request asks to come down to 60% of the cap, an enterprise tenant's only to 80% (a gentler
-curve: fewer items evicted per request). Unknown tiers get the ``standard`` row. Spend budgets (money) and
+curve: fewer items evicted per request). A manifest's ``qos`` sets both for a user-defined tier, or retunes a
+built-in one; a tier that is not built in and has no ``qos`` gets the ``standard`` row. Spend budgets (money) and
 run/workflow consumption caps get no grace.
 """
 
@@ -37,20 +38,13 @@ from schemas.models import (
     Slot,
     SpendWindow,
     TenantManifest,
+    TierQoS,
 )
 
 SLOTS: tuple[Slot, ...] = tuple(Slot)
 SLOT_INDEX: dict[Slot, int] = {slot: i for i, slot in enumerate(SLOTS)}
 #: Budget levels by rank (:meth:`Limit.rank`): ok, soft watermark, hard limit.
 LEVELS = (BudgetState.OK, BudgetState.SOFT, BudgetState.HARD)
-
-
-@dataclass(frozen=True, slots=True)
-class TierQoS:
-    """How soft a tier's context budget is: hard at ``cap * grace``, evict down to ``cap * evict_to``."""
-
-    grace: float
-    evict_to: float
 
 
 TIER_QOS: dict[str, TierQoS] = {
@@ -61,8 +55,13 @@ TIER_QOS: dict[str, TierQoS] = {
 
 
 def tier_qos(tier: str) -> TierQoS:
-    """The QoS row of ``tier`` (case-insensitive); unknown tiers get ``standard``."""
+    """The built-in QoS row of ``tier`` (case-insensitive); other tiers get ``standard``'s."""
     return TIER_QOS.get(tier.lower(), TIER_QOS["standard"])
+
+
+def manifest_qos(manifest: TenantManifest) -> TierQoS:
+    """The QoS a manifest's budgets get: its own ``qos`` when it gives one, else its tier's built-in row."""
+    return manifest.qos if manifest.qos is not None else tier_qos(manifest.tier)
 
 
 def _ceil(value: float) -> int:
@@ -158,7 +157,7 @@ def effective_budget(tenant_id: str, manifest: TenantManifest | None, user_id: s
     if manifest.tenant_id != tenant_id:
         raise ValueError(f"manifest of tenant {manifest.tenant_id!r} cannot govern tenant {tenant_id!r}")
     override = manifest.user_overrides.get(user_id) if user_id is not None else None
-    qos = tier_qos(manifest.tier)
+    qos = manifest_qos(manifest)
     watermark = manifest.soft_watermark
     total_cap = manifest.total_cap
     run_cap = manifest.run_cap_tokens
@@ -214,7 +213,8 @@ def _window_problems(where: str, windows: list[SpendWindow]) -> list[str]:
 def manifest_problems(manifest: TenantManifest) -> list[str]:
     """Everything wrong with ``manifest`` beyond what the schema checks (empty when it is valid).
 
-    Checks: a positive total cap; no slot cap above the total cap; a workflow cap at least the run cap;
+    Checks: a positive total cap; no slot cap above the total cap; no soft watermark below the tier's
+    eviction target; a workflow cap at least the run cap;
     ``subagent_share`` only with a workflow cap; one spend window per kind, each with a limit; tokenizer
     encodings that load offline; user overrides obeying the same rules.
     """
@@ -230,6 +230,16 @@ def manifest_problems(manifest: TenantManifest) -> list[str]:
         problems.append(f"workflow_cap_tokens ({wf_cap}) is below run_cap_tokens ({run_cap})")
     if manifest.subagent_share is not None and wf_cap is None:
         problems.append("subagent_share needs workflow_cap_tokens (it is a fraction of the workflow cap)")
+    evict_to = manifest_qos(manifest).evict_to
+    watermarks = [("soft_watermark", manifest.soft_watermark)] + [
+        (f"user_overrides[{user!r}].soft_watermark", o.soft_watermark)
+        for user, o in sorted(manifest.user_overrides.items()) if o.soft_watermark is not None]
+    for where, watermark in watermarks:
+        if watermark < evict_to:
+            problems.append(
+                f"{where} ({watermark}) is below the tier's evict_to ({evict_to}): an eviction request at the "
+                "watermark would ask to come down to more tokens than the context holds"
+            )
     problems += _window_problems("spend_windows", manifest.spend_windows)
     for model, encoding in sorted(manifest.tokenizers.items()):
         if not has_offline_encoding(encoding):

@@ -367,6 +367,13 @@ class UserOverride(_Record):
     spend_windows: list[SpendWindow] | None = None
 
 
+class TierQoS(_Record):
+    """How soft a tier's context budgets are: hard at ``cap * grace``, evict down to ``cap * evict_to``."""
+
+    grace: Annotated[float, Field(ge=1.0, le=4.0)]
+    evict_to: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -389,6 +396,8 @@ class TenantManifest(_Record):
     user_overrides: dict[Id, UserOverride] = Field(default_factory=dict)
     updated_at: Timestamp
     updated_by: str | None = None
+    #: The tier's QoS (a user-defined tier, or a built-in one retuned); None: the built-in row of the tier.
+    qos: TierQoS | None = None
 
 
 class MemoryCandidate(_Record):

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from processors.manifest import SLOTS, EffectiveBudget, Limit, effective_budget
+from processors.manifest import DEFAULT_TIER, SLOTS, TIER_QOS, EffectiveBudget, Limit, effective_budget
 from schemas.models import SpendWindow, TenantManifest
 
 #: How a user's budget is resolved, shown with every effective budget.
@@ -42,6 +42,16 @@ def _window_rows(scope: str, windows: tuple[SpendWindow, ...]) -> list[tuple[str
              "-" if w.max_cost_micros is None else f"{w.max_cost_micros:,}") for w in windows]
 
 
+def qos_source(m: TenantManifest | None) -> str:
+    """Where a tier's QoS comes from, in words: the manifest, the tier's built-in row, or standard's row."""
+    if m is not None and m.qos is not None:
+        return "the manifest's qos"
+    tier = m.tier if m is not None else DEFAULT_TIER
+    if tier.lower() in TIER_QOS:
+        return f"built-in row of {tier.lower()}"
+    return f"{tier!r} is not a built-in tier ({', '.join(TIER_QOS)}): standard's row; set qos to choose"
+
+
 def budget_tables(tenant: str, m: TenantManifest | None, user: str | None) -> list[Table]:
     """The manifest and the effective budget of ``user`` (or of the tenant) as readable tables."""
     b = effective_budget(tenant, m, user)
@@ -51,7 +61,7 @@ def budget_tables(tenant: str, m: TenantManifest | None, user: str | None) -> li
                  f"effective budget for {who}", title_justify="left")
     mark = f" (user override; tenant {b.tenant_watermark})" if b.watermark != b.tenant_watermark else ""
     rows = [("tier", f"{b.tier}: QoS hard limit at cap x {b.qos.grace:.2f}, eviction down to "
-                     f"{b.qos.evict_to:.0%} of cap"),
+                     f"{b.qos.evict_to:.0%} of cap ({qos_source(m)})"),
             ("soft watermark", f"{b.watermark}{mark}"), ("overflow", b.overflow.value),
             ("hard limit", b.hard_limit.value),
             ("tokenizers", ", ".join(f"{k}={v}" for k, v in b.tokenizers) or "by model name"),
@@ -96,7 +106,8 @@ def budget_json(tenant: str, m: TenantManifest | None, user: str | None) -> dict
     b = effective_budget(tenant, m, user)
     return {
         "tenant_id": tenant, "user_id": user, "manifest_version": b.manifest_version, "tier": b.tier,
-        "qos": {"grace": b.qos.grace, "evict_to": b.qos.evict_to}, "soft_watermark": b.watermark,
+        "qos": {"grace": b.qos.grace, "evict_to": b.qos.evict_to, "source": qos_source(m)},
+        "soft_watermark": b.watermark,
         "overflow": b.overflow.value, "hard_limit": b.hard_limit.value, "precedence": PRECEDENCE,
         "gauges": {name: None if lim is None else {"cap": lim.cap, "soft_at": lim.soft_at, "hard_at": lim.hard_at,
                                                    "source": source} for name, lim, source in _gauges(b, m, user)},

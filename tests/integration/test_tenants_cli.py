@@ -187,6 +187,28 @@ def test_the_worker_enforces_a_lowered_total_cap(settings: Settings, worker: Wor
     assert decisions(worker, "steady", after["steady"]) == set()  # another tenant's change is not ours
 
 
+def test_a_user_defined_tier_gets_the_qos_its_manifest_gives(
+    settings: Settings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    gold = small_manifest("goldco", 600) | {"tier": "gold", "qos": {"grace": 1.5, "evict_to": 0.8}}
+    typo = small_manifest("typoco", 600) | {"tier": "enterprize"}
+    for document in (gold, typo):
+        ok(ctxflow(settings, "tenants", "set", str(write(tmp_path / "m.json", document)), cwd=tmp_path))
+    shown = json.loads(ok(ctxflow(settings, "tenants", "get", "goldco", "--json", cwd=tmp_path)))
+    assert shown["effective_budget"]["qos"] == {"grace": 1.5, "evict_to": 0.8, "source": "the manifest's qos"}
+    assert shown["effective_budget"]["gauges"]["total context"]["hard_at"] == 900
+    assert "'enterprize' is not a built-in tier" in ok(ctxflow(settings, "tenants", "get", "typoco", cwd=tmp_path))
+
+    # Soft from 510 tokens, hard only at 900 (grace 1.5); an eviction asks to come down to 80% of the cap.
+    run = publish_turns(settings, "goldco", 5, 130)
+    worker.wait_caught_up()
+    assert decisions(worker, "goldco", run) == {
+        ("budget_state", "soft", 520, 600, 1), ("eviction_request", "soft", 520, 600, 1)}
+    reason = worker.scalar(f"SELECT reason FROM decisions WHERE tenant_id = 'goldco' AND run_id = '{run}' "
+                           "AND kind = 'eviction_request'")
+    assert "evict or compress at least 40 tokens to reach 480 (80% of cap 600, tier gold)" in reason
+
+
 def publish_turns(settings: Settings, tenant: str, count: int, tokens: int) -> str:
     """Publish ``count`` history turns of ``tokens`` each in a new run of ``tenant``; return the run id."""
     run = RunContext(tenant_id=tenant, user_id="u1", session_id="s1", agent_id="agent", model="gpt-4")

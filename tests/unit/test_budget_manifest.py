@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from processors.manifest import (
     DEFAULT_TOTAL_CAP,
@@ -15,7 +16,15 @@ from processors.manifest import (
     manifest_problems,
     tier_qos,
 )
-from schemas.models import BudgetState, DecisionKind, HardLimitBehaviour, Slot, SlotCaps, UserOverride
+from schemas.models import (
+    BudgetState,
+    DecisionKind,
+    HardLimitBehaviour,
+    Slot,
+    SlotCaps,
+    TierQoS,
+    UserOverride,
+)
 from tests.unit.test_budget_factories import Feed, kinds, manifest, turn, window
 
 
@@ -65,6 +74,35 @@ def test_tier_qos_table() -> None:
     assert tier_qos("Enterprise") == TIER_QOS["enterprise"]
     assert tier_qos("platinum-custom") == TIER_QOS["standard"]
     assert Limit.of(1000, 0.85, 1.15) == Limit(1000, 850, 1150)
+
+
+def test_a_manifests_qos_sets_a_user_defined_tier_and_retunes_a_built_in_one() -> None:
+    gold = effective_budget("acme", manifest(tier="gold", qos=TierQoS(grace=1.5, evict_to=0.75)), "u1")
+    assert (gold.qos.grace, gold.qos.evict_to, gold.total.hard_at) == (1.5, 0.75, 15_000)
+    assert effective_budget("acme", manifest(tier="enterprize"), "u1").qos == TIER_QOS["standard"]  # no qos: standard
+    retuned = effective_budget("acme", manifest(tier="free", qos=TierQoS(grace=1.2, evict_to=0.5)), "u1")
+    assert retuned.slot_limits[SLOT_INDEX[Slot.HISTORY]] == Limit(1000, 850, 1200)
+    # The same traffic that a built-in free tier rejects stays soft under the retuned one.
+    feed = Feed(manifest(tier="free", qos=TierQoS(grace=1.2, evict_to=0.5)))
+    out = feed.all(*(turn(i, 210) for i in range(5)))
+    assert DecisionKind.REJECTION not in {d.kind for d in out}
+    assert "to reach 500 (50% of cap 1000, tier free)" in next(
+        d.reason for d in out if d.kind is DecisionKind.EVICTION_REQUEST)
+
+
+def test_qos_out_of_range_is_a_contract_violation_and_a_watermark_below_the_eviction_target_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        TierQoS(grace=0.9, evict_to=0.5)  # a hard limit below the cap
+    with pytest.raises(ValidationError):
+        TierQoS(grace=1.1, evict_to=1.0)
+    problems = manifest_problems(manifest(
+        tier="gold", qos=TierQoS(grace=1.1, evict_to=0.9), user_overrides={"low": UserOverride(soft_watermark=0.5)}))
+    assert problems == [
+        "soft_watermark (0.85) is below the tier's evict_to (0.9): an eviction request at the watermark would ask "
+        "to come down to more tokens than the context holds",
+        "user_overrides['low'].soft_watermark (0.5) is below the tier's evict_to (0.9): an eviction request at the "
+        "watermark would ask to come down to more tokens than the context holds",
+    ]
 
 
 def test_enterprise_is_softer_than_free_under_the_same_pressure() -> None:

@@ -187,6 +187,7 @@ RELEASED_FINGERPRINTS = {
     ("MemoryRecord", 1): "78067b821ac19e7e",
     ("RunEvent", 1): "3c44f05741855735",
     ("TenantManifest", 1): "dc80fc16598879c1",
+    ("TenantManifest", 2): "a60e0c351b5eb6ac",
     ("TurnEvent", 1): "ee0da02a729c845b",
     ("TurnEvent", 2): "98da192b95339b02",
     ("UsageReport", 1): "f15d43454141ff3d",
