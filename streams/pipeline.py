@@ -49,10 +49,9 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from processors.admission import BudgetLimits, RunHeadroom, run_headroom
 from processors.budget import BudgetProcessor
 from processors.manifest import ManifestError
-from processors.types import InvalidTenantError, Position, run_key, tenant_key
+from processors.types import InvalidTenantError, Position, run_key
 from schemas.codec import Codec
 from schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
 from schemas.models import (
@@ -66,6 +65,7 @@ from schemas.models import (
 )
 from sinks.clickhouse import ClickHouseSink
 from sinks.redis import RedisProjection
+from streams.budget_projection import BudgetProjection
 from streams.deadletter import dead_letter
 from streams.tables import BatchProducer, OutRecord, TableBudgetStore
 from streams.topics import DEAD_LETTERS, DECISIONS
@@ -80,10 +80,6 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
 }
-#: Runs (and decisions) projected to Redis per round trip.
-_REDIS_SLICE = 256
-#: Seconds after which a tenant's limits for new runs are projected again, unchanged (at most).
-_LIMITS_REFRESH_S = 60.0
 #: Records that are also analytics rows in ClickHouse.
 _SUNK = (TurnEvent, UsageReport, RunEvent)
 
@@ -147,15 +143,11 @@ class BudgetPipeline:
         self._processor = processor
         self._store = store
         self._sink = sink
-        self._redis = redis
         self._producer = producer
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._clock = clock
-        self._projection: asyncio.Task[None] | None = None  # the latest batch's Redis write
-        # Tenant -> (the manifest its limits were projected from, when): projected again when the manifest
-        # changes, and well before the Redis key expires.
-        self._limits_projected: dict[str, tuple[object, float]] = {}
+        self._projection = BudgetProjection(redis, processor, store)
 
     async def handle(self, records: Sequence[InputRecord]) -> BatchReport:
         """Process ``records`` (in consumption order); returns once every effect is durable."""
@@ -187,15 +179,13 @@ class BudgetPipeline:
         ]
         for row in (*report.decisions, *report.dead_letters):
             self._sink.add(row)
-        headrooms = self._headrooms(report.runs)  # before the changelog capture, which forgets the dirty runs
-        limits = self._limits(report.tenants)
         # Step 3 begins here for decisions and Redis: an agent waiting on one sees it without waiting for the
         # batch before this one to commit. Harmless before that batch is durable: decision ids are
         # deterministic and a replay projects the same values again.
         sending = asyncio.create_task(self._producer.send(outputs))
-        self._projection = asyncio.create_task(
-            self._project(headrooms, report.decisions, limits, after=self._projection))
-        prepared = PreparedBatch(report, started, sending, self._projection, self._store.capture_changelogs())
+        # Before the changelog capture, which forgets the runs the batch wrote.
+        projection = self._projection.start(report.runs, report.tenants, report.decisions)
+        prepared = PreparedBatch(report, started, sending, projection, self._store.capture_changelogs())
         self._step(report, "process_s", started)
         return prepared
 
@@ -227,20 +217,6 @@ class BudgetPipeline:
                 "dead-lettered records", extra={"count": len(report.dead_letters), "batch": report.records}
             )
         return report
-
-    async def _project(
-        self, headrooms: list[tuple[str, str, RunHeadroom]], decisions: list[Decision],
-        limits: list[tuple[str, BudgetLimits]], after: asyncio.Task[None] | None,
-    ) -> None:
-        """Write a batch's projection once the previous batch's is written (``after``): a later batch's values
-        must land last. A failed predecessor fails this one too, so awaiting the latest covers them all."""
-        if after is not None:
-            await after
-        # In slices: packing one call for thousands of runs would hold the event loop for milliseconds, and the
-        # decisions of the batches being decided meanwhile would wait behind it.
-        for start in range(0, max(len(headrooms), len(decisions), len(limits)), _REDIS_SLICE):
-            end = start + _REDIS_SLICE
-            await self._redis.write(headrooms[start:end], decisions[start:end], limits[start:end])
 
     @staticmethod
     def _step(report: BatchReport, name: str, since: float) -> float:
@@ -292,35 +268,6 @@ class BudgetPipeline:
             original=record.value or b"",
             failed_at=now,
         )
-
-    def _headrooms(self, touched: dict[str, str]) -> list[tuple[str, str, RunHeadroom]]:
-        # Runs written by this batch, and runs whose records it skipped as already applied: after a crash
-        # between the changelogs and Redis, the replayed batch changes no table but must still project.
-        ledgers = dict(self._store.dirty_runs())
-        for key in touched.keys() - ledgers.keys():
-            ledger = self._store.get_run(key)
-            if ledger is not None:
-                ledgers[key] = ledger
-        out = []
-        for key, ledger in ledgers.items():
-            tenant_id, run_id = key.split(":", 1)
-            budget = self._processor.budget(self._store, tenant_id, touched.get(key))
-            out.append((tenant_id, run_id, run_headroom(ledger, budget)))
-        return out
-
-    def _limits(self, tenants: set[str]) -> list[tuple[str, BudgetLimits]]:
-        """Limits for new runs of the batch's tenants whose manifest changed since they were last projected,
-        or that were last projected a minute ago (so a Redis that lost its data has them back within one)."""
-        out, now = [], time.monotonic()
-        refresh_s = min(self._redis.ttl_s / 4, _LIMITS_REFRESH_S)
-        for tenant_id in tenants:
-            manifest = self._store.get_manifest(tenant_key(tenant_id))
-            sent = self._limits_projected.get(tenant_id)
-            if sent is not None and sent[0] is manifest and now - sent[1] < refresh_s:
-                continue
-            self._limits_projected[tenant_id] = (manifest, now)
-            out.append((tenant_id, self._processor.limits(self._store, tenant_id)))
-        return out
 
 
 def _last_per_key(records: Iterable[OutRecord]) -> list[OutRecord]:
