@@ -47,6 +47,10 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     runaway = workload.runaway_tenant.tenant_id
     hard = re.search(rf"runaway tenant {runaway} hit its hard limit (\d+) times \((\d+) on context", out)
     assert hard and int(hard[1]) > 0 and int(hard[2]) > 0, out
+    assert re.search(r"\bok -> soft\b", out) and re.search(r"\bsoft -> hard\b", out), "watermark, then hard limit"
+    others = ", ".join(t.tenant_id for t in workload.tenants if t.tenant_id != runaway)
+    assert f"other tenants ({others}): 0 context hard limits" in out or (
+        f"other tenants ({others}): 0 hard-limit decisions, unaffected" in out), "the others are unaffected"
     assert re.search(rf"{runaway} run \w+: not admitted", out), "the runaway run must be refused admission"
     assert re.search(r"run \w+: admitted", out), "a healthy run must be admitted"
     assert re.search(r"no_retention turns stored, 0 of them with content .*: OK", out)
