@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from processors.manifest import check_manifest
-from schemas.codec import Codec
+from schemas.codec import Codec, RejectedRecord
 from schemas.models import (
     AdmissionRequest,
     MemoryCandidate,
@@ -36,6 +37,8 @@ from streams.topics import MANIFESTS, TopicSpec
 #: Runs this client remembers as no_retention, so their later records and children stay private.
 _PRIVATE_RUNS_REMEMBERED = 100_000
 
+
+log = logging.getLogger(__name__)
 
 class CtxflowClient:
     """Async ctxflow producer (plus decision and manifest readers) over one aiokafka producer.
@@ -231,14 +234,36 @@ class CtxflowClient:
         """Decisions for one tenant (and session/run when given); see :class:`DecisionStream`."""
         return DecisionStream(self, tenant_id, session_id, run_id, from_beginning)
 
+    async def manifest_log(self, timeout_s: float = 10.0) -> list[tuple[str, TenantManifest | None]]:
+        """Every ``(tenant_id, manifest, or None for a null value)`` on the manifests topic up to its end as of
+        the call, in offset order per partition (so per tenant). Undecodable records are logged and skipped: the
+        worker dead-letters them too."""
+        entries: list[tuple[str, TenantManifest | None]] = []
+        async with TopicReader(self, self.topic(MANIFESTS), from_beginning=True) as reader:
+            for message in await reader.until_end(timeout_s):
+                try:
+                    value = None if message.value is None else self.codec.decode(message.value, TenantManifest)
+                except RejectedRecord as error:
+                    log.warning("skipping undecodable manifest at %s[%s]@%s: %s", message.topic,
+                                 message.partition, message.offset, error)
+                    continue
+                key = message.key.decode() if message.key is not None else getattr(value, "tenant_id", "")
+                entries.append((key, value))
+        return entries
+
+    async def manifests(self, timeout_s: float = 10.0) -> dict[str, TenantManifest]:
+        """The manifest the worker enforces for every tenant that has one (what ``ctxflow tenants list`` shows)."""
+        return latest_per_tenant(await self.manifest_log(timeout_s))
+
+    async def manifest_history(self, tenant_id: str, timeout_s: float = 10.0) -> list[TenantManifest]:
+        """Every manifest published for ``tenant_id``, in publish order (any version, including ignored ones)."""
+        return [m for key, m in await self.manifest_log(timeout_s) if key == tenant_id and m is not None]
+
     async def latest_manifest(self, tenant_id: str, timeout_s: float = 10.0) -> TenantManifest | None:
         """The manifest the worker enforces for ``tenant_id``: the first published with its highest version
-        (:func:`streams.manifest_files.latest_per_tenant`; reads the manifests topic to its current end)."""
-        async with TopicReader(self, self.topic(MANIFESTS), from_beginning=True) as reader:
-            key = tenant_id.encode()
-            history = [(tenant_id, None if message.value is None else self.codec.decode(message.value, TenantManifest))
-                       for message in await reader.until_end(timeout_s) if message.key == key]
-        return latest_per_tenant(history).get(tenant_id)
+        (:func:`streams.manifest_files.latest_per_tenant`)."""
+        return latest_per_tenant([(tenant_id, m) for m in await self.manifest_history(tenant_id, timeout_s)]
+                                 ).get(tenant_id)
 
     async def partitions(self, topic: str) -> list[TopicPartition]:
         """The partitions of ``topic``; raises :class:`TopicMissing` if it does not exist (see :mod:`streams.sdk`)."""

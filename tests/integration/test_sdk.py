@@ -197,7 +197,7 @@ def test_latest_manifest_is_the_one_the_worker_enforces_and_invalid_ones_are_ref
     stale = base[0].model_copy(update={"updated_by": "late"})  # version 1 again, after version 2
     invalid = base[1].model_copy(update={"version": 9, "slot_caps": SlotCaps(history=base[1].total_cap + 1)})
 
-    async def scenario() -> tuple[object, object, object, str]:
+    async def scenario() -> tuple[object, object, object, str, object, object]:
         async with CtxflowClient.from_settings(settings) as client:
             for manifest in (base[0], base[1], acme_v2, stale):
                 await client.set_manifest(manifest)
@@ -205,11 +205,14 @@ def test_latest_manifest_is_the_one_the_worker_enforces_and_invalid_ones_are_ref
                 await client.set_manifest(invalid)
             await client.flush()
             return (await client.latest_manifest(base[0].tenant_id), await client.latest_manifest(
-                base[1].tenant_id), await client.latest_manifest("nobody"), str(refused.value))
+                base[1].tenant_id), await client.latest_manifest("nobody"), str(refused.value),
+                await client.manifests(), await client.manifest_history(base[0].tenant_id))
 
-    acme, other, nobody, refusal = asyncio.run(scenario())
+    acme, other, nobody, refusal, every, history = asyncio.run(scenario())
     # The worker applies a version only above the one it holds: the stale v1 published last changes nothing.
     assert acme == acme_v2 and other == base[1] and nobody is None
+    assert every == {base[0].tenant_id: acme_v2, base[1].tenant_id: base[1]}
+    assert history == [base[0], acme_v2, stale]  # every version as published, the ignored one included
     assert f"slot_caps.history ({base[1].total_cap + 1}) exceeds total_cap" in refusal  # and nothing was sent
     assert MANIFESTS.cleanup == "compact"
 
