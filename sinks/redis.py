@@ -2,9 +2,11 @@
 
 Keys (every one starts with a validated tenant id, and expires after ``ttl_s``):
 
-- ``ctxflow:{tenant}:run:{run_id}``: JSON ``{"used": {<slot>|"total": n}, "hard": {<slot>|"total": n},
-  "manifest_version": v}`` — read in one round trip (``GET``) by :func:`read_headroom` for the fast admission
-  check. One string, not a hash: a hash of its fifteen fields plus ``EXPIRE`` cost 2.6x the client CPU.
+- ``ctxflow:{tenant}:run:{run_id}``: JSON ``{"used": {<gauge>: n}, "hard": {<gauge>: n}, "manifest_version": v}``,
+  a gauge being a slot, ``total``, ``run`` (consumption against the run cap) or ``subagent`` (a child run's
+  share of its workflow) — read in one round trip by :func:`read_headroom`, or by :func:`read_admission` for
+  the fast admission check. One string, not a hash: a hash of its fifteen fields plus ``EXPIRE`` cost 2.6x the
+  client CPU.
 - ``ctxflow:{tenant}:budget``: JSON ``{"hard": {<gauge>: n}, "users": {<user>: {<gauge>: n}},
   "manifest_version": v}``: the hard limits a run that has used nothing starts from, so the fast check can
   refuse a new run's oversized plan. Read together with the run's key (``MGET``) by :func:`read_admission`.
