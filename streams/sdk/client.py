@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
@@ -239,6 +239,8 @@ class CtxflowClient:
         the call, in offset order per partition (so per tenant). Undecodable records are logged and skipped: the
         worker dead-letters them too."""
         entries: list[tuple[str, TenantManifest | None]] = []
+        if not await self._holds_records(self.topic(MANIFESTS)):
+            return entries
         async with TopicReader(self, self.topic(MANIFESTS), from_beginning=True) as reader:
             for message in await reader.until_end(timeout_s):
                 try:
@@ -250,6 +252,23 @@ class CtxflowClient:
                 key = message.key.decode() if message.key is not None else getattr(value, "tenant_id", "")
                 entries.append((key, value))
         return entries
+
+    async def _holds_records(self, topic: str) -> bool:
+        """Whether any partition of ``topic`` has ever held a record (its end offset is above 0).
+
+        Asked before reading a topic from the beginning: the embedded broker never answers a fetch of
+        partitions that never held a record, and a consumer that sent one waits on it when it next resolves a
+        position or stops (``latest_manifest`` on a deployment without manifests did not return in 90 s).
+        Asking for end offsets sends no fetch.
+        """
+        partitions = await self.partitions(topic)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    client_id="ctxflow-sdk-reader")
+        await consumer.start()
+        try:
+            return any(end > 0 for end in (await consumer.end_offsets(partitions)).values())
+        finally:
+            await consumer.stop()
 
     async def manifests(self, timeout_s: float = 10.0) -> dict[str, TenantManifest]:
         """The manifest the worker enforces for every tenant that has one (what ``ctxflow tenants list`` shows)."""

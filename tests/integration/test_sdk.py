@@ -217,6 +217,16 @@ def test_latest_manifest_is_the_one_the_worker_enforces_and_invalid_ones_are_ref
     assert MANIFESTS.cleanup == "compact"
 
 
+def test_a_deployment_without_manifests_answers_at_once(settings: Settings) -> None:
+    """The embedded broker never answers a fetch of partitions that never held a record; reading them hung."""
+    async def scenario() -> tuple[object, object, object]:
+        async with asyncio.timeout(15), CtxflowClient.from_settings(settings) as client:
+            return (await client.latest_manifest("acme"), await client.manifests(),
+                    await client.manifest_history("acme"))
+
+    assert asyncio.run(scenario()) == (None, {}, [])
+
+
 def test_records_of_one_batch_are_history_to_a_live_stream_and_all_there_for_readers(settings: Settings) -> None:
     # An SDK client batches what it sends within linger_ms; the broker reports such a batch short of its end.
     old = [decision("acme", "r1", f"old {n}") for n in range(5)]
