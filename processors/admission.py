@@ -20,10 +20,11 @@ from processors.manifest import SLOTS, EffectiveBudget
 from schemas.models import Slot
 
 TOTAL = "total"
-#: Run-level consumption gauges beside the slots and the total: (name, what a refusal calls it).
+#: Run-level consumption gauges beside the slots and the total.
 RUN_CAP = "run"
 SUBAGENT_SHARE = "subagent"
-_CONSUMPTION = ((RUN_CAP, "run token cap"), (SUBAGENT_SHARE, "sub-agent share"))
+#: Gauges a whole plan adds to, in the order checked: (name, what a refusal calls it).
+_WHOLE_PLAN = ((TOTAL, "total context"), (RUN_CAP, "run token cap"), (SUBAGENT_SHARE, "sub-agent share"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,18 +132,12 @@ def check_admission(headroom: RunHeadroom | None, planned: Mapping[Slot | str, i
             return AdmissionAnswer(
                 False, f"not admitted: slot {name} would reach {used} tokens, hard limit {limit}", known_run=known
             )
-    used_total = headroom.used.get(TOTAL, 0) + total_planned
-    limit_total = headroom.hard_limits.get(TOTAL)
-    if limit_total is not None and used_total >= limit_total:
-        return AdmissionAnswer(
-            False, f"not admitted: total context would reach {used_total} tokens, hard limit {limit_total}",
-            known_run=known,
-        )
-    for gauge, what in _CONSUMPTION:
+    for gauge, what in _WHOLE_PLAN:
         limit = headroom.hard_limits.get(gauge)
-        consumed = headroom.used.get(gauge, 0) + total_planned
-        if limit is not None and consumed >= limit:
+        used = headroom.used.get(gauge, 0) + total_planned
+        if limit is not None and used >= limit:
             return AdmissionAnswer(
-                False, f"not admitted: {what} would reach {consumed} tokens, hard limit {limit}", known_run=known
+                False, f"not admitted: {what} would reach {used} tokens, hard limit {limit}", known_run=known
             )
+    used_total = headroom.used.get(TOTAL, 0) + total_planned
     return AdmissionAnswer(True, f"admitted: total context would be {used_total} tokens", known_run=known)
