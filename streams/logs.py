@@ -1,7 +1,7 @@
 """Structured logs: one ``key=value`` line per record, including the ``extra`` fields a call passes.
 
 ``log.info("batch", extra={"records": 2000, "seconds": 0.04})`` prints
-``ts=2026-11-21T20:00:00.123Z level=info logger=streams.worker msg=batch records=2000 seconds=0.04``.
+``ts=2026-11-21T20:00:00.123Z level=info logger=streams.runtime.worker msg=batch records=2000 seconds=0.04``.
 """
 
 from __future__ import annotations

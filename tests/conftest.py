@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.processes import free_port
-from streams.stack import EmbeddedStack
-from streams.worker_process import WorkerProcess
+from streams.stack.admin import ensure_topics
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.processes import free_port
+from streams.stack.worker_process import WorkerProcess
 
 TESTS_DIR = Path(__file__).parent
 _MARKERS = {

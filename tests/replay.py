@@ -33,7 +33,7 @@ from schemas.codec import Codec
 from schemas.contract import RejectedRecord
 from schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest, TurnEvent, UsageReport
 from streams.config import Settings
-from streams.pipeline import INPUT_MODELS
+from streams.runtime.pipeline import INPUT_MODELS
 from tests.support_kafka import read_topics
 
 #: Tie-break rank of the logical input topics when event times are equal.
@@ -75,7 +75,7 @@ class InputLog:
 
 def _decode(codec: Codec, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
             ) -> LoggedRecord:
-    """The worker's decode step (``streams.pipeline``): a null value, a codec refusal or a key that is not the
+    """The worker's decode step (``streams.runtime.pipeline``): a null value, a codec refusal or a key that is not the
     record's tenant makes the record a dead letter, never an input of the processor."""
     if value is None:
         return LoggedRecord(topic, partition, offset, key, None, "contract_violation: null value")
@@ -141,7 +141,7 @@ class Replay:
     users: dict[tuple[str, str], str]
 
     def headroom(self, tenant_id: str, run_id: str) -> RunHeadroom | None:
-        """What the worker's Redis projection must hold for the run (``streams.pipeline`` projects the run
+        """What the worker's Redis projection must hold for the run (``streams.runtime.pipeline`` projects the run
         ledger with the limits of the run's user), or None for a run the replay never saw."""
         ledger = self.state.get_run(run_key(tenant_id, run_id))
         if ledger is None:

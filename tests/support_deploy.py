@@ -17,11 +17,11 @@ import redis
 
 from processors.admission import RunHeadroom
 from schemas.models import Decision
-from streams.admin import ensure_topics
-from streams.budget_reader import BudgetReader
 from streams.config import Settings
-from streams.processes import free_port
-from streams.stack import EmbeddedStack
+from streams.sdk.budget_reader import BudgetReader
+from streams.stack.admin import ensure_topics
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.processes import free_port
 
 T = TypeVar("T")
 

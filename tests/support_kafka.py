@@ -18,11 +18,11 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.codec import Codec
 from schemas.models import DeadLetter, Decision
-from streams.admin import TopicFacts, describe_topics
 from streams.config import Settings
-from streams.log_end import log_end_offsets
+from streams.runtime.log_end import log_end_offsets
+from streams.stack.admin import TopicFacts, describe_topics
+from streams.stack.worker_process import INPUT_TOPICS
 from streams.topics import ALL_TOPICS
-from streams.worker_process import INPUT_TOPICS
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ async def read_topics(settings: Settings, names: Iterable[str], timeout_s: float
     """Every record of the logical topics ``names``, from the beginning to their end offsets as of this call.
 
     Records come back grouped by topic and partition, each group in offset order. The end is the true one
-    (:func:`streams.log_end.log_end_offsets`): the embedded broker under-reports it.
+    (:func:`streams.runtime.log_end.log_end_offsets`): the embedded broker under-reports it.
     """
     return await read_full_topics(settings, [settings.topic(name) for name in names], timeout_s)
 
@@ -57,7 +57,7 @@ async def read_full_topics(settings: Settings, topics: Iterable[str], timeout_s:
 
 async def true_end_offsets(settings: Settings, names: Iterable[str], timeout_s: float = 30.0
                            ) -> dict[TopicPartition, int]:
-    """One past the last offset of every partition of ``names`` (:func:`streams.log_end.log_end_offsets`)."""
+    """One past the last offset of every partition of ``names`` (:func:`streams.runtime.log_end.log_end_offsets`)."""
     tps = [TopicPartition(settings.topic(name), p) for name in names for p in range(settings.partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -72,7 +72,7 @@ async def send_one_batch(settings: Settings, topic: str, key: bytes, values: lis
     """Produce ``values`` under ``key`` as ONE record batch on the key's partition, which the producer would do
     with whatever it sends within ``linger_ms``, but deterministically; returns the partition.
 
-    The broker then reports the batch's base offset + 1 as the partition's end (see :mod:`streams.log_end`).
+    The broker then reports the batch's base offset + 1 as the partition's end (see :mod:`streams.runtime.log_end`).
     """
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
     await producer.start()
@@ -121,7 +121,7 @@ def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
     """Wait until the worker's committed offsets cover every input record on the broker now.
 
     Like ``WorkerProcess.wait_caught_up`` (committed offsets imply durable effects; both measure against the
-    true end of each partition, see :mod:`streams.log_end`), without needing the ``WorkerProcess`` at hand.
+    true end of each partition, see :mod:`streams.runtime.log_end`), without needing the ``WorkerProcess`` at hand.
     """
 
     async def poll() -> None:

@@ -1,7 +1,7 @@
 """Producers for worker tests: publish a batch of records, or keep a workload flowing from a background thread.
 
 :class:`BackgroundTraffic` is what "producers keep sending" means in the fault tests: a thread with its own
-event loop and ``CtxflowClient`` publishes a :class:`~streams.workload.Workload` at a steady rate while the
+event loop and ``CtxflowClient`` publishes a :class:`~streams.demo.workload.Workload` at a steady rate while the
 test kills and restarts the worker, and re-publishes some earlier events unchanged (same event id, seq and
 call id) at new offsets, as an SDK retrying an unacknowledged send would.
 """
@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pydantic import BaseModel
 
 from streams.config import Settings
+from streams.demo.workload import Workload
 from streams.sdk import CtxflowClient
-from streams.workload import Workload
 
 #: How far back a re-sent event may lie (an SDK retries what is still in flight, so recent events).
 RETRY_HORIZON = 400

@@ -17,8 +17,8 @@ from processors.manifest import SLOTS
 from schemas.models import RunEvent, TurnEvent, UsageReport
 from sinks.redis import limits_key, read_headroom
 from streams.config import Settings
-from streams.worker_process import WorkerProcess
-from streams.workload import GroundTruth
+from streams.demo.workload import GroundTruth
+from streams.stack.worker_process import WorkerProcess
 from tests.replay import Replay
 from tests.support_decisions import is_exact, lost_decisions
 from tests.support_deploy import redis_decisions

@@ -2,7 +2,7 @@
 
 Three corpora:
 
-- :class:`TurnCorpus`: TurnEvents from the realistic :class:`~streams.workload.Workload` (many tenants on
+- :class:`TurnCorpus`: TurnEvents from the realistic :class:`~streams.demo.workload.Workload` (many tenants on
   every tier, sessions with sub-agents, tool output, retrievals, a runaway tenant), redacted as the SDK
   would for ``no_retention`` runs, encoded once. Later slices continue the same traffic, so the latency phase
   sends new events (not replays, which the worker would skip as duplicates).
@@ -34,8 +34,8 @@ from schemas.models import (
     content_digest,
 )
 from streams.config import Settings
+from streams.demo.workload import Workload
 from streams.sdk import TOPIC_OF, CtxflowClient, record_key, redact
-from streams.workload import Workload
 
 #: Simulated time of the synthetic corpora.
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.admin import ensure_topics
 from streams.bench.core import measure_core
 from streams.bench.corpus import TurnCorpus, publish
 from streams.bench.latency import LatencyResult, measure_latency
@@ -32,9 +31,10 @@ from streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
 from streams.bench.sessions import measure_sessions
 from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
 from streams.config import Settings
-from streams.processes import free_port
-from streams.stack import EmbeddedStack
-from streams.worker_process import WorkerProcess
+from streams.stack.admin import ensure_topics
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.processes import free_port
+from streams.stack.worker_process import WorkerProcess
 
 Say = Callable[[str], None]
 

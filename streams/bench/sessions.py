@@ -21,7 +21,7 @@ from pathlib import Path
 from streams.bench.corpus import held_runs, publish
 from streams.bench.throughput import wait_committed
 from streams.config import Settings
-from streams.worker_process import WorkerProcess
+from streams.stack.worker_process import WorkerProcess
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.codec import Codec
 from streams.config import Settings
-from streams.pipeline import INPUT_MODELS
-from streams.worker_process import INPUT_TOPICS, WorkerProcess
+from streams.runtime.pipeline import INPUT_MODELS
+from streams.stack.worker_process import INPUT_TOPICS, WorkerProcess
 
 
 async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, float, int]:

@@ -35,7 +35,7 @@ published as ``no_retention`` taints its later turns, memory candidates and chil
 if they say ``retained`` (delegation cannot downgrade privacy).
 """
 
-from streams.budget_reader import BudgetReader
+from streams.sdk.budget_reader import BudgetReader
 from streams.sdk.client import CtxflowClient
 from streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from streams.sdk.readers import DecisionStream

@@ -27,8 +27,8 @@ from schemas.models import (
     UsageReport,
 )
 from streams.config import Settings
-from streams.manifest_files import latest_per_tenant
 from streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from streams.sdk.manifest_files import latest_per_tenant
 from streams.sdk.readers import DecisionStream, TopicReader
 from streams.sdk.records import TOPIC_OF, R, record_key, redact
 from streams.sdk.run_context import RunContext
@@ -280,7 +280,7 @@ class CtxflowClient:
 
     async def latest_manifest(self, tenant_id: str, timeout_s: float = 10.0) -> TenantManifest | None:
         """The manifest the worker enforces for ``tenant_id``: the first published with its highest version
-        (:func:`streams.manifest_files.latest_per_tenant`)."""
+        (:func:`streams.sdk.manifest_files.latest_per_tenant`)."""
         return latest_per_tenant([(tenant_id, m) for m in await self.manifest_history(tenant_id, timeout_s)]
                                  ).get(tenant_id)
 

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer
 
 from schemas.codec import RejectedRecord
 from schemas.models import Decision
-from streams.log_end import log_end_offsets
+from streams.runtime.log_end import log_end_offsets
 from streams.topics import DECISIONS
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class TopicReader:
         if self._from_beginning:
             consumer.assign(self.partitions)
             await consumer.seek_to_beginning(*self.partitions)
-        else:  # not seek_to_end: the broker's reported end can fall inside the last batch (see streams.log_end)
+        else:  # not seek_to_end: the broker's reported end can fall inside the last batch (see streams.runtime.log_end)
             await log_end_offsets(consumer, self.partitions)
         for tp in self.partitions:  # resolve offsets now, so records published after entry are never skipped
             await consumer.position(tp)

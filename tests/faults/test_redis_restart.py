@@ -13,8 +13,8 @@ from pathlib import Path
 from processors.admission import TOTAL
 from schemas.models import DecisionKind, HardLimitBehaviour, ItemKind, Role, Slot, SlotCaps, TenantManifest
 from streams.sdk import RunContext
-from streams.stack import EmbeddedStack
-from streams.worker_process import WorkerProcess
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.worker_process import WorkerProcess
 from tests.support_deploy import fresh_settings, redis_decisions, redis_headroom
 from tests.support_kafka import wait_processed
 from tests.support_traffic import publish

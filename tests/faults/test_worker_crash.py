@@ -28,9 +28,9 @@ from schemas.models import (
     TurnEvent,
 )
 from streams.config import Settings
+from streams.demo.workload import Workload
 from streams.sdk import RunContext
-from streams.worker_process import WorkerProcess
-from streams.workload import Workload
+from streams.stack.worker_process import WorkerProcess
 from tests.replay import read_input_log, replay
 from tests.support_deploy import drop_other_redis_clients, redis_decisions, redis_headroom, redis_writes_paused
 from tests.support_kafka import (
@@ -232,7 +232,7 @@ def test_a_restart_recovers_every_token_table_value(settings: Settings) -> None:
         wait_processed(settings)
         worker.stop()  # a clean restart, not even a crash
         worker = WorkerProcess(settings).start()
-        # Recovered by the bulk preload (streams.recovery): at least each run's ledger came back that way.
+        # Recovered by the bulk preload (streams.runtime.recovery): at least each run's ledger came back that way.
         assert worker.health()["tables_preloaded"] >= len(runs)
         publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "second", token_count=1) for r in runs])
         wait_processed(settings)

@@ -14,9 +14,9 @@ from aiokafka.partitioner import DefaultPartitioner
 from processors.admission import TOTAL
 from schemas.models import ItemKind, Role, Slot
 from streams.config import Settings
-from streams.processes import free_port
 from streams.sdk import RunContext
-from streams.worker_process import WorkerProcess
+from streams.stack.processes import free_port
+from streams.stack.worker_process import WorkerProcess
 from tests.support_deploy import redis_headroom
 from tests.support_kafka import wait_processed, wait_until
 from tests.support_traffic import publish

@@ -14,7 +14,7 @@ from streams.bench import BenchConfig, run_bench
 from streams.bench.corpus import TurnCorpus
 from streams.bench.load import LoadFailed, LoadPlan, generate_load
 from streams.config import Settings
-from streams.stack import EmbeddedStack
+from streams.stack.embedded import EmbeddedStack
 
 
 @pytest.mark.timeout(240)

@@ -31,10 +31,10 @@ from schemas.models import (
 )
 from sinks.redis import read_admission
 from streams.config import Settings
+from streams.demo.workload import TenantProfile, Workload
 from streams.sdk import CtxflowClient, RunContext
-from streams.stack import EmbeddedStack
-from streams.worker_process import WorkerProcess
-from streams.workload import TenantProfile, Workload
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.worker_process import WorkerProcess
 from tests.support_decisions import subject_of
 from tests.support_deploy import fresh_settings, redis_decisions
 from tests.support_kafka import decisions_on_topic, wait_processed
@@ -65,7 +65,7 @@ async def _decisions_while_publishing(settings: Settings, tenant_id: str, record
     accepts, in order, as soon as they make ``done`` true.
 
     Matching by the caller's own ids is what an agent does: the subscription starts at the end of the log (the
-    true end, see ``streams.log_end``), but the worker may still be deciding about the tenant's earlier records.
+    true end, see ``streams.runtime.log_end``), but the worker may still be deciding about the tenant's earlier records.
     """
     found: list[Decision] = []
     async with CtxflowClient.from_settings(settings) as client, client.decisions(tenant_id) as stream:

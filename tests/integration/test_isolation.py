@@ -41,8 +41,8 @@ from schemas.models import (
 from sinks.redis import limits_key
 from streams.config import Settings
 from streams.sdk import RunContext
-from streams.stack import EmbeddedStack
-from streams.worker_process import WorkerProcess
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.worker_process import WorkerProcess
 from tests.replay import read_input_log, replay
 from tests.support_decisions import lost_decisions
 from tests.support_deploy import fresh_settings, redis_headroom

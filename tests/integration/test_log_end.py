@@ -1,4 +1,4 @@
-"""``streams.log_end`` against the embedded broker, which reports a partition's end short (see that module)."""
+"""``streams.runtime.log_end`` against the embedded broker, which reports a partition's end short (see that module)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.config import Settings
-from streams.log_end import log_end_offsets
+from streams.runtime.log_end import log_end_offsets
 from tests.support_kafka import send_one_batch
 
 

@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from processors.admission import RunHeadroom
 from schemas.models import Decision, DecisionKind
 from sinks.redis import RedisProjection, decisions_key, run_key
-from streams.budget_reader import BudgetReader
 from streams.config import Settings
-from streams.stack import EmbeddedStack
+from streams.sdk.budget_reader import BudgetReader
+from streams.stack.embedded import EmbeddedStack
 
 TTL_S = 600
 

@@ -31,9 +31,8 @@ from schemas.models import (
     SlotCaps,
     TurnEvent,
 )
-from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.processes import ManagedProcess, free_port
+from streams.demo.workload import DriveProgress, Workload, drive
 from streams.sdk import (
     TOPIC_OF,
     BrokerUnavailable,
@@ -45,9 +44,10 @@ from streams.sdk import (
     record_key,
     redact,
 )
-from streams.stack import kafka_answers
+from streams.stack.admin import ensure_topics
+from streams.stack.embedded import kafka_answers
+from streams.stack.processes import ManagedProcess, free_port
 from streams.topics import DECISIONS, MANIFESTS, TopicSpec
-from streams.workload import DriveProgress, Workload, drive
 from tests.support_kafka import broker_topics, send_one_batch
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

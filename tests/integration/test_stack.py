@@ -20,10 +20,9 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.admin import TopicMismatch, ensure_topics
 from streams.config import Settings
-from streams.processes import pid_alive
-from streams.stack import (
+from streams.stack.admin import TopicMismatch, ensure_topics
+from streams.stack.embedded import (
     EmbeddedStack,
     StackStartError,
     StackState,
@@ -31,6 +30,7 @@ from streams.stack import (
     redis_answers,
     redis_host_port,
 )
+from streams.stack.processes import pid_alive
 from streams.topics import ALL_TOPICS, MANIFESTS, TURNS
 from tests.conftest import loopback_settings
 from tests.support_kafka import catalogue_facts
@@ -193,7 +193,7 @@ def test_servers_die_when_the_owning_process_is_sigkilled(tmp_path: Path) -> Non
     script = textwrap.dedent(f"""
         import json, sys
         from streams.config import Settings
-        from streams.stack import EmbeddedStack
+        from streams.stack.embedded import EmbeddedStack
         settings = Settings.model_validate_json({settings.model_dump_json()!r})
         with EmbeddedStack(settings) as stack:
             print(json.dumps(stack.pids), flush=True)

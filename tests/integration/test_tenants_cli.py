@@ -15,14 +15,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import Codec
 from schemas.models import ItemKind, Role, Slot
-from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.log_end import log_end_offsets
-from streams.manifest_files import load_manifest
-from streams.processes import free_port
+from streams.demo.workload import Workload
+from streams.runtime.log_end import log_end_offsets
 from streams.sdk import CtxflowClient, RunContext
-from streams.worker_process import WorkerProcess
-from streams.workload import Workload
+from streams.sdk.manifest_files import load_manifest
+from streams.stack.admin import ensure_topics
+from streams.stack.processes import free_port
+from streams.stack.worker_process import WorkerProcess
 from tests.support_kafka import broker_topics, send_one_batch
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")

@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaConsumer
 from schemas.codec import Codec
 from schemas.models import DeadLetter, PrivacyMode, TurnEvent
 from streams.config import Settings
+from streams.demo.workload import Workload
 from streams.sdk import CtxflowClient
-from streams.worker_process import WorkerProcess, settings_env
-from streams.workload import Workload
+from streams.stack.worker_process import WorkerProcess, settings_env
 
 
 def wait_for(probe: Callable[[], object], expected: object, timeout_s: float = 60.0) -> object:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from streams.config import Settings
-from streams.processes import free_port
-from streams.stack import EmbeddedStack
+from streams.stack.embedded import EmbeddedStack
+from streams.stack.processes import free_port
+from streams.stack.worker_process import WorkerNotReady, WorkerProcess
 from streams.topics import ALL_TOPICS, TURNS
-from streams.worker_process import WorkerNotReady, WorkerProcess
 from tests.support_kafka import broker_topics, catalogue_facts
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from processors.ledger import RunLedger
 from processors.types import StaticCount
-from streams.tables import VALUE_CODECS
+from streams.runtime.tables import VALUE_CODECS
 
 
 def test_static_counts_round_trip_with_the_offset_that_counted_them() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from faust.types import TP
 
-from streams.intake import IntakeGap, OffsetContinuity
+from streams.runtime.intake import IntakeGap, OffsetContinuity
 
 TURNS0, TURNS1 = TP("ctxflow.turns", 0), TP("ctxflow.turns", 1)
 

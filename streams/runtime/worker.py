@@ -2,12 +2,12 @@
 
 One agent with concurrency 1 owns a set of partitions, hence a set of tenants, hence their counters: no two
 writers ever update one tenant's tables. The agent acknowledges a batch's messages only after
-:meth:`streams.pipeline.BudgetPipeline.commit` returned for it, so offsets are committed only once the batch's
+:meth:`streams.runtime.pipeline.BudgetPipeline.commit` returned for it, so offsets are committed only once the batch's
 effects are durable; it decides later batches meanwhile, and commits strictly one group after another.
 If a batch fails, neither it nor any later batch is acknowledged and the worker stops (a restart replays from
 the last commit, and every effect is idempotent under replay).
 
-Input records reach the agent in bulk through :mod:`streams.intake`, not through Faust streams.
+Input records reach the agent in bulk through :mod:`streams.runtime.intake`, not through Faust streams.
 
 The worker process also owns the process's only chDB engine (chDB hosts one per process), so it serves
 analyst queries over HTTP at ``POST /query`` on ``127.0.0.1:<web_port>``; ``ctxflow query`` uses it when a
@@ -33,11 +33,11 @@ from schemas.codec import Codec
 from sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
 from sinks.redis import RedisProjection
 from streams.config import Settings
-from streams.intake import BatchIntake, BudgetApp, BulkConsumer
 from streams.logs import log_handler
-from streams.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
-from streams.recovery import PreloadedTable, PreloadingTableManager
-from streams.tables import BatchProducer, TableBudgetStore, declare_tables
+from streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
+from streams.runtime.recovery import PreloadedTable, PreloadingTableManager
+from streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=4.0,
         broker_heartbeat_interval=0.5,
         table_standby_replicas=0,
-        # Tables are read from their changelogs in bulk before Faust's recovery (streams.recovery). The preload
+        # Tables are read from their changelogs in bulk before Faust's recovery (streams.runtime.recovery). The preload
         # reads to the true log end, which Tansu's ListOffsets can under-report, so a preloaded offset may be
         # past what Faust takes for the highwater: nothing is left to recover then, not an inconsistency.
         Table=PreloadedTable,
@@ -88,7 +88,7 @@ def build_app(settings: Settings) -> faust.App:
         # Subscribes the inputs (acks enabled); their messages arrive through app.intake, not this stream.
         redis = RedisProjection(settings.redis_url, settings.redis_ttl_s)
         # Decisions and dead letters, and changelogs, go through two producers of the agent's own, with the
-        # batch API (see streams.tables.BatchProducer); every send is awaited before the batch is acknowledged.
+        # batch API (see streams.runtime.tables.BatchProducer); every send is awaited before the batch is acknowledged.
         # Two, because aiokafka keeps one request in flight per broker connection: a decision must not wait
         # behind a large changelog write.
         producers = [
@@ -119,7 +119,7 @@ def build_app(settings: Settings) -> faust.App:
             await app.crash(exc)
 
         # Batches are decided as fast as they come (their decisions and Redis projections go out at once) and
-        # committed by one task, in order, as groups: steps 3-6 of streams.pipeline for the group at a time. A
+        # committed by one task, in order, as groups: steps 3-6 of streams.runtime.pipeline for the group at a time. A
         # group starts commit_interval_s after the previous one, or as soon as 2 x batch_max records wait,
         # whichever comes first; deciding runs ahead of committing by at most ~4 x batch_max records (memory).
         pending: asyncio.Queue[tuple[PreparedBatch, list[Message]]] = asyncio.Queue()

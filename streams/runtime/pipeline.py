@@ -1,7 +1,7 @@
 """One batch of input records, end to end: decode, decide, project, persist.
 
 This is the imperative shell around :mod:`processors`; it knows nothing of Faust. The Faust agent in
-:mod:`streams.worker` hands it a batch and acknowledges the batch only after :meth:`BudgetPipeline.handle`
+:mod:`streams.runtime.worker` hands it a batch and acknowledges the batch only after :meth:`BudgetPipeline.handle`
 returns, so Faust never commits an offset whose effects are not durable.
 
 Commit order (each step starts after the previous one is durable):
@@ -65,9 +65,9 @@ from schemas.models import (
 )
 from sinks.clickhouse import ClickHouseSink
 from sinks.redis import RedisProjection
-from streams.budget_projection import BudgetProjection
-from streams.deadletter import dead_letter
-from streams.tables import BatchProducer, OutRecord, TableBudgetStore
+from streams.runtime.budget_projection import BudgetProjection
+from streams.runtime.deadletter import dead_letter
+from streams.runtime.tables import BatchProducer, OutRecord, TableBudgetStore
 from streams.topics import DEAD_LETTERS, DECISIONS
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import BaseModel
 
 from streams.config import Settings
-from streams.processes import ManagedProcess, pid_alive, start_time_of, stop_pid, tail
+from streams.stack.processes import ManagedProcess, pid_alive, start_time_of, stop_pid, tail
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from streams.run_script import TOKENIZER, RunScript, SessionClock, text
+from streams.demo.run_script import TOKENIZER, RunScript, SessionClock, text
 from streams.sdk import CtxflowClient, RunContext
 from streams.topics import TURNS, USAGE, TopicSpec
 

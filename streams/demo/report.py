@@ -20,8 +20,8 @@ from processors.admission import AdmissionAnswer, check_admission
 from processors.pricing import DEFAULT_PRICES
 from schemas.models import Slot
 from sinks.redis import read_headroom
-from streams.worker_process import WorkerProcess
-from streams.workload import Workload
+from streams.demo.workload import Workload
+from streams.stack.worker_process import WorkerProcess
 
 _SLOTS = tuple(slot.value for slot in Slot)
 #: What an agent of each checked run plans to add before its next call (slot -> tokens).
@@ -83,7 +83,7 @@ class DemoReport:
             "SELECT tenant_id, countIf(kind = 'budget_state' AND state = 'soft' AND previous_state = 'ok'), "
             "countIf(kind = 'budget_state' AND state = 'hard'), countIf(kind = 'rejection'), "
             "countIf(kind = 'spend_exhausted'), countIf(kind = 'eviction_request'), "
-            # the rule of streams.demo._context_gauge
+            # the rule of streams.demo.run._context_gauge
             "countIf(kind = 'budget_state' AND state = 'hard' AND (slot IS NOT NULL OR startsWith(reason, 'total "
             "context'))) FROM decisions GROUP BY tenant_id")}
         letters = dict(self.rows("SELECT tenant_id, count() FROM dead_letters GROUP BY tenant_id"))

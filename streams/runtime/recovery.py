@@ -8,7 +8,7 @@ of every run ledger that way: a minute to restart.
 :class:`PreloadingTableManager` reads the changelog partitions this worker is assigned with a plain aiokafka
 consumer first, decodes each record with the table's own value codec (the same bytes Faust would decode) and
 applies it to the memory store as Faust's store does (a later record of a key replaces it; a null value
-deletes it). It reads to the true end of each partition (:mod:`streams.log_end`) and records the last offset
+deletes it). It reads to the true end of each partition (:mod:`streams.runtime.log_end`) and records the last offset
 it applied; :class:`PreloadedTable` reports that offset as the table's persisted offset, so Faust's own
 recovery then reads only what was written after the preload, usually nothing.
 
@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.tables import TableManager
 from faust.types import TP
 
-from streams.log_end import log_end_offsets
-from streams.transport import ShortFetchApp
+from streams.runtime.log_end import log_end_offsets
+from streams.runtime.transport import ShortFetchApp
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PreloadingTableManager(TableManager):
         if generation_id == self.app.consumer_generation_id:
             changelogs = self._changelogs
             actives = {tp for tp in self.app.assignor.assigned_actives() if tp.topic in changelogs}
-            app = cast(ShortFetchApp, self.app)  # the worker's app (streams.worker) is one
+            app = cast(ShortFetchApp, self.app)  # the worker's app (streams.runtime.worker) is one
             self.preloaded_records += await preload(app, {tp: changelogs[tp.topic] for tp in actives})
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
@@ -85,7 +85,7 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=[f"{url.host}:{url.port or 9092}" for url in app.conf.broker_consumer],
         client_id=f"{app.conf.id}-preload", enable_auto_commit=False,
-        # The worker's own fetch wait (see streams.transport): short for Tansu, long on Apache Kafka.
+        # The worker's own fetch wait (see streams.runtime.transport): short for Tansu, long on Apache Kafka.
         fetch_max_wait_ms=app.fetch_max_wait_ms,
         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
         # A start before the log's first offset (records deleted by retention) reads from the first one.

@@ -1,7 +1,7 @@
 """What a decided batch projects into Redis, and in which order: run headroom, tenants' limits, decisions.
 
 Agents that read instead of subscribing get a batch's values as soon as it is decided (step 3 of the commit
-order in :mod:`streams.pipeline`), before earlier batches commit. That is harmless: values are absolute and
+order in :mod:`streams.runtime.pipeline`), before earlier batches commit. That is harmless: values are absolute and
 decision ids deterministic, so a replay writes the same again. Writes land one batch after another, in batch
 order, so a later batch's values are the ones left.
 """
@@ -16,7 +16,7 @@ from processors.budget import BudgetProcessor
 from processors.types import tenant_key
 from schemas.models import Decision
 from sinks.redis import RedisProjection
-from streams.tables import TableBudgetStore
+from streams.runtime.tables import TableBudgetStore
 
 #: Runs (and decisions) projected to Redis per round trip.
 _SLICE = 256
