@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     #: Kafka answers as soon as records arrive, so there a long wait (500) only spares the empty fetches an idle
     #: worker would otherwise make every few milliseconds.
     fetch_max_wait_ms: int = Field(default=5, ge=1, le=30_000)
+    #: Seconds an input partition may wait with records to read and no commit advancing before the worker's
+    #: ``/health`` calls it ``degraded`` (and the worker logs it once).
+    stall_after_s: float = Field(default=30.0, gt=0)
     #: TTL of tenant-scoped Redis keys, in seconds.
     redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
 

@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import logging
+from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
@@ -37,6 +38,7 @@ from streams.logs import log_handler
 from streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
 from streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from streams.runtime.recovery import PreloadedTable, PreloadingTableManager
+from streams.runtime.stop_deadline import StopDeadline
 from streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ def build_app(settings: Settings) -> faust.App:
         recovery_consistency_check=False,
     )
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+    app.stall_after_s = settings.stall_after_s
     tables = declare_tables(app, settings.partitions)
     logical = {settings.topic(name): name for name in INPUT_MODELS}
     inputs = app.topic(
@@ -199,23 +202,46 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/health")
     class HealthView(View):
-        """The partitions this worker owns and processes (empty while it rebalances or recovers its tables), and
-        how many changelog records it has read into its tables in bulk since it started."""
+        """``status`` (``starting``, ``ready`` or ``degraded``: see :class:`streams.runtime.health.WorkerHealth`),
+        the partition numbers this worker owns and processes (empty while it rebalances or recovers its tables),
+        per input topic-partition its ``lag``, ``last_commit_age_s``, ``last_fetch_age_s`` and ``state``
+        (``progress``), the stall threshold, and how many changelog records it has read into its tables in bulk
+        since it started. Answered from memory: asking never sends a broker request."""
 
         async def get(self, request: Request) -> Response:
-            ready = app.consumer is not None and not app.rebalancing and not getattr(app, "in_recovery", False)
+            health = app.consumer.health()  # type: ignore[attr-defined]  (BulkConsumer)
             inputs = app.intake.topics
-            assigned = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in inputs}) if ready else []
+            assigned = sorted({p.partition for p in health.partitions if p.topic in inputs})
             preloaded = app.tables.preloaded_records  # type: ignore[attr-defined]  (PreloadingTableManager)
             return self.json({
-                "status": "ready" if assigned else "starting", "partitions": assigned, "tables_preloaded": preloaded,
+                "status": health.status if assigned else "starting", "partitions": assigned,
+                "progress": [p.as_json() for p in health.partitions if p.topic in inputs],
+                "stall_after_s": settings.stall_after_s, "tables_preloaded": preloaded,
             })
 
     return app
 
 
+class _BoundedStopWorker(faust.Worker):
+    """Faust's worker, whose graceful stop on SIGTERM/SIGINT is abandoned after a deadline.
+
+    Faust's stop awaits the consumer's last commit and its group leave, which never return while the broker
+    does not answer: the worker ignored SIGTERM for over a minute. Abandoning is safe (nothing uncommitted is
+    lost: it is replayed after a restart, and every effect is idempotent).
+    """
+
+    stop_deadline = StopDeadline(
+        "the worker", "batches it decided but had not committed are replayed when a worker starts again"
+    )
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        self.stop_deadline.arm(getattr(signal, "name", str(signal)))
+        super()._schedule_shutdown(signal)
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    """Run the worker in the foreground until SIGINT/SIGTERM (Faust handles both gracefully)."""
+    """Run the worker in the foreground until SIGINT/SIGTERM; it stops gracefully (committing what it decided)
+    or, when that takes longer than :data:`streams.runtime.stop_deadline.STOP_DEADLINE_S`, exits anyway."""
     settings.home.mkdir(parents=True, exist_ok=True)
     app = build_app(settings)
     handler = log_handler()
@@ -224,7 +250,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     # Only our structured handler: by default mode also installs a console handler of its own on the root
     # logger, and every line came out twice, once unstructured.
     only_ours = {"version": 1, "disable_existing_loggers": False, "root": {"level": loglevel.upper(), "handlers": []}}
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, logging_config=only_ours)
+    worker = _BoundedStopWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, logging_config=only_ours)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every record: every debug
     # call in aiokafka and Faust then builds a LogRecord (measured ~4% of the worker's CPU). No spinner here.
     worker.spinner = None
