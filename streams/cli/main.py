@@ -70,7 +70,13 @@ def _print_connection(settings: Settings) -> None:
 
 def _wait_for_signal_or_death(stack: EmbeddedStack) -> None:
     while all(p.exit_code() is None for p in stack.processes):
-        if signal.sigtimedwait({signal.SIGINT, signal.SIGTERM}, 1.0) is not None:
+        if (received := signal.sigtimedwait({signal.SIGINT, signal.SIGTERM}, 1.0)) is not None:
+            # Each server that ignores SIGTERM (a hung one) costs its grace period before the kill: bounded.
+            from streams.runtime.stop_deadline import StopDeadline
+
+            name = signal.Signals(received.si_signo).name
+            StopDeadline("ctxflow up", "its servers are attached to it and die with it",
+                         exit_code=128 + received.si_signo).arm(name)
             return
     dead = [p.name for p in stack.processes if p.exit_code() is not None]
     console.print(f"{', '.join(dead)} exited; stopping the stack", style="red")
@@ -123,23 +129,55 @@ def down(ctx: typer.Context) -> None:
 
 
 @app.command()
-def status(ctx: typer.Context) -> None:
-    """Show the detached stack under --home; exits 1 unless every server runs and answers."""
-    home = settings_of(ctx).home.resolve()
+def status(
+    ctx: typer.Context,
+    web_port: Annotated[int | None, typer.Option(help="Port of the worker's health endpoint.")] = None,
+) -> None:
+    """Show the detached stack under --home and the worker on --web-port; exits 1 unless every server runs and
+    answers, and when the worker reports itself degraded (no worker answering is not an error)."""
+    settings = settings_of(ctx)
+    home = settings.home.resolve()
     state = StackState.load(home)
+    stack_ok = state is not None
     if state is None:
         console.print(f"no stack under {home}")
+    else:
+        answers = {"broker": kafka_answers(state.bootstrap), "redis": redis_answers(state.redis_url)}
+        alive = state.alive()
+        table = Table("server", "pid", "running", "answering")
+        for name, record in state.processes.items():
+            table.add_row(name, str(record.pid), str(alive[name]), str(answers.get(name)))
+        console.print(table)
+        console.print("logs: " + " ".join(str(record.log) for record in state.processes.values()))
+        console.print(f"bootstrap {state.bootstrap}  redis {state.redis_url}  clickhouse {state.clickhouse_dsn}")
+        stack_ok = all(alive.values()) and all(answers.values())
+    worker_ok = _print_worker_health(settings.web_port if web_port is None else web_port)
+    if not (stack_ok and worker_ok):
         raise typer.Exit(1)
-    answers = {"broker": kafka_answers(state.bootstrap), "redis": redis_answers(state.redis_url)}
-    alive = state.alive()
-    table = Table("server", "pid", "running", "answering")
-    for name, record in state.processes.items():
-        table.add_row(name, str(record.pid), str(alive[name]), str(answers.get(name)))
+
+
+def _print_worker_health(web_port: int) -> bool:
+    """Print the ``/health`` of the worker on ``web_port``, per input partition; False only when it is degraded."""
+    from streams.stack.worker_process import worker_health
+
+    try:
+        health = worker_health(web_port)
+    except (OSError, ValueError) as error:
+        console.print(f"no worker answers on 127.0.0.1:{web_port} ({getattr(error, 'reason', error)}); "
+                      "`ctxflow worker` starts one, --web-port or CTXFLOW_WEB_PORT names another")
+        return True
+    table = Table("topic", "partition", "lag", "last commit (s ago)", "last fetch (s ago)", "state")
+    for p in health.get("progress", []):
+        table.add_row(p["topic"], str(p["partition"]), "?" if p["lag"] is None else f"{p['lag']:,}",
+                      f"{p['last_commit_age_s']:.1f}",
+                      "never" if p["last_fetch_age_s"] is None else f"{p['last_fetch_age_s']:.1f}", p["state"])
     console.print(table)
-    console.print("logs: " + " ".join(str(record.log) for record in state.processes.values()))
-    console.print(f"bootstrap {state.bootstrap}  redis {state.redis_url}  clickhouse {state.clickhouse_dsn}")
-    if not all(alive.values()) or not all(answers.values()):
-        raise typer.Exit(1)
+    status = health["status"]
+    console.print(f"worker on 127.0.0.1:{web_port}: {status}" + (
+        f" (an input partition has waited over {health['stall_after_s']:g}s with no commit advancing; the "
+        "worker's log says since when)" if status == "degraded" else ""
+    ), style="red" if status == "degraded" else None)
+    return status != "degraded"
 
 
 @app.command()

@@ -105,10 +105,12 @@ class _Consumer(faust_aiokafka.Consumer):
         app, consumer, now = self.app, self._thread._consumer, time.monotonic()
         if consumer is None or app.rebalancing or getattr(app, "in_recovery", False):
             return assess([], now, app.stall_after_s)  # type: ignore[attr-defined]  (ShortFetchApp)
-        wall_ms, changelogs, observations = time.time() * 1000, app.tables.changelog_topics, []
+        # Changelogs are read only while recovering, the leader topic never: neither is committed.
+        uncommitted = app.tables.changelog_topics | set(self.randomly_assigned_topics)
+        wall_ms, observations = time.time() * 1000, []
         for tp in consumer.assignment():
-            if tp.topic in changelogs:
-                continue  # read only while recovering, never committed
+            if tp.topic in uncommitted:
+                continue
             polled_ms = consumer.last_poll_timestamp(tp)  # wall clock, when the last fetch response came
             observations.append(PartitionObservation(
                 tp.topic, tp.partition, consumer.highwater(tp), self._committed_offset.get(tp),
@@ -124,8 +126,9 @@ class _Consumer(faust_aiokafka.Consumer):
             return
         if change.degraded:
             log.error(
-                "input partitions stalled: records wait and no commit advanced; the worker is degraded (see "
-                "GET /health or `ctxflow status`); check the broker, Redis and ClickHouse, and this log above",
+                "input partitions stalled: no commit advanced for longer than stall_after_s while records wait "
+                "or fetches go unanswered; the worker is degraded (GET /health, `ctxflow status`): check that the "
+                "broker, Redis and ClickHouse answer, and this log above",
                 extra={"stalled": " ".join(f"{p.topic}[{p.partition}]:lag={p.lag}" for p in change.degraded),
                        "last_commit_age_s": round(max(p.last_commit_age_s for p in change.degraded)),
                        "stall_after_s": self.app.stall_after_s},  # type: ignore[attr-defined]

@@ -38,6 +38,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def worker_health(web_port: int, timeout_s: float = 2.0) -> dict[str, Any]:
+    """The ``/health`` answer of the worker on ``127.0.0.1:web_port``: status, owned partitions, per input
+    partition progress, table records preloaded since start. Raises ``OSError`` (``URLError``) when none answers."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=timeout_s) as response:
+        return cast(dict[str, Any], json.loads(response.read()))
+
+
 class WorkerProcess:
     """One worker child process bound to ``settings`` (its web port must be free)."""
 
@@ -63,10 +70,8 @@ class WorkerProcess:
         return self
 
     def health(self) -> dict[str, Any]:
-        """The worker's ``/health`` answer: status, owned partitions, table records preloaded since start."""
-        url = f"http://127.0.0.1:{self.settings.web_port}/health"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return cast(dict[str, Any], json.loads(response.read()))
+        """The worker's ``/health`` answer (see :func:`worker_health`)."""
+        return worker_health(self.settings.web_port)
 
     def partitions(self) -> list[int]:
         """The input partitions the worker processes now; none while it starts, rebalances or recovers."""
