@@ -287,6 +287,26 @@ def bench(
     console.print(f"results in {output} (git {results.git_sha})")
 
 
+@app.command()
+def soak(
+    ctx: typer.Context,
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long to publish, in reporting periods.")] = 30.0,
+    rate: Annotated[float, typer.Option(min=1, help="Target events per second.")] = 1500.0,
+    kill_worker_at: Annotated[float | None, typer.Option(
+        help="SIGKILL the worker this many periods in and start another; the totals must not change.")] = None,
+    interval_s: Annotated[float, typer.Option(min=1, help="Seconds per reporting period (one line each).")] = 60.0,
+    lag_limit_s: Annotated[float, typer.Option(min=0, help="Lag the target allows, in seconds.")] = 5.0,
+    output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("soak-results.json"),
+) -> None:
+    """Soak: the demo's workload through a worker on a private stack under <home>/soak, a line per minute; exit 1
+    when lag exceeded the limit or anything published was not committed."""
+    from streams.bench.soak import SoakConfig, soak_main
+
+    config = SoakConfig(minutes=minutes, rate_eps=rate, interval_s=interval_s, kill_worker_at=kill_worker_at,
+                        lag_limit_s=lag_limit_s)
+    raise typer.Exit(soak_main(settings_of(ctx), config, output, console.print))
+
+
 #: Subcommand groups owned by other modules: ``{"tenants": "streams.cli.tenants:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
 SUBCOMMAND_GROUPS: dict[str, str] = {

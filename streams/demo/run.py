@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
@@ -24,10 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -37,16 +33,16 @@ from rich.table import Table
 from schemas.codec import Codec
 from schemas.models import Decision
 from streams.config import Settings
+from streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
 from streams.demo.report import DemoReport
 from streams.demo.workload import DriveProgress, Workload, drive
 from streams.logs import LogfmtFormatter
-from streams.runtime.log_end import log_end_offsets
 from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
 from streams.stack.admin import ensure_topics
 from streams.stack.embedded import EmbeddedStack, StackStartError
-from streams.stack.processes import free_port, pid_alive, start_time_of
+from streams.stack.processes import pid_alive
 from streams.stack.query import QueryFailed, run_query
-from streams.stack.worker_process import INPUT_TOPICS, WorkerNotReady, WorkerProcess
+from streams.stack.worker_process import WorkerNotReady, WorkerProcess
 from streams.topics import DEAD_LETTERS, DECISIONS
 
 __all__ = ["DEFAULT_DURATION_S", "DEFAULT_RATE_EPS", "DEMO_TENANTS", "DemoFailed", "demo_workload", "run_demo"]
@@ -59,7 +55,6 @@ DEFAULT_RATE_EPS = 1000.0
 DEMO_SEED = 7
 DEMO_TENANTS = 6
 DEMO_SESSIONS = 4  # per tenant; few enough that the runaway session reaches its hard limit in a short run
-_MARKER = "demo.pid"
 
 
 class DemoFailed(Exception):
@@ -133,31 +128,12 @@ class _Progress:
         return Panel(grid, title="ctxflow demo", expand=False)
 
 
-def _demo_settings(settings: Settings) -> Settings:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    kafka, redis, web = sorted(ports)
-    return settings.model_copy(update={
-        "home": settings.home / "demo", "bootstrap": f"127.0.0.1:{kafka}",
-        "redis_url": f"redis://127.0.0.1:{redis}/0", "web_port": web,
-        # Self-contained on purpose: the report and the hint at the end are about this run's chDB.
-        "clickhouse_dsn": None, "schema_registry_url": None,
-    })
-
-
 def _fresh_home(home: Path) -> None:
     """Empty ``home`` for a new run, refusing if another demo runs there or it is not a demo directory."""
-    marker = home / _MARKER
-    if marker.exists():
-        pid, _, start = marker.read_text().partition(" ")
-        if pid_alive(int(pid), int(start) if start.strip() else None):
-            raise DemoFailed(f"another demo (pid {pid}) is running under {home}", home / "logs" / "demo.log")
-        shutil.rmtree(home)
-    elif home.exists() and any(home.iterdir()):
-        raise DemoFailed(f"{home} exists and is not a demo directory; remove it or pick another --home", home)
-    home.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{os.getpid()} {start_time_of(os.getpid()) or ''}")
+    try:
+        claim_home(home, "demo")
+    except HomeInUse as busy:
+        raise DemoFailed(str(busy), home / "logs" / "demo.log") from busy
 
 
 @contextlib.contextmanager
@@ -179,39 +155,18 @@ class _WorkerDied(Exception):
     pass
 
 
-class _FairClient(CtxflowClient):
-    """A client that yields to the event loop every 200 records: aiokafka's send rarely suspends, so a
-    publisher running behind its schedule would otherwise freeze the live display and the lag watcher."""
-
-    _published = 0
-
-    async def publish(self, record: BaseModel) -> None:
-        await super().publish(record)
-        self._published += 1
-        if self._published % 200 == 0:
-            await asyncio.sleep(0)
-
-
 async def _watch_lag(settings: Settings, worker_pid: int, progress: _Progress) -> None:
     """Worker lag from committed offsets (what is durable), and its commit rate; fails if the worker dies."""
-    tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await consumer.start()
-    await admin.start()
     last: tuple[float, int] | None = None
     logged = 0
-    try:
+    async with CommittedLag(settings) as lag:
         while True:
             if not pid_alive(worker_pid):
                 raise _WorkerDied("the worker process exited during the demo")
-            measured_at = time.monotonic()
-            ends = await log_end_offsets(consumer, tps)  # end_offsets alone under-reports the lag
-            committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
-            done = {tp: max(0, m.offset) for tp, m in committed.items() if m is not None}
-            progress.lag = sum(max(0, end - done.get(tp, 0)) for tp, end in ends.items())
-            progress.lag_measured_at = measured_at
-            total = sum(done.values())
+            sample = await lag.sample()
+            measured_at = sample.measured_at
+            progress.lag, progress.lag_measured_at = sample.records, measured_at
+            total = sample.committed_total
             if last is not None and measured_at > last[0]:
                 progress.worker_eps = (total - last[1]) / (measured_at - last[0])
             last = (measured_at, total)
@@ -220,9 +175,6 @@ async def _watch_lag(settings: Settings, worker_pid: int, progress: _Progress) -
                 log.info("progress", extra={"sent": progress.sent.sent, "sent_eps": round(progress.sent.rate_eps),
                                             "lag": progress.lag, "committing_eps": round(progress.worker_eps)})
             await asyncio.sleep(0.5)
-    finally:
-        await admin.close()
-        await consumer.stop()
 
 
 async def _watch_outputs(settings: Settings, progress: _Progress) -> None:
@@ -273,7 +225,7 @@ async def _publish(settings: Settings, worker_pid: int, workload: Workload, prog
 
 async def _drive_and_catch_up(settings: Settings, worker_pid: int, workload: Workload, progress: _Progress,
                               live: Live, catch_up_s: float) -> DriveProgress:
-    async with _FairClient.from_settings(settings) as client, asyncio.TaskGroup() as group:
+    async with FairClient.from_settings(settings) as client, asyncio.TaskGroup() as group:
         watchers = [group.create_task(_watch_lag(settings, worker_pid, progress)),
                     group.create_task(_watch_outputs(settings, progress)),
                     group.create_task(_ticker(live, progress))]
@@ -326,7 +278,8 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
     # Piped output (make demo | tee, CI logs) has no terminal width: rich would wrap every table at 80 columns.
     console = console or Console(markup=False, highlight=False, width=None if sys.stdout.isatty() else 160)
     began = time.monotonic()
-    settings = _demo_settings(settings)
+    # Self-contained on purpose: the report and the hint at the end are about this run's chDB.
+    settings = private_settings(settings, "demo")
     shown_home = settings.home  # as the user typed it, for the copy-pasteable hints
     logs = settings.home.resolve() / "logs"
     # SIGTERM becomes SIGINT, so asyncio cancels the main task cleanly and cleanup runs as for Ctrl-C.

@@ -38,7 +38,6 @@ class StopDeadline:
         self.seconds = seconds
         self.exit_code = exit_code
         self._armed_at: float | None = None
-        self._lock = threading.Lock()
 
     @property
     def armed(self) -> bool:
@@ -47,10 +46,11 @@ class StopDeadline:
 
     def arm(self, reason: str) -> None:
         """Start the clock (idempotent); safe to call from a signal handler."""
-        with self._lock:
-            if self._armed_at is not None:
-                return
-            self._armed_at = time.monotonic()
+        # No lock: signal handlers run one at a time on the main thread, and should a second one slip in
+        # between the test and the set, two timers end the process at the same moment.
+        if self._armed_at is not None:
+            return
+        self._armed_at = time.monotonic()
         timer = threading.Timer(self.seconds, self._abandon, args=(reason,))
         timer.daemon = True
         timer.start()

@@ -149,6 +149,8 @@ class ManagedProcess:
         if self._popen is None or self._popen.poll() is not None:
             return
         self._popen.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._popen.pid, signal.SIGCONT)  # a stopped child (SIGSTOP, Ctrl-Z) acts on SIGTERM once continued
         try:
             self._popen.wait(grace_s)
         except subprocess.TimeoutExpired:

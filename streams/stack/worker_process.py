@@ -113,8 +113,9 @@ class WorkerProcess:
         """SIGKILL the worker (a crash)."""
         self._process.kill()
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """Stop gracefully (SIGTERM), killing after ``grace_s``."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM), killing after ``grace_s``: short enough that a caller stopping the worker and
+        then its stack keeps a 10 s promise, and a kill loses nothing (uncommitted batches are replayed)."""
         self._process.stop(grace_s)
 
     def __enter__(self) -> WorkerProcess:

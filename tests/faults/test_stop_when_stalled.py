@@ -1,8 +1,9 @@
-"""SIGTERM or SIGINT stops ``ctxflow worker`` and ``ctxflow up --foreground`` within 10 s even
+"""SIGTERM or SIGINT stops ``ctxflow worker``, ``ctxflow up --foreground`` and ``ctxflow demo`` within 10 s even
 while the broker hangs (SIGSTOPped: every request to it waits forever), and leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -45,6 +46,18 @@ def stop_time(process: subprocess.Popen[bytes], sig: signal.Signals) -> float:
     return time.monotonic() - began
 
 
+@contextlib.contextmanager
+def spawned(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``ctxflow ARGS`` as a child with its output piped; killed (with its attached children) if still running."""
+    with subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
 @pytest.fixture
 def stalled_broker(private_stack: EmbeddedStack) -> Iterator[Callable[[], None]]:
     """Call to freeze the private stack's broker; it is thawed (for the stack's own stop) after the test."""
@@ -70,7 +83,6 @@ def test_a_busy_worker_stops_within_10s_when_the_broker_hangs(
         stalled_broker()  # mid-stream: decisions, changelogs and commits in flight hang from here on
         time.sleep(1.0)  # let the worker get stuck in them (a stop before that is the easy case)
         took = stop_time(worker._process._popen, sig)  # type: ignore[arg-type]
-    print(f"{sig.name}: stopped {took:.1f}s after the signal")
     assert took < STOP_PROMISE_S, f"stopped after {took:.1f}s:\n{tail(worker.log_path)}"
 
 
@@ -78,18 +90,33 @@ def test_up_foreground_stops_within_10s_when_its_broker_hangs(tmp_path: Path) ->
     home = tmp_path / "up"
     env = settings_env(Settings(home=home, bootstrap=f"127.0.0.1:{free_port()}",
                                 redis_url=f"redis://127.0.0.1:{free_port()}/0"))
-    up = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--foreground"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with spawned(["up", "--foreground"], env) as up:
         assert up.stdout is not None
         banner = up.stdout.readline().decode()  # "stack up: broker pid N ready in ..., redis pid M ..."
         pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", banner)}
         assert set(pids) == {"broker", "redis"}, banner
         os.kill(pids["broker"], signal.SIGSTOP)
         took = stop_time(up, signal.SIGTERM)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
     assert took < STOP_PROMISE_S, f"ctxflow up --foreground stopped after {took:.1f}s"
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+
+
+def test_demo_stops_within_10s_when_its_broker_hangs(tmp_path: Path) -> None:
+    env = settings_env(Settings(home=tmp_path / "home"))
+    lines: list[str] = []
+    with spawned(["demo", "--duration", "60", "--rate", "500"], env) as demo:
+        assert demo.stdout is not None
+        while not any(line.startswith("processes:") for line in lines):  # printed once its worker is ready
+            line = demo.stdout.readline().decode()
+            assert line, f"the demo exited before its worker was up:\n{''.join(lines)}"
+            lines.append(line)
+        pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", lines[-1])}
+        assert set(pids) == {"broker", "redis", "worker"}, lines[-1]
+        time.sleep(2.0)  # traffic flows
+        os.kill(pids["broker"], signal.SIGSTOP)
+        time.sleep(1.0)
+        took = stop_time(demo, signal.SIGTERM)
+        output = "".join(lines) + demo.stdout.read().decode()
+    assert took < STOP_PROMISE_S, f"ctxflow demo stopped after {took:.1f}s:\n{output}"
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == [], output
+    assert demo.returncode == 130, output
