@@ -20,13 +20,14 @@ Only *transitions* emit, so a runaway loop produces one rejection, not one per i
 the level from the Redis projection. Every usage report emits ``usage_reconciled`` (provider prompt tokens vs
 the working-set estimate) and so does every finalized run (reported, or estimated and flagged when usage is
 missing or partial). Decision ids hash ``(tenant, source event, kind, subject)``: a replay reproduces them.
-The exactly-once argument is in :mod:`processors.ledger`.
+The exactly-once argument is in :mod:`processors.ledger`; how a run's state retires after the retention window,
+and why a record later than it is refused, in :mod:`processors.retention`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from processors.admission import BudgetLimits
 from processors.ledger import (
@@ -46,6 +47,7 @@ from processors.ledger import (
 )
 from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
 from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
+from processors.retention import DEFAULT_RETENTION, Retention, RetirementIndex, Watermark
 from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
 from processors.transitions import DecisionEmitter
 from processors.types import (
@@ -55,14 +57,17 @@ from processors.types import (
     count_key,
     run_key,
     tenant_key,
+    tenant_of_key,
     user_key,
     workflow_key,
 )
 from processors.windows import SpendLedger, to_ms
+from schemas.contract import OutsideDedupWindow
 from schemas.models import (
     AdmissionRequest,
     Decision,
     DecisionKind,
+    PrivacyMode,
     RunEvent,
     RunPhase,
     Slot,
@@ -78,7 +83,7 @@ Event = TurnEvent | UsageReport | RunEvent | AdmissionRequest | TenantManifest
 _OUTPUT = SLOT_INDEX[Slot.OUTPUT]
 _SLOT_GAUGE = tuple(f"slot:{slot.value}" for slot in SLOTS)
 _STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
-
+_STREAM_OF = {TurnEvent: TURNS, UsageReport: USAGE, RunEvent: RUNS}
 
 
 @dataclass(slots=True)
@@ -110,19 +115,24 @@ class BudgetProcessor:
     :class:`~processors.manifest.ManifestError` and change nothing.
     """
 
-    def __init__(self, counter: TokenCounter, prices: PriceTable = DEFAULT_PRICES) -> None:
+    def __init__(
+        self, counter: TokenCounter, prices: PriceTable = DEFAULT_PRICES, retention: Retention = DEFAULT_RETENTION
+    ) -> None:
         self.counter = counter
         self.prices = prices
+        self.retention = retention
         self._budgets: dict[tuple[str, str | None], tuple[TenantManifest | None, EffectiveBudget]] = {}
+        # Tenant -> its runs by last activity; None until built from the store (after a start or rebalance).
+        self._indexes: dict[str, RetirementIndex] | None = None
 
     def process(self, event: Event, position: Position, state: BudgetStore, now: datetime) -> list[Decision]:
-        """Apply ``event`` read at ``position``; return the decisions to publish (possibly none)."""
-        if isinstance(event, TurnEvent):
-            return self._turn(event, position, state, now)
-        if isinstance(event, UsageReport):
-            return self._usage(event, position, state, now)
-        if isinstance(event, RunEvent):
-            return self._run(event, position, state, now)
+        """Apply ``event`` read at ``position``; return the decisions to publish (possibly none).
+
+        Raises :class:`~schemas.contract.OutsideDedupWindow` (changing nothing) for a run record later than the
+        retention window behind its stream (:mod:`processors.retention`).
+        """
+        if isinstance(event, TurnEvent | UsageReport | RunEvent):
+            return self._windowed(event, position, state, now)
         if isinstance(event, AdmissionRequest):
             return [self._admission(event, state, now)]
         if isinstance(event, TenantManifest):
@@ -132,6 +142,82 @@ class BudgetProcessor:
                 state.put_manifest(key, manifest)
             return []
         raise TypeError(f"the budget processor does not take {type(event).__name__} records")
+
+    def forget_retirement_index(self) -> None:
+        """Rebuild the retirement index from the store before the next record: call it after the store's
+        values were reloaded (a restart or rebalance), so runs recovered from changelogs retire too."""
+        self._indexes = None
+
+    def _windowed(
+        self, e: TurnEvent | UsageReport | RunEvent, pos: Position, state: BudgetStore, now: datetime
+    ) -> list[Decision]:
+        """A run record under the retention rules: refuse it if late, apply it, advance the watermark, retire."""
+        stream, tk = _STREAM_OF[type(e)], tenant_key(e.tenant_id)
+        mark = state.get_watermark(tk) or Watermark()
+        if self._indexes is None:
+            self._build_index(state)
+        if pos.offset <= mark.offsets[stream]:
+            return []  # the watermark is persisted last: every effect of this record is durable already
+        ms = to_ms(e.occurred_at)
+        if self.retention.late(ms, mark, stream):
+            window_s = self.retention.window_ms / 1000
+            raise OutsideDedupWindow(
+                f"event time {e.occurred_at.isoformat()} is older than the dedup window (retention {window_s:g} s) "
+                f"behind the tenant's {STREAMS[stream]} event time {_iso(mark.times[stream])}; its run's dedup state "
+                "may be retired, so it cannot be counted exactly once: resend within the window or raise "
+                "CTXFLOW_RUN_RETENTION_S",
+                tenant_id=e.tenant_id,
+                no_retention=getattr(e, "privacy", None) is PrivacyMode.NO_RETENTION,
+            )
+        if isinstance(e, TurnEvent):
+            out = self._turn(e, pos, state, now, ms)
+        elif isinstance(e, UsageReport):
+            out = self._usage(e, pos, state, now, ms)
+        else:
+            out = self._run(e, pos, state, now, ms)
+        advanced = mark.advance(stream, pos.offset, ms)
+        state.put_watermark(tk, mark)
+        if advanced:  # else the cutoff did not move, and nothing newly filed can be due before it
+            self._retire(e.tenant_id, mark, state)
+        return out
+
+    def _touch(self, tenant_id: str, key: str, run: RunLedger, ms: int) -> None:
+        """Record that ``run`` applied a record stamped ``ms`` (called before its put), for retirement."""
+        if ms > run.last_ms:
+            old, run.last_ms = run.last_ms, ms
+            self._index_of(tenant_id).note(key, old, ms)
+
+    def _build_index(self, state: BudgetStore) -> None:
+        if self._indexes is None:
+            self._indexes = {}
+            for key, run in state.run_items():
+                if run.last_ms >= 0:  # a ledger from before retention existed retires after its next record
+                    self._index_of(tenant_of_key(key)).note(key, None, run.last_ms)
+
+    def _index_of(self, tenant_id: str) -> RetirementIndex:
+        assert self._indexes is not None
+        index = self._indexes.get(tenant_id)
+        if index is None:
+            index = self._indexes[tenant_id] = RetirementIndex(self.retention.bucket_ms)
+        return index
+
+    def _retire(self, tenant_id: str, mark: Watermark, state: BudgetStore) -> None:
+        """Delete the tenant's runs last active before the cutoff, and each workflow whose last held run goes."""
+        cutoff = self.retention.cutoff(mark)
+        if cutoff is None:
+            return
+        for key in self._index_of(tenant_id).due(cutoff):
+            run = state.get_run(key)
+            if run is None or run.last_ms >= cutoff:
+                continue  # retired already, or active since: filed under a later bucket too
+            state.delete_run(key)
+            run_id = key.split(":", 1)[1]
+            if (wf := run.workflow(run_id)) is None:
+                continue
+            wk = workflow_key(tenant_id, wf)
+            flow = state.get_workflow(wk)
+            if flow is not None and all(state.get_run(run_key(tenant_id, r)) is None for r in flow.runs):
+                state.delete_workflow(wk)
 
     def budget(self, state: BudgetStore, tenant_id: str, user_id: str | None) -> EffectiveBudget:
         """The effective budget of ``user_id`` under the tenant's current manifest (cached per version)."""
@@ -156,7 +242,7 @@ class BudgetProcessor:
             self.budget(state, tenant_id, None), {user: self.budget(state, tenant_id, user) for user in users}
         )
 
-    def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
+    def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, now: datetime, ms: int) -> list[Decision]:
         key = run_key(t.tenant_id, t.run_id)
         run = state.get_run(key) or RunLedger()
         if pos.offset <= run.offsets[TURNS] or not run.accept_seq(t.seq):
@@ -179,6 +265,7 @@ class BudgetProcessor:
         if budget.total.rank(used) != old:
             run.set_level(TOTAL_GAUGE, em.context("total", None, budget.total, used, old))
         self._settle(t, run, state, em, [], consumption_changed=bool(run.flags & FINALIZED))
+        self._touch(t.tenant_id, key, run, ms)
         state.put_run(key, run)
         return em.out
 
@@ -205,7 +292,7 @@ class BudgetProcessor:
             state.put_count(key, StaticCount(count.tokens, pos.offset))
         return count
 
-    def _usage(self, u: UsageReport, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
+    def _usage(self, u: UsageReport, pos: Position, state: BudgetStore, now: datetime, ms: int) -> list[Decision]:
         key = run_key(u.tenant_id, u.run_id)
         run = state.get_run(key) or RunLedger()
         if pos.offset <= run.offsets[USAGE] or not run.accept_call(u.call_id):
@@ -236,15 +323,15 @@ class BudgetProcessor:
             estimated_tokens=0,
             discrepancy_tokens=gap,
         )
-        ms = to_ms(u.occurred_at)
         spend = self._spend_ledgers(u, state)
         for s in spend:
             s.changed |= s.ledger.apply(STREAMS[USAGE], pos.offset, ms, tokens, cost.micros)
         self._settle(u, run, state, em, spend, consumption_changed=True)
+        self._touch(u.tenant_id, key, run, ms)
         state.put_run(key, run)
         return em.out
 
-    def _run(self, r: RunEvent, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
+    def _run(self, r: RunEvent, pos: Position, state: BudgetStore, now: datetime, ms: int) -> list[Decision]:
         key = run_key(r.tenant_id, r.run_id)
         run = state.get_run(key) or RunLedger()
         phase = FINALIZED if r.phase is RunPhase.FINALIZED else STARTED
@@ -259,7 +346,7 @@ class BudgetProcessor:
         em = DecisionEmitter(r, r.event_id, budget, now)
         spend: list[_Spend] = []
         if phase == FINALIZED:
-            run.finalized_ms = ms = to_ms(r.occurred_at)
+            run.finalized_ms = ms
             spend = self._spend_ledgers(r, state)
             for s in spend:
                 # The finalization time advances the windows (a linear, per-record effect, rule 2).
@@ -288,6 +375,7 @@ class BudgetProcessor:
                 discrepancy_tokens=discrepancy,
             )
         self._settle(r, run, state, em, spend, consumption_changed=True)
+        self._touch(r.tenant_id, key, run, ms)
         state.put_run(key, run)
         return em.out
 
@@ -461,3 +549,7 @@ class BudgetProcessor:
             cap_tokens=budget.total.cap,
         )
         return em.out[0]
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()

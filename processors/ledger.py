@@ -47,8 +47,11 @@ time (the count is a pure function of the content, so an earlier content turn al
 Decisions carry ids derived from their source record, so decisions re-emitted by a replay overwrite
 themselves downstream. Offsets are compared per stream, not per partition: a tenant keeps its partition as
 long as a topic's partition count does not change (changing it needs a state reset, as in any keyed stream
-processor). Run ledgers must outlive redelivery: deleting one (e.g. a TTL after finalization) forgets its
-dedup state.
+processor). Run ledgers must outlive redelivery: deleting one forgets its dedup state. So a run retires only
+in event time, a retention window (``CTXFLOW_RUN_RETENTION_S``, a day by default) after its last event, and a
+record that comes later than that window behind its stream is dead-lettered instead of counted: the dedup
+guarantee is exact within the window, and a late duplicate after it is refused, never counted twice
+(:mod:`processors.retention` has the rule and the argument; ``last_ms`` is what it reads).
 
 Memory: a run ledger is a slots dataclass with two small ``array('q')`` (slot tokens, stream offsets), plain
 ints and no per-item collections; ``ctxflow bench`` measures the bytes held per run.
@@ -102,6 +105,8 @@ class RunLedger:
     finalized_ms: int = 0
     model: str | None = None
     workflow_id: str | None = None
+    #: Event time (epoch ms) of the latest record applied; -1 in a ledger written before retention existed.
+    last_ms: int = -1
 
     def accept_seq(self, seq: int) -> bool:
         """Record turn ``seq``; False when it was already accepted (or is older than the reorder window)."""
@@ -196,6 +201,7 @@ class RunLedger:
             self.finalized_ms,
             self.model,
             self.workflow_id,
+            self.last_ms,
         ]
 
     @classmethod
@@ -211,6 +217,7 @@ class RunLedger:
             *v[6:13],
             sys.intern(v[13]) if v[13] else None,
             v[14],
+            v[15] if len(v) > 15 else -1,
         )
 
 

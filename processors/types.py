@@ -9,11 +9,13 @@ in-memory implementation used by tests and log replays.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import NamedTuple, Protocol
 
 from processors.ledger import RunLedger, WorkflowLedger
+from processors.retention import Watermark
 from processors.windows import SpendLedger
 from schemas.models import TENANT_ID_PATTERN, DecisionKind, TenantManifest
 
@@ -118,7 +120,8 @@ class BudgetStore(Protocol):
     """Budget state of the tenants one worker owns; each getter returns None for an absent key.
 
     A ``put`` replaces the stored value (and, in the worker, writes its changelog): a value mutated without
-    a ``put`` is not persisted.
+    a ``put`` is not persisted. A ``delete`` removes a retired value (in the worker, a tombstone on its
+    changelog); deleting an absent key is harmless.
     """
 
     def get_run(self, key: str) -> RunLedger | None: ...
@@ -133,6 +136,13 @@ class BudgetStore(Protocol):
     def put_manifest(self, key: str, value: TenantManifest) -> None: ...
     def get_count(self, key: str) -> StaticCount | None: ...
     def put_count(self, key: str, value: StaticCount) -> None: ...
+    def get_watermark(self, key: str) -> Watermark | None: ...
+    def put_watermark(self, key: str, value: Watermark) -> None: ...
+    def delete_run(self, key: str) -> None: ...
+    def delete_workflow(self, key: str) -> None: ...
+    def run_items(self) -> Iterable[tuple[str, RunLedger]]:
+        """Every run ledger held, for rebuilding the retirement index after a restart or rebalance."""
+        ...
 
 
 @dataclass
@@ -145,11 +155,19 @@ class DictBudgetState:
     workflows: dict[str, WorkflowLedger] = field(default_factory=dict)
     manifests: dict[str, TenantManifest] = field(default_factory=dict)
     counts: dict[str, StaticCount] = field(default_factory=dict)
+    watermarks: dict[str, Watermark] = field(default_factory=dict)
     dirty: dict[str, set[str]] = field(default_factory=dict)
+    #: Keys deleted per table (retired), also marked dirty.
+    deleted: dict[str, set[str]] = field(default_factory=dict)
 
     def _put(self, table: str, key: str, value: object) -> None:
         getattr(self, table)[key] = value
         self.dirty.setdefault(table, set()).add(key)
+
+    def _delete(self, table: str, key: str) -> None:
+        getattr(self, table).pop(key, None)
+        self.dirty.setdefault(table, set()).add(key)
+        self.deleted.setdefault(table, set()).add(key)
 
     def get_run(self, key: str) -> RunLedger | None:
         """The run ledger at ``key``."""
@@ -198,3 +216,23 @@ class DictBudgetState:
     def put_count(self, key: str, value: StaticCount) -> None:
         """Remember a token count."""
         self._put("counts", key, value)
+
+    def get_watermark(self, key: str) -> Watermark | None:
+        """The tenant's event-time watermark at ``key``."""
+        return self.watermarks.get(key)
+
+    def put_watermark(self, key: str, value: Watermark) -> None:
+        """Store a watermark."""
+        self._put("watermarks", key, value)
+
+    def delete_run(self, key: str) -> None:
+        """Retire a run ledger."""
+        self._delete("runs", key)
+
+    def delete_workflow(self, key: str) -> None:
+        """Retire a workflow ledger."""
+        self._delete("workflows", key)
+
+    def run_items(self) -> Iterable[tuple[str, RunLedger]]:
+        """Every run ledger held."""
+        return self.runs.items()

@@ -65,6 +65,11 @@ class ContractViolation(RejectedRecord):
     reason_code = "contract_violation"
 
 
+class OutsideDedupWindow(ContractViolation):
+    """A run record older than its tenant's dedup window: its run's dedup state may be retired, so it could be
+    counted twice; refused instead (the rule is in :mod:`processors.retention`)."""
+
+
 class ProcessingFailed(RejectedRecord):
     """The record is valid but a processor could not apply it; the worker dead-letters it and goes on."""
 

@@ -65,3 +65,7 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic name (``turns`` -> ``ctxflow.turns``)."""
         return f"{self.topic_prefix}.{name}"
+    #: Retention window of a run's state, in seconds of event time: a run retires this long after its last event
+    #: (behind its tenant's newest events), and a record this much older than its stream is dead-lettered. Dedup
+    #: is exact within the window (processors.retention).
+    run_retention_s: float = Field(default=24 * 3600, gt=0)

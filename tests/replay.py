@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from processors.admission import BudgetLimits, RunHeadroom, run_headroom
 from processors.budget import BudgetProcessor
+from processors.retention import DEFAULT_RETENTION, Retention
 from processors.tokens import TokenCounter
 from processors.types import DictBudgetState, Position, run_key
 from schemas.codec import Codec
@@ -159,9 +160,10 @@ class Replay:
 
 
 def replay(log: InputLog, tenants: Collection[str] | None = None,
-           now: datetime = datetime(2030, 1, 1, tzinfo=UTC)) -> Replay:
-    """Feed ``log`` (only ``tenants`` when given) through a fresh processor in :func:`interleave` order."""
-    processor, state = BudgetProcessor(TokenCounter()), DictBudgetState()
+           now: datetime = datetime(2030, 1, 1, tzinfo=UTC), retention: Retention = DEFAULT_RETENTION) -> Replay:
+    """Feed ``log`` (only ``tenants`` when given) through a fresh processor in :func:`interleave` order, with
+    the worker's ``retention`` (``CTXFLOW_RUN_RETENTION_S``): records it refuses as late are in ``refused``."""
+    processor, state = BudgetProcessor(TokenCounter(), retention=retention), DictBudgetState()
     decisions: list[Decision] = []
     refused = [r for r in log.records() if r.event is None]
     workflows: dict[tuple[str, str], str] = {}

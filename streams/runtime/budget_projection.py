@@ -4,6 +4,10 @@ Agents that read instead of subscribing get a batch's values as soon as it is de
 order in :mod:`streams.runtime.pipeline`), before earlier batches commit. That is harmless: values are absolute and
 decision ids deterministic, so a replay writes the same again. Writes land one batch after another, in batch
 order, so a later batch's values are the ones left.
+
+A run retired by :mod:`processors.retention` is not projected again and its headroom key is not deleted: every
+key expires ``CTXFLOW_REDIS_TTL_S`` after its last write, and an agent reading a retired run's stale headroom
+reads what the run last held (a run is retired only after a window without events).
 """
 
 from __future__ import annotations

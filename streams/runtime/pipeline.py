@@ -13,9 +13,12 @@ Commit order (each step starts after the previous one is durable):
    records already applied still does), and flush the ClickHouse sink (ingested events, decisions, dead
    letters) — concurrently; wait for all three;
 4. persist the aggregate tables' changelogs, await acks;
-5. persist the run ledgers' changelogs, await acks. Run ledgers come last because they are what makes a
-   replay skip a record (the crash argument in :mod:`processors.ledger`): everything derived from a record
-   must be durable before its run ledger is;
+5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
+   after the aggregates because they are what makes a replay skip a record (the crash argument in
+   :mod:`processors.ledger`): everything derived from a record must be durable before its run ledger is;
+5b. persist the tenants' event-time watermarks, await acks. Last, because a watermark makes a replay skip a
+   record outright and decides which records are too late (:mod:`processors.retention`): it must never cover
+   a record whose run ledger or tombstone is not durable;
 6. return, so the agent acknowledges the batch and Faust may commit its offsets.
 
 A crash anywhere before 6 replays the batch from the last commit. Every effect is idempotent under replay:
@@ -103,7 +106,7 @@ class PreparedBatch:
     started: float
     outputs: asyncio.Task[int]  # decisions and dead letters, already being produced
     projection: asyncio.Task[None]  # run headroom and decisions, already being written to Redis
-    changelogs: tuple[list[OutRecord], list[OutRecord]]  # aggregates, then run ledgers
+    changelogs: tuple[list[OutRecord], list[OutRecord], list[OutRecord]]  # aggregates, run ledgers, watermarks
 
 
 @dataclass(slots=True)
@@ -148,6 +151,7 @@ class BudgetPipeline:
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._clock = clock
         self._projection = BudgetProjection(redis, processor, store)
+        self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
 
     async def handle(self, records: Sequence[InputRecord]) -> BatchReport:
         """Process ``records`` (in consumption order); returns once every effect is durable."""
@@ -165,6 +169,9 @@ class BudgetPipeline:
         started = time.perf_counter()
         now = self._clock()
         report = BatchReport(records=len(records))
+        if self._store.recoveries != self._recoveries:
+            self._recoveries = self._store.recoveries
+            self._processor.forget_retirement_index()
         for index, record in enumerate(records, 1):
             self._apply(record, now, report)
             if index % yield_every == 0:
@@ -209,7 +216,9 @@ class BudgetPipeline:
         runs = _last_per_key(record for batch in batches for record in batch.changelogs[1])
         written = await self._store.write_changelogs(aggregates)
         mark = self._step(report, "aggregates_s", mark)
-        report.changelog_records = written + await self._store.write_changelogs(runs)
+        written += await self._store.write_changelogs(runs)
+        marks = _last_per_key(record for batch in batches for record in batch.changelogs[2])
+        report.changelog_records = written + await self._store.write_changelogs(marks)
         self._step(report, "runs_s", mark)
         report.seconds = time.perf_counter() - batches[0].started
         if report.dead_letters:

@@ -40,6 +40,8 @@ class PreloadedTable(faust.Table):
     """A Faust table whose changelog partitions may already be applied up to an offset by the preload."""
 
     _preloaded: dict[TP, int] | None = None
+    #: Recoveries completed: a store reading the table (the retirement index) rebuilds what it derived from it.
+    recoveries = 0
 
     @property
     def preloaded(self) -> dict[TP, int]:
@@ -53,6 +55,7 @@ class PreloadedTable(faust.Table):
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
+        self.recoveries += 1
         # The memory store has just dropped the keys of partitions that are no longer active here.
         active = {tp.partition for tp in active_tps}
         for tp in [tp for tp in self.preloaded if tp.partition not in active]:

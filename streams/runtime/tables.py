@@ -1,15 +1,18 @@
 """The budget token tables as Faust tables, and the store that persists them in the safe order.
 
-Six changelog-backed tables hold the state of the tenants whose partitions this worker owns: run ledgers
+Seven changelog-backed tables hold the state of the tenants whose partitions this worker owns: run ledgers
 (the authority for dedup), tenant and user spend ledgers, workflow ledgers, remembered static-item token
-counts, and tenant manifests. Values are domain objects in memory; each table has a codec that writes them
-to its changelog compactly and reads them back on recovery.
+counts, tenant manifests, and the tenants' event-time watermarks (:mod:`processors.retention`). Values are
+domain objects in memory; each table has a codec that writes them to its changelog compactly and reads them
+back on recovery.
 
 Why not ``table[key] = value``: Faust would produce one changelog record per assignment, to the partition of
 the *current* event. A batch spans partitions, and the crash argument in :mod:`processors.ledger` needs the
 aggregates durable before the run ledgers. :class:`TableBudgetStore` therefore writes the in-memory store
 directly, remembers each dirty key with the partition of the record that wrote it, and :meth:`persist`
-produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers.
+produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers, then
+watermarks. A retired (deleted) key is written as a tombstone, a null value, which every reader of the
+changelogs applies as a deletion (Faust's recovery, the bulk preload in :mod:`streams.runtime.recovery`).
 
 The records go out through :class:`BatchProducer` (aiokafka's batch API), not Faust's ``Topic.send``: a large
 batch dirties thousands of keys, and a record costs ~1.3 us of CPU that way against ~12 us through
@@ -31,6 +34,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.serializers.codecs import Codec
 
 from processors.ledger import RunLedger, WorkflowLedger
+from processors.retention import Watermark
 from processors.types import StaticCount
 from processors.windows import SpendLedger
 from schemas.models import TenantManifest
@@ -76,10 +80,14 @@ VALUE_CODECS: dict[str, Codec] = {
     "workflows": _ValueCodec(WorkflowLedger.to_dict, WorkflowLedger.from_dict),
     "counts": _ValueCodec(StaticCount.to_list, StaticCount.from_json),
     "manifests": _ManifestCodec(),
+    "watermarks": _ValueCodec(Watermark.to_list, Watermark.from_list),
 }
 #: Persisted before run ledgers: see the crash argument in processors.ledger.
 AGGREGATES = ("manifests", "counts", "tenants", "users", "workflows")
 RUNS = ("runs",)
+#: Persisted after run ledgers: a watermark never covers a record whose effects are not durable
+#: (processors.retention).
+MARKS = ("watermarks",)
 
 
 #: ``(topic, partition or None for the key's default partition, key, value)``
@@ -190,6 +198,12 @@ class TableBudgetStore:
         self._data[name][key] = value
         self._dirty[name][key] = self._key_partition[name][key] = self.partition
 
+    def _delete(self, name: str, key: str) -> None:
+        # Dirty with no value: captured as a tombstone on the partition of the record that retired it.
+        self._data[name].pop(key, None)
+        self._key_partition[name].pop(key, None)
+        self._dirty[name][key] = self.partition
+
     def get_run(self, key: str) -> RunLedger | None:
         return self._get("runs", key)
 
@@ -226,18 +240,38 @@ class TableBudgetStore:
     def put_count(self, key: str, value: StaticCount) -> None:
         self._put("counts", key, value)
 
-    def dirty_runs(self) -> list[tuple[str, RunLedger]]:
-        """The run ledgers written since the last :meth:`capture_changelogs` (for projections)."""
-        data = self._data["runs"]
-        return [(key, data[key]) for key in self._dirty["runs"]]
+    def get_watermark(self, key: str) -> Watermark | None:
+        return self._get("watermarks", key)
 
-    def capture_changelogs(self) -> tuple[list[OutRecord], list[OutRecord]]:
-        """Encode every dirty value now (aggregates, run ledgers) and forget that they were dirty.
+    def put_watermark(self, key: str, value: Watermark) -> None:
+        self._put("watermarks", key, value)
+
+    def delete_run(self, key: str) -> None:
+        self._delete("runs", key)
+
+    def delete_workflow(self, key: str) -> None:
+        self._delete("workflows", key)
+
+    def run_items(self) -> Iterable[tuple[str, RunLedger]]:
+        return self._data["runs"].items()
+
+    @property
+    def recoveries(self) -> int:
+        """How many table recoveries have completed (values reloaded from changelogs) since the start."""
+        return sum(getattr(table, "recoveries", 0) for table in self._tables.values())
+
+    def dirty_runs(self) -> list[tuple[str, RunLedger]]:
+        """The run ledgers written (and not retired) since the last :meth:`capture_changelogs` (for projections)."""
+        data = self._data["runs"]
+        return [(key, data[key]) for key in self._dirty["runs"] if key in data]
+
+    def capture_changelogs(self) -> tuple[list[OutRecord], list[OutRecord], list[OutRecord]]:
+        """Encode every dirty value now (aggregates, run ledgers, watermarks) and forget that they were dirty.
 
         Later writes to the tables do not change what was captured, so a batch's changelog can be written
         while the next batch is processed.
         """
-        return self._changelog_records(AGGREGATES), self._changelog_records(RUNS)
+        return self._changelog_records(AGGREGATES), self._changelog_records(RUNS), self._changelog_records(MARKS)
 
     async def write_changelogs(self, records: list[OutRecord]) -> int:
         """Produce captured changelog records and await their acks (the caller keeps the commit order)."""
@@ -248,6 +282,9 @@ class TableBudgetStore:
         for name in names:
             topic, dumps = self._changelogs[name], VALUE_CODECS[name].dumps
             data, dirty = self._data[name], self._dirty[name]
-            records += [(topic, partition, key.encode(), dumps(data[key])) for key, partition in dirty.items()]
+            records += [
+                (topic, partition, key.encode(), None if (value := data.get(key)) is None else dumps(value))
+                for key, partition in dirty.items()
+            ]
             dirty.clear()
         return records

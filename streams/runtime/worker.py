@@ -29,6 +29,7 @@ from faust.types import Message
 from faust.web import Request, Response, View
 
 from processors.budget import BudgetProcessor
+from processors.retention import Retention
 from processors.tokens import TokenCounter
 from schemas.codec import Codec
 from sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
@@ -107,7 +108,7 @@ def build_app(settings: Settings) -> faust.App:
         counter.preload()
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
-            processor=BudgetProcessor(counter),
+            processor=BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             sink=sink,
             redis=redis,
