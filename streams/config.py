@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     stall_after_s: float = Field(default=30.0, gt=0)
     #: TTL of tenant-scoped Redis keys, in seconds.
     redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    #: Retention window of a run's state, in seconds of event time: a run retires this long after its last event
+    #: (behind its tenant's newest events), and a record this much older than its stream is dead-lettered. Dedup
+    #: is exact within the window (processors.retention).
+    run_retention_s: float = Field(default=24 * 3600, gt=0)
 
     @property
     def chdb_dsn(self) -> str:
@@ -65,7 +69,3 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic name (``turns`` -> ``ctxflow.turns``)."""
         return f"{self.topic_prefix}.{name}"
-    #: Retention window of a run's state, in seconds of event time: a run retires this long after its last event
-    #: (behind its tenant's newest events), and a record this much older than its stream is dead-lettered. Dedup
-    #: is exact within the window (processors.retention).
-    run_retention_s: float = Field(default=24 * 3600, gt=0)
