@@ -62,12 +62,11 @@ def loopback_settings(home: Path, **overrides: Any) -> Settings:
     redis_port = free_port()
     while redis_port == kafka_port:
         redis_port = free_port()
-    return Settings(
-        home=home,
-        bootstrap=f"127.0.0.1:{kafka_port}",
-        redis_url=f"redis://127.0.0.1:{redis_port}/0",
-        **overrides,
-    )
+    # Four partitions, not the default one: tests exercise tenants spread over partitions, rebalances and
+    # per-partition ownership, which one partition would never show.
+    fields: dict[str, Any] = {"partitions": 4, **overrides}
+    return Settings(home=home, bootstrap=f"127.0.0.1:{kafka_port}", redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                    **fields)
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,7 @@ from sinks.clickhouse import ClickHouseSink
 from sinks.redis import RedisProjection
 from streams.runtime.budget_projection import BudgetProjection
 from streams.runtime.deadletter import dead_letter
+from streams.runtime.outlet import DecisionOutlet
 from streams.runtime.tables import BatchProducer, OutRecord, TableBudgetStore
 from streams.topics import DEAD_LETTERS, DECISIONS
 
@@ -138,7 +139,7 @@ class BudgetPipeline:
         store: TableBudgetStore,
         sink: ClickHouseSink,
         redis: RedisProjection,
-        producer: BatchProducer,
+        producer: BatchProducer | DecisionOutlet,
         full_topic: Callable[[str], str],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:

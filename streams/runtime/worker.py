@@ -37,6 +37,7 @@ from sinks.redis import RedisProjection
 from streams.config import Settings
 from streams.logs import log_handler
 from streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from streams.runtime.outlet import DecisionOutlet
 from streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from streams.runtime.recovery import PreloadedTable, PreloadingTableManager
 from streams.runtime.stop_deadline import StopDeadline
@@ -112,7 +113,7 @@ def build_app(settings: Settings) -> faust.App:
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             sink=sink,
             redis=redis,
-            producer=BatchProducer(producers[0]),
+            producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
         )
 

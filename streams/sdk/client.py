@@ -28,6 +28,7 @@ from schemas.models import (
 )
 from streams.config import Settings
 from streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from streams.sdk.linger import send_lingering_now
 from streams.sdk.manifest_files import latest_per_tenant
 from streams.sdk.readers import DecisionStream, TopicReader
 from streams.sdk.records import TOPIC_OF, R, record_key, redact
@@ -40,6 +41,11 @@ _PRIVATE_RUNS_REMEMBERED = 100_000
 
 log = logging.getLogger(__name__)
 
+#: Batches are what a broker stores and lists (see :mod:`streams.sdk.linger`); lower it where publish latency
+#: matters more than batch count (Apache Kafka handles small batches well).
+_PUBLISH_LINGER_MS: int = Settings.model_fields["publish_linger_ms"].default
+
+
 class CtxflowClient:
     """Async ctxflow producer (plus decision and manifest readers) over one aiokafka producer.
 
@@ -48,7 +54,7 @@ class CtxflowClient:
     """
 
     def __init__(self, bootstrap: str, *, topic_prefix: str = "ctxflow", registry_url: str | None = None,
-                 linger_ms: int = 5, max_batch_bytes: int = 512 * 1024, max_in_flight: int = 20_000,
+                 linger_ms: int = _PUBLISH_LINGER_MS, max_batch_bytes: int = 512 * 1024, max_in_flight: int = 20_000,
                  request_timeout_ms: int = 30_000, connect_timeout_s: float = 10.0,
                  max_content_bytes: int = 256 * 1024, client_id: str = "ctxflow-sdk") -> None:
         self.bootstrap = bootstrap
@@ -74,6 +80,7 @@ class CtxflowClient:
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> CtxflowClient:
         """A client for the deployment ``settings`` describe (bootstrap, prefix, registry, content limit)."""
+        kw.setdefault("linger_ms", settings.publish_linger_ms)
         return cls(settings.bootstrap, topic_prefix=settings.topic_prefix,
                    registry_url=settings.schema_registry_url, max_content_bytes=settings.max_content_bytes,
                    **kw)
@@ -140,8 +147,10 @@ class CtxflowClient:
         await self.publish(candidate)
 
     async def request_admission(self, request: AdmissionRequest) -> None:
-        """Queue an admission request; the answer arrives as a ``admission`` decision for the run."""
+        """Send an admission request now (not after ``linger_ms``, with everything queued before it); the answer
+        arrives as an ``admission`` decision for the run."""
         await self.publish(request)
+        send_lingering_now(self._producer)
 
     async def set_manifest(self, manifest: TenantManifest) -> None:
         """Queue a tenant's budget manifest (the worker keeps the first with the tenant's highest version).
