@@ -29,7 +29,8 @@ class PartitionObservation:
     ``highwater`` is the log end from the last fetch response (None before the first one); ``committed`` the
     offset the group committed (None when nothing was ever committed: the worker then reads from offset 0);
     ``commit_advanced_at`` when ``committed`` last moved forward, or when the partition was assigned if it
-    has not moved since; ``fetched_at`` when the last fetch response for it arrived (None before the first).
+    has not moved since; ``fetched_at`` when the last fetch response for it arrived (None before the first);
+    ``caught_up_at`` when a fetch response last showed nothing waiting (None if none did yet).
     """
 
     topic: str
@@ -38,6 +39,7 @@ class PartitionObservation:
     committed: int | None
     commit_advanced_at: float
     fetched_at: float | None
+    caught_up_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,16 @@ class WorkerHealth:
 
 
 def partition_health(seen: PartitionObservation, now: float, stall_after_s: float) -> PartitionHealth:
-    """``degraded`` when no commit advanced for more than ``stall_after_s`` while records wait (lag > 0) or while
-    the lag is unknown because no fetch response came for as long; ``idle`` when nothing waits; else ``ok``."""
+    """``degraded`` when for more than ``stall_after_s`` no commit advanced and nothing showed the partition caught
+    up, while records wait (lag > 0) or the lag is unknown because no fetch response came for as long; ``idle``
+    when nothing waits; else ``ok``. A partition that sat idle for an hour and just received records is not
+    stalled: its wait began when it was last seen caught up, not at its last commit."""
     commit_age = max(0.0, now - seen.commit_advanced_at)
     fetch_age = None if seen.fetched_at is None else max(0.0, now - seen.fetched_at)
     lag = None if seen.highwater is None else max(0, seen.highwater - (seen.committed or 0))
     unseen = fetch_age is None or fetch_age > stall_after_s  # the log end may have moved since
-    if commit_age > stall_after_s and ((lag or 0) > 0 or unseen):
+    progressed_at = max(seen.commit_advanced_at, seen.caught_up_at or seen.commit_advanced_at)
+    if now - progressed_at > stall_after_s and ((lag or 0) > 0 or unseen):
         state: PartitionState = "degraded"
     elif lag == 0:
         state = "idle"
@@ -105,15 +110,18 @@ def assess(observations: Iterable[PartitionObservation], now: float, stall_after
 
 
 class CommitClock:
-    """When each partition's committed offset last advanced (or it was assigned, if it has not since).
+    """When each partition's committed offset last advanced (or it was assigned, if it has not since), and when
+    it was last seen caught up.
 
-    The consumer calls :meth:`assigned` on every assignment and :meth:`committed` after every successful
-    commit; a partition assigned again (after a rebalance) starts a new clock.
+    The consumer calls :meth:`assigned` on every assignment, :meth:`committed` after every successful commit
+    and :meth:`caught_up` whenever it sees a partition with nothing waiting; a partition assigned again (after
+    a rebalance) starts a new clock.
     """
 
     def __init__(self) -> None:
         self._offsets: dict[TP, int | None] = {}
         self._since: dict[TP, float] = {}
+        self._caught_up: dict[TP, float] = {}
 
     def assigned(self, tps: Iterable[TP], now: float) -> None:
         """Start the clock of every partition in ``tps`` at ``now``; forget the ones no longer assigned."""
@@ -121,6 +129,7 @@ class CommitClock:
         for tp in set(self._since) - fresh:
             del self._since[tp]
             self._offsets.pop(tp, None)
+            self._caught_up.pop(tp, None)
         for tp in fresh:
             self._since[tp] = now
             self._offsets[tp] = None
@@ -138,6 +147,15 @@ class CommitClock:
     def since(self, tp: TP, default: float) -> float:
         """When ``tp``'s commit last advanced (or it was assigned); ``default`` for a partition never seen."""
         return self._since.get(tp, default)
+
+    def caught_up(self, tp: TP, at: float) -> None:
+        """Record that a fetch response at ``at`` showed nothing waiting on ``tp`` (an assigned partition)."""
+        if tp in self._since:
+            self._caught_up[tp] = max(at, self._caught_up.get(tp, at))
+
+    def caught_up_at(self, tp: TP) -> float | None:
+        """When ``tp`` was last seen with nothing waiting, or None."""
+        return self._caught_up.get(tp)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ from streams.runtime.health import CommitClock, PartitionObservation, StallWatch
 log = logging.getLogger(__name__)
 
 
+_FETCH_MAX_BYTES = 2 << 20
+
+
 class _LoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer "thread" as a service on the app's loop: same start/stop sequence, no thread.
 
@@ -77,6 +80,12 @@ class _LoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher, so setting it here takes effect.
         consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
+        # The embedded broker reads a partition one stored batch at a time, each read listing every batch the
+        # partition holds, so a fetch's cost is (batches returned + 1) x batches stored. A worker far behind asked
+        # for 5 MB of ~2-record batches (thousands of reads) and its fetches outgrew the request timeout: sent
+        # again and again, none answered, nothing committed. 2 MB (~1,700 turns) bounds that work and still
+        # passes ~80 MB/s at a 25 ms fetch wait, far above what one worker decides.
+        consumer._fetch_max_bytes = _FETCH_MAX_BYTES
         return consumer
 
 
@@ -112,10 +121,15 @@ class _Consumer(faust_aiokafka.Consumer):
             if tp.topic in uncommitted:
                 continue
             polled_ms = consumer.last_poll_timestamp(tp)  # wall clock, when the last fetch response came
+            fetched_at = None if polled_ms is None else now - max(0.0, wall_ms - polled_ms) / 1000
+            highwater, committed = consumer.highwater(tp), self._committed_offset.get(tp)
+            if fetched_at is not None and highwater is not None and highwater <= (committed or 0):
+                # Sampled here (every 2.5 commit intervals, and per request): close enough for a threshold
+                # of tens of seconds.
+                self.commit_clock.caught_up(tp, fetched_at)
             observations.append(PartitionObservation(
-                tp.topic, tp.partition, consumer.highwater(tp), self._committed_offset.get(tp),
-                self.commit_clock.since(tp, now),
-                None if polled_ms is None else now - max(0.0, wall_ms - polled_ms) / 1000,
+                tp.topic, tp.partition, highwater, committed, self.commit_clock.since(tp, now), fetched_at,
+                self.commit_clock.caught_up_at(tp),
             ))
         return assess(observations, now, app.stall_after_s)  # type: ignore[attr-defined]
 

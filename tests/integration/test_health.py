@@ -48,6 +48,9 @@ def test_a_quiet_then_busy_worker_reports_its_progress_and_logs_no_error(
     # Faust's stream monitors would have called every input partition stalled 2 s after start, and every
     # changelog partition unfetched, with an ERROR every 1.25 s (they did, at 5 minutes by default).
     monkeypatch.setenv("STREAM_PROCESSING_TIMEOUT", "2")
+    # Quiet for longer than the stall threshold: records that then arrive must not count as waiting since the
+    # last commit (before the quiet spell), or the worker would cry stall at the first record.
+    settings = settings.model_copy(update={"stall_after_s": 5.0})
     with WorkerProcess(settings) as worker:
         quiet_until = time.monotonic() + 12
         health = worker.health()

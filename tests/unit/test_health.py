@@ -11,8 +11,9 @@ TURNS0, TURNS1 = TP("ctxflow.turns", 0), TP("ctxflow.turns", 1)
 
 
 def seen(highwater: int | None, committed: int | None, advanced_at: float, fetched_at: float | None = 99.0,
-         partition: int = 0) -> PartitionObservation:
-    return PartitionObservation("ctxflow.turns", partition, highwater, committed, advanced_at, fetched_at)
+         partition: int = 0, caught_up_at: float | None = None) -> PartitionObservation:
+    return PartitionObservation("ctxflow.turns", partition, highwater, committed, advanced_at, fetched_at,
+                                caught_up_at)
 
 
 def test_lag_is_the_log_end_minus_the_committed_offset_and_a_recent_commit_is_ok() -> None:
@@ -27,6 +28,14 @@ def test_nothing_committed_yet_counts_the_lag_from_offset_zero() -> None:
 def test_records_waiting_with_no_commit_for_longer_than_the_threshold_is_degraded() -> None:
     assert partition_health(seen(120, 100, advanced_at=60.0), 100.0, STALL).state == "degraded"
     assert partition_health(seen(120, 100, advanced_at=70.0), 100.0, STALL).state == "ok"  # not longer: ok
+
+
+def test_records_arriving_after_a_long_idle_spell_are_not_a_stall_until_they_wait_too_long() -> None:
+    # Last commit an hour ago, caught up until 2 s ago, records since: waiting 2 s, not an hour.
+    arrived = seen(150, 100, advanced_at=0.0, fetched_at=3599.0, caught_up_at=3598.0)
+    health = partition_health(arrived, 3600.0, STALL)
+    assert (health.state, health.lag, health.last_commit_age_s) == ("ok", 50, 3600.0)
+    assert partition_health(arrived, 3598.0 + STALL + 1, STALL).state == "degraded"
 
 
 def test_no_lag_is_idle_however_old_the_last_commit() -> None:
@@ -69,6 +78,10 @@ def test_commit_clock_restarts_only_when_the_offset_moves_forward() -> None:
     clock.assigned([TURNS1], now=40.0)  # a rebalance: TURNS0 revoked, TURNS1 assigned again
     clock.committed({TURNS0: 60}, now=45.0)  # a late commit of a revoked partition is not progress here
     assert (clock.since(TURNS0, -1.0), clock.since(TURNS1, 0.0)) == (-1.0, 40.0)
+    clock.caught_up(TURNS1, 50.0)
+    clock.caught_up(TURNS1, 48.0)  # an older sample never moves it back
+    clock.caught_up(TURNS0, 50.0)  # not assigned: ignored
+    assert (clock.caught_up_at(TURNS1), clock.caught_up_at(TURNS0)) == (50.0, None)
 
 
 def test_stall_watch_reports_a_stall_once_when_it_begins_spreads_and_ends() -> None:
