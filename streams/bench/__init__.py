@@ -2,7 +2,8 @@
 
 Modules: :mod:`.corpus` (encoded inputs), :mod:`.throughput` (raw decode ceiling, worker rate),
 :mod:`.latency` (produce -> decision), :mod:`.load` (the latency phase's load, from a child process),
-:mod:`.sessions` (memory per active run, SIGKILL recovery),
+:mod:`.sessions` (memory per active run, SIGKILL recovery), :mod:`.retention` (a worker after a million retired
+runs against an empty one),
 :mod:`.core` (the budget core alone), :mod:`.report` (results JSON, targets), :mod:`.runner` (the run).
 """
 

@@ -21,6 +21,11 @@ CORE_FLOORS: tuple[tuple[str, str, float, str], ...] = (
     ("processor_eps", ">=", 40_000, "TurnEvents per CPU second through process()"),
     ("core_bytes_per_run", "<", 1_200, "heap bytes per active run in the budget core"),
 )
+#: Goals of bounded state (issue 13): a worker after retired runs against the same worker empty.
+RETENTION_GOALS: tuple[tuple[str, str, float, str], ...] = (
+    ("retired_runs_rss_ratio", "<=", 1.1, "worker RSS after the retired-runs phase / empty worker"),
+    ("retired_runs_restart_ratio", "<=", 1.1, "restart to ready after them / empty worker"),
+)
 
 
 @dataclass
@@ -39,6 +44,8 @@ class BenchResults:
     core_bytes_per_run: float
     git_sha: str
     details: dict[str, Any] = field(default_factory=dict)
+    retired_runs_rss_ratio: float = 0.0
+    retired_runs_restart_ratio: float = 0.0
 
     def to_json(self) -> str:
         """The results as one JSON object, details flattened in (they never shadow a headline field)."""
@@ -54,12 +61,13 @@ class BenchResults:
 
 
 def verdicts(results: BenchResults) -> list[tuple[str, str, str, bool]]:
-    """``(metric, measured, target, met)`` for every target and core floor."""
+    """``(metric, measured, target, met)`` for every target, core floor and bounded-state goal."""
     rows = []
-    for name, op, bound, label in (*TARGETS, *CORE_FLOORS):
+    for name, op, bound, label in (*TARGETS, *CORE_FLOORS, *RETENTION_GOALS):
         value = float(getattr(results, name))
-        met = value >= bound if op == ">=" else value < bound
-        rows.append((f"{name} ({label})", f"{value:,.1f}", f"{op} {bound:,.0f}", met))
+        met = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
+        shown = f"{value:,.3f}" if bound < 10 else f"{value:,.1f}"
+        rows.append((f"{name} ({label})", shown, f"{op} {bound:,.0f}" if bound >= 10 else f"{op} {bound}", met))
     return rows
 
 

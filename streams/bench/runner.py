@@ -4,7 +4,9 @@ Phases (all in the same run, so their figures are comparable): corpus (encoded b
 (a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate
 (the target), at half of it again on the deployment's partition count when that differs, and at a quarter of
 it, each with a fresh worker and topics -> (d) session memory and SIGKILL recovery with
-``runs_for_memory`` active runs, fresh worker -> (e) the budget core alone, in process.
+``runs_for_memory`` active runs, fresh worker -> (d') ``retired_runs`` finished runs spread over hundreds of
+retention windows: RSS and restart time against the same worker empty (``streams.bench.retention``) -> (e) the
+budget core alone, in process.
 
 The benchmark's deployment is one worker process, so its topics have one partition each
 (``BenchConfig.partitions``): that worker reads every partition anyway, and the embedded broker's fetch costs
@@ -28,6 +30,7 @@ from streams.bench.core import measure_core
 from streams.bench.corpus import TurnCorpus, publish
 from streams.bench.latency import LatencyResult, measure_latency
 from streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
+from streams.bench.retention import measure_retention
 from streams.bench.sessions import measure_sessions
 from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
 from streams.config import Settings
@@ -50,16 +53,18 @@ class BenchConfig:
     core_rate_runs: int = 20_000
     #: Partitions of every topic: one worker process reads them all.
     partitions: int = 1
+    #: Finished runs of the retired-runs phase (the issue's goal is stated for a million).
+    retired_runs: int = 1_000_000
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
-        return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000)
+        return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000, retired_runs=20_000)
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         """The smallest run that still goes through every phase: for the test suite, not for figures."""
-        return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500)
+        return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500, retired_runs=2_000)
 
 
 def _fresh(base: Settings, home: Path, name: str) -> Settings:
@@ -205,6 +210,18 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         f"{sessions.live_bytes_per_run:,.0f} while ingesting); recovery {sessions.recovery_s:.1f}s "
         f"(an empty worker starts in {run.startup_s:.1f}s)")
 
+    say(f"(d') retired runs: {config.retired_runs:,} finished runs, then SIGKILL + restart, against the worker empty")
+    retired = measure_retention(_fresh(deployment, home, "retention"), config.retired_runs, say)
+    details |= {"retired_runs": retired.runs, "retired_runs_window_s": retired.window_s,
+                "retired_runs_records": retired.records, "retired_runs_empty_rss_bytes": retired.empty_rss_bytes,
+                "retired_runs_rss_bytes": retired.retired_rss_bytes,
+                "retired_runs_empty_restart_s": round(retired.empty_restart_s, 2),
+                "retired_runs_restart_s": round(retired.retired_restart_s, 2),
+                "retired_runs_preloaded_records": retired.preloaded_records}
+    say(f"  RSS {retired.retired_rss_bytes / 2**20:,.0f} MiB vs {retired.empty_rss_bytes / 2**20:,.0f} MiB empty "
+        f"(x{retired.rss_ratio:.2f}); restart {retired.retired_restart_s:.1f}s vs {retired.empty_restart_s:.1f}s "
+        f"empty (x{retired.restart_ratio:.2f}, {retired.preloaded_records:,} changelog records read)")
+
     say("(e) budget core in process: TurnEvents per CPU second, heap bytes per run")
     core = measure_core(config.core_rate_runs, config.runs_for_memory)
     details |= {"processor_events": core.processor_events, "processor_decisions": core.processor_decisions}
@@ -215,4 +232,5 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         p99_latency_ms=round(latency.p99_ms, 1), sessions_rss_bytes_per_run=round(sessions.bytes_per_run),
         recovery_s=round(sessions.recovery_s, 2), processor_eps=round(core.processor_eps),
         core_bytes_per_run=round(core.bytes_per_run), git_sha=sha, details=details,
+        retired_runs_rss_ratio=round(retired.rss_ratio, 3), retired_runs_restart_ratio=round(retired.restart_ratio, 3),
     )

@@ -280,6 +280,10 @@ def bench(
         table.add_row(f"p99_latency_ms at half the rate with {count} partitions per topic", f"{compared:.1f}", "", "")
     table.add_row("sessions_rss_bytes_per_run", f"{results.sessions_rss_bytes_per_run:,.0f}", "", "")
     table.add_row("recovery_s", f"{results.recovery_s:.1f}", "", "")
+    d = results.details
+    table.add_row(f"after {d['retired_runs']:,} retired runs: RSS MiB, restart s (empty worker)",
+                  f"{d['retired_runs_rss_bytes'] / 2**20:,.0f} ({d['retired_runs_empty_rss_bytes'] / 2**20:,.0f}), "
+                  f"{d['retired_runs_restart_s']:.1f} ({d['retired_runs_empty_restart_s']:.1f})", "", "")
     probes = results.details.get("cpu_probe_ms", {})
     speeds = " / ".join(f"{probes[phase]:.0f}" for phase in ("start", "pipeline", "latency", "end") if phase in probes)
     table.add_row("cpu_probe_ms (machine speed, lower is faster: start, pipeline, latency, end)", speeds, "", "")

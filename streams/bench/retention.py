@@ -1,0 +1,120 @@
+"""Retired-runs phase: after many finished runs, a worker holds and restarts like an empty one.
+
+One worker on fresh topics, with a short retention window (``WINDOW_S`` of event time). It is SIGKILLed and
+restarted once while still empty: ``empty_restart_s`` (spawn to ``/health`` ready, including the broker's wait
+for the dead member's session) and ``empty_rss_bytes`` (RSS at ready) are the baseline. It then ingests
+``runs`` finished runs (a turn, a complete usage report and a finalization each: every kind of per-run state),
+one every ``RUN_SPACING_S`` of event time, so the runs span hundreds of windows and all but the last window's
+retire. It is SIGKILLed and restarted again: ``retired_restart_s`` and ``retired_rss_bytes`` are taken the same
+way. The ratios against the baseline are the issue's goal (within 10%).
+
+RSS is bounded by retirement: the restarted worker holds only the last window's runs. Restart time is read
+from the changelogs, and the embedded broker (Tansu) never compacts them: a restart reads every value and
+tombstone ever written, so it grows with the runs seen even though the state does not. ``preloaded_records``
+says how many; on Apache Kafka log compaction removes superseded values and, after ``delete.retention.ms``,
+the tombstones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from schemas.codec import Codec
+from schemas.models import ItemKind, Role, RunEvent, RunPhase, RunStatus, Slot, TurnEvent, UsageReport
+from streams.bench.corpus import NOW, Encoded, encode, publish
+from streams.bench.sessions import settled_rss
+from streams.bench.throughput import wait_committed
+from streams.config import Settings
+from streams.stack.worker_process import WorkerProcess
+
+#: Retention window of the phase's worker, in seconds of event time.
+WINDOW_S = 600
+#: Event time between the starts of consecutive runs: the runs span ``runs * RUN_SPACING_S`` seconds.
+RUN_SPACING_S = 1.0
+#: Runs encoded and produced per slice (bounds the benchmark process's memory).
+_SLICE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    """Worker RSS and restart-to-ready time after ``runs`` finished runs, against the same worker empty."""
+
+    runs: int
+    window_s: float
+    records: int
+    empty_rss_bytes: int
+    retired_rss_bytes: int
+    empty_restart_s: float
+    retired_restart_s: float
+    preloaded_records: int
+
+    @property
+    def rss_ratio(self) -> float:
+        """Retired-runs RSS over empty RSS (goal: at most 1.1)."""
+        return self.retired_rss_bytes / self.empty_rss_bytes
+
+    @property
+    def restart_ratio(self) -> float:
+        """Retired-runs restart time over empty restart time (goal: at most 1.1)."""
+        return self.retired_restart_s / self.empty_restart_s
+
+
+def finished_runs(runs: int, first: int = 0, tenants: int = 50) -> list[Encoded]:
+    """Encoded turns, usage reports and finalizations (in that topic order) of runs ``first..first+runs``."""
+    codec = Codec()
+    ids = {"tenant_id": "t", "user_id": "u", "session_id": "s", "run_id": "r", "agent_id": "planner"}
+    turn = TurnEvent(**ids, event_id="e", seq=0, role=Role.USER, kind=ItemKind.MESSAGE, slot=Slot.HISTORY,
+                     item_id="i", model="gpt-4o", content_digest="0" * 64, token_count=400, occurred_at=NOW)
+    usage = UsageReport(**ids, event_id="u", call_id="c1", provider="openai", model="gpt-4o", input_tokens=450,
+                        output_tokens=50, latency_ms=100, occurred_at=NOW)
+    final = RunEvent(**ids, event_id="f", workflow_id="r", phase=RunPhase.FINALIZED, status=RunStatus.SUCCEEDED,
+                     occurred_at=NOW)
+    out: list[Encoded] = []
+    for template, offset_s, suffix in ((turn, 0.0, "t"), (usage, 0.3, "u"), (final, 0.6, "f")):
+        for r in range(first, first + runs):
+            run_id = f"run-{r:07d}"
+            update = {"tenant_id": f"tenant-{r % tenants}", "user_id": f"user-{r % 997}", "run_id": run_id,
+                      "event_id": f"{run_id}-{suffix}", "occurred_at": NOW + timedelta(seconds=r * RUN_SPACING_S
+                                                                                       + offset_s)}
+            if template is final:
+                update["workflow_id"] = run_id
+            out.append(encode(codec, template.model_copy(update=update)))
+    return out
+
+
+def _restart(settings: Settings, worker: WorkerProcess, name: str) -> tuple[WorkerProcess, float]:
+    worker.kill()
+    began = time.perf_counter()
+    restarted = WorkerProcess(settings, name=name).start(ready_timeout_s=1800)
+    return restarted, time.perf_counter() - began
+
+
+def measure_retention(settings: Settings, runs: int, say: Callable[[str], None]) -> RetentionResult:
+    """Run the phase on ``settings`` (fresh topics and app id); stops every worker it started."""
+    settings = settings.model_copy(update={"run_retention_s": WINDOW_S})
+    worker = WorkerProcess(settings, name="worker-retention").start(ready_timeout_s=120)
+    produced = 0
+    try:
+        worker, empty_restart_s = _restart(settings, worker, "worker-retention-empty")
+        empty_rss = settled_rss(worker.pid)
+        say(f"  empty worker: restart {empty_restart_s:.1f}s, RSS {empty_rss / 2**20:,.0f} MiB; "
+            f"{runs:,} finished runs over {runs * RUN_SPACING_S / WINDOW_S:,.0f} windows of {WINDOW_S}s")
+        for first in range(0, runs, _SLICE):
+            records = finished_runs(min(_SLICE, runs - first), first)
+            asyncio.run(publish(settings, records))
+            produced += len(records)
+            say(f"  ... {first + min(_SLICE, runs - first):,} runs produced")
+        asyncio.run(wait_committed(settings, produced, say, 3600))
+        worker, retired_restart_s = _restart(settings, worker, "worker-retention-retired")
+        retired_rss = settled_rss(worker.pid)
+        preloaded = int(worker.health().get("tables_preloaded", 0))
+    finally:
+        worker.stop()
+    return RetentionResult(
+        runs=runs, window_s=WINDOW_S, records=produced, empty_rss_bytes=empty_rss, retired_rss_bytes=retired_rss,
+        empty_restart_s=empty_restart_s, retired_restart_s=retired_restart_s, preloaded_records=preloaded,
+    )
