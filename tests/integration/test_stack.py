@@ -230,7 +230,9 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert state is not None and all(state.alive().values())
     try:
         assert redis_answers(settings.redis_url)
-        clitest = settings.model_copy(update={"topic_prefix": "clitest"})
+        # No --partitions flag: `up` makes the default count, not the four the test fixtures use.
+        default_partitions = Settings.model_fields["partitions"].default
+        clitest = settings.model_copy(update={"topic_prefix": "clitest", "partitions": default_partitions})
         assert ensure_topics(clitest)  # raises TopicMismatch if `up` had created anything else
         assert run_cli("status", env=env).returncode == 0
         assert run_cli(*flags, "up", env=env).returncode == 1  # refuses to start a second stack
