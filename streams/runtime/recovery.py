@@ -6,10 +6,12 @@ so it starts again at offset 0. Tansu never compacts, so a worker holding 100,00
 of every run ledger that way: a minute to restart.
 
 :class:`PreloadingTableManager` reads the changelog partitions this worker is assigned with a plain aiokafka
-consumer first, decodes each record with the table's own value codec (the same bytes Faust would decode) and
-applies it to the memory store as Faust's store does (a later record of a key replaces it; a null value
-deletes it). It reads to the true end of each partition (:mod:`streams.runtime.log_end`) and records the last offset
-it applied; :class:`PreloadedTable` reports that offset as the table's persisted offset, so Faust's own
+consumer first and applies it to the memory store as Faust's store does (a later record of a key replaces it;
+a null value, the tombstone of a retired value, deletes it). Only the last value of each key is decoded, with
+the table's own value codec (the same bytes Faust would decode): the log holds every write of every run ever
+seen and the tombstones of the retired ones, and decoding a value that a later record replaces or deletes is
+wasted work. It reads to the true end of each partition (:mod:`streams.runtime.log_end`) and records the last
+offset it applied; :class:`PreloadedTable` reports that offset as the table's persisted offset, so Faust's own
 recovery then reads only what was written after the preload, usually nothing.
 
 A preloaded offset is forgotten when its partition leaves this worker (the memory store drops the keys of
@@ -18,6 +20,8 @@ partitions it no longer owns after every recovery), so a partition that comes ba
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import time
 from typing import Any, cast
@@ -103,11 +107,11 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
         remaining = {kafka_tp for kafka_tp in wanted if starts[kafka_tp] < ends[kafka_tp]}
         for kafka_tp in remaining:
             consumer.seek(kafka_tp, starts[kafka_tp])
+        pending = {kafka_tp: _Latest(partitions[tp], tp) for kafka_tp, tp in wanted.items()}
         while remaining:
             fetched = await consumer.getmany(*remaining, timeout_ms=500, max_records=_MAX_RECORDS)
             for kafka_tp, records in fetched.items():
-                tp = wanted[kafka_tp]
-                applied += _apply(partitions[tp], tp, records, ends[kafka_tp])
+                applied += pending[kafka_tp].collect(records, ends[kafka_tp])
             # By position, not by the last record's offset: a compacted log or transaction markers can end
             # in offsets that are never returned as records.
             for kafka_tp in list(remaining):
@@ -115,6 +119,10 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
                     remaining.discard(kafka_tp)
     finally:
         await consumer.stop()
+    for latest in pending.values():
+        latest.apply()
+    del pending
+    _release_freed_memory()
     log.info(
         "tables preloaded from their changelogs",
         extra={"records": applied, "partitions": len(partitions), "seconds": round(time.perf_counter() - began, 2)},
@@ -122,21 +130,64 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
     return applied
 
 
-def _apply(table: PreloadedTable, tp: TP, records: list[Any], end: int) -> int:
-    """Apply ``records`` (one fetch of ``tp``, in offset order, up to ``end``) to ``table``'s memory store."""
-    store = table.data
-    data, key_partition = store.data, store._key_partition
-    to_key, to_value = table.changelog_topic.schema.key_serializer, table.changelog_topic.schema.value_serializer
-    key_of, value_of, partition = to_key.loads, to_value.loads, tp.partition
-    applied = [record for record in records if record.offset < end]
-    for record in applied:
-        key = key_of(record.key)
-        if record.value is None:
+class _Latest:
+    """The last raw value of each key read from one changelog partition, applied to its table at the end.
+
+    A tombstone forgets the key's pending value, and deletes the key from the table only if the table held it
+    before this preload (a partition preloaded again after a rebalance): a key written and retired within
+    the read costs nothing to keep.
+    """
+
+    def __init__(self, table: PreloadedTable, tp: TP) -> None:
+        self.table, self.tp = table, tp
+        self.values: dict[bytes, bytes] = {}
+        self.deleted: set[bytes] = set()
+        self.last: int | None = None
+
+    def collect(self, records: list[Any], end: int) -> int:
+        """Take ``records`` (one fetch, in offset order) up to ``end``; returns how many."""
+        values, held = self.values, self.table.data.data
+        key_of = self.table.changelog_topic.schema.key_serializer.loads
+        taken = 0
+        for record in records:
+            if record.offset >= end:
+                continue
+            taken += 1
+            self.last = record.offset
+            if record.value is None:
+                values.pop(record.key, None)
+                if held and key_of(record.key) in held:
+                    self.deleted.add(record.key)
+            else:
+                values[record.key] = record.value
+        return taken
+
+    def apply(self) -> None:
+        """Decode the surviving values into the memory store and record the offset read up to."""
+        store, schema, partition = self.table.data, self.table.changelog_topic.schema, self.tp.partition
+        data, key_partition = store.data, store._key_partition
+        key_of, value_of = schema.key_serializer.loads, schema.value_serializer.loads
+        for raw in self.deleted:
+            key = key_of(raw)
             data.pop(key, None)
             key_partition.pop(key, None)
-        else:
-            data[key] = value_of(record.value)
+        for raw, value in self.values.items():
+            key = key_of(raw)
+            data[key] = value_of(value)
             key_partition[key] = partition
-    if applied:
-        table.preloaded[tp] = applied[-1].offset
-    return len(applied)
+        if self.last is not None:
+            self.table.preloaded[self.tp] = self.last
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap freed by a preload back to the operating system (glibc keeps it otherwise).
+
+    A preload reads every changelog record ever written (Tansu never compacts) through fetch buffers and
+    record objects that are garbage once it ends; glibc returns only the top of its heap by itself, so the
+    worker's RSS stayed at its high-water mark for the rest of its life.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
