@@ -11,12 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.budget import BudgetProcessor, Event
-from processors.retention import Retention, RetirementIndex
+from processors.ledger import RunLedger
+from processors.retention import Retention, RetirementIndex, Watermark
 from processors.tokens import TokenCounter
 from processors.types import DictBudgetState, Position, run_key, workflow_key
 from processors.windows import SpendLedger
 from schemas.contract import OutsideDedupWindow
 from schemas.models import SpendWindowKind
+from streams.runtime.tables import VALUE_CODECS
 from tests.unit.test_budget_factories import NOW, manifest, run_event, turn, usage
 
 WINDOW = Retention.of_seconds(3600)
@@ -198,3 +200,14 @@ def test_retirement_and_refusals_do_not_depend_on_how_the_streams_interleave(see
 def test_a_window_is_never_shorter_than_a_millisecond(seconds: float) -> None:
     retention = Retention.of_seconds(seconds)
     assert retention.window_ms >= 1 and retention.bucket_ms >= 1
+
+
+def test_watermarks_and_run_ledgers_round_trip_through_their_changelog_codecs() -> None:
+    mark = Watermark()
+    mark.advance(1, 42, 1_741_000_000_000)
+    assert VALUE_CODECS["watermarks"].loads(VALUE_CODECS["watermarks"].dumps(mark)) == mark
+    ledger = RunLedger(last_ms=1_741_000_000_123)
+    assert VALUE_CODECS["runs"].loads(VALUE_CODECS["runs"].dumps(ledger)) == ledger
+    # A ledger written before retention existed has no last activity: it is never filed for retirement
+    # until its next record.
+    assert RunLedger.from_list(ledger.to_list()[:15]).last_ms == -1
