@@ -9,12 +9,15 @@ to the series:
 * published: records this process queued on the worker's input topics (events, manifests, latency probes), as
   counted when queued; the final flush raises if the broker lost any;
 * committed: the worker's committed consumer-group offsets, summed over every input partition (durable effects);
-* lag: records not yet committed, and ``lag_s``, the age of the oldest of them (:mod:`streams.bench.lag_age`:
-  dated from the last lag sample that did not yet see it, so at most one sample period high, never low).
-  Lag is sampled every ``sample_every_s`` (1 s), so ``max_lag_s`` is the maximum over all samples, the
-  catch-up after publishing included; a sample that stalls (a wedged broker) counts its stall as lag;
+* lag: records not yet committed, and ``lag_s``, the age of the oldest of them (:mod:`streams.bench.record_age`:
+  now minus its producer timestamp). Lag is sampled every ``sample_every_s`` (1 s), so ``max_lag_s`` is the
+  maximum over all samples, the catch-up after publishing included; a sample that stalls (a wedged broker)
+  counts its stall as lag;
 * decision latency p99 of one admission probe per second (:mod:`streams.bench.decision_probe`);
 * worker and broker RSS and CPU cores from ``/proc`` (:mod:`streams.bench.procstat`).
+
+The workload is published from a thread of its own (:mod:`streams.bench.soak_publisher`), so a publisher that
+keeps its event loop busy never delays a measurement.
 
 At the end it waits (at most ``catch_up_s``) until everything published is committed, then checks the totals the
 budget must hold against what was published (turn and usage counts and tokens per tenant in ClickHouse, read
@@ -40,27 +43,24 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel
 
-from processors.pricing import usage_tokens
-from schemas.models import TurnEvent, UsageReport
 from streams.bench.decision_probe import DecisionProbe
-from streams.bench.lag_age import LagAge
 from streams.bench.procstat import CpuMeter, read_proc
+from streams.bench.record_age import OldestRecordAge
 from streams.bench.report import git_sha
+from streams.bench.soak_publisher import CLOSE_S, Publisher
 from streams.bench.soak_report import GroundTotals, SoakMinute, SoakResults, minute_line, p99_ms, totals_problems
 from streams.config import Settings
-from streams.demo.harness import CommittedLag, FairClient, HomeInUse, LagSample, claim_home, private_settings
+from streams.demo.harness import CommittedLag, HomeInUse, LagSample, claim_home, private_settings
 from streams.demo.run import demo_workload
-from streams.demo.workload import drive
+from streams.demo.workload import DriveProgress
 from streams.runtime.log_end import log_end_offsets
-from streams.sdk import BrokerUnavailable, PublishFailed
-from streams.sdk.records import TOPIC_OF
+from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
 from streams.stack.admin import ensure_topics
 from streams.stack.embedded import EmbeddedStack
 from streams.stack.processes import pid_alive
 from streams.stack.query import QueryFailed
-from streams.stack.worker_process import INPUT_TOPICS, WorkerNotReady, WorkerProcess
+from streams.stack.worker_process import WorkerNotReady, WorkerProcess
 
 __all__ = ["SoakConfig", "SoakFailed", "run_soak", "soak_main"]
 
@@ -87,27 +87,6 @@ class SoakFailed(Exception):
     def __init__(self, message: str, log_path: Path) -> None:
         super().__init__(message)
         self.log_path = log_path
-
-
-class _CountingClient(FairClient):
-    """Counts what it queues for the worker's input topics, and per tenant what the budget must hold for it
-    (memory candidates go to a topic the worker does not read)."""
-
-    published = 0
-
-    def __init__(self, *args: object, **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.truth = GroundTotals()
-
-    async def publish(self, record: BaseModel) -> None:
-        await super().publish(record)
-        self.published += TOPIC_OF[type(record)].name in INPUT_TOPICS
-        if isinstance(record, TurnEvent):
-            self.truth.turns[record.tenant_id] += 1
-            self.truth.turn_tokens[record.tenant_id] += record.token_count or 0
-        elif isinstance(record, UsageReport):
-            self.truth.usage_reports[record.tenant_id] += 1
-            self.truth.usage_tokens[record.tenant_id] += usage_tokens(record)
 
 
 class _Workers:
@@ -166,6 +145,7 @@ class _Soak:
         self.series: list[SoakMinute] = []
         self.latest: LagSample | None = None
         self.lag_s = self.max_lag_s = self.period_max_lag_s = 0.0
+        self.period_max_lag_in: str | None = None
         self.max_lag_records = 0
         self.broke_at: float | None = None  # monotonic time of the first sample over the limit
         self.t0 = time.monotonic()
@@ -181,31 +161,53 @@ class _Soak:
     async def run(self) -> SoakResults:
         workload = demo_workload()
         tenant = workload.tenants[0]
-        probe = DecisionProbe(self.settings, tenant.tenant_id, tenant.users[0], tenant.model, workload.start)
-        async with (_CountingClient.from_settings(self.settings) as client, CommittedLag(self.settings) as lag,
-                    probe):
-            self.client, self.lag, self.probe = client, lag, probe
-            self.ages = LagAge(time.monotonic())
-            await self._sample()
-            self.t0 = time.monotonic()
-            caught_up_after: float | None = None
-            async with asyncio.TaskGroup() as group:
-                background = [group.create_task(self._every(self.config.sample_every_s, self._sample)),
-                              group.create_task(self._every(0.0, probe.collect))]
-                prober = group.create_task(self._every(self.config.probe_every_s, self._probe))
-                reporter = group.create_task(self._report_periods())
-                if self.config.kill_worker_at is not None:
-                    background.append(group.create_task(self._kill_at(self.config.kill_worker_at)))
-                sent = await drive(client, workload, self.config.rate_eps,
-                                   self.config.minutes * self.config.interval_s)
-                prober.cancel()  # a probe sent while catching up would always leave a record to commit
-                await client.flush()
-                await reporter
+        duration_s = self.config.minutes * self.config.interval_s
+        self.publisher = Publisher(self.settings, workload, self.config.rate_eps, duration_s, self.config.catch_up_s,
+                                   self.say)
+        self.probe = DecisionProbe(self.settings, tenant.tenant_id, tenant.users[0], tenant.model, workload.start)
+        self.probes = CtxflowClient.from_settings(self.settings, linger_ms=0)
+        clients = contextlib.AsyncExitStack()
+        try:
+            await self.probes.start()
+            clients.push_async_callback(self.probes.stop)
+            self.lag = await clients.enter_async_context(CommittedLag(self.settings))
+            self.ages = await clients.enter_async_context(OldestRecordAge(self.settings))
+            await clients.enter_async_context(self.probe)
+            return await self._measure()
+        finally:
+            try:
+                async with asyncio.timeout(CLOSE_S):
+                    await clients.aclose()
+            except TimeoutError:  # closing waits on a broker that may never answer; the process exits anyway
+                self.say(f"the soak's Kafka clients did not close within {CLOSE_S:.0f}s; abandoned")
+
+    @property
+    def published(self) -> int:
+        """Records this soak queued for the worker's input topics: the workload's and the probes."""
+        return self.publisher.published + len(self.probe.sent)
+
+    async def _measure(self) -> SoakResults:
+        await self._sample()
+        self.t0 = time.monotonic()
+        caught_up_after: float | None = None
+        async with asyncio.TaskGroup() as group:
+            background = [group.create_task(self._every(self.config.sample_every_s, self._sample)),
+                          group.create_task(self._every(0.0, self.probe.collect))]
+            prober = group.create_task(self._every(self.config.probe_every_s, self._probe))
+            reporter = group.create_task(self._report_periods())
+            if self.config.kill_worker_at is not None:
+                background.append(group.create_task(self._kill_at(self.config.kill_worker_at)))
+            sent = await self.publisher.run()
+            prober.cancel()  # a probe sent while catching up would always leave a record to commit
+            await self.probes.flush(CLOSE_S)
+            await reporter
+            if sent is not None:
                 caught_up_after = await self._catch_up()
-                for task in background:
-                    task.cancel()
-            truth_problems = await self._totals_problems(client.truth) if caught_up_after is not None else None
-        return self._results(sent.sent, sent.rate_eps, caught_up_after, truth_problems)
+            for task in background:
+                task.cancel()
+        truth = self.publisher.client.truth
+        problems = await self._totals_problems(truth) if caught_up_after is not None else None
+        return self._results(sent, caught_up_after, problems)
 
     async def _every(self, period_s: float, step: Callable[[], Awaitable[object]]) -> None:
         while True:
@@ -214,19 +216,22 @@ class _Soak:
             await asyncio.sleep(max(0.0, period_s - (time.monotonic() - began)))
 
     async def _probe(self) -> None:
-        await self.probe.send(self.client)
+        await self.probe.send(self.probes)
 
     async def _sample(self) -> None:
         sample = await self.lag.sample()
-        self.latest, self.lag_s = sample, self.ages.observe(sample.measured_at, sample.ends, sample.committed)
-        self._note_lag(self.lag_s, sample.records, sample.measured_at)
+        self.latest, self.lag_s = sample, await self.ages.measure(sample)
+        held = self.ages.oldest_in
+        where = None if held is None else f"{held.topic.removeprefix(self.settings.topic(''))}:{held.partition}"
+        self._note_lag(self.lag_s, sample.records, sample.measured_at, where)
         self.cpu["worker"].add(read_proc(self.workers.current.pid))
         self.cpu["broker"].add(read_proc(self.broker_pid))
         if not self.workers.replacing and not pid_alive(self.workers.current.pid):
             raise SoakFailed("the worker process exited during the soak", self.log)
 
-    def _note_lag(self, lag_s: float, records: int, at: float) -> None:
-        self.period_max_lag_s = max(self.period_max_lag_s, lag_s)
+    def _note_lag(self, lag_s: float, records: int, at: float, where: str | None = None) -> None:
+        if lag_s > self.period_max_lag_s:
+            self.period_max_lag_s, self.period_max_lag_in = lag_s, where or self.period_max_lag_in
         if lag_s > self.max_lag_s:
             self.max_lag_s = lag_s
         self.max_lag_records = max(self.max_lag_records, records)
@@ -263,19 +268,20 @@ class _Soak:
             readings = {"worker": read_proc(self.workers.current.pid), "broker": read_proc(self.broker_pid)}
             cores = {name: (self.cpu[name].total_s - marks[name]) / max(span, 1e-9) for name in marks}
             marks = {name: meter.total_s for name, meter in self.cpu.items()}
-            published, committed = self.client.published, sample.committed_total
+            published, committed = self.published, sample.committed_total
             before = (0, 0) if previous is None else previous[1:]
             minute = SoakMinute(
                 minute=k, elapsed_s=round(now - self.t0, 1), published=published,
                 published_in_minute=published - before[0], committed=committed,
                 committed_in_minute=committed - before[1], lag_records=sample.records, lag_s=round(lag_s, 2),
-                max_lag_s=round(max(self.period_max_lag_s, lag_s), 2), p99_ms=p99_ms(latencies), probes=probes,
+                max_lag_s=round(max(self.period_max_lag_s, lag_s), 2), max_lag_in=self.period_max_lag_in,
+                p99_ms=p99_ms(latencies), probes=probes,
                 unanswered=unanswered, worker_pid=self.workers.current.pid,
                 worker_rss_mb=_mb(readings["worker"]), worker_cpu_cores=round(cores["worker"], 2),
                 broker_rss_mb=_mb(readings["broker"]), broker_cpu_cores=round(cores["broker"], 2))
             self.series.append(minute)
             self.say(minute_line(minute))
-            previous, self.period_max_lag_s = (now, published, committed), 0.0
+            previous, self.period_max_lag_s, self.period_max_lag_in = (now, published, committed), 0.0, None
 
     async def _catch_up(self) -> float | None:
         """Seconds from the end of publishing until a lag sample taken afterwards is zero; None on timeout."""
@@ -308,11 +314,11 @@ class _Soak:
         return totals_problems(truth, {r[0]: (int(r[1]), int(r[2])) for r in turns.rows},
                                {r[0]: (int(r[1]), int(r[2])) for r in usage.rows}, spend)
 
-    def _results(self, workload_events: int, achieved: float, caught_up_after: float | None,
+    def _results(self, sent: DriveProgress | None, caught_up_after: float | None,
                  problems: list[str] | None) -> SoakResults:
         sample = self.latest
         assert sample is not None
-        published = self.client.published
+        published = self.published
         rss = [m.worker_rss_mb for m in self.series]
         growth = rss[-1] / rss[0] if len(rss) > 1 and rss[0] and rss[-1] else None
         answered = [self.probe.answered[r] - at for r, at in self.probe.sent.items() if r in self.probe.answered]
@@ -323,11 +329,14 @@ class _Soak:
             max_lag_s=round(self.max_lag_s, 2), max_lag_records=self.max_lag_records,
             broke_at_minute=None if self.broke_at is None else self.period(self.broke_at),
             broke_at_s=None if self.broke_at is None else round(self.broke_at - self.t0, 1),
-            worker_rss_growth=None if growth is None else round(growth, 3), achieved_rate_eps=round(achieved, 1),
+            worker_rss_growth=None if growth is None else round(growth, 3),
+            achieved_rate_eps=round(sent.rate_eps if sent else published / (time.monotonic() - self.t0), 1),
+            publishing_complete=sent is not None,
             catch_up_s=None if caught_up_after is None else round(caught_up_after, 1),
             killed_worker_at=self.config.kill_worker_at,
             totals_match=None if problems is None else not problems, totals_problems=problems or [],
-            series=self.series, git_sha=git_sha(Path(__file__).parent), workload_events=workload_events,
+            series=self.series, git_sha=git_sha(Path(__file__).parent),
+            workload_events=sent.sent if sent else None,
             worker_restart_s=None if self.restart_s is None else round(self.restart_s, 1),
             probes={"sent": len(self.probe.sent), "answered": len(answered), "p99_ms": p99_ms(answered)},
         )

@@ -27,7 +27,8 @@ class SoakMinute:
 
     Counts are records on the input topics: ``published`` by this soak (events, manifests and latency probes),
     ``committed`` by the worker's consumer group; both cumulative, with the period's share beside them.
-    ``lag_records``/``lag_s`` are as of the period's end, ``max_lag_s`` the largest of its samples. ``p99_ms`` is
+    ``lag_records``/``lag_s`` are as of the period's end, ``max_lag_s`` the largest of its samples, and
+    ``max_lag_in`` the input partition (``turns:2``) that held the oldest record then. ``p99_ms`` is
     the decision latency of the probes sent in the period (nearest rank: with 60 probes it is their maximum);
     a probe still unanswered counts at its age so far, and ``unanswered`` says how many did. CPU is in cores
     (CPU seconds per wall second over the period), RSS at the period's end; a process replaced in the period
@@ -43,6 +44,7 @@ class SoakMinute:
     lag_records: int
     lag_s: float
     max_lag_s: float
+    max_lag_in: str | None
     p99_ms: float | None
     probes: int
     unanswered: int
@@ -63,9 +65,10 @@ def minute_line(m: SoakMinute) -> str:
     rss = lambda mb: "?" if mb is None else f"{mb:,.0f}MB"  # noqa: E731
     p99 = "-" if m.p99_ms is None else f"{m.p99_ms:,.0f}ms"
     late = f" ({m.unanswered} unanswered)" if m.unanswered else ""
+    where = f" on {m.max_lag_in}" if m.max_lag_in else ""
     return (f"min {m.minute:>3}  published {m.published:>11,} (+{m.published_in_minute:,})  committed "
             f"{m.committed:>11,} (+{m.committed_in_minute:,})  lag {m.lag_records:,} rec {m.lag_s:.1f}s "
-            f"(max {m.max_lag_s:.1f}s)  p99 {p99}{late}  worker {rss(m.worker_rss_mb)} "
+            f"(max {m.max_lag_s:.1f}s{where})  p99 {p99}{late}  worker {rss(m.worker_rss_mb)} "
             f"{m.worker_cpu_cores:.2f}cpu  broker {rss(m.broker_rss_mb)} {m.broker_cpu_cores:.2f}cpu")
 
 
@@ -99,7 +102,8 @@ def totals_problems(truth: GroundTotals, clickhouse_turns: dict[str, tuple[int, 
 
 @dataclass
 class SoakResults:
-    """Everything ``soak-results.json`` holds. ``committed_ratio`` is committed / published records;
+    """Everything ``soak-results.json`` holds. ``committed_ratio`` is committed / published records (with
+    ``publishing_complete`` False the broker never acknowledged some of them);
     ``worker_rss_growth`` the worker's RSS at the end over its RSS at the end of the first period (a restarted
     worker's RSS at the end when it was killed); ``max_lag_s`` the largest lag sample of the whole run, the
     catch-up after publishing included."""
@@ -118,6 +122,7 @@ class SoakResults:
     broke_at_s: float | None
     worker_rss_growth: float | None
     achieved_rate_eps: float
+    publishing_complete: bool
     catch_up_s: float | None
     killed_worker_at: float | None
     worker_restart_s: float | None
@@ -125,7 +130,7 @@ class SoakResults:
     totals_problems: list[str]
     series: list[SoakMinute]
     git_sha: str
-    workload_events: int
+    workload_events: int | None
     probes: dict[str, Any]
 
     @property
@@ -137,14 +142,15 @@ class SoakResults:
     @property
     def target_met(self) -> bool:
         """Lag held, every published record committed, and (if checked) the totals right."""
-        return self.lag_held and self.committed_ratio == 1.0 and self.totals_match is not False
+        return (self.publishing_complete and self.lag_held and self.committed_ratio == 1.0
+                and self.totals_match is not False)
 
     def verdict(self) -> str:
         """One sentence: the target met, or where the soak broke."""
         if self.target_met:
             return (f"target met: {self.published:,} records at {self.achieved_rate_eps:,.0f}/s for "
                     f"{self.minutes:g} periods, all committed, lag at most {self.max_lag_s:.1f}s")
-        why = []
+        why = [] if self.publishing_complete else ["the broker stopped acknowledging what was published"]
         if not self.lag_held:
             why.append(f"lag first exceeded {self.lag_limit_s:g}s in minute {self.broke_at_minute} "
                        f"({self.broke_at_s:.0f}s in) "

@@ -44,6 +44,8 @@ def test_soak_reports_every_period_and_commits_everything_it_published(tmp_path:
     assert sum(m["published_in_minute"] for m in results["series"]) == results["series"][-1]["published"]
     assert results["max_lag_s"] >= max(m["max_lag_s"] for m in results["series"])
     assert results["worker_rss_growth"] > 0
+    # Every decision probe was answered in the end (the subscriber reads the partition its decisions land on).
+    assert results["probes"]["answered"] == results["probes"]["sent"] >= 25
     # The stack and the worker it printed are gone.
     pids = [int(pid) for pid in re.findall(r"\bpid (\d+)", out)]
     assert pids and not [p for p in pids if pid_alive(p)], out

@@ -1,29 +1,12 @@
-"""The soak's arithmetic: lag age from samples, CPU across a replaced process, totals and the verdict."""
+"""The soak's arithmetic: CPU across a replaced process, totals and the verdict."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
 
-from streams.bench.lag_age import LagAge
 from streams.bench.procstat import CpuMeter, ProcReading, read_proc
 from streams.bench.soak_report import GroundTotals, SoakResults, totals_problems
-
-
-def test_lag_age_dates_a_record_from_the_last_sample_that_did_not_see_it() -> None:
-    ages = LagAge(started_at=0.0)
-    assert ages.observe(1.0, {"p": 0}, {"p": 0}) == 0.0
-    assert ages.observe(2.0, {"p": 10}, {"p": 0}) == 1.0  # arrived after t=1, so at most 1 s old
-    assert ages.observe(3.0, {"p": 20}, {"p": 5}) == 2.0  # offset 5 came in the first move
-    assert ages.observe(4.0, {"p": 30}, {"p": 10}) == 2.0  # offset 10 arrived after t=2
-    assert ages.observe(5.0, {"p": 30}, {"p": 30}) == 0.0
-
-
-def test_lag_age_is_the_oldest_over_partitions_and_grows_while_nothing_commits() -> None:
-    ages = LagAge(started_at=0.0)
-    ages.observe(1.0, {"a": 5, "b": 0}, {"a": 5, "b": 0})
-    ages.observe(2.0, {"a": 5, "b": 3}, {"a": 5, "b": 0})
-    assert ages.observe(9.0, {"a": 8, "b": 3}, {"a": 5, "b": 0}) == 8.0
 
 
 def test_cpu_meter_charges_a_replaced_process_from_its_start() -> None:
@@ -49,7 +32,8 @@ def _results(**kw: object) -> SoakResults:
     base: dict = dict(
         minutes=30, rate_eps=1500, interval_s=60, lag_limit_s=5, published=100, committed=100, in_log=100,
         committed_ratio=1.0, max_lag_s=1.0, max_lag_records=10, broke_at_minute=None, broke_at_s=None,
-        worker_rss_growth=1.0, achieved_rate_eps=1500, catch_up_s=1.0, killed_worker_at=None, worker_restart_s=None,
+        worker_rss_growth=1.0, achieved_rate_eps=1500, publishing_complete=True, catch_up_s=1.0,
+        killed_worker_at=None, worker_restart_s=None,
         totals_match=True, totals_problems=[], series=[], git_sha="x", workload_events=90, probes={})
     return SoakResults(**{**base, **kw})
 
@@ -63,3 +47,5 @@ def test_verdict_says_where_the_soak_broke() -> None:
     assert _results(killed_worker_at=15, broke_at_minute=16, broke_at_s=905.0).target_met
     assert not _results(killed_worker_at=15, broke_at_minute=10, broke_at_s=590.0).target_met
     assert not _results(totals_match=False, totals_problems=["a: differs"]).target_met
+    stalled = _results(publishing_complete=False, committed=40, committed_ratio=0.4, totals_match=None)
+    assert not stalled.target_met and "stopped acknowledging" in stalled.verdict()
