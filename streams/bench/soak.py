@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.bench.decision_probe import DecisionProbe
@@ -49,18 +46,19 @@ from streams.bench.procstat import CpuMeter, read_proc
 from streams.bench.record_age import OldestRecordAge
 from streams.bench.report import git_sha
 from streams.bench.soak_publisher import CLOSE_S, Publisher
-from streams.bench.soak_report import GroundTotals, SoakMinute, SoakResults, minute_line, p99_ms, totals_problems
+from streams.bench.soak_report import SoakMinute, SoakResults, minute_line, p99_ms
+from streams.bench.soak_totals import totals_problems
+from streams.bench.soak_workers import WorkerSuccession
 from streams.config import Settings
 from streams.demo.harness import CommittedLag, HomeInUse, LagSample, claim_home, private_settings
 from streams.demo.run import demo_workload
 from streams.demo.workload import DriveProgress
-from streams.runtime.log_end import log_end_offsets
 from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
 from streams.stack.admin import ensure_topics
 from streams.stack.embedded import EmbeddedStack
 from streams.stack.processes import pid_alive
 from streams.stack.query import QueryFailed
-from streams.stack.worker_process import WorkerNotReady, WorkerProcess
+from streams.stack.worker_process import WorkerNotReady
 
 __all__ = ["SoakConfig", "SoakFailed", "run_soak", "soak_main"]
 
@@ -89,56 +87,10 @@ class SoakFailed(Exception):
         self.log_path = log_path
 
 
-class _Workers:
-    """The worker child, and its successor after a SIGKILL. The successor is started from a thread that lives
-    until the soak ends: an attached child dies with the thread that spawned it, and the event loop must keep
-    publishing and measuring while the new worker recovers its tables."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.current = WorkerProcess(settings).start()
-        self.replacing = False
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    async def replace(self) -> float:
-        """SIGKILL the worker, start another on the same settings; seconds until it owned its partitions."""
-        loop, self.replacing = asyncio.get_running_loop(), True
-        ready: asyncio.Future[float] = loop.create_future()
-
-        def run() -> None:
-            began = time.monotonic()
-            try:
-                self.current.kill()
-                successor = WorkerProcess(self.settings).start()
-            except BaseException as error:  # handed to the event loop, which reports it
-                loop.call_soon_threadsafe(ready.set_exception, error)
-                return
-            self.current = successor
-            loop.call_soon_threadsafe(ready.set_result, time.monotonic() - began)
-            self._done.wait()
-            successor.stop()
-
-        self._thread = threading.Thread(target=run, name="soak-worker", daemon=True)
-        self._thread.start()
-        try:
-            return await ready
-        finally:
-            self.replacing = False
-
-    def stop(self) -> None:
-        """Stop whichever worker runs (through the thread that started it, if a successor)."""
-        if self._thread is None:
-            self.current.stop()
-            return
-        self._done.set()
-        self._thread.join()
-
-
 class _Soak:
     """One soak's measurements on a running stack and worker (one event loop)."""
 
-    def __init__(self, settings: Settings, config: SoakConfig, workers: _Workers, broker_pid: int,
+    def __init__(self, settings: Settings, config: SoakConfig, workers: WorkerSuccession, broker_pid: int,
                  say: Callable[[str], None]) -> None:
         self.settings, self.config, self.workers, self.broker_pid, self.say = settings, config, workers, broker_pid, say
         self.cpu = {"worker": CpuMeter(), "broker": CpuMeter()}
@@ -206,7 +158,7 @@ class _Soak:
             for task in background:
                 task.cancel()
         truth = self.publisher.client.truth
-        problems = await self._totals_problems(truth) if caught_up_after is not None else None
+        problems = None if caught_up_after is None else await totals_problems(self.workers.current, truth)
         return self._results(sent, caught_up_after, problems)
 
     async def _every(self, period_s: float, step: Callable[[], Awaitable[object]]) -> None:
@@ -303,17 +255,6 @@ class _Soak:
                 self.say(f"catching up: {sample.records:,} records behind")
             await asyncio.sleep(0.1)
 
-    async def _totals_problems(self, truth: GroundTotals) -> list[str]:
-        worker = self.workers.current
-        turns = await asyncio.to_thread(worker.query, "SELECT tenant_id, count(), sum(token_count) FROM turns "
-                                                      "GROUP BY tenant_id")
-        usage = await asyncio.to_thread(worker.query, "SELECT tenant_id, count(), sum(input_tokens + output_tokens + "
-                                        "cached_read_tokens + cache_write_tokens + reasoning_tokens) FROM usage "
-                                        "GROUP BY tenant_id")
-        spend = await _reported_spend(self.settings)
-        return totals_problems(truth, {r[0]: (int(r[1]), int(r[2])) for r in turns.rows},
-                               {r[0]: (int(r[1]), int(r[2])) for r in usage.rows}, spend)
-
     def _results(self, sent: DriveProgress | None, caught_up_after: float | None,
                  problems: list[str] | None) -> SoakResults:
         sample = self.latest
@@ -346,27 +287,6 @@ def _mb(reading: object) -> float | None:
     return None if reading is None else round(reading.rss_bytes / _MB, 1)  # type: ignore[attr-defined]
 
 
-async def _reported_spend(settings: Settings, timeout_s: float = 120.0) -> dict[str, int]:
-    """Each tenant's reported tokens (lifetime tokens less estimated ones) from the end of the tenants table's
-    changelog: what a restarted worker would start from."""
-    topic = f"{settings.app_id}-budget-tenants-changelog"
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    latest: dict[str, bytes | None] = {}
-    try:
-        async with asyncio.timeout(timeout_s):
-            tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
-            ends = await log_end_offsets(consumer, tps)
-            await consumer.seek_to_beginning(*tps)
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for records in (await consumer.getmany(timeout_ms=200, max_records=20_000)).values():
-                    latest.update((r.key.decode(), r.value) for r in records)
-    finally:
-        await consumer.stop()
-    spend = {key: json.loads(value) for key, value in latest.items() if value is not None}
-    return {key: int(v["tokens"]) - int(v["estimated_tokens"]) for key, v in spend.items()}
-
-
 def run_soak(settings: Settings, config: SoakConfig, say: Callable[[str], None] = print) -> SoakResults:
     """Run a soak on a private stack under ``<settings.home>/soak`` and return what it measured.
 
@@ -385,7 +305,7 @@ def run_soak(settings: Settings, config: SoakConfig, say: Callable[[str], None] 
             f"starting the worker ...")
         logs = settings.home / "logs"
         try:
-            workers = _Workers(settings)
+            workers = WorkerSuccession(settings)
         except WorkerNotReady as error:
             raise SoakFailed(f"the worker did not start: {error}", logs / "worker.log") from error
         try:

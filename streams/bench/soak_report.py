@@ -148,8 +148,11 @@ class SoakResults:
     def verdict(self) -> str:
         """One sentence: the target met, or where the soak broke."""
         if self.target_met:
+            killed = "" if self.killed_worker_at is None else (
+                f" (the worker SIGKILLed at {self.killed_worker_at:g} was replaced in {self.worker_restart_s}s; lag "
+                "is held to the limit only before the kill)")
             return (f"target met: {self.published:,} records at {self.achieved_rate_eps:,.0f}/s for "
-                    f"{self.minutes:g} periods, all committed, lag at most {self.max_lag_s:.1f}s")
+                    f"{self.minutes:g} periods, all committed, lag at most {self.max_lag_s:.1f}s{killed}")
         why = [] if self.publishing_complete else ["the broker stopped acknowledging what was published"]
         if not self.lag_held:
             why.append(f"lag first exceeded {self.lag_limit_s:g}s in minute {self.broke_at_minute} "

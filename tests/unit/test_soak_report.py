@@ -44,7 +44,9 @@ def test_verdict_says_where_the_soak_broke() -> None:
     assert not broke.target_met
     assert "lag first exceeded 5s in minute 11" in broke.verdict() and "10 of 100" in broke.verdict()
     # With a kill, lag is judged only before it; the recovery after it is reported, not held to the limit.
-    assert _results(killed_worker_at=15, broke_at_minute=16, broke_at_s=905.0).target_met
+    killed = _results(killed_worker_at=15, broke_at_minute=16, broke_at_s=905.0, worker_restart_s=7.9, max_lag_s=10.7)
+    assert killed.target_met
+    assert "lag at most 10.7s (the worker SIGKILLed at 15 was replaced in 7.9s" in killed.verdict()
     assert not _results(killed_worker_at=15, broke_at_minute=10, broke_at_s=590.0).target_met
     assert not _results(totals_match=False, totals_problems=["a: differs"]).target_met
     stalled = _results(publishing_complete=False, committed=40, committed_ratio=0.4, totals_match=None)
