@@ -18,9 +18,10 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -37,6 +38,7 @@ from streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home
 from streams.demo.report import DemoReport
 from streams.demo.workload import DriveProgress, Workload, drive
 from streams.logs import LogfmtFormatter
+from streams.runtime.stop_deadline import StopDeadline
 from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
 from streams.stack.admin import ensure_topics
 from streams.stack.embedded import EmbeddedStack, StackStartError
@@ -55,6 +57,9 @@ DEFAULT_RATE_EPS = 1000.0
 DEMO_SEED = 7
 DEMO_TENANTS = 6
 DEMO_SESSIONS = 4  # per tenant; few enough that the runaway session reaches its hard limit in a short run
+#: Seconds the demo's tasks get to wind down once interrupted, before they are abandoned (see _run_cancellable).
+_CANCEL_GRACE_S = 1.0
+_T = TypeVar("_T")
 
 
 class DemoFailed(Exception):
@@ -282,8 +287,8 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
     settings = private_settings(settings, "demo")
     shown_home = settings.home  # as the user typed it, for the copy-pasteable hints
     logs = settings.home.resolve() / "logs"
-    # SIGTERM becomes SIGINT, so asyncio cancels the main task cleanly and cleanup runs as for Ctrl-C.
-    previous_term = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    restore_signals = _stop_on_signals(StopDeadline(
+        "ctxflow demo", "its stack and worker are attached to it and die with it", exit_code=130))
     started: dict[str, int] = {}
     try:
         _fresh_home(settings.home)
@@ -300,8 +305,8 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
                 runaway = workload.runaway_tenant
                 progress = _Progress(duration_s, rate, runaway.tenant_id if runaway else "-")
                 publish_began = time.monotonic()
-                sent = asyncio.run(_publish(settings, worker.pid, workload, progress, console,
-                                            catch_up_s=max(60.0, duration_s)))
+                sent = _run_cancellable(_publish(settings, worker.pid, workload, progress, console,
+                                                 catch_up_s=max(60.0, duration_s)))
                 worker.wait_caught_up(timeout_s=30.0)  # authoritative: every published effect is durable
                 end_to_end_s = time.monotonic() - publish_began
                 report = DemoReport(worker, workload, console, shown_home)
@@ -321,7 +326,47 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
         console.print(f"ctxflow demo failed: {failed}\nsee {failed.log_path} (all logs: {logs})", style="red")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        restore_signals()
+
+
+def _stop_on_signals(deadline: StopDeadline) -> Callable[[], None]:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so cleanup runs as for Ctrl-C, and arm ``deadline``: the demo
+    exits within it even if a child or the broker hangs. A second signal changes nothing (the deadline runs).
+    Returns what puts the previous handlers back."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not deadline.armed:
+            deadline.arm(signal.Signals(signum).name)
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _run_cancellable(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)``, except that once interrupted its tasks get :data:`_CANCEL_GRACE_S` to wind down
+    and are then abandoned: closing a consumer or producer waits on a broker that may never answer."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    except KeyboardInterrupt:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=_CANCEL_GRACE_S))
+        for task in asyncio.all_tasks(loop):
+            task._log_destroy_pending = False  # type: ignore[attr-defined]  (abandoned on purpose, not a bug)
+        raise
+    finally:
+        if not asyncio.all_tasks(loop):  # an abandoned task may still hold the loop: leave it to the exit
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
 
 def _check_chdb_left(settings: Settings, console: Console, turns: int) -> None:
