@@ -58,11 +58,12 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(default=25, ge=1, le=30_000)
     #: How long the worker gathers decisions and dead letters before producing them, in milliseconds: one
     #: batch per output partition per period instead of one per decided batch (every fetch under load). Each
-    #: batch the embedded broker stores makes every later produce and fetch of that partition dearer.
-    decision_linger_ms: int = Field(default=20, ge=0, le=1_000)
+    #: batch the embedded broker stores makes every later produce and fetch of that partition dearer. A batch
+    #: that answers an admission request (an agent waits on it) goes out at once, with what was gathered.
+    decision_linger_ms: int = Field(default=100, ge=0, le=1_000)
     #: How long the SDK's producer gathers records per partition before sending, in milliseconds (Kafka's
     #: ``linger.ms``). Admission requests are sent at once whatever this says.
-    publish_linger_ms: int = Field(default=50, ge=0, le=5_000)
+    publish_linger_ms: int = Field(default=100, ge=0, le=5_000)
     #: Seconds an input partition may wait with records to read and no commit advancing before the worker's
     #: ``/health`` calls it ``degraded`` (and the worker logs it once).
     stall_after_s: float = Field(default=30.0, gt=0)

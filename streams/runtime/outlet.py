@@ -5,7 +5,9 @@ its own made a decisions batch per fetch. The embedded broker's produce and fetc
 partition stores, so those small batches made every later produce dearer and every subscriber's fetch slower,
 for as long as the broker ran (issue: throughput fell to zero within minutes at 1,500 events/s). A
 :class:`DecisionOutlet` holds what the pipeline sends for ``linger_s`` after the first record arrives and then
-produces everything gathered through one :class:`~streams.runtime.tables.BatchProducer` call.
+produces everything gathered through one :class:`~streams.runtime.tables.BatchProducer` call. An *urgent*
+send (the batch answers an admission request, which an agent waits on) releases the gathering at once, with
+whatever it already holds.
 
 Guarantees: :meth:`DecisionOutlet.send` returns once the broker acknowledged the records it was given (or raises
 what their produce raised), so the commit order of :mod:`streams.runtime.pipeline` holds unchanged; records keep
@@ -29,26 +31,34 @@ class DecisionOutlet:
         self._pending: list[OutRecord] = []
         self._gathering: asyncio.Future[None] | None = None
         self._previous: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle
         self._producing: set[asyncio.Task[None]] = set()  # referenced until done (the loop keeps weak ones)
 
-    async def send(self, records: Iterable[OutRecord]) -> int:
-        """Produce ``records`` with whatever else arrives within the linger; returns how many were given."""
+    async def send(self, records: Iterable[OutRecord], *, urgent: bool = False) -> int:
+        """Produce ``records`` with whatever else arrives within the linger (or at once when ``urgent``); returns
+        how many were given, once the broker acknowledged them."""
         records = list(records)
         if not records:
             return 0
         if self._linger_s <= 0:
             return await self._producer.send(records)
         self._pending += records
-        if self._gathering is None:
-            self._gathering = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(self._linger_s, self._release)
-        await asyncio.shield(self._gathering)
+        gathering = self._gathering
+        if gathering is None:
+            loop = asyncio.get_running_loop()
+            gathering = self._gathering = loop.create_future()
+            self._timer = loop.call_later(self._linger_s, self._release)
+        if urgent:
+            self._release()
+        await asyncio.shield(gathering)
         return len(records)
 
     def _release(self) -> None:
         records, done = self._pending, self._gathering
+        if done is None:  # released early by an urgent send; this is its timer
+            return
         self._pending, self._gathering = [], None
-        assert done is not None
+        self._timer.cancel()
         previous, self._previous = self._previous, done
         task = asyncio.ensure_future(self._produce(records, previous, done))
         self._producing.add(task)

@@ -61,6 +61,7 @@ from schemas.models import (
     AdmissionRequest,
     DeadLetter,
     Decision,
+    DecisionKind,
     RunEvent,
     TenantManifest,
     TurnEvent,
@@ -71,7 +72,7 @@ from sinks.redis import RedisProjection
 from streams.runtime.budget_projection import BudgetProjection
 from streams.runtime.deadletter import dead_letter
 from streams.runtime.outlet import DecisionOutlet
-from streams.runtime.tables import BatchProducer, OutRecord, TableBudgetStore
+from streams.runtime.tables import OutRecord, TableBudgetStore
 from streams.topics import DEAD_LETTERS, DECISIONS
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class BudgetPipeline:
         store: TableBudgetStore,
         sink: ClickHouseSink,
         redis: RedisProjection,
-        producer: BatchProducer | DecisionOutlet,
+        producer: DecisionOutlet,
         full_topic: Callable[[str], str],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -190,7 +191,9 @@ class BudgetPipeline:
         # Step 3 begins here for decisions and Redis: an agent waiting on one sees it without waiting for the
         # batch before this one to commit. Harmless before that batch is durable: decision ids are
         # deterministic and a replay projects the same values again.
-        sending = asyncio.create_task(self._producer.send(outputs))
+        # An admission answer is awaited by its agent: it leaves at once, with what the outlet gathered so far.
+        urgent = any(d.kind is DecisionKind.ADMISSION for d in report.decisions)
+        sending = asyncio.create_task(self._producer.send(outputs, urgent=urgent))
         # Before the changelog capture, which forgets the runs the batch wrote.
         projection = self._projection.start(report.runs, report.tenants, report.decisions)
         prepared = PreparedBatch(report, started, sending, projection, self._store.capture_changelogs())

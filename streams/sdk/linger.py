@@ -1,6 +1,6 @@
 """Sending what an aiokafka producer holds back for its linger, at once.
 
-The SDK lingers (``publish_linger_ms``, 50 ms by default) so that a broker stores few, large batches: the
+The SDK lingers (``publish_linger_ms``, 100 ms by default) so that a broker stores few, large batches: the
 embedded broker's produce and fetch cost grows with the batches a partition holds, and at 1,500 events/s a
 5 ms linger made ~7-record batches that stalled it within minutes. An agent waiting on an answer (an
 admission request) must not wait for the linger, so such a record closes every batch the producer holds and

@@ -58,3 +58,31 @@ def test_without_a_linger_each_send_is_a_batch_of_its_own(settings: Settings) ->
     assert counts == [1, 1, 1]
     assert values == [b"decision 0", b"decision 1", b"decision 2"]
     assert reported == 3  # the last of three batches starts at offset 2
+
+
+def test_an_urgent_send_leaves_at_once_with_what_was_gathered(settings: Settings) -> None:
+    topic = settings.topic(DECISIONS.name)
+    tp = TopicPartition(topic, 0)
+
+    async def scenario() -> tuple[float, int]:
+        kafka = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=1)
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
+        await kafka.start()
+        await consumer.start()
+        try:
+            outlet = DecisionOutlet(BatchProducer(kafka), linger_s=30.0)  # a linger no test would wait out
+            async with asyncio.timeout(20):
+                began = asyncio.get_running_loop().time()
+                gathered = asyncio.create_task(outlet.send([(topic, 0, b"acme:run", b"budget state")]))
+                await asyncio.sleep(0)
+                await outlet.send([(topic, 0, b"acme:run", b"admission")], urgent=True)
+                await gathered
+                took = asyncio.get_running_loop().time() - began
+                return took, (await consumer.end_offsets([tp]))[tp]
+        finally:
+            await consumer.stop()
+            await kafka.stop()
+
+    took, reported = asyncio.run(scenario())
+    assert took < 10  # neither waited for the 30 s linger
+    assert reported == 1  # the gathered decision went in the admission's batch
