@@ -128,7 +128,8 @@ async def _send_steadily(plan: LoadPlan, connection: Connection) -> LoadReport:
                     request_id = f"bench-probe-{index}"
                     probe = encode(client.codec, admission_for(probed, request_id, datetime.now(UTC)))
                     sent[request_id] = time.perf_counter()
-                    await client.send_raw(admissions_topic, probe.key, probe.value)
+                    # Sent as an agent's admission request is (at once), not after the SDK's linger.
+                    await client.send_raw(admissions_topic, probe.key, probe.value, urgent=True)
                     records += 1
                 index += 1
             now = time.perf_counter()

@@ -162,8 +162,10 @@ class CtxflowClient:
         check_manifest(manifest)
         await self.publish(manifest)
 
-    async def send_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Queue encoded bytes (tools, poison demos); waits while ``max_in_flight`` are unacknowledged."""
+    async def send_raw(self, topic: str, key: bytes | None, value: bytes, *, urgent: bool = False) -> None:
+        """Queue encoded bytes (tools, poison demos, benchmarks); waits while ``max_in_flight`` are unacknowledged.
+        ``urgent`` sends it, and everything queued before it, now instead of after ``linger_ms`` (as
+        :meth:`request_admission` does)."""
         if self._producer is None:
             raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
         if topic not in self._partitions_of:
@@ -175,6 +177,8 @@ class CtxflowClient:
         self._in_flight += 1
         self._idle.clear()
         future.add_done_callback(functools.partial(self._acked, topic))
+        if urgent:
+            send_lingering_now(self._producer)
 
     def _acked(self, topic: str, future: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
