@@ -9,9 +9,9 @@ service on the app's loop, and calls what Faust would queue for the thread direc
 
 Faust's aiokafka driver also hard-codes ``fetch_max_wait_ms=1500``. Tansu (the embedded broker) holds a fetch
 for about half that long before answering even when data arrives, which would put ~0.4-0.75 s of latency on
-every record; the app's consumer waits ``Settings.fetch_max_wait_ms`` instead (5 ms by default, for Tansu).
+every record; the app's consumer waits ``Settings.fetch_max_wait_ms`` instead (25 ms by default, for Tansu).
 Apache Kafka answers a fetch as soon as data arrives, so deployments on it set a long wait: at 5 ms an idle
-worker sends ~150 empty fetches a second (measured here: 0.15 cores of the worker, 0.2 of the broker).
+worker sent ~150 empty fetches a second (measured here: 0.15 cores of the worker, 0.2 of the broker).
 
 Faust's stream monitors are replaced by :mod:`streams.runtime.health`: they judged the input partitions by
 Faust streams the worker does not feed (input records bypass them, :mod:`streams.runtime.intake`) and the

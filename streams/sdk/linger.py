@@ -15,6 +15,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 
 log = logging.getLogger(__name__)
+_warned = False
 
 
 def send_lingering_now(producer: AIOKafkaProducer | None) -> None:
@@ -30,8 +31,9 @@ def send_lingering_now(producer: AIOKafkaProducer | None) -> None:
                 batch._builder.close()
         waiter = accumulator._waiter_future  # type: ignore[union-attr]
     except AttributeError:
-        if not getattr(send_lingering_now, "_warned", False):
-            send_lingering_now._warned = True  # type: ignore[attr-defined]
+        global _warned
+        if not _warned:
+            _warned = True
             log.warning("this aiokafka cannot send lingering batches early; admission requests wait for the linger")
         return
     if not waiter.done():

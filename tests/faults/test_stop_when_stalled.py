@@ -26,13 +26,6 @@ from tests.support_traffic import publish
 STOP_PROMISE_S = 10.0
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f}s"
-        time.sleep(0.1)
-
-
 def stop_time(process: subprocess.Popen[bytes], sig: signal.Signals) -> float:
     """Seconds from ``sig`` to the process's exit (failing at twice the promise, after killing it)."""
     began = time.monotonic()

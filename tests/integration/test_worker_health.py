@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,17 +18,8 @@ from streams.stack.admin import ensure_topics
 from streams.stack.embedded import EmbeddedStack
 from streams.stack.processes import free_port
 from streams.stack.worker_process import INPUT_TOPICS, WorkerProcess, settings_env
+from tests.support_kafka import wait_until
 from tests.support_traffic import publish
-
-
-def poll(probe: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    seen = probe()
-    while not done(seen):
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f}s; last saw {seen!r}"
-        time.sleep(0.2)
-        seen = probe()
-    return seen
 
 
 def error_lines(worker: WorkerProcess) -> list[str]:
@@ -55,7 +44,8 @@ def test_a_quiet_then_busy_worker_reports_its_progress_and_logs_no_error(
         quiet_until = time.monotonic() + 12
         # A partition whose first fetch has not been answered yet has no known lag (state ok); within a few
         # fetches every partition of the empty topics is idle.
-        health = poll(worker.health, lambda h: {p["state"] for p in h["progress"]} == {"idle"}, 10, "idle partitions")
+        health = wait_until(worker.health, lambda h: {p["state"] for p in h["progress"]} == {"idle"}, 10,
+                            "idle partitions")
         expected = {(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)}
         assert {(p["topic"], p["partition"]) for p in health["progress"]} == expected
         assert health["status"] == "ready" and all(p["lag"] == 0 for p in health["progress"])
@@ -65,7 +55,8 @@ def test_a_quiet_then_busy_worker_reports_its_progress_and_logs_no_error(
         events = list(Workload(3, tenants=4, sessions_per_tenant=2, max_events=4000).events())
         publish(settings, events)
         worker.wait_caught_up()
-        progress = poll(lambda: worker.health()["progress"], lambda ps: all(p["lag"] == 0 for p in ps), 10, "lag 0")
+        progress = wait_until(lambda: worker.health()["progress"], lambda ps: all(p["lag"] == 0 for p in ps), 10,
+                              "lag 0")
         turns = [p for p in progress if p["topic"] == settings.topic("turns")]
         assert all(p["last_commit_age_s"] < 30 for p in turns), turns  # every turns partition committed just now
         assert worker.health()["status"] == "ready"
@@ -88,7 +79,7 @@ def test_a_stalled_worker_is_degraded_once_in_health_status_and_log_and_recovers
 
         os.kill(broker, signal.SIGSTOP)  # no fetch is answered, no commit can advance
         try:
-            health = poll(worker.health, lambda h: h["status"] == "degraded", 20, "degraded status")
+            health = wait_until(worker.health, lambda h: h["status"] == "degraded", 20, "degraded status")
             assert {p["state"] for p in health["progress"]} == {"degraded"}
             assert all(p["last_fetch_age_s"] >= 3.0 for p in health["progress"]), health
             stalled = ctxflow_status(settings)
@@ -97,8 +88,8 @@ def test_a_stalled_worker_is_degraded_once_in_health_status_and_log_and_recovers
             time.sleep(3)  # the stall goes on: it was logged once, and stays logged once
         finally:
             os.kill(broker, signal.SIGCONT)
-        poll(worker.health, lambda h: h["status"] == "ready", 30, "ready status after the broker resumed")
-        log = poll(worker.log_path.read_text, lambda text: "input partitions progress again" in text, 5,
+        wait_until(worker.health, lambda h: h["status"] == "ready", 30, "ready status after the broker resumed")
+        log = wait_until(worker.log_path.read_text, lambda text: "input partitions progress again" in text, 5,
                    "log line saying the partitions progress again")
         assert log.count("input partitions stalled") == 1, log
         assert log.count("input partitions progress again") == 1, log
