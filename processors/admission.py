@@ -15,9 +15,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from processors.ledger import CHILD, RunLedger
-from processors.manifest import SLOTS, EffectiveBudget
-from schemas.models import Slot
+from ctxflow.processors.ledger import CHILD, RunLedger
+from ctxflow.processors.manifest import SLOTS, EffectiveBudget
+from ctxflow.schemas.models import Slot
 
 TOTAL = "total"
 #: Run-level consumption gauges beside the slots and the total.

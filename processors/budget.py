@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from processors.admission import BudgetLimits
-from processors.ledger import (
+from ctxflow.processors.admission import BudgetLimits
+from ctxflow.processors.ledger import (
     CHILD,
     FINALIZED,
     INCOMPLETE,
@@ -45,12 +45,12 @@ from processors.ledger import (
     RunLedger,
     WorkflowLedger,
 )
-from processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
-from processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
-from processors.retention import DEFAULT_RETENTION, Retention, RetirementIndex, Watermark
-from processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
-from processors.transitions import DecisionEmitter
-from processors.types import (
+from ctxflow.processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
+from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
+from ctxflow.processors.retention import DEFAULT_RETENTION, Retention, RetirementIndex, Watermark
+from ctxflow.processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
+from ctxflow.processors.transitions import DecisionEmitter
+from ctxflow.processors.types import (
     BudgetStore,
     Position,
     StaticCount,
@@ -61,9 +61,9 @@ from processors.types import (
     user_key,
     workflow_key,
 )
-from processors.windows import SpendLedger, to_ms
-from schemas.contract import OutsideDedupWindow
-from schemas.models import (
+from ctxflow.processors.windows import SpendLedger, to_ms
+from ctxflow.schemas.contract import OutsideDedupWindow
+from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
     DecisionKind,
@@ -77,7 +77,7 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
-from schemas.models import BudgetState as Level
+from ctxflow.schemas.models import BudgetState as Level
 
 Event = TurnEvent | UsageReport | RunEvent | AdmissionRequest | TenantManifest
 _OUTPUT = SLOT_INDEX[Slot.OUTPUT]

@@ -64,7 +64,7 @@ from array import array
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
-from processors.manifest import SLOTS
+from ctxflow.processors.manifest import SLOTS
 
 TURNS, USAGE, RUNS = 0, 1, 2
 STREAMS: tuple[str, ...] = ("turns", "usage", "runs")

@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from processors.tokens import has_offline_encoding
-from schemas.models import (
+from ctxflow.processors.tokens import has_offline_encoding
+from ctxflow.schemas.models import (
     BudgetState,
     HardLimitBehaviour,
     OverflowBehaviour,

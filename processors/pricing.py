@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from schemas.models import UsageReport
+from ctxflow.schemas.models import UsageReport
 
 _PER_MTOK = 1_000_000
 

@@ -25,8 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import tiktoken
-
-from schemas.models import TurnEvent, content_digest
+from ctxflow.schemas.models import TurnEvent, content_digest
 
 log = logging.getLogger(__name__)
 

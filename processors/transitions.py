@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from processors.manifest import LEVELS, EffectiveBudget, Limit
-from processors.types import decision_id
-from schemas.models import (
+from ctxflow.processors.manifest import LEVELS, EffectiveBudget, Limit
+from ctxflow.processors.types import decision_id
+from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
     DecisionKind,

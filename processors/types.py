@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import NamedTuple, Protocol
 
-from processors.ledger import RunLedger, WorkflowLedger
-from processors.retention import Watermark
-from processors.windows import SpendLedger
-from schemas.models import TENANT_ID_PATTERN, DecisionKind, TenantManifest
+from ctxflow.processors.ledger import RunLedger, WorkflowLedger
+from ctxflow.processors.retention import Watermark
+from ctxflow.processors.windows import SpendLedger
+from ctxflow.schemas.models import TENANT_ID_PATTERN, DecisionKind, TenantManifest
 
 _TENANT_RE = re.compile(TENANT_ID_PATTERN)
 _valid_tenants: set[str] = set()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from schemas.models import SpendWindowKind
+from ctxflow.schemas.models import SpendWindowKind
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000

@@ -1,9 +1,9 @@
 """The ctxflow event contract: Avro schemas (``schemas/avro``), pydantic models and the codec."""
 
-from schemas.codec import Codec, SchemaVersion, kept_schemas
-from schemas.contract import ContractViolation, RejectedRecord, Undecodable, UnknownSchema
-from schemas.models import MODEL_SCHEMAS, content_digest
-from schemas.registry import RegistryError, RegistryUnavailable
+from ctxflow.schemas.codec import Codec, SchemaVersion, kept_schemas
+from ctxflow.schemas.contract import ContractViolation, RejectedRecord, Undecodable, UnknownSchema
+from ctxflow.schemas.models import MODEL_SCHEMAS, content_digest
+from ctxflow.schemas.registry import RegistryError, RegistryUnavailable
 
 __all__ = [
     "MODEL_SCHEMAS",

@@ -24,13 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
 
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
-from fastavro.read import SchemaResolutionError
-from fastavro.schema import fingerprint, to_parsing_canonical_form
-from pydantic import BaseModel, ValidationError
-from pydantic_core import SchemaValidator
-
-from schemas.contract import (
+from ctxflow.schemas.contract import (
     ContractLimits,
     ContractViolation,
     RejectedRecord,
@@ -41,8 +35,13 @@ from schemas.contract import (
     explain,
     tenant_of,
 )
-from schemas.models import MODEL_SCHEMAS
-from schemas.registry import SchemaNotFound, SchemaRegistryClient
+from ctxflow.schemas.models import MODEL_SCHEMAS
+from ctxflow.schemas.registry import SchemaNotFound, SchemaRegistryClient
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.read import SchemaResolutionError
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from pydantic import BaseModel, ValidationError
+from pydantic_core import SchemaValidator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -89,7 +88,7 @@ def _parse(text: str) -> tuple[dict[str, Any], str, bytes]:
 def kept_schemas() -> dict[str, tuple[SchemaVersion, ...]]:
     """Every released schema version by record name, oldest first (read from ``schemas/avro``)."""
     found: dict[str, list[SchemaVersion]] = {}
-    for entry in resources.files("schemas").joinpath("avro").iterdir():
+    for entry in resources.files("ctxflow.schemas").joinpath("avro").iterdir():
         match = _FILE_NAME.match(entry.name)
         if match is None:
             continue

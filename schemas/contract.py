@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from ctxflow.schemas.models import TENANT_ID_PATTERN, PrivacyMode
 from pydantic import ValidationError
-
-from schemas.models import TENANT_ID_PATTERN, PrivacyMode
 
 ReasonCode = Literal["undecodable", "unknown_schema", "contract_violation", "processing_error"]
 

@@ -40,12 +40,11 @@ import clickhouse_connect
 from clickhouse_connect.driver import options
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
+from ctxflow.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
+from ctxflow.schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
+from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
+from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, TABLES, TableSpec
 from pydantic import BaseModel
-
-from schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
-from schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
-from sinks.base import Batch, BatchingSink, SinkBackpressure
-from sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, TABLES, TableSpec
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
-from pydantic import BaseModel
-
-from schemas.models import (
+from ctxflow.schemas.models import (
     DeadLetter,
     Decision,
     Invalidation,
@@ -36,6 +34,7 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
+from pydantic import BaseModel
 
 Row = tuple[Any, ...]
 

@@ -26,13 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from ctxflow.processors.admission import BudgetLimits, RunHeadroom
+from ctxflow.processors.types import check_tenant
+from ctxflow.schemas.models import Decision
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError
-
-from processors.admission import BudgetLimits, RunHeadroom
-from processors.types import check_tenant
-from schemas.models import Decision
 
 PREFIX = "ctxflow"
 

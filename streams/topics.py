@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from streams.config import Settings
+from ctxflow.streams.config import Settings
 
 Cleanup = Literal["delete", "compact"]
 

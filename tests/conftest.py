@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from streams.config import Settings
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 TESTS_DIR = Path(__file__).parent
 _MARKERS = {

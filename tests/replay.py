@@ -23,18 +23,18 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ctxflow.processors.admission import BudgetLimits, RunHeadroom, run_headroom
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.retention import DEFAULT_RETENTION, Retention
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position, run_key
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.contract import RejectedRecord
+from ctxflow.schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest, TurnEvent, UsageReport
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.pipeline import INPUT_MODELS
 from pydantic import BaseModel
 
-from processors.admission import BudgetLimits, RunHeadroom, run_headroom
-from processors.budget import BudgetProcessor
-from processors.retention import DEFAULT_RETENTION, Retention
-from processors.tokens import TokenCounter
-from processors.types import DictBudgetState, Position, run_key
-from schemas.codec import Codec
-from schemas.contract import RejectedRecord
-from schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest, TurnEvent, UsageReport
-from streams.config import Settings
-from streams.runtime.pipeline import INPUT_MODELS
 from tests.support_kafka import read_topics
 
 #: Tie-break rank of the logical input topics when event times are equal.

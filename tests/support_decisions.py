@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from processors.types import decision_id
-from schemas.models import BudgetState, Decision, DecisionKind, Slot, SpendWindowKind
+from ctxflow.processors.types import decision_id
+from ctxflow.schemas.models import BudgetState, Decision, DecisionKind, Slot, SpendWindowKind
 
 CONTEXT_SUBJECTS = ("total", *(f"slot:{slot.value}" for slot in Slot))
 CONSUMPTION_SUBJECTS = (

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import redis
-
-from processors.admission import RunHeadroom
-from schemas.models import Decision
-from streams.config import Settings
-from streams.sdk.budget_reader import BudgetReader
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port
+from ctxflow.processors.admission import RunHeadroom
+from ctxflow.schemas.models import Decision
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk.budget_reader import BudgetReader
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port
 
 T = TypeVar("T")
 

@@ -15,14 +15,13 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
-
-from schemas.codec import Codec
-from schemas.models import DeadLetter, Decision
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.stack.admin import TopicFacts, describe_topics
-from streams.stack.worker_process import INPUT_TOPICS
-from streams.topics import ALL_TOPICS
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import DeadLetter, Decision
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.stack.admin import TopicFacts, describe_topics
+from ctxflow.streams.stack.worker_process import INPUT_TOPICS
+from ctxflow.streams.topics import ALL_TOPICS
 
 T = TypeVar("T")
 

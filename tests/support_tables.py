@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from processors.ledger import RunLedger
-from processors.manifest import SLOTS
-from streams.config import Settings
+from ctxflow.processors.ledger import RunLedger
+from ctxflow.processors.manifest import SLOTS
+from ctxflow.streams.config import Settings
+
 from tests.support_kafka import read_full_topics
 
 

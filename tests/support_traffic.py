@@ -14,11 +14,10 @@ import threading
 import time
 from collections.abc import Iterable
 
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.sdk import CtxflowClient
 from pydantic import BaseModel
-
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.sdk import CtxflowClient
 
 #: How far back a re-sent event may lie (an SDK retries what is still in flight, so recent events).
 RETRY_HORIZON = 400

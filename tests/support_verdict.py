@@ -10,15 +10,15 @@ import asyncio
 import json
 
 import redis.asyncio as aioredis
+from ctxflow.processors.admission import TOTAL, BudgetLimits, RunHeadroom
+from ctxflow.processors.manifest import SLOTS
+from ctxflow.schemas.models import RunEvent, TurnEvent, UsageReport
+from ctxflow.sinks.redis import limits_key, read_headroom
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import GroundTruth
+from ctxflow.streams.stack.worker_process import WorkerProcess
 from pydantic import BaseModel
 
-from processors.admission import TOTAL, BudgetLimits, RunHeadroom
-from processors.manifest import SLOTS
-from schemas.models import RunEvent, TurnEvent, UsageReport
-from sinks.redis import limits_key, read_headroom
-from streams.config import Settings
-from streams.demo.workload import GroundTruth
-from streams.stack.worker_process import WorkerProcess
 from tests.replay import Replay
 from tests.support_decisions import is_exact, lost_decisions
 from tests.support_deploy import redis_decisions

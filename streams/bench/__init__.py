@@ -7,7 +7,7 @@ runs against an empty one),
 :mod:`.core` (the budget core alone), :mod:`.report` (results JSON, targets), :mod:`.runner` (the run).
 """
 
-from streams.bench.report import BenchResults, verdicts
-from streams.bench.runner import BenchConfig, run_bench
+from ctxflow.streams.bench.report import BenchResults, verdicts
+from ctxflow.streams.bench.runner import BenchConfig, run_bench
 
 __all__ = ["BenchConfig", "BenchResults", "run_bench", "verdicts"]

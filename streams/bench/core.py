@@ -12,10 +12,10 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-from processors.budget import BudgetProcessor
-from processors.tokens import TokenCounter
-from processors.types import DictBudgetState, Position
-from streams.bench.corpus import NOW, core_manifests, core_traffic, core_usage
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position
+from ctxflow.streams.bench.corpus import NOW, core_manifests, core_traffic, core_usage
 
 
 @dataclass(frozen=True, slots=True)

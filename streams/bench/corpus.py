@@ -19,10 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
-
-from schemas.codec import Codec
-from schemas.models import (
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import (
     AdmissionRequest,
     ItemKind,
     Role,
@@ -33,9 +31,10 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.sdk import TOPIC_OF, CtxflowClient, record_key, redact
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.sdk import TOPIC_OF, CtxflowClient, record_key, redact
+from pydantic import BaseModel
 
 #: Simulated time of the synthetic corpora.
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -23,12 +23,11 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
-
-from schemas.codec import Codec
-from schemas.models import Decision, DecisionKind, Slot
-from streams.config import Settings
-from streams.sdk import CtxflowClient, RunContext
-from streams.topics import DECISIONS
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import Decision, DecisionKind, Slot
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk import CtxflowClient, RunContext
+from ctxflow.streams.topics import DECISIONS
 
 __all__ = ["DecisionProbe"]
 

@@ -28,12 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from schemas.codec import Codec
-from schemas.models import AdmissionRequest, Decision, DecisionKind, TurnEvent
-from streams.bench.corpus import Encoded
-from streams.bench.load import LoadPlan, generate_load
-from streams.config import Settings
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import AdmissionRequest, Decision, DecisionKind, TurnEvent
+from ctxflow.streams.bench.corpus import Encoded
+from ctxflow.streams.bench.load import LoadPlan, generate_load
+from ctxflow.streams.config import Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 
-from schemas.models import TurnEvent
-from streams.bench.corpus import Encoded, admission_for, encode
-from streams.config import Settings
-from streams.sdk import CtxflowClient
+from ctxflow.schemas.models import TurnEvent
+from ctxflow.streams.bench.corpus import Encoded, admission_for, encode
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk import CtxflowClient
 
 #: The load generator's niceness: below the worker, the broker and the subscriber, which keep 0.
 NICENESS = 10

@@ -13,9 +13,8 @@ import time
 from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from streams.config import Settings
-from streams.demo.harness import LagSample
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.harness import LagSample
 
 __all__ = ["OldestRecordAge"]
 

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from schemas.codec import Codec
-from schemas.models import ItemKind, Role, RunEvent, RunPhase, RunStatus, Slot, TurnEvent, UsageReport
-from streams.bench.corpus import NOW, Encoded, encode, publish
-from streams.bench.sessions import settled_rss
-from streams.bench.throughput import wait_committed
-from streams.config import Settings
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import ItemKind, Role, RunEvent, RunPhase, RunStatus, Slot, TurnEvent, UsageReport
+from ctxflow.streams.bench.corpus import NOW, Encoded, encode, publish
+from ctxflow.streams.bench.sessions import settled_rss
+from ctxflow.streams.bench.throughput import wait_committed
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 #: Retention window of the phase's worker, in seconds of event time.
 WINDOW_S = 600

@@ -26,18 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.bench.core import measure_core
-from streams.bench.corpus import TurnCorpus, publish
-from streams.bench.latency import LatencyResult, measure_latency
-from streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
-from streams.bench.retention import measure_retention
-from streams.bench.sessions import measure_sessions
-from streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
-from streams.config import Settings
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.bench.core import measure_core
+from ctxflow.streams.bench.corpus import TurnCorpus, publish
+from ctxflow.streams.bench.latency import LatencyResult, measure_latency
+from ctxflow.streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
+from ctxflow.streams.bench.retention import measure_retention
+from ctxflow.streams.bench.sessions import measure_sessions
+from ctxflow.streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 Say = Callable[[str], None]
 

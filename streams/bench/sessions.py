@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.bench.corpus import held_runs, publish
-from streams.bench.throughput import wait_committed
-from streams.config import Settings
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.bench.corpus import held_runs, publish
+from ctxflow.streams.bench.throughput import wait_committed
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 
 @dataclass(frozen=True, slots=True)

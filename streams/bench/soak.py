@@ -40,25 +40,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
-
-from streams.bench.decision_probe import DecisionProbe
-from streams.bench.procstat import CpuMeter, read_proc
-from streams.bench.record_age import OldestRecordAge
-from streams.bench.report import git_sha
-from streams.bench.soak_publisher import CLOSE_S, Publisher
-from streams.bench.soak_report import SoakMinute, SoakResults, minute_line, p99_ms
-from streams.bench.soak_totals import totals_problems
-from streams.bench.soak_workers import WorkerSuccession
-from streams.config import Settings
-from streams.demo.harness import CommittedLag, HomeInUse, LagSample, claim_home, private_settings
-from streams.demo.run import demo_workload
-from streams.demo.workload import DriveProgress
-from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import pid_alive
-from streams.stack.query import QueryFailed
-from streams.stack.worker_process import WorkerNotReady
+from ctxflow.streams.bench.decision_probe import DecisionProbe
+from ctxflow.streams.bench.procstat import CpuMeter, read_proc
+from ctxflow.streams.bench.record_age import OldestRecordAge
+from ctxflow.streams.bench.report import git_sha
+from ctxflow.streams.bench.soak_publisher import CLOSE_S, Publisher
+from ctxflow.streams.bench.soak_report import SoakMinute, SoakResults, minute_line, p99_ms
+from ctxflow.streams.bench.soak_totals import totals_problems
+from ctxflow.streams.bench.soak_workers import WorkerSuccession
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.harness import CommittedLag, HomeInUse, LagSample, claim_home, private_settings
+from ctxflow.streams.demo.run import demo_workload
+from ctxflow.streams.demo.workload import DriveProgress
+from ctxflow.streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import pid_alive
+from ctxflow.streams.stack.query import QueryFailed
+from ctxflow.streams.stack.worker_process import WorkerNotReady
 
 __all__ = ["SoakConfig", "SoakFailed", "run_soak", "soak_main"]
 

@@ -15,16 +15,15 @@ import contextlib
 import threading
 from collections.abc import Callable
 
+from ctxflow.processors.pricing import usage_tokens
+from ctxflow.schemas.models import TurnEvent, UsageReport
+from ctxflow.streams.bench.soak_report import GroundTotals
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.harness import FairClient
+from ctxflow.streams.demo.workload import DriveProgress, Workload, drive
+from ctxflow.streams.sdk.records import TOPIC_OF
+from ctxflow.streams.stack.worker_process import INPUT_TOPICS
 from pydantic import BaseModel
-
-from processors.pricing import usage_tokens
-from schemas.models import TurnEvent, UsageReport
-from streams.bench.soak_report import GroundTotals
-from streams.config import Settings
-from streams.demo.harness import FairClient
-from streams.demo.workload import DriveProgress, Workload, drive
-from streams.sdk.records import TOPIC_OF
-from streams.stack.worker_process import INPUT_TOPICS
 
 __all__ = ["CountingClient", "Publisher"]
 

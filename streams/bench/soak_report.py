@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.bench.latency import percentile
+from ctxflow.streams.bench.latency import percentile
 
 __all__ = ["GroundTotals", "SoakMinute", "SoakResults", "minute_line", "p99_ms", "totals_problems"]
 

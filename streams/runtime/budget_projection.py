@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from processors.admission import BudgetLimits, RunHeadroom, run_headroom
-from processors.budget import BudgetProcessor
-from processors.types import tenant_key
-from schemas.models import Decision
-from sinks.redis import RedisProjection
-from streams.runtime.tables import TableBudgetStore
+from ctxflow.processors.admission import BudgetLimits, RunHeadroom, run_headroom
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.types import tenant_key
+from ctxflow.schemas.models import Decision
+from ctxflow.sinks.redis import RedisProjection
+from ctxflow.streams.runtime.tables import TableBudgetStore
 
 #: Runs (and decisions) projected to Redis per round trip.
 _SLICE = 256

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from schemas.contract import RejectedRecord
-from schemas.models import DeadLetter
+from ctxflow.schemas.contract import RejectedRecord
+from ctxflow.schemas.models import DeadLetter
 
 
 def dead_letter(

@@ -19,12 +19,11 @@ import logging
 from collections.abc import Iterable
 
 import faust
+from ctxflow.streams.runtime.transport import ShortFetchApp, _Consumer, _Transport
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 from mode import ServiceT
 from mode.utils.futures import notify
-
-from streams.runtime.transport import ShortFetchApp, _Consumer, _Transport
 
 log = logging.getLogger(__name__)
 

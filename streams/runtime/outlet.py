@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from streams.runtime.tables import BatchProducer, OutRecord
+from ctxflow.streams.runtime.tables import BatchProducer, OutRecord
 
 
 class DecisionOutlet:

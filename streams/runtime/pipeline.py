@@ -50,14 +50,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
-
-from processors.budget import BudgetProcessor
-from processors.manifest import ManifestError
-from processors.types import InvalidTenantError, Position, run_key
-from schemas.codec import Codec
-from schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
-from schemas.models import (
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.manifest import ManifestError
+from ctxflow.processors.types import InvalidTenantError, Position, run_key
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
+from ctxflow.schemas.models import (
     AdmissionRequest,
     DeadLetter,
     Decision,
@@ -67,13 +65,14 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from sinks.clickhouse import ClickHouseSink
-from sinks.redis import RedisProjection
-from streams.runtime.budget_projection import BudgetProjection
-from streams.runtime.deadletter import dead_letter
-from streams.runtime.outlet import DecisionOutlet
-from streams.runtime.tables import OutRecord, TableBudgetStore
-from streams.topics import DEAD_LETTERS, DECISIONS
+from ctxflow.sinks.clickhouse import ClickHouseSink
+from ctxflow.sinks.redis import RedisProjection
+from ctxflow.streams.runtime.budget_projection import BudgetProjection
+from ctxflow.streams.runtime.deadletter import dead_letter
+from ctxflow.streams.runtime.outlet import DecisionOutlet
+from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
+from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS
+from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 

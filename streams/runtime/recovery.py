@@ -28,11 +28,10 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.runtime.transport import ShortFetchApp
 from faust.tables import TableManager
 from faust.types import TP
-
-from streams.runtime.log_end import log_end_offsets
-from streams.runtime.transport import ShortFetchApp
 
 log = logging.getLogger(__name__)
 

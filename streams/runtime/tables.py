@@ -31,13 +31,12 @@ import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from ctxflow.processors.ledger import RunLedger, WorkflowLedger
+from ctxflow.processors.retention import Watermark
+from ctxflow.processors.types import StaticCount
+from ctxflow.processors.windows import SpendLedger
+from ctxflow.schemas.models import TenantManifest
 from faust.serializers.codecs import Codec
-
-from processors.ledger import RunLedger, WorkflowLedger
-from processors.retention import Watermark
-from processors.types import StaticCount
-from processors.windows import SpendLedger
-from schemas.models import TenantManifest
 
 _DUMP = json.JSONEncoder(separators=(",", ":")).encode
 

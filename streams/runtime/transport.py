@@ -30,12 +30,11 @@ from typing import Any
 
 import aiokafka
 import faust
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.health import CommitClock, PartitionObservation, StallWatch, WorkerHealth, assess
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import maybe_async
-
-from streams.config import Settings
-from streams.runtime.health import CommitClock, PartitionObservation, StallWatch, WorkerHealth, assess
 
 log = logging.getLogger(__name__)
 

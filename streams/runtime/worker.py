@@ -25,23 +25,22 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.retention import Retention
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.schemas.codec import Codec
+from ctxflow.sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
+from ctxflow.sinks.redis import RedisProjection
+from ctxflow.streams.config import Settings
+from ctxflow.streams.logs import log_handler
+from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from ctxflow.streams.runtime.outlet import DecisionOutlet
+from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
+from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
+from ctxflow.streams.runtime.stop_deadline import StopDeadline
+from ctxflow.streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 from faust.types import Message
 from faust.web import Request, Response, View
-
-from processors.budget import BudgetProcessor
-from processors.retention import Retention
-from processors.tokens import TokenCounter
-from schemas.codec import Codec
-from sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
-from sinks.redis import RedisProjection
-from streams.config import Settings
-from streams.logs import log_handler
-from streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
-from streams.runtime.outlet import DecisionOutlet
-from streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
-from streams.runtime.recovery import PreloadedTable, PreloadingTableManager
-from streams.runtime.stop_deadline import StopDeadline
-from streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 
 log = logging.getLogger(__name__)
 

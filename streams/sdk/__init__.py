@@ -2,7 +2,7 @@
 
 One import path::
 
-    from streams.sdk import CtxflowClient, RunContext
+    from ctxflow.streams.sdk import CtxflowClient, RunContext
 
     async with CtxflowClient("127.0.0.1:9092") as client:
         ctx = RunContext(tenant_id="acme", user_id="u1", session_id="s1", agent_id="planner", model="gpt-4o")
@@ -35,13 +35,13 @@ published as ``no_retention`` taints its later turns, memory candidates and chil
 if they say ``retained`` (delegation cannot downgrade privacy).
 """
 
-from streams.sdk.budget_reader import BudgetReader
-from streams.sdk.client import CtxflowClient
-from streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
-from streams.sdk.readers import DecisionStream
-from streams.sdk.records import TOPIC_OF, record_key, redact
-from streams.sdk.run_context import RunContext
-from streams.sdk.sync import SyncCtxflowClient
+from ctxflow.streams.sdk.budget_reader import BudgetReader
+from ctxflow.streams.sdk.client import CtxflowClient
+from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from ctxflow.streams.sdk.readers import DecisionStream
+from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
+from ctxflow.streams.sdk.run_context import RunContext
+from ctxflow.streams.sdk.sync import SyncCtxflowClient
 
 __all__ = [
     "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",

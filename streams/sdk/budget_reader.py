@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
-
-from processors.admission import AdmissionAnswer, RunHeadroom, check_admission
-from schemas.models import Decision, Slot
-from sinks.redis import read_admission, read_decisions, read_headroom
+from ctxflow.processors.admission import AdmissionAnswer, RunHeadroom, check_admission
+from ctxflow.schemas.models import Decision, Slot
+from ctxflow.sinks.redis import read_admission, read_decisions, read_headroom
 
 
 class BudgetReader:

@@ -12,11 +12,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel
-
-from processors.manifest import check_manifest
-from schemas.codec import Codec, RejectedRecord
-from schemas.models import (
+from ctxflow.processors.manifest import check_manifest
+from ctxflow.schemas.codec import Codec, RejectedRecord
+from ctxflow.schemas.models import (
     AdmissionRequest,
     MemoryCandidate,
     PrivacyMode,
@@ -26,14 +24,15 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from streams.config import Settings
-from streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
-from streams.sdk.linger import send_lingering_now
-from streams.sdk.manifest_files import latest_per_tenant
-from streams.sdk.readers import DecisionStream, TopicReader
-from streams.sdk.records import TOPIC_OF, R, record_key, redact
-from streams.sdk.run_context import RunContext
-from streams.topics import MANIFESTS, TopicSpec
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
+from ctxflow.streams.sdk.linger import send_lingering_now
+from ctxflow.streams.sdk.manifest_files import latest_per_tenant
+from ctxflow.streams.sdk.readers import DecisionStream, TopicReader
+from ctxflow.streams.sdk.records import TOPIC_OF, R, record_key, redact
+from ctxflow.streams.sdk.run_context import RunContext
+from ctxflow.streams.topics import MANIFESTS, TopicSpec
+from pydantic import BaseModel
 
 #: Runs this client remembers as no_retention, so their later records and children stay private.
 _PRIVATE_RUNS_REMEMBERED = 100_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.config import Settings
+from ctxflow.streams.config import Settings
 
 #: What to check when the broker does not answer.
 CHECK_BROKER = (

@@ -28,10 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ctxflow.processors.manifest import manifest_problems
+from ctxflow.schemas.models import TenantManifest
 from pydantic import BaseModel, ValidationError
-
-from processors.manifest import manifest_problems
-from schemas.models import TenantManifest
 
 #: Map-valued manifest fields: a location part after them is a key (``user_overrides['bob']``), not a field.
 _MAPS = frozenset({"user_overrides", "tokenizers"})

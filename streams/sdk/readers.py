@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
-
-from schemas.codec import RejectedRecord
-from schemas.models import Decision
-from streams.runtime.log_end import log_end_offsets
-from streams.topics import DECISIONS
+from ctxflow.schemas.codec import RejectedRecord
+from ctxflow.schemas.models import Decision
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.topics import DECISIONS
 
 if TYPE_CHECKING:
-    from streams.sdk.client import CtxflowClient
+    from ctxflow.streams.sdk.client import CtxflowClient
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import BaseModel
-
-from schemas.models import (
+from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
     MemoryCandidate,
@@ -16,8 +14,9 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from schemas.models import content_digest as digest
-from streams.topics import ADMISSIONS, DECISIONS, MANIFESTS, MEMORY_CANDIDATES, RUNS, TURNS, USAGE, TopicSpec
+from ctxflow.schemas.models import content_digest as digest
+from ctxflow.streams.topics import ADMISSIONS, DECISIONS, MANIFESTS, MEMORY_CANDIDATES, RUNS, TURNS, USAGE, TopicSpec
+from pydantic import BaseModel
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.models import (
+from ctxflow.schemas.models import (
     AdmissionRequest,
     ItemKind,
     MemoryCandidate,
@@ -23,7 +23,7 @@ from schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from schemas.models import content_digest as digest
+from ctxflow.schemas.models import content_digest as digest
 
 
 def _utc_now() -> datetime:

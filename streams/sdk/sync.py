@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ctxflow.schemas.models import TenantManifest
+from ctxflow.streams.sdk.client import CtxflowClient
 from pydantic import BaseModel
-
-from schemas.models import TenantManifest
-from streams.sdk.client import CtxflowClient
 
 
 class SyncCtxflowClient:

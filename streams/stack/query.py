@@ -13,8 +13,8 @@ import logging
 import urllib.error
 import urllib.request
 
-from sinks.clickhouse import ClickHouseSink, QueryResult
-from streams.config import Settings
+from ctxflow.sinks.clickhouse import ClickHouseSink, QueryResult
+from ctxflow.streams.config import Settings
 
 log = logging.getLogger(__name__)
 

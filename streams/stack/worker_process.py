@@ -16,11 +16,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
-from sinks.clickhouse import QueryResult
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.stack.processes import ManagedProcess, tail
-from streams.stack.query import run_query
+from ctxflow.sinks.clickhouse import QueryResult
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.stack.processes import ManagedProcess, tail
+from ctxflow.streams.stack.query import run_query
 
 INPUT_TOPICS = ("turns", "usage", "runs", "admissions", "manifests")
 
@@ -51,7 +51,7 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log_path: Path | None = None, name: str = "worker") -> None:
         self.settings = settings
         self.log_path = log_path or settings.home / "logs" / f"{name}.log"
-        argv = [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "warning"]
+        argv = [sys.executable, "-m", "ctxflow.streams.cli", "worker", "--loglevel", "warning"]
         self._process = ManagedProcess(name, argv, self.log_path, env=settings_env(settings))
 
     @property

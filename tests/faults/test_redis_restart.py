@@ -10,11 +10,12 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from processors.admission import TOTAL
-from schemas.models import DecisionKind, HardLimitBehaviour, ItemKind, Role, Slot, SlotCaps, TenantManifest
-from streams.sdk import RunContext
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.processors.admission import TOTAL
+from ctxflow.schemas.models import DecisionKind, HardLimitBehaviour, ItemKind, Role, Slot, SlotCaps, TenantManifest
+from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.worker_process import WorkerProcess
+
 from tests.support_deploy import fresh_settings, redis_decisions, redis_headroom
 from tests.support_kafka import wait_processed
 from tests.support_traffic import publish

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from streams.bench.soak import SoakConfig, run_soak
-from streams.config import Settings
+from ctxflow.streams.bench.soak import SoakConfig, run_soak
+from ctxflow.streams.config import Settings
 
 KILL_AT = 2.0  # periods
 

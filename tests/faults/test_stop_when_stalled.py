@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port, pid_alive, tail
+from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port, pid_alive, tail
-from streams.stack.worker_process import WorkerProcess, settings_env
 from tests.support_traffic import publish
 
 STOP_PROMISE_S = 10.0
@@ -42,7 +42,7 @@ def stop_time(process: subprocess.Popen[bytes], sig: signal.Signals) -> float:
 @contextlib.contextmanager
 def spawned(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """``ctxflow ARGS`` as a child with its output piped; killed (with its attached children) if still running."""
-    with subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, stdout=subprocess.PIPE,
+    with subprocess.Popen([sys.executable, "-m", "ctxflow.streams.cli", *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as process:
         try:
             yield process

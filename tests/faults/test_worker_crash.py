@@ -15,9 +15,9 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
-from processors.admission import TOTAL
-from schemas.codec import Codec
-from schemas.models import (
+from ctxflow.processors.admission import TOTAL
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import (
     DecisionKind,
     HardLimitBehaviour,
     ItemKind,
@@ -27,10 +27,11 @@ from schemas.models import (
     TenantManifest,
     TurnEvent,
 )
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.sdk import RunContext
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.worker_process import WorkerProcess
+
 from tests.replay import read_input_log, replay
 from tests.support_deploy import drop_other_redis_clients, redis_decisions, redis_headroom, redis_writes_paused
 from tests.support_kafka import (

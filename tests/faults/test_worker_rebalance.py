@@ -10,13 +10,13 @@ from __future__ import annotations
 import uuid
 
 from aiokafka.partitioner import DefaultPartitioner
+from ctxflow.processors.admission import TOTAL
+from ctxflow.schemas.models import ItemKind, Role, Slot
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
-from processors.admission import TOTAL
-from schemas.models import ItemKind, Role, Slot
-from streams.config import Settings
-from streams.sdk import RunContext
-from streams.stack.processes import free_port
-from streams.stack.worker_process import WorkerProcess
 from tests.support_deploy import redis_headroom
 from tests.support_kafka import wait_processed, wait_until
 from tests.support_traffic import publish

@@ -9,12 +9,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from streams.bench import BenchConfig, run_bench
-from streams.bench.corpus import TurnCorpus
-from streams.bench.load import LoadFailed, LoadPlan, generate_load
-from streams.config import Settings
-from streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.bench import BenchConfig, run_bench
+from ctxflow.streams.bench.corpus import TurnCorpus
+from ctxflow.streams.bench.load import LoadFailed, LoadPlan, generate_load
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.embedded import EmbeddedStack
 
 
 @pytest.mark.timeout(240)

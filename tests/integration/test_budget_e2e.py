@@ -14,10 +14,8 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
-from pydantic import BaseModel
-
-from processors.admission import AdmissionAnswer, check_admission
-from schemas.models import (
+from ctxflow.processors.admission import AdmissionAnswer, check_admission
+from ctxflow.schemas.models import (
     BudgetState,
     Decision,
     DecisionKind,
@@ -29,12 +27,14 @@ from schemas.models import (
     TenantManifest,
     UserOverride,
 )
-from sinks.redis import read_admission
-from streams.config import Settings
-from streams.demo.workload import TenantProfile, Workload
-from streams.sdk import CtxflowClient, RunContext
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.sinks.redis import read_admission
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import TenantProfile, Workload
+from ctxflow.streams.sdk import CtxflowClient, RunContext
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.worker_process import WorkerProcess
+from pydantic import BaseModel
+
 from tests.support_decisions import subject_of
 from tests.support_deploy import fresh_settings, redis_decisions
 from tests.support_kafka import decisions_on_topic, wait_processed

@@ -17,8 +17,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
-
-from schemas.models import (
+from ctxflow.schemas.models import (
     DeadLetter,
     Decision,
     ItemDecision,
@@ -28,9 +27,9 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
-from sinks.base import Batch, SinkBackpressure
-from sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
-from sinks.clickhouse_ddl import TABLES
+from ctxflow.sinks.base import Batch, SinkBackpressure
+from ctxflow.sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
+from ctxflow.sinks.clickhouse_ddl import TABLES
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 PROCESS_SECRET = {"token": ["must-not-leak"]}

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
-from streams.runtime.outlet import DecisionOutlet
-from streams.runtime.tables import BatchProducer
-from streams.topics import DECISIONS
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.runtime.outlet import DecisionOutlet
+from ctxflow.streams.runtime.tables import BatchProducer
+from ctxflow.streams.topics import DECISIONS
 
 
 def _sent_and_read(settings: Settings, linger_s: float) -> tuple[list[int], int, list[bytes]]:

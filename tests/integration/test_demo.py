@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from streams.demo.run import demo_workload
-from streams.stack.processes import free_port, pid_alive
+from ctxflow.streams.demo.run import demo_workload
+from ctxflow.streams.stack.processes import free_port, pid_alive
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
 

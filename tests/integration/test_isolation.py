@@ -20,13 +20,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pydantic import BaseModel
-
-from processors.admission import BudgetLimits
-from schemas.codec import Codec
-from schemas.models import (
+from ctxflow.processors.admission import BudgetLimits
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import (
     HardLimitBehaviour,
     ItemKind,
     OverflowBehaviour,
@@ -38,11 +34,15 @@ from schemas.models import (
     SpendWindowKind,
     TenantManifest,
 )
-from sinks.redis import limits_key
-from streams.config import Settings
-from streams.sdk import RunContext
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.sinks.redis import limits_key
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.worker_process import WorkerProcess
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
 from tests.replay import read_input_log, replay
 from tests.support_decisions import lost_decisions
 from tests.support_deploy import fresh_settings, redis_headroom

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.log_end import log_end_offsets
 
-from streams.config import Settings
-from streams.runtime.log_end import log_end_offsets
 from tests.support_kafka import send_one_batch
 
 

@@ -6,10 +6,9 @@ import asyncio
 import time
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-
-from streams.bench.record_age import OldestRecordAge
-from streams.config import Settings
-from streams.demo.harness import CommittedLag
+from ctxflow.streams.bench.record_age import OldestRecordAge
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.harness import CommittedLag
 
 
 async def _measure(settings: Settings) -> tuple[float, TopicPartition | None, int]:

@@ -12,13 +12,12 @@ import uuid
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-
-from processors.admission import RunHeadroom
-from schemas.models import Decision, DecisionKind
-from sinks.redis import RedisProjection, decisions_key, run_key
-from streams.config import Settings
-from streams.sdk.budget_reader import BudgetReader
-from streams.stack.embedded import EmbeddedStack
+from ctxflow.processors.admission import RunHeadroom
+from ctxflow.schemas.models import Decision, DecisionKind
+from ctxflow.sinks.redis import RedisProjection, decisions_key, run_key
+from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk.budget_reader import BudgetReader
+from ctxflow.streams.stack.embedded import EmbeddedStack
 
 TTL_S = 600
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from processors.retention import Retention
-from schemas.models import RunEvent, TurnEvent, UsageReport
-from streams.config import Settings
-from streams.stack.worker_process import WorkerProcess
+from ctxflow.processors.retention import Retention
+from ctxflow.schemas.models import RunEvent, TurnEvent, UsageReport
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.worker_process import WorkerProcess
+
 from tests.replay import read_input_log, replay
 from tests.support_kafka import dead_letters_on_topic, read_full_topics, wait_processed
 from tests.support_tables import aggregate_snapshots, run_ledgers

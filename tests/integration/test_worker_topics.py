@@ -6,12 +6,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ctxflow.streams.config import Settings
+from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerNotReady, WorkerProcess
+from ctxflow.streams.topics import ALL_TOPICS, TURNS
 
-from streams.config import Settings
-from streams.stack.embedded import EmbeddedStack
-from streams.stack.processes import free_port
-from streams.stack.worker_process import WorkerNotReady, WorkerProcess
-from streams.topics import ALL_TOPICS, TURNS
 from tests.support_kafka import broker_topics, catalogue_facts
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from ctxflow.processors.admission import BudgetLimits, RunHeadroom, check_admission, run_headroom
+from ctxflow.processors.types import InvalidTenantError
+from ctxflow.processors.types import run_key as ledger_key
+from ctxflow.schemas.models import Slot, UserOverride
+from ctxflow.sinks.redis import decisions_key, limits_key, run_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.admission import BudgetLimits, RunHeadroom, check_admission, run_headroom
-from processors.types import InvalidTenantError
-from processors.types import run_key as ledger_key
-from schemas.models import Slot, UserOverride
-from sinks.redis import decisions_key, limits_key, run_key
 from tests.unit.test_budget_factories import Feed, admission, manifest, run_event, turn, usage
 
 HEADROOM = RunHeadroom(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from streams.bench.latency import Sample, _p99_halves, percentile
+from ctxflow.streams.bench.latency import Sample, _p99_halves, percentile
 
 
 def test_percentile_is_nearest_rank() -> None:

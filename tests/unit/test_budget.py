@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from ctxflow.processors.ledger import RunLedger
+from ctxflow.processors.types import InvalidTenantError, decision_id, run_key, tenant_of_key, user_key
+from ctxflow.schemas.models import BudgetState, DecisionKind, SlotCaps, SpendWindowKind, UserOverride, content_digest
 
-from processors.ledger import RunLedger
-from processors.types import InvalidTenantError, decision_id, run_key, tenant_of_key, user_key
-from schemas.models import BudgetState, DecisionKind, SlotCaps, SpendWindowKind, UserOverride, content_digest
 from tests.unit.test_budget_factories import (
     NOW,
     Feed,

@@ -9,10 +9,10 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from processors.budget import BudgetProcessor, Event
-from processors.tokens import TokenCounter
-from processors.types import DictBudgetState, Position
-from schemas.models import (
+from ctxflow.processors.budget import BudgetProcessor, Event
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position
+from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
     DecisionKind,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
-from processors.manifest import (
+from ctxflow.processors.manifest import (
     DEFAULT_TOTAL_CAP,
     SLOT_INDEX,
     TIER_QOS,
@@ -16,7 +14,7 @@ from processors.manifest import (
     manifest_problems,
     tier_qos,
 )
-from schemas.models import (
+from ctxflow.schemas.models import (
     BudgetState,
     DecisionKind,
     HardLimitBehaviour,
@@ -25,6 +23,8 @@ from schemas.models import (
     TierQoS,
     UserOverride,
 )
+from pydantic import ValidationError
+
 from tests.unit.test_budget_factories import Feed, kinds, manifest, turn, window
 
 

@@ -14,17 +14,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-
-from processors.budget import BudgetProcessor, Event
-from processors.ledger import RunLedger, WorkflowLedger
-from processors.manifest import SLOT_INDEX
-from processors.pricing import DEFAULT_PRICES, usage_tokens
-from processors.tokens import TokenCounter
-from processors.types import DictBudgetState, Position, tenant_of_key
-from processors.windows import WINDOW_KINDS, SpendLedger, to_ms, window_index
-from schemas.models import (
+from ctxflow.processors.budget import BudgetProcessor, Event
+from ctxflow.processors.ledger import RunLedger, WorkflowLedger
+from ctxflow.processors.manifest import SLOT_INDEX
+from ctxflow.processors.pricing import DEFAULT_PRICES, usage_tokens
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position, tenant_of_key
+from ctxflow.processors.windows import WINDOW_KINDS, SpendLedger, to_ms, window_index
+from ctxflow.schemas.models import (
     Decision,
     DecisionKind,
     RunEvent,
@@ -35,6 +32,9 @@ from schemas.models import (
     UserOverride,
     content_digest,
 )
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from tests.unit.test_budget_factories import NOW, manifest, run_event, turn, usage, window
 
 BASE = datetime(2024, 2, 29, 22, 40, tzinfo=UTC)  # the traffic crosses an hour, a day and a month boundary

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from processors.ledger import RunLedger
-from processors.types import StaticCount
-from streams.runtime.tables import VALUE_CODECS
+from ctxflow.processors.ledger import RunLedger
+from ctxflow.processors.types import StaticCount
+from ctxflow.streams.runtime.tables import VALUE_CODECS
 
 
 def test_static_counts_round_trip_with_the_offset_that_counted_them() -> None:

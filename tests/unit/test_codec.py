@@ -6,11 +6,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pydantic import BaseModel
-
-from schemas import (
+from ctxflow.schemas import (
     MODEL_SCHEMAS,
     Codec,
     ContractViolation,
@@ -20,7 +16,7 @@ from schemas import (
     content_digest,
     kept_schemas,
 )
-from schemas.models import (
+from ctxflow.schemas.models import (
     TENANT_ID_PATTERN,
     AdmissionRequest,
     BudgetState,
@@ -51,6 +47,9 @@ from schemas.models import (
     UsageReport,
     UserOverride,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 NOW = datetime(2026, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
 IDS = {"tenant_id": "acme", "user_id": "u-1", "session_id": "s-1", "run_id": "r-1", "agent_id": "planner"}

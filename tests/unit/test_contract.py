@@ -8,14 +8,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import ctxflow.schemas
 import pytest
+from ctxflow.schemas import MODEL_SCHEMAS, ContractViolation, content_digest, kept_schemas
+from ctxflow.schemas import models as m
+from ctxflow.schemas.contract import ContractLimits, check_limits, explain
+from ctxflow.streams.topics import ALL_TOPICS
 from pydantic import BaseModel, ValidationError
-
-import schemas
-from schemas import MODEL_SCHEMAS, ContractViolation, content_digest, kept_schemas
-from schemas import models as m
-from schemas.contract import ContractLimits, check_limits, explain
-from streams.topics import ALL_TOPICS
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -224,7 +223,7 @@ def test_python_enums_match_avro_symbols() -> None:
 
 
 def test_readme_documents_every_topic_with_its_schema_versions() -> None:
-    readme = (Path(schemas.__file__).parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(ctxflow.schemas.__file__).parent / "README.md").read_text(encoding="utf-8")
     for topic in ALL_TOPICS:
         section = readme.split(f"### `{topic.name}`\n", 1)[1].split("###", 1)[0]
         assert f"cleanup `{topic.cleanup}`" in section, topic.name

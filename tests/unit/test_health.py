@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from ctxflow.streams.runtime.health import CommitClock, PartitionObservation, StallWatch, assess, partition_health
 from faust.types import TP
-
-from streams.runtime.health import CommitClock, PartitionObservation, StallWatch, assess, partition_health
 
 STALL = 30.0
 TURNS0, TURNS1 = TP("ctxflow.turns", 0), TP("ctxflow.turns", 1)

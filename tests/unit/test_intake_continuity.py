@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from ctxflow.streams.runtime.intake import IntakeGap, OffsetContinuity
 from faust.types import TP
-
-from streams.runtime.intake import IntakeGap, OffsetContinuity
 
 TURNS0, TURNS1 = TP("ctxflow.turns", 0), TP("ctxflow.turns", 1)
 

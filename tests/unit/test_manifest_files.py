@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from schemas.models import TenantManifest
-from streams.sdk.manifest_files import (
+from ctxflow.schemas.models import TenantManifest
+from ctxflow.streams.sdk.manifest_files import (
     ManifestFileError,
     StaleVersion,
     assign_version,

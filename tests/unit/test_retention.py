@@ -7,18 +7,18 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from ctxflow.processors.budget import BudgetProcessor, Event
+from ctxflow.processors.ledger import RunLedger
+from ctxflow.processors.retention import Retention, RetirementIndex, Watermark
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position, run_key, workflow_key
+from ctxflow.processors.windows import SpendLedger
+from ctxflow.schemas.contract import OutsideDedupWindow
+from ctxflow.schemas.models import SpendWindowKind
+from ctxflow.streams.runtime.tables import VALUE_CODECS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.budget import BudgetProcessor, Event
-from processors.ledger import RunLedger
-from processors.retention import Retention, RetirementIndex, Watermark
-from processors.tokens import TokenCounter
-from processors.types import DictBudgetState, Position, run_key, workflow_key
-from processors.windows import SpendLedger
-from schemas.contract import OutsideDedupWindow
-from schemas.models import SpendWindowKind
-from streams.runtime.tables import VALUE_CODECS
 from tests.unit.test_budget_factories import NOW, manifest, run_event, turn, usage
 
 WINDOW = Retention.of_seconds(3600)

@@ -13,9 +13,8 @@ from typing import Any
 
 import fastavro
 import pytest
-
-from schemas import MODEL_SCHEMAS, Codec, UnknownSchema, content_digest, kept_schemas
-from schemas.models import ItemKind, PrivacyMode, Role, Slot, TurnEvent
+from ctxflow.schemas import MODEL_SCHEMAS, Codec, UnknownSchema, content_digest, kept_schemas
+from ctxflow.schemas.models import ItemKind, PrivacyMode, Role, Slot, TurnEvent
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -11,12 +11,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 import pytest
+from ctxflow.schemas.models import DeadLetter, MemoryRecord, TurnEvent, content_digest
+from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
+from ctxflow.sinks.clickhouse_ddl import TABLE_BY_NAME, TABLES, TableSpec
 from hypothesis import given
 from hypothesis import strategies as st
-
-from schemas.models import DeadLetter, MemoryRecord, TurnEvent, content_digest
-from sinks.base import Batch, BatchingSink, SinkBackpressure
-from sinks.clickhouse_ddl import TABLE_BY_NAME, TABLES, TableSpec
 
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)
 

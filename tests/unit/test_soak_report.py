@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from streams.bench.procstat import CpuMeter, ProcReading, read_proc
-from streams.bench.soak_report import GroundTotals, SoakResults, totals_problems
+from ctxflow.streams.bench.procstat import CpuMeter, ProcReading, read_proc
+from ctxflow.streams.bench.soak_report import GroundTotals, SoakResults, totals_problems
 
 
 def test_cpu_meter_charges_a_replaced_process_from_its_start() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import tiktoken
+from ctxflow.processors.tokens import TokenCount, TokenCounter, estimate_tokens, has_offline_encoding
+from ctxflow.schemas.models import content_digest
 
-from processors.tokens import TokenCount, TokenCounter, estimate_tokens, has_offline_encoding
-from schemas.models import content_digest
 from tests.unit.test_budget_factories import turn
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 10

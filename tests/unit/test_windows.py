@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from ctxflow.processors.windows import SpendLedger, WindowCounter, to_ms, window_index, window_start
+from ctxflow.schemas.models import SpendWindowKind as W
 from hypothesis import given
 from hypothesis import strategies as st
-
-from processors.windows import SpendLedger, WindowCounter, to_ms, window_index, window_start
-from schemas.models import SpendWindowKind as W
 
 
 def ms(*args: int) -> int:

@@ -8,11 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import tiktoken
-from pydantic import BaseModel
-
-from schemas.codec import Codec
-from schemas.contract import RejectedRecord
-from schemas.models import (
+from ctxflow.schemas.codec import Codec
+from ctxflow.schemas.contract import RejectedRecord
+from ctxflow.schemas.models import (
     AdmissionRequest,
     ItemKind,
     MemoryCandidate,
@@ -25,8 +23,9 @@ from schemas.models import (
     UsageReport,
     content_digest,
 )
-from streams.demo.workload import TOKENIZER, Workload
-from streams.sdk import RunContext, redact
+from ctxflow.streams.demo.workload import TOKENIZER, Workload
+from ctxflow.streams.sdk import RunContext, redact
+from pydantic import BaseModel
 
 START = datetime(2025, 2, 3, 8, 30, tzinfo=UTC)
 
