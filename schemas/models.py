@@ -194,6 +194,12 @@ class DecisionKind(StrEnum):
     SPEND_EXHAUSTED = "spend_exhausted"
     ADMISSION = "admission"
     USAGE_RECONCILED = "usage_reconciled"
+    EVICT = "evict"
+    MASK = "mask"
+    COMPRESS = "compress"
+    SWAP = "swap"
+    OFFLOAD = "offload"
+    RECALL = "recall"
 
 
 class BudgetState(StrEnum):
@@ -210,6 +216,22 @@ class ItemAction(StrEnum):
     EVICT = "evict"
     COMPRESS = "compress"
     OFFLOAD = "offload"
+    MASK = "mask"
+    SWAP = "swap"
+    RECALL = "recall"
+
+
+class EvictionStrategy(StrEnum):
+    """How the eviction planner chooses what leaves a run's context (a string on the wire: an open set)."""
+
+    SLIDING_WINDOW = "sliding_window"
+    LRU = "lru"
+    IMPORTANCE = "importance"
+    RELEVANCE = "relevance"
+    OBSERVATION_MASKING = "observation_masking"
+    SUMMARIZATION = "summarization"
+    RETRIEVAL_AUGMENTED = "retrieval_augmented"
+    HYBRID = "hybrid"
 
 
 class InvalidationKind(StrEnum):
@@ -374,6 +396,23 @@ class TierQoS(_Record):
     evict_to: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+class EvictionPolicy(_Record):
+    """How the eviction planner relieves a tenant's context pressure (manifest v3; null: hybrid, these defaults)."""
+
+    strategy: EvictionStrategy = EvictionStrategy.HYBRID
+    compress_at: Fraction = 0.8
+    swap_at: Fraction = 0.95
+    compress_share: Share = 0.3
+    min_gain: Fraction = 0.1
+    keep_recent: Annotated[int, Field(ge=0, le=1000)] = 4
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> Self:
+        if self.compress_at > self.swap_at:
+            raise ValueError("compress_at must not exceed swap_at: compression is requested before the swap")
+        return self
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -398,6 +437,8 @@ class TenantManifest(_Record):
     updated_by: str | None = None
     #: The tier's QoS (a user-defined tier, or a built-in one retuned); None: the built-in row of the tier.
     qos: TierQoS | None = None
+    #: The eviction policy; None: hybrid with :class:`EvictionPolicy`'s defaults.
+    eviction: EvictionPolicy | None = None
 
 
 class MemoryCandidate(_Record):
@@ -459,6 +500,20 @@ class ItemDecision(_Record):
     tokens: Count
 
 
+class SummaryProvenance(_Record):
+    """Where a summary came from and how faithful it is (on ``compress`` and ``swap`` decisions)."""
+
+    summary_id: Id
+    text: str | None = None
+    token_count: Count
+    source_ids: list[Id]
+    source_digests: list[Digest]
+    summarizer: Id
+    summarizer_version: Id
+    depth: Annotated[int, Field(ge=1, le=2)]
+    fidelity: Float32Fraction
+
+
 class Decision(_Record):
     """Output of the governor (topic ``decisions``, key ``tenant_id:run_id``).
 
@@ -488,6 +543,66 @@ class Decision(_Record):
     estimated_tokens: Count | None = None
     #: ``usage_reconciled``: reported minus the working-set estimate (null for a run with missing or partial usage).
     discrepancy_tokens: Annotated[int, Field(ge=-_LONG_MAX - 1, le=_LONG_MAX)] | None = None
+    #: Eviction decisions: the strategy that chose the items.
+    strategy: str | None = None
+    #: Eviction decisions: the policy applied (manifest and planner versions).
+    policy_version: str | None = None
+    #: Eviction decisions: working-set tokens freed.
+    tokens_freed: Count | None = None
+    summary: SummaryProvenance | None = None
+    #: Eviction decisions: expected cost effect on the next call, micro-USD (positive: a cache invalidation).
+    cost_effect_micros: Annotated[int, Field(ge=-_LONG_MAX - 1, le=_LONG_MAX)] | None = None
+    job_id: Id | None = None
+
+
+class CompressionSource(_Record):
+    """One item a compression job summarizes, and where its content is on the log."""
+
+    item_id: Id
+    content_digest: Digest
+    tokens: Count
+    depth: Annotated[int, Field(ge=0, le=2)]
+    topic: Id
+    partition: Count32
+    offset: Count
+    label: str | None = None
+
+
+class CompressionJob(_Record):
+    """A request to summarize a run's oldest items of one slot (topic ``compression.jobs``, key ``tenant_id``)."""
+
+    job_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    slot: Slot
+    sources: list[CompressionSource]
+    max_tokens: Count
+    policy_version: str | None = None
+    model: str | None = None
+    requested_at: Timestamp
+
+
+class Summary(_Record):
+    """A prepared summary of a compression job's sources (topic ``summaries``, key ``tenant_id``)."""
+
+    summary_id: Id
+    job_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    slot: Slot
+    text: str
+    token_count: Count
+    source_ids: list[Id]
+    source_digests: list[Digest]
+    summarizer: Id
+    summarizer_version: Id
+    depth: Annotated[int, Field(ge=1, le=2)]
+    fidelity: Float32Fraction
+    produced_at: Timestamp
 
 
 class Invalidation(_Record):
@@ -532,6 +647,8 @@ MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     MemoryCandidate: "MemoryCandidate",
     MemoryRecord: "MemoryRecord",
     Decision: "Decision",
+    CompressionJob: "CompressionJob",
+    Summary: "Summary",
     Invalidation: "Invalidation",
     DeadLetter: "DeadLetter",
 }

@@ -59,6 +59,13 @@ INVALIDATIONS = TopicSpec(
     "invalidations", "Invalidation", "tenant_id", "delete", "worker: memory gate",
     "every projection (Redis, ClickHouse, indexes), agent runtimes",
 )
+COMPRESSION_JOBS = TopicSpec(
+    "compression.jobs", "CompressionJob", "tenant_id", "delete", "worker: eviction planner",
+    "summarizer workers (`ctxflow summarizer`, their own consumer group)",
+)
+SUMMARIES = TopicSpec(
+    "summaries", "Summary", "tenant_id", "delete", "summarizer workers", "worker: eviction planner (swap)",
+)
 DEAD_LETTERS = TopicSpec(
     "deadletters", "DeadLetter", "source topic", "delete", "worker: any agent that rejects a record",
     "operators, ClickHouse sink",
@@ -66,5 +73,5 @@ DEAD_LETTERS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, DECISIONS, INVALIDATIONS,
-    DEAD_LETTERS,
+    COMPRESSION_JOBS, SUMMARIES, DEAD_LETTERS,
 )
