@@ -256,7 +256,7 @@ class _Record(BaseModel):
 
 
 class TurnEvent(_Record):
-    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v2).
+    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v3).
 
     Guarantees: ``content_digest`` is present when ``content`` is null and matches ``content`` when both are
     given; counts are non-negative; ``importance``/``relevance`` lie in [0, 1] at float32 precision.
@@ -285,6 +285,8 @@ class TurnEvent(_Record):
     occurred_at: Timestamp
     tool_call_id: Id | None = None
     relevance: Float32Fraction | None = None
+    #: A tool_call item: every tool-call id it issued (``tool_call_id`` is the first).
+    tool_call_ids: list[Id] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:

@@ -47,7 +47,7 @@ def test_every_released_version_is_kept() -> None:
     assert set(kept_schemas()) == set(MODEL_SCHEMAS.values())
     for name, versions in kept_schemas().items():
         assert [v.version for v in versions] == list(range(1, len(versions) + 1)), name
-    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2]
+    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2, 3]
 
 
 def _enums(schema: Any, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -109,16 +109,19 @@ def test_closed_enums_are_exactly_the_ones_where_a_default_would_be_wrong() -> N
     assert enums["PrivacyMode"]["default"] == "no_retention"  # an unknown privacy mode fails closed
 
 
-@pytest.mark.parametrize("writer", [1, 2])
-@pytest.mark.parametrize("reader", [1, 2])
+@pytest.mark.parametrize("writer", [1, 2, 3])
+@pytest.mark.parametrize("reader", [1, 2, 3])
 def test_every_kept_turn_version_reads_under_every_kept_reader(writer: int, reader: int) -> None:
-    event = turn()
+    event = turn(tool_call_ids=["call-1", "call-2"])
     data = Codec(writer_versions={"TurnEvent": writer}).encode(event)
     decoded = Codec(reader_versions={"TurnEvent": reader}).decode(data, TurnEvent)
-    both_v2 = writer == 2 and reader == 2
-    assert decoded == (
-        event if both_v2 else event.model_copy(update={"tool_call_id": None, "relevance": None})
-    )
+    # What the older of the two versions lacks reads as its default.
+    lost: dict[str, object] = {}
+    if min(writer, reader) < 3:
+        lost["tool_call_ids"] = []
+    if min(writer, reader) < 2:
+        lost.update(tool_call_id=None, relevance=None)
+    assert decoded == event.model_copy(update=lost)
 
 
 def test_v1_producer_bytes_read_by_the_newest_consumer_get_v2_defaults() -> None:
@@ -193,6 +196,7 @@ RELEASED_FINGERPRINTS = {
     ("TenantManifest", 3): "35b433cb56bcaca4",
     ("TurnEvent", 1): "ee0da02a729c845b",
     ("TurnEvent", 2): "98da192b95339b02",
+    ("TurnEvent", 3): "42ac9764e639e447",
     ("UsageReport", 1): "f15d43454141ff3d",
 }
 
