@@ -10,6 +10,12 @@ them only because fetches return whole batches.
 A fetch returns whole batches, so fetching from the reported end minus one returns the last batch entire, and
 the consumer's position after it is the real end. On a broker that reports correctly this costs one fetch
 of the last record and gives the same answer.
+
+A consumer already assigned exactly these partitions is not assigned them again. Re-assigning cancels the
+fetch in flight (Tansu holds every fetch for the whole fetch wait, so one nearly always is), aiokafka 0.14's
+fetcher then awaits that cancelled fetch, and a ``stop()`` arriving meanwhile is handed to the fetch, which
+swallows it: ``stop()`` never returns. ``TopicReader.until_end`` over partitions that never held a record
+(nothing to fetch after the re-assign) followed by closing the reader hung that way.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ async def log_end_offsets(consumer: AIOKafkaConsumer, partitions: Sequence[Topic
     """
     wanted = list(partitions)
     reported = await consumer.end_offsets(wanted)
-    consumer.assign(wanted)
+    if consumer.assignment() != set(wanted):  # never re-assign the same partitions: see the module docstring
+        consumer.assign(wanted)
     for tp in wanted:
         consumer.seek(tp, max(reported[tp] - 1, 0))
     while [tp for tp in wanted if await consumer.position(tp) < reported[tp]]:

@@ -80,9 +80,11 @@ class CtxflowClient:
     def from_settings(cls, settings: Settings, **kw: Any) -> CtxflowClient:
         """A client for the deployment ``settings`` describe (bootstrap, prefix, registry, content limit)."""
         kw.setdefault("linger_ms", settings.publish_linger_ms)
-        return cls(settings.bootstrap, topic_prefix=settings.topic_prefix,
-                   registry_url=settings.schema_registry_url, max_content_bytes=settings.max_content_bytes,
-                   **kw)
+        client = cls(settings.bootstrap, topic_prefix=settings.topic_prefix,
+                     registry_url=settings.schema_registry_url, max_content_bytes=settings.max_content_bytes,
+                     **kw)
+        client.settings = settings  # all of them: the readers take the deployment's fetch_max_wait_ms
+        return client
 
     async def __aenter__(self) -> CtxflowClient:
         await self.start()
@@ -268,10 +270,11 @@ class CtxflowClient:
     async def _holds_records(self, topic: str) -> bool:
         """Whether any partition of ``topic`` has ever held a record (its end offset is above 0).
 
-        Asked before reading a topic from the beginning: the embedded broker never answers a fetch of
-        partitions that never held a record, and a consumer that sent one waits on it when it next resolves a
-        position or stops (``latest_manifest`` on a deployment without manifests did not return in 90 s).
-        Asking for end offsets sends no fetch.
+        Asked before reading a topic from the beginning, so a deployment without any opens no reader. (Such a
+        read used to hang on closing, ``latest_manifest`` for over 90 s: not because the broker never answers
+        fetches of partitions that never held a record, it answers after the fetch wait, but because measuring
+        the end re-assigned the consumer, see :mod:`streams.runtime.log_end`.) Asking for end offsets sends no
+        fetch.
         """
         partitions = await self.partitions(topic)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
