@@ -1,0 +1,1 @@
+"""Eviction planning: what leaves a run's context window, and the summaries that replace it."""
