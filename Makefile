@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration lint demo bench soak up down clean
+.PHONY: install test unit integration lint demo bench bench-quality soak up down clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: install
 bench: install
 	$(BIN)/ctxflow bench
 
+# Every eviction strategy at 50%, 25% and 10% budgets over generated sessions: quality-results.json
+bench-quality: install
+	$(BIN)/ctxflow bench-quality
+
 # 30 minutes at 1,500 events/s unless told otherwise: make soak SOAK_MINUTES=5 SOAK_RATE=1000
 SOAK_MINUTES ?= 30
 SOAK_RATE ?= 1500
@@ -45,4 +49,4 @@ down: install
 	$(BIN)/ctxflow down
 
 clean:
-	rm -rf .ctxflow .pytest_cache .ruff_cache bench-results.json soak-results.json
+	rm -rf .ctxflow .pytest_cache .ruff_cache bench-results.json soak-results.json quality-results.json

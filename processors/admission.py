@@ -51,7 +51,7 @@ class RunHeadroom:
 def run_headroom(ledger: RunLedger, budget: EffectiveBudget) -> RunHeadroom:
     """A run's headroom under ``budget`` (the effective budget of the run's user): the gauges the authoritative
     admission check weighs per run, with the same usage it adds a plan to."""
-    used = {slot.value: ledger.tokens[i] for i, slot in enumerate(SLOTS)}
+    used = {slot.value: ledger.live(i) for i, slot in enumerate(SLOTS)}
     used[TOTAL] = ledger.working_set()
     hard = {slot.value: limit.hard_at for slot, limit in zip(SLOTS, budget.slot_limits, strict=True) if limit}
     hard[TOTAL] = budget.total.hard_at

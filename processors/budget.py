@@ -26,8 +26,10 @@ and why a record later than it is refused, in :mod:`processors.retention`.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from ctxflow.processors.admission import BudgetLimits
 from ctxflow.processors.ledger import (
@@ -39,6 +41,7 @@ from ctxflow.processors.ledger import (
     SHARE_GAUGE,
     STARTED,
     STREAMS,
+    SUMMARIES,
     TOTAL_GAUGE,
     TURNS,
     USAGE,
@@ -86,6 +89,22 @@ _STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
 _STREAM_OF = {TurnEvent: TURNS, UsageReport: USAGE, RunEvent: RUNS}
 
 
+@dataclass(frozen=True, slots=True)
+class Relief:
+    """The eviction planner's account of a run after a record: tokens freed per slot so far (absolute).
+
+    ``event`` is the record (a turn, or a summary: anything with tenant, user, session and run ids), ``source_id``
+    its id (the budget's decisions about the relief take theirs from it), and ``stream`` / ``offset`` where it
+    was read (:data:`~processors.ledger.TURNS` or :data:`~processors.ledger.SUMMARIES`).
+    """
+
+    event: Any
+    source_id: str
+    stream: int
+    offset: int
+    freed: tuple[int, ...]
+
+
 @dataclass(slots=True)
 class _Spend:
     """A spend ledger one record touches: ``scope`` is tenant or user; ``changed`` means it must be put."""
@@ -124,15 +143,56 @@ class BudgetProcessor:
         self._budgets: dict[tuple[str, str | None], tuple[TenantManifest | None, EffectiveBudget]] = {}
         # Tenant -> its runs by last activity; None until built from the store (after a start or rebalance).
         self._indexes: dict[str, RetirementIndex] | None = None
+        # The position and token count of the last turn applied (the planner reads it: no second count).
+        self._last_count: tuple[Position, int] | None = None
+        # (stream, offset) of the turn just applied: its relief is taken even though the run ledger holds it.
+        self._applied: tuple[int, int] | None = None
 
     def process(self, event: Event, position: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         """Apply ``event`` read at ``position``; return the decisions to publish (possibly none).
 
         Raises :class:`~schemas.contract.OutsideDedupWindow` (changing nothing) for a run record later than the
-        retention window behind its stream (:mod:`processors.retention`).
+        retention window behind its stream (:mod:`processors.retention`). The same as :meth:`admit`, then
+        :meth:`apply`, then :meth:`close`: the processor chain (:mod:`processors.chain`) runs its other
+        processors between the last two.
         """
-        if isinstance(event, TurnEvent | UsageReport | RunEvent):
-            return self._windowed(event, position, state, now)
+        if not self.admit(event, position, state):
+            return []
+        out = self.apply(event, position, state, now)
+        self.close(event, position, state)
+        return out
+
+    def admit(self, event: Event, pos: Position, state: BudgetStore) -> bool:
+        """Whether a record is still to be applied: False when its tenant's watermark covers its offset (every
+        effect of it is durable, :mod:`processors.retention`); raises ``OutsideDedupWindow`` when it is too late
+        to be counted exactly once. Records of other streams are always admitted."""
+        if not isinstance(event, TurnEvent | UsageReport | RunEvent):
+            return True
+        stream, mark = _STREAM_OF[type(event)], state.get_watermark(tenant_key(event.tenant_id)) or Watermark()
+        if self._indexes is None:
+            self._build_index(state)
+        if pos.offset <= mark.offsets[stream]:
+            return False
+        if self.retention.late(to_ms(event.occurred_at), mark, stream):
+            window_s = self.retention.window_ms / 1000
+            raise OutsideDedupWindow(
+                f"event time {event.occurred_at.isoformat()} is older than the dedup window (retention "
+                f"{window_s:g} s) behind the tenant's {STREAMS[stream]} event time {_iso(mark.times[stream])}; its "
+                "run's dedup state may be retired, so it cannot be counted exactly once: resend within the window "
+                "or raise CTXFLOW_RUN_RETENTION_S",
+                tenant_id=event.tenant_id,
+                no_retention=getattr(event, "privacy", None) is PrivacyMode.NO_RETENTION,
+            )
+        return True
+
+    def apply(self, event: Event, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
+        """Apply an admitted record to the token tables; return its decisions."""
+        if isinstance(event, TurnEvent):
+            return self._turn(event, pos, state, now, to_ms(event.occurred_at))
+        if isinstance(event, UsageReport):
+            return self._usage(event, pos, state, now, to_ms(event.occurred_at))
+        if isinstance(event, RunEvent):
+            return self._run(event, pos, state, now, to_ms(event.occurred_at))
         if isinstance(event, AdmissionRequest):
             return [self._admission(event, state, now)]
         if isinstance(event, TenantManifest):
@@ -141,45 +201,61 @@ class BudgetProcessor:
             if current is None or manifest.version > current.version:
                 state.put_manifest(key, manifest)
             return []
-        raise TypeError(f"the budget processor does not take {type(event).__name__} records")
+        return []  # another processor's record (a summary): nothing of the token tables depends on it
+
+    def close(self, event: Event, pos: Position, state: BudgetStore) -> list[str]:
+        """Advance the tenant's watermark past an applied run record and retire the runs it makes due; returns
+        the run keys retired (other processors retire their state of those runs with them)."""
+        if not isinstance(event, TurnEvent | UsageReport | RunEvent):
+            return []
+        stream, tk = _STREAM_OF[type(event)], tenant_key(event.tenant_id)
+        mark = state.get_watermark(tk) or Watermark()
+        advanced = mark.advance(stream, pos.offset, to_ms(event.occurred_at))
+        state.put_watermark(tk, mark)
+        # Unless the cutoff moved, nothing newly filed can be due before it.
+        return self._retire(event.tenant_id, mark, state) if advanced else []
+
+    def turn_tokens(self, t: TurnEvent, pos: Position, state: BudgetStore) -> int:
+        """The tokens the budget counts for turn ``t`` (what it counted, when it just applied it)."""
+        if self._last_count is not None and self._last_count[0] == pos:
+            return self._last_count[1]
+        return self._count(t, pos, self.budget(state, t.tenant_id, t.user_id), state).tokens
+
+    def relieve(self, relief: Relief, state: BudgetStore, now: datetime) -> list[Decision]:
+        """Take ctxflow's own eviction decisions into the run's gauges: the planner's freed tokens per slot are
+        assigned (not added, so a replay in any order ends the same), and each gauge that moves emits its level
+        change (``budget_state`` back down to ``ok`` when enough left)."""
+        key = run_key(relief.event.tenant_id, relief.event.run_id)
+        run = state.get_run(key)
+        if run is None:
+            return []
+        if relief.offset <= run.offsets[relief.stream] and (relief.stream, relief.offset) != self._applied:
+            # The run ledger already holds this record and everything the planner did after it (working sets
+            # are persisted after run ledgers): the planner is catching up on a replay.
+            return []
+        if relief.stream == SUMMARIES:
+            run.offsets[SUMMARIES] = relief.offset
+        if run.freed.tolist() == list(relief.freed):
+            if relief.stream == SUMMARIES:
+                state.put_run(key, run)
+            return []
+        run.freed = array("q", relief.freed)
+        e = relief.event
+        budget = self.budget(state, e.tenant_id, e.user_id)
+        em = DecisionEmitter(e, relief.source_id, budget, now)
+        for i, limit in enumerate(budget.slot_limits):
+            if limit is not None and limit.rank(run.live(i)) != run.level(i):
+                run.set_level(i, em.context(f"{_SLOT_GAUGE[i]}:relief", SLOTS[i], limit, run.live(i), run.level(i)))
+        used, old = run.working_set(), run.level(TOTAL_GAUGE)
+        if budget.total.rank(used) != old:
+            run.set_level(TOTAL_GAUGE, em.context("total:relief", None, budget.total, used, old))
+        state.put_run(key, run)
+        return em.out
 
     def forget_retirement_index(self) -> None:
         """Rebuild the retirement index from the store before the next record: call it after the store's
         values were reloaded (a restart or rebalance), so runs recovered from changelogs retire too."""
         self._indexes = None
-
-    def _windowed(
-        self, e: TurnEvent | UsageReport | RunEvent, pos: Position, state: BudgetStore, now: datetime
-    ) -> list[Decision]:
-        """A run record under the retention rules: refuse it if late, apply it, advance the watermark, retire."""
-        stream, tk = _STREAM_OF[type(e)], tenant_key(e.tenant_id)
-        mark = state.get_watermark(tk) or Watermark()
-        if self._indexes is None:
-            self._build_index(state)
-        if pos.offset <= mark.offsets[stream]:
-            return []  # the watermark is persisted last: every effect of this record is durable already
-        ms = to_ms(e.occurred_at)
-        if self.retention.late(ms, mark, stream):
-            window_s = self.retention.window_ms / 1000
-            raise OutsideDedupWindow(
-                f"event time {e.occurred_at.isoformat()} is older than the dedup window (retention {window_s:g} s) "
-                f"behind the tenant's {STREAMS[stream]} event time {_iso(mark.times[stream])}; its run's dedup state "
-                "may be retired, so it cannot be counted exactly once: resend within the window or raise "
-                "CTXFLOW_RUN_RETENTION_S",
-                tenant_id=e.tenant_id,
-                no_retention=getattr(e, "privacy", None) is PrivacyMode.NO_RETENTION,
-            )
-        if isinstance(e, TurnEvent):
-            out = self._turn(e, pos, state, now, ms)
-        elif isinstance(e, UsageReport):
-            out = self._usage(e, pos, state, now, ms)
-        else:
-            out = self._run(e, pos, state, now, ms)
-        advanced = mark.advance(stream, pos.offset, ms)
-        state.put_watermark(tk, mark)
-        if advanced:  # else the cutoff did not move, and nothing newly filed can be due before it
-            self._retire(e.tenant_id, mark, state)
-        return out
 
     def _touch(self, tenant_id: str, key: str, run: RunLedger, ms: int) -> None:
         """Record that ``run`` applied a record stamped ``ms`` (called before its put), for retirement."""
@@ -201,16 +277,19 @@ class BudgetProcessor:
             index = self._indexes[tenant_id] = RetirementIndex(self.retention.bucket_ms)
         return index
 
-    def _retire(self, tenant_id: str, mark: Watermark, state: BudgetStore) -> None:
-        """Delete the tenant's runs last active before the cutoff, and each workflow whose last held run goes."""
+    def _retire(self, tenant_id: str, mark: Watermark, state: BudgetStore) -> list[str]:
+        """Delete the tenant's runs last active before the cutoff, and each workflow whose last held run goes;
+        returns the run keys deleted."""
         cutoff = self.retention.cutoff(mark)
+        retired: list[str] = []
         if cutoff is None:
-            return
+            return retired
         for key in self._index_of(tenant_id).due(cutoff):
             run = state.get_run(key)
             if run is None or run.last_ms >= cutoff:
                 continue  # retired already, or active since: filed under a later bucket too
             state.delete_run(key)
+            retired.append(key)
             run_id = key.split(":", 1)[1]
             if (wf := run.workflow(run_id)) is None:
                 continue
@@ -218,6 +297,7 @@ class BudgetProcessor:
             flow = state.get_workflow(wk)
             if flow is not None and all(state.get_run(run_key(tenant_id, r)) is None for r in flow.runs):
                 state.delete_workflow(wk)
+        return retired
 
     def budget(self, state: BudgetStore, tenant_id: str, user_id: str | None) -> EffectiveBudget:
         """The effective budget of ``user_id`` under the tenant's current manifest (cached per version)."""
@@ -249,6 +329,7 @@ class BudgetProcessor:
             return []
         budget = self.budget(state, t.tenant_id, t.user_id)
         count = self._count(t, pos, budget, state)
+        self._last_count, self._applied = (pos, count.tokens), (TURNS, pos.offset)
         i = SLOT_INDEX[t.slot]
         run.tokens[i] += count.tokens
         if count.estimated:
@@ -258,7 +339,7 @@ class BudgetProcessor:
         run.set_model(t.model)
         run.place(t.parent_run_id, None)
         em = DecisionEmitter(t, t.event_id, budget, now)
-        limit, used, old = budget.slot_limits[i], run.tokens[i], run.level(i)
+        limit, used, old = budget.slot_limits[i], run.live(i), run.level(i)
         if limit is not None and limit.rank(used) != old:
             run.set_level(i, em.context(_SLOT_GAUGE[i], t.slot, limit, used, old))
         used, old = run.working_set(), run.level(TOTAL_GAUGE)
@@ -307,7 +388,7 @@ class BudgetProcessor:
         if not u.complete:
             run.flags |= INCOMPLETE
         em = DecisionEmitter(u, u.event_id, budget, now)
-        estimate, reported = run.working_set() - run.tokens[_OUTPUT], prompt_tokens(u)
+        estimate, reported = run.working_set() - run.live(_OUTPUT), prompt_tokens(u)
         gap = reported - estimate
         em.emit(
             DecisionKind.USAGE_RECONCILED,
@@ -474,7 +555,7 @@ class BudgetProcessor:
         planned_total = sum(a.planned.values())
         checks: list[tuple[str, Limit | None, int, dict[str, object]]] = []
         for slot, planned in sorted(a.planned.items(), key=lambda kv: SLOT_INDEX[kv[0]]):
-            used = run.tokens[SLOT_INDEX[slot]] + planned
+            used = run.live(SLOT_INDEX[slot]) + planned
             checks.append((f"slot {slot.value}", budget.slot_limits[SLOT_INDEX[slot]], used, {"slot": slot}))
         checks.append(("total context", budget.total, run.working_set() + planned_total, {}))
         consumed = run.reported_tokens + run.topup() + planned_total

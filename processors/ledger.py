@@ -68,6 +68,8 @@ from ctxflow.processors.manifest import SLOTS
 
 TURNS, USAGE, RUNS = 0, 1, 2
 STREAMS: tuple[str, ...] = ("turns", "usage", "runs")
+#: The run ledger also remembers the last ``summaries`` record whose relief it took (not a budget stream).
+SUMMARIES = 3
 
 STARTED, FINALIZED, INCOMPLETE, ROOT, CHILD, RUN_MODEL = 1, 2, 4, 8, 16, 32
 #: Level bits (2 per gauge) in ``RunLedger.levels``: slots 0..5, then these.
@@ -91,7 +93,7 @@ class RunLedger:
     """
 
     tokens: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
-    offsets: array = field(default_factory=lambda: array("q", (-1, -1, -1)))
+    offsets: array = field(default_factory=lambda: array("q", (-1, -1, -1, -1)))
     levels: int = 0
     seq_upto: int = -1
     seq_above: int = 0
@@ -107,6 +109,9 @@ class RunLedger:
     workflow_id: str | None = None
     #: Event time (epoch ms) of the latest record applied; -1 in a ledger written before retention existed.
     last_ms: int = -1
+    #: Tokens per slot that ctxflow's own eviction decisions took out of the working set. Assigned whole from
+    #: the eviction planner's ledger (rule 3: a replay in any order ends with the planner's value), never added.
+    freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
 
     def accept_seq(self, seq: int) -> bool:
         """Record turn ``seq``; False when it was already accepted (or is older than the reorder window)."""
@@ -173,15 +178,23 @@ class RunLedger:
             return self.workflow_id
         return run_id if self.flags & ROOT else None
 
+    def live(self, slot: int) -> int:
+        """Tokens of ``slot`` in the run's context now: counted in, minus what eviction decisions took out."""
+        return self.tokens[slot] - self.freed[slot]
+
     def working_set(self) -> int:
         """Tokens currently in the run's context, all slots."""
-        return sum(self.tokens)
+        return sum(self.tokens) - sum(self.freed)
 
     def topup(self) -> int:
-        """Estimated tokens beyond reported usage: for a finalized run without complete usage only."""
+        """Estimated tokens beyond reported usage: for a finalized run without complete usage only.
+
+        From every token counted in, not the live working set: an item that eviction later took out was still
+        sent to the model at least once, so consumption is at least what entered the context.
+        """
         if not self.flags & FINALIZED or (self.reports and not self.flags & INCOMPLETE):
             return 0
-        return max(self.working_set() - self.reported_tokens, 0)
+        return max(sum(self.tokens) - self.reported_tokens, 0)
 
     def to_list(self) -> list:
         """A compact JSON-able snapshot for the changelog."""
@@ -202,6 +215,7 @@ class RunLedger:
             self.model,
             self.workflow_id,
             self.last_ms,
+            *([self.freed.tolist()] if any(self.freed) else []),
         ]
 
     @classmethod
@@ -209,7 +223,7 @@ class RunLedger:
         """Inverse of :meth:`to_list`."""
         return cls(
             array("q", v[0]),
-            array("q", v[1]),
+            array("q", v[1] + [-1] * (4 - len(v[1]))),
             v[2],
             v[3],
             v[4],
@@ -218,6 +232,7 @@ class RunLedger:
             sys.intern(v[13]) if v[13] else None,
             v[14],
             v[15] if len(v) > 15 else -1,
+            array("q", v[16]) if len(v) > 16 else array("q", bytes(8 * len(SLOTS))),
         )
 
 

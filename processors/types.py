@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ctxflow.processors.ledger import RunLedger, WorkflowLedger
 from ctxflow.processors.retention import Watermark
@@ -140,6 +140,10 @@ class BudgetStore(Protocol):
     def put_watermark(self, key: str, value: Watermark) -> None: ...
     def delete_run(self, key: str) -> None: ...
     def delete_workflow(self, key: str) -> None: ...
+    # Tables of the chain's other processors, by name (:class:`processors.chain.TableSpec`).
+    def get_state(self, table: str, key: str) -> Any: ...
+    def put_state(self, table: str, key: str, value: Any) -> None: ...
+    def delete_state(self, table: str, key: str) -> None: ...
     def run_items(self) -> Iterable[tuple[str, RunLedger]]:
         """Every run ledger held, for rebuilding the retirement index after a restart or rebalance."""
         ...
@@ -159,13 +163,19 @@ class DictBudgetState:
     dirty: dict[str, set[str]] = field(default_factory=dict)
     #: Keys deleted per table (retired), also marked dirty.
     deleted: dict[str, set[str]] = field(default_factory=dict)
+    #: The other processors' tables, by name.
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _table(self, table: str) -> dict[str, Any]:
+        found = getattr(self, table, None)
+        return found if isinstance(found, dict) and table != "tables" else self.tables.setdefault(table, {})
 
     def _put(self, table: str, key: str, value: object) -> None:
-        getattr(self, table)[key] = value
+        self._table(table)[key] = value
         self.dirty.setdefault(table, set()).add(key)
 
     def _delete(self, table: str, key: str) -> None:
-        getattr(self, table).pop(key, None)
+        self._table(table).pop(key, None)
         self.dirty.setdefault(table, set()).add(key)
         self.deleted.setdefault(table, set()).add(key)
 
@@ -232,6 +242,18 @@ class DictBudgetState:
     def delete_workflow(self, key: str) -> None:
         """Retire a workflow ledger."""
         self._delete("workflows", key)
+
+    def get_state(self, table: str, key: str) -> Any:
+        """The value at ``key`` of another processor's table."""
+        return self.tables.get(table, {}).get(key)
+
+    def put_state(self, table: str, key: str, value: Any) -> None:
+        """Store a value in another processor's table."""
+        self._put(table, key, value)
+
+    def delete_state(self, table: str, key: str) -> None:
+        """Retire a value of another processor's table."""
+        self._delete(table, key)
 
     def run_items(self) -> Iterable[tuple[str, RunLedger]]:
         """Every run ledger held."""

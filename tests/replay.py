@@ -2,8 +2,9 @@
 
 :func:`read_input_log` reads every input topic (turns, usage, runs, admissions, manifests) from the broker,
 decoding each record as the worker does (a record the worker would dead-letter is kept aside, with why).
-:func:`replay` then feeds the records to one ``BudgetProcessor`` over a ``DictBudgetState``, each at its real
-``Position``, and collects the decisions: no Kafka, Redis, ClickHouse or worker in the loop.
+:func:`replay` then feeds the records to the worker's processor chain (budget, eviction planner) over a
+``DictBudgetState``, each at its real ``Position``, and collects the decisions and compression jobs: no Kafka,
+Redis, ClickHouse or worker in the loop.
 
 Interleaving. Within one topic partition the worker reads records in offset order, and so does the replay.
 Across topics and partitions the worker's order depends on fetch timing, so the replay picks one on purpose:
@@ -25,12 +26,22 @@ from datetime import UTC, datetime
 
 from ctxflow.processors.admission import BudgetLimits, RunHeadroom, run_headroom
 from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.chain import default_chain
 from ctxflow.processors.retention import DEFAULT_RETENTION, Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position, run_key
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.contract import RejectedRecord
-from ctxflow.schemas.models import AdmissionRequest, Decision, RunEvent, TenantManifest, TurnEvent, UsageReport
+from ctxflow.schemas.models import (
+    AdmissionRequest,
+    CompressionJob,
+    Decision,
+    RunEvent,
+    Summary,
+    TenantManifest,
+    TurnEvent,
+    UsageReport,
+)
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS
 from pydantic import BaseModel
@@ -38,7 +49,7 @@ from pydantic import BaseModel
 from tests.support_kafka import read_topics
 
 #: Tie-break rank of the logical input topics when event times are equal.
-TOPIC_RANK = {"manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4}
+TOPIC_RANK = {"manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,8 @@ def _event_time(record: LoggedRecord) -> datetime:
         return event.requested_at
     if isinstance(event, TenantManifest):
         return event.updated_at
+    if isinstance(event, Summary):
+        return event.produced_at
     return event.occurred_at  # type: ignore[union-attr]
 
 
@@ -140,6 +153,8 @@ class Replay:
     workflows: dict[tuple[str, str], str]
     #: (tenant, run) -> the user of the run's last record: whose effective budget its headroom holds.
     users: dict[tuple[str, str], str]
+    #: Compression jobs the planner requested, in order.
+    jobs: list[CompressionJob] = field(default_factory=list)
 
     def headroom(self, tenant_id: str, run_id: str) -> RunHeadroom | None:
         """What the worker's Redis projection must hold for the run (``streams.runtime.pipeline`` projects the run
@@ -164,7 +179,9 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
     """Feed ``log`` (only ``tenants`` when given) through a fresh processor in :func:`interleave` order, with
     the worker's ``retention`` (``CTXFLOW_RUN_RETENTION_S``): records it refuses as late are in ``refused``."""
     processor, state = BudgetProcessor(TokenCounter(), retention=retention), DictBudgetState()
+    chain = default_chain(processor)
     decisions: list[Decision] = []
+    jobs: list[CompressionJob] = []
     refused = [r for r in log.records() if r.event is None]
     workflows: dict[tuple[str, str], str] = {}
     users: dict[tuple[str, str], str] = {}
@@ -175,9 +192,9 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
         if isinstance(event, TurnEvent | UsageReport | RunEvent):
             users[(event.tenant_id, event.run_id)] = event.user_id
         try:
-            decisions += processor.process(event, Position(record.topic, record.partition, record.offset),  # type: ignore[arg-type]
-                                           state, now)
+            for output in chain.process(event, Position(record.topic, record.partition, record.offset), state, now):
+                (decisions if isinstance(output, Decision) else jobs).append(output)  # type: ignore[arg-type]
         except Exception as error:  # the worker dead-letters whatever the processor refuses, and goes on
             refused.append(LoggedRecord(record.topic, record.partition, record.offset, record.key, None,
                                         f"{type(error).__name__}: {error}"))
-    return Replay(processor, state, decisions, refused, workflows, users)
+    return Replay(processor, state, decisions, refused, workflows, users, jobs)

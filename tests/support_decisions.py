@@ -8,7 +8,9 @@ What ``processors.ledger`` promises, and so what :func:`lost_decisions` checks:
 
 * context gauges (slot and total working set of a run) move only with the ``turns`` stream, which is replayed
   in offset order: their budget_state, eviction_request and rejection decisions are exact (same ids, same
-  states and token counts) in every interleaving and after any crash;
+  states and token counts) in every interleaving and after any crash; so are the eviction planner's decisions
+  (evict, mask, compress, swap, offload, recall) and the relief they bring (``slot:...:relief``), as long as no
+  summary arrives (summaries are a stream of their own);
 * ``usage_reconciled`` and ``admission`` decisions are one per accepted record, with ids from that record;
   a call's reconciliation is exact, while a finalized run's total and an admission verdict read counters
   other topics feed, so those two are compared by id only;
@@ -24,7 +26,11 @@ from collections.abc import Iterable, Mapping
 from ctxflow.processors.types import decision_id
 from ctxflow.schemas.models import BudgetState, Decision, DecisionKind, Slot, SpendWindowKind
 
-CONTEXT_SUBJECTS = ("total", *(f"slot:{slot.value}" for slot in Slot))
+_GAUGES = ("total", *(f"slot:{slot.value}" for slot in Slot))
+CONTEXT_SUBJECTS = (*_GAUGES, *(f"{gauge}:relief" for gauge in _GAUGES))
+#: The eviction planner's decisions: subjects name items, not gauges; they are exact like the context gauges.
+EVICTION_KINDS = frozenset((DecisionKind.EVICT, DecisionKind.MASK, DecisionKind.COMPRESS, DecisionKind.SWAP,
+                            DecisionKind.OFFLOAD, DecisionKind.RECALL))
 CONSUMPTION_SUBJECTS = (
     "run_cap", "subagent_share", "workflow_cap",
     *(f"{scope}:{window.value}" for scope in ("tenant", "user") for window in SpendWindowKind),
@@ -41,6 +47,8 @@ _SUBJECTS: dict[DecisionKind, tuple[str, ...]] = {
 
 def subject_of(d: Decision) -> str:
     """The gauge (or ``call``/``run``/``admission``) a decision is about; AssertionError if none matches."""
+    if d.kind in EVICTION_KINDS:
+        return "eviction"
     source = d.source_event_id or d.request_id or ""
     for subject in _SUBJECTS.get(d.kind, ()):
         if decision_id(d.tenant_id, source, d.kind, subject) == d.decision_id:
@@ -50,7 +58,8 @@ def subject_of(d: Decision) -> str:
 
 def is_exact(d: Decision) -> bool:
     """True for decisions whose id and content do not depend on how the input topics interleave."""
-    return d.kind in (DecisionKind.USAGE_RECONCILED, DecisionKind.ADMISSION) or subject_of(d) in CONTEXT_SUBJECTS
+    return (d.kind in (DecisionKind.USAGE_RECONCILED, DecisionKind.ADMISSION, *EVICTION_KINDS)
+            or subject_of(d) in CONTEXT_SUBJECTS)
 
 
 def gauge_of(d: Decision, workflows: Mapping[tuple[str, str], str]) -> tuple[str, ...]:
@@ -68,7 +77,7 @@ def gauge_of(d: Decision, workflows: Mapping[tuple[str, str], str]) -> tuple[str
 def exact_view(d: Decision) -> tuple[object, ...]:
     """What two copies of an exact decision must agree on."""
     return (d.decision_id, d.tenant_id, d.run_id, d.kind, d.slot, d.state, d.previous_state, d.used_tokens,
-            d.cap_tokens, d.request_id, d.source_event_id)
+            d.cap_tokens, d.request_id, d.source_event_id, tuple(d.actions), d.tokens_freed)
 
 
 def _id_only(d: Decision) -> bool:

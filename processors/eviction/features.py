@@ -94,7 +94,10 @@ _DIGIT_NUMS = "|".join((
     rf"(?:\d{{1,2}}/\d{{1,2}}/\d{{2,4}}|\d{{4}}/\d{{2}}/\d{{2}}){_END}",
     rf"\d{{1,2}}:\d{{2}}(?::\d{{2}})?(?:\.\d+)?(?:[AaPp][Mm])?{_END}",  # time of day: 14:05, 2:30pm
 ))
-_DIGIT_IDS = "|".join((_UUID, _VERSION, rf"{_HEX}{_END}", _EMAIL, _PATH))
+# A code that starts with a digit and has a letter followed by a digit (tracking numbers such as 1Z95RVQ7SA5NRUO8);
+# a number with a unit (1500ms, 2.5GB) has no letter before a digit and stays a number.
+_DIGIT_CODE = rf"(?=\w*?[A-Za-z]\d)\d\w{{6,}}+{_END}"
+_DIGIT_IDS = "|".join((_UUID, _VERSION, rf"{_HEX}{_END}", _DIGIT_CODE, _EMAIL, _PATH))
 _TOKENS = re.compile(
     # The leading separator is a character class, so the engine's prefix scan jumps between token starts in C.
     rf"[\s(\[{{<\"'`=,;:|*>#](?=[\w\-+\u2212$€£¥~./])"

@@ -10,7 +10,9 @@ A simulate line is ``{"session_id", "step", "tokens", "context"}``; a context en
 - ``tool_pairing_violations``: steps whose context holds (verbatim) a tool result whose call is absent, or a
   tool call one of whose results (those before the step) is absent. A result pairs with the nearest earlier
   assistant message that issued its ``tool_call_id``. A side that is only in a summary counts as absent,
-  unless one summary's sources cover both sides. ``violating_pairs`` counts the (call, result) pairs.
+  unless one summary's sources cover both sides; a summary of the result alone is a masked result (the tool
+  message stays, its content a placeholder), so it keeps the pair. ``violating_pairs`` counts the (call,
+  result) pairs.
 - ``tier0_evictions``: steps missing ``{"index": 0}`` (the system prompt) or the latest user message before
   the step (``index`` or ``recalled``).
 - ``tokens_used``: mean ``tokens`` per step; ``tokens_share``: mean of ``tokens`` / the session's full
@@ -112,6 +114,8 @@ class StepContext:
     verbatim: set[int] = field(default_factory=set)
     indexed: set[int] = field(default_factory=set)
     summaries: list[tuple[str, frozenset[int]]] = field(default_factory=list)
+    #: Messages standing as a one-source summary (a masked tool result keeps its message).
+    masked: set[int] = field(default_factory=set)
     malformed: int = 0
 
     @classmethod
@@ -126,6 +130,8 @@ class StepContext:
                     ctx.indexed.add(i)
             elif isinstance(e, dict) and isinstance(e.get("summary"), str) and isinstance(e.get("sources"), list):
                 ctx.summaries.append((e["summary"], frozenset(e["sources"])))
+                if len(e["sources"]) == 1:
+                    ctx.masked.add(e["sources"][0])
                 ctx.malformed += any(not isinstance(x, int) or not 0 <= x < step for x in e["sources"])
             else:
                 ctx.malformed += 1
@@ -146,7 +152,7 @@ class StepContext:
         for call, result in pairs:
             if result >= step:
                 continue
-            vc, vr = call in self.verbatim, result in self.verbatim
+            vc, vr = call in self.verbatim, result in self.verbatim or result in self.masked
             if vc == vr:
                 continue
             if not any(call in sources and result in sources for _, sources in self.summaries):

@@ -7,15 +7,20 @@ returns, so Faust never commits an offset whose effects are not durable.
 Commit order (each step starts after the previous one is durable):
 
 1. decode every record; refusals become dead letters (never a log line);
-2. apply the records to the budget processor in offset order, collecting decisions;
-3. produce decisions and dead letters to Kafka, project run headroom and decisions into Redis (absolute values:
-   a replay rewrites the same fields; the headroom of every run the batch touched, so a replay that finds its
-   records already applied still does), and flush the ClickHouse sink (ingested events, decisions, dead
-   letters) — concurrently; wait for all three;
+2. apply the records to the processor chain (:mod:`processors.chain`: budget, then eviction planner) in offset
+   order, collecting what they publish (decisions, compression jobs);
+3. produce decisions, compression jobs and dead letters to Kafka, project run headroom and decisions into
+   Redis (absolute values: a replay rewrites the same fields; the headroom of every run the batch touched,
+   so a replay that finds its records already applied still does), and flush the ClickHouse sink (ingested
+   events, decisions, dead letters) — concurrently; wait for all three;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
    :mod:`processors.ledger`): everything derived from a record must be durable before its run ledger is;
+5a. persist the chain processors' tables (the planner's working sets), await acks. After the run ledgers, so a
+   working set is never ahead of its run ledger: on a replay the planner re-applies what it had not persisted,
+   reaching the same decisions, while the budget, already holding those records, ignores the relief it reports
+   (:meth:`processors.budget.BudgetProcessor.relieve`);
 5b. persist the tenants' event-time watermarks, await acks. Last, because a watermark makes a replay skip a
    record outright and decides which records are too late (:mod:`processors.retention`): it must never cover
    a record whose run ledger or tombstone is not durable;
@@ -50,17 +55,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.manifest import ManifestError
 from ctxflow.processors.types import InvalidTenantError, Position, run_key
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
 from ctxflow.schemas.models import (
     AdmissionRequest,
+    CompressionJob,
     DeadLetter,
     Decision,
     DecisionKind,
     RunEvent,
+    Summary,
     TenantManifest,
     TurnEvent,
     UsageReport,
@@ -71,7 +78,7 @@ from ctxflow.streams.runtime.budget_projection import BudgetProjection
 from ctxflow.streams.runtime.deadletter import dead_letter
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
-from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS
+from ctxflow.streams.topics import COMPRESSION_JOBS, DEAD_LETTERS, DECISIONS
 from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,7 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "runs": RunEvent,
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
+    "summaries": Summary,
 }
 #: Records that are also analytics rows in ClickHouse.
 _SUNK = (TurnEvent, UsageReport, RunEvent)
@@ -107,7 +115,9 @@ class PreparedBatch:
     started: float
     outputs: asyncio.Task[int]  # decisions and dead letters, already being produced
     projection: asyncio.Task[None]  # run headroom and decisions, already being written to Redis
-    changelogs: tuple[list[OutRecord], list[OutRecord], list[OutRecord]]  # aggregates, run ledgers, watermarks
+    #: Changelog records per phase, in the order they are persisted: aggregates, run ledgers, the chain
+    #: processors' tables, watermarks.
+    changelogs: tuple[list[OutRecord], ...]
 
 
 @dataclass(slots=True)
@@ -122,6 +132,8 @@ class BatchReport:
     tenants: set[str] = field(default_factory=set)
     decisions: list[Decision] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    #: Compression jobs for the summarizer workers.
+    jobs: list[CompressionJob] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
     #: Wall seconds per step of the commit order: process, sinks (ClickHouse, decisions, Redis), aggregates, runs.
@@ -129,13 +141,13 @@ class BatchReport:
 
 
 class BudgetPipeline:
-    """Runs batches through the budget processor and every projection, in the commit order above."""
+    """Runs batches through the processor chain and every projection, in the commit order above."""
 
     def __init__(
         self,
         *,
         codec: Codec,
-        processor: BudgetProcessor,
+        chain: ProcessorChain,
         store: TableBudgetStore,
         sink: ClickHouseSink,
         redis: RedisProjection,
@@ -144,14 +156,15 @@ class BudgetPipeline:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._codec = codec
-        self._processor = processor
+        self._chain = chain
         self._store = store
         self._sink = sink
         self._producer = producer
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
+        self._jobs_topic = full_topic(COMPRESSION_JOBS.name)
         self._clock = clock
-        self._projection = BudgetProjection(redis, processor, store)
+        self._projection = BudgetProjection(redis, chain.budget, store)
         self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
 
     async def handle(self, records: Sequence[InputRecord]) -> BatchReport:
@@ -172,7 +185,7 @@ class BudgetPipeline:
         report = BatchReport(records=len(records))
         if self._store.recoveries != self._recoveries:
             self._recoveries = self._store.recoveries
-            self._processor.forget_retirement_index()
+            self._chain.forget_retirement_index()
         for index, record in enumerate(records, 1):
             self._apply(record, now, report)
             if index % yield_every == 0:
@@ -182,6 +195,7 @@ class BudgetPipeline:
             (self._decisions_topic, None, f"{d.tenant_id}:{d.run_id or '-'}".encode(), encode(d))
             for d in report.decisions
         ]
+        outputs += [(self._jobs_topic, None, job.tenant_id.encode(), encode(job)) for job in report.jobs]
         outputs += [
             (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
@@ -215,13 +229,12 @@ class BudgetPipeline:
             asyncio.to_thread(self._sink.flush), *(batch.outputs for batch in batches), batches[-1].projection
         )
         mark = self._step(report, "sinks_s", mark)
-        aggregates = _last_per_key(record for batch in batches for record in batch.changelogs[0])
-        runs = _last_per_key(record for batch in batches for record in batch.changelogs[1])
-        written = await self._store.write_changelogs(aggregates)
-        mark = self._step(report, "aggregates_s", mark)
-        written += await self._store.write_changelogs(runs)
-        marks = _last_per_key(record for batch in batches for record in batch.changelogs[2])
-        report.changelog_records = written + await self._store.write_changelogs(marks)
+        written = 0
+        for phase, records in enumerate(zip(*(batch.changelogs for batch in batches), strict=True)):
+            written += await self._store.write_changelogs(_last_per_key(r for group in records for r in group))
+            if phase == 0:
+                mark = self._step(report, "aggregates_s", mark)
+        report.changelog_records = written
         self._step(report, "runs_s", mark)
         report.seconds = time.perf_counter() - batches[0].started
         if report.dead_letters:
@@ -241,7 +254,11 @@ class BudgetPipeline:
             event = self._decode(record)
             self._store.partition = record.partition
             position = Position(record.topic, record.partition, record.offset)
-            report.decisions.extend(self._processor.process(event, position, self._store, now))
+            for output in self._chain.process(event, position, self._store, now):
+                if isinstance(output, Decision):
+                    report.decisions.append(output)
+                else:
+                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these two)
         except RejectedRecord as error:
             report.dead_letters.append(self._dead_letter(record, error, now))
             return
@@ -254,8 +271,9 @@ class BudgetPipeline:
             report.dead_letters.append(self._dead_letter(record, failure, now))
             return
         report.tenants.add(event.tenant_id)  # type: ignore[attr-defined]
-        if isinstance(event, _SUNK):
+        if isinstance(event, (*_SUNK, Summary)):  # a summary swapped in changes its run's headroom too
             report.runs[run_key(event.tenant_id, event.run_id)] = event.user_id  # type: ignore[union-attr]
+        if isinstance(event, _SUNK):
             self._sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
 
     def _decode(self, record: InputRecord) -> BaseModel:

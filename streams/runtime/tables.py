@@ -10,9 +10,10 @@ Why not ``table[key] = value``: Faust would produce one changelog record per ass
 the *current* event. A batch spans partitions, and the crash argument in :mod:`processors.ledger` needs the
 aggregates durable before the run ledgers. :class:`TableBudgetStore` therefore writes the in-memory store
 directly, remembers each dirty key with the partition of the record that wrote it, and :meth:`persist`
-produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers, then
-watermarks. A retired (deleted) key is written as a tombstone, a null value, which every reader of the
-changelogs applies as a deletion (Faust's recovery, the bulk preload in :mod:`streams.runtime.recovery`).
+produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers, then the
+chain processors' tables (:class:`processors.chain.TableSpec`: the planner's working sets), then watermarks. A
+retired (deleted) key is written as a tombstone, a null value, which every reader of the changelogs applies as a
+deletion (Faust's recovery, the bulk preload in :mod:`streams.runtime.recovery`).
 
 The records go out through :class:`BatchProducer` (aiokafka's batch API), not Faust's ``Topic.send``: a large
 batch dirties thousands of keys, and a record costs ~1.3 us of CPU that way against ~12 us through
@@ -31,6 +32,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.ledger import RunLedger, WorkflowLedger
 from ctxflow.processors.retention import Watermark
 from ctxflow.processors.types import StaticCount
@@ -61,6 +63,20 @@ class _Utf8(Codec):
 
     def _loads(self, s: bytes) -> Any:
         return s.decode()
+
+
+class _BytesCodec(Codec):
+    """A chain processor's table: its values' own bytes form (:class:`processors.chain.TableSpec`)."""
+
+    def __init__(self, dump: Callable[[Any], bytes], load: Callable[[bytes], Any]) -> None:
+        super().__init__()
+        self._dump, self._load = dump, load
+
+    def _dumps(self, obj: Any) -> bytes:
+        return self._dump(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return self._load(s)
 
 
 class _ManifestCodec(Codec):
@@ -151,10 +167,16 @@ class BatchProducer:
         return int(self._partitioner(key, partitions, partitions))
 
 
-def declare_tables(app: faust.App, partitions: int) -> dict[str, faust.Table]:
-    """Create the budget tables on ``app`` (co-partitioned with the tenant-keyed input topics)."""
+def value_codecs(specs: Iterable[TableSpec] = ()) -> dict[str, Codec]:
+    """Every table's value codec: the budget's and those of the chain's processors (``specs``)."""
+    return {**VALUE_CODECS, **{spec.name: _BytesCodec(spec.dump, spec.load) for spec in specs}}
+
+
+def declare_tables(app: faust.App, partitions: int, specs: Iterable[TableSpec] = ()) -> dict[str, faust.Table]:
+    """Create the budget tables and the chain processors' (``specs``) on ``app``, co-partitioned with the
+    tenant-keyed input topics."""
     tables = {}
-    for name, codec in VALUE_CODECS.items():
+    for name, codec in value_codecs(specs).items():
         # Faust derives a changelog's serializers from model types; ours are plain domain objects with their own
         # codecs, so the changelog topic is declared here with them (same name and settings Faust would use).
         changelog = app.topic(
@@ -188,6 +210,8 @@ class TableBudgetStore:
         self._data = {name: table.data.data for name, table in tables.items()}
         self._key_partition = {name: table.data._key_partition for name, table in tables.items()}
         self._dirty: dict[str, dict[str, int]] = {name: {} for name in tables}
+        self._codecs = {name: table.changelog_topic.schema.value_serializer for name, table in tables.items()}
+        self._processors = tuple(name for name in tables if name not in VALUE_CODECS)
         self.partition = 0
 
     def _get(self, name: str, key: str) -> Any:
@@ -251,6 +275,15 @@ class TableBudgetStore:
     def delete_workflow(self, key: str) -> None:
         self._delete("workflows", key)
 
+    def get_state(self, table: str, key: str) -> Any:
+        return self._get(table, key)
+
+    def put_state(self, table: str, key: str, value: Any) -> None:
+        self._put(table, key, value)
+
+    def delete_state(self, table: str, key: str) -> None:
+        self._delete(table, key)
+
     def run_items(self) -> Iterable[tuple[str, RunLedger]]:
         return self._data["runs"].items()
 
@@ -264,13 +297,17 @@ class TableBudgetStore:
         data = self._data["runs"]
         return [(key, data[key]) for key in self._dirty["runs"] if key in data]
 
-    def capture_changelogs(self) -> tuple[list[OutRecord], list[OutRecord], list[OutRecord]]:
-        """Encode every dirty value now (aggregates, run ledgers, watermarks) and forget that they were dirty.
+    def capture_changelogs(self) -> tuple[list[OutRecord], ...]:
+        """Encode every dirty value now (aggregates, run ledgers, the chain processors' tables, watermarks: the
+        order they are persisted in) and forget that they were dirty.
 
         Later writes to the tables do not change what was captured, so a batch's changelog can be written
         while the next batch is processed.
         """
-        return self._changelog_records(AGGREGATES), self._changelog_records(RUNS), self._changelog_records(MARKS)
+        return (
+            self._changelog_records(AGGREGATES), self._changelog_records(RUNS),
+            self._changelog_records(self._processors), self._changelog_records(MARKS),
+        )
 
     async def write_changelogs(self, records: list[OutRecord]) -> int:
         """Produce captured changelog records and await their acks (the caller keeps the commit order)."""
@@ -279,7 +316,7 @@ class TableBudgetStore:
     def _changelog_records(self, names: Iterable[str]) -> list[OutRecord]:
         records: list[OutRecord] = []
         for name in names:
-            topic, dumps = self._changelogs[name], VALUE_CODECS[name].dumps
+            topic, dumps = self._changelogs[name], self._codecs[name].dumps
             data, dirty = self._data[name], self._dirty[name]
             records += [
                 (topic, partition, key.encode(), None if (value := data.get(key)) is None else dumps(value))

@@ -26,6 +26,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.chain import default_chain
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
@@ -77,7 +78,8 @@ def build_app(settings: Settings) -> faust.App:
     )
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     app.stall_after_s = settings.stall_after_s
-    tables = declare_tables(app, settings.partitions)
+    chain_tables = default_chain(BudgetProcessor(TokenCounter())).tables
+    tables = declare_tables(app, settings.partitions, chain_tables)
     logical = {settings.topic(name): name for name in INPUT_MODELS}
     inputs = app.topic(
         *logical, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -108,7 +110,7 @@ def build_app(settings: Settings) -> faust.App:
         counter.preload()
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
-            processor=BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
+            chain=default_chain(BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s))),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             sink=sink,
             redis=redis,

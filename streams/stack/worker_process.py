@@ -19,10 +19,12 @@ from typing import Any, cast
 from ctxflow.sinks.clickhouse import QueryResult
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.runtime.pipeline import INPUT_MODELS
 from ctxflow.streams.stack.processes import ManagedProcess, tail
 from ctxflow.streams.stack.query import run_query
 
-INPUT_TOPICS = ("turns", "usage", "runs", "admissions", "manifests")
+#: The worker's input topics (logical names), as its pipeline decodes them.
+INPUT_TOPICS: tuple[str, ...] = tuple(INPUT_MODELS)
 
 
 class WorkerNotReady(RuntimeError):

@@ -1,10 +1,11 @@
 """Exactly-once totals under duplicates and crashes, and tenant isolation: property tests without a broker.
 
-The crash model follows the worker's persistence order (``processors.ledger``): after each batch it writes
-decisions, then aggregate values (tenant, user, workflow ledgers, in any order), then run ledgers, then the
-consumer offsets. A crash persists a random prefix of that list; the restarted worker rebuilds its state from
-what was persisted (through the changelog snapshots) and re-reads every topic from its committed offset,
-interleaving the topics differently from the first time.
+The worker's processor chain runs (budget, then eviction planner: small history caps make it evict). The crash
+model follows the worker's persistence order (``processors.ledger``): after each batch it writes decisions,
+then aggregate values (tenant, user, workflow ledgers, in any order), then run ledgers, then the planner's
+working sets, then the consumer offsets. A crash persists a random prefix of that list; the restarted worker
+rebuilds its state from what was persisted (through the changelog snapshots) and re-reads every topic from its
+committed offset, interleaving the topics differently from the first time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ctxflow.processors.budget import BudgetProcessor, Event
+from ctxflow.processors.chain import default_chain
+from ctxflow.processors.eviction.workset import WorkingSet
 from ctxflow.processors.ledger import RunLedger, WorkflowLedger
 from ctxflow.processors.manifest import SLOT_INDEX
 from ctxflow.processors.pricing import DEFAULT_PRICES, usage_tokens
@@ -143,7 +146,9 @@ class Worker:
 
     def __init__(self, w: Workload, tenants: list[str], rng: random.Random) -> None:
         self.w, self.rng, self.manifests = w, rng, manifests(tenants)
-        self.durable: dict[str, dict] = {"runs": {}, "tenants": {}, "users": {}, "workflows": {}, "counts": {}}
+        self.durable: dict[str, dict] = {
+            "runs": {}, "tenants": {}, "users": {}, "workflows": {}, "counts": {}, "worksets": {},
+        }
         self.decisions: dict[str, Decision] = {}
         self.committed = dict.fromkeys(TOPICS, 0)
         self.restart()
@@ -157,8 +162,9 @@ class Worker:
             workflows={k: WorkflowLedger.from_dict(v) for k, v in d["workflows"].items()},
             counts=dict(d["counts"]),
             manifests={m.tenant_id: m for m in self.manifests},
+            tables={"worksets": {k: WorkingSet.from_bytes(v) for k, v in d["worksets"].items()}},
         )
-        self.processor = BudgetProcessor(COUNTER)
+        self.chain = default_chain(BudgetProcessor(COUNTER))
         self.position = dict(self.committed)
 
     def run(self, crashes: int, crash_rate: float) -> None:
@@ -170,7 +176,8 @@ class Worker:
                 topic = self.rng.choice(pending)  # the topics interleave differently on every pass
                 offset = self.position[topic]
                 self.position[topic] += 1
-                out += self.processor.process(self.w.logs[topic][offset], Position(topic, 0, offset), self.state, NOW)
+                out += [o for o in self.chain.process(self.w.logs[topic][offset], Position(topic, 0, offset),
+                                                      self.state, NOW) if isinstance(o, Decision)]
             if crashes and self.rng.random() < crash_rate:
                 crashes -= 1
                 self.persist(out, cut=True)
@@ -183,9 +190,11 @@ class Worker:
         tables = ("tenants", "users", "workflows", "counts")
         aggregates = [(t, k) for t in tables for k in sorted(dirty.get(t, ()))]
         self.rng.shuffle(aggregates)
-        runs = sorted(dirty.get("runs", ()))
+        runs = [("runs", k) for k in sorted(dirty.get("runs", ()))]
         self.rng.shuffle(runs)
-        writes = [("decision", d) for d in out] + aggregates + [("runs", k) for k in runs] + [("commit", None)]
+        worksets = [("worksets", k) for k in sorted(dirty.get("worksets", ()))]
+        self.rng.shuffle(worksets)
+        writes = [("decision", d) for d in out] + aggregates + runs + worksets + [("commit", None)]
         for kind, item in writes[: self.rng.randrange(len(writes))] if cut else writes:
             if kind == "decision":
                 self.decisions[item.decision_id] = item
@@ -193,6 +202,8 @@ class Worker:
                 self.committed = dict(self.position)
             elif kind == "runs":
                 self.durable["runs"][item] = self.state.runs[item].to_list()
+            elif kind == "worksets":
+                self.durable["worksets"][item] = self.state.tables["worksets"][item].to_bytes()
             elif kind == "counts":
                 self.durable["counts"][item] = self.state.counts[item]
             else:
@@ -325,6 +336,11 @@ def test_crashes_and_duplicates_never_change_totals_or_lose_decisions(
     check_totals(crashed.durable, w)
     check_totals(reference.durable, w)
     assert context_decisions(crashed.decisions, w) == context_decisions(reference.decisions, w)
+    # The planner's working sets end the same after any crash, and the budget's live tokens agree with them.
+    assert crashed.durable["worksets"] == reference.durable["worksets"]
+    for key, value in crashed.durable["worksets"].items():
+        ws, run = WorkingSet.from_bytes(value), RunLedger.from_list(crashed.durable["runs"][key])
+        assert [run.live(i) for i in range(6)] == [ws.live_tokens(i) for i in range(6)], key
     reconciled = {d.source_event_id for d in crashed.decisions.values() if d.kind is DecisionKind.USAGE_RECONCILED}
     finals = {e.event_id for e in w.distinct if isinstance(e, UsageReport) or getattr(e, "phase", None) == "finalized"}
     assert reconciled == finals
@@ -341,9 +357,9 @@ def test_each_tenant_sees_exactly_what_it_would_see_alone(seed: int, tenants: in
     records.sort(key=lambda r: (r[1], r[0]))  # interleave tenants; keep offsets ascending per topic
     shared = DictBudgetState(manifests={m.tenant_id: m for m in manifests(names)})
     shared_out: dict[str, list[Decision]] = defaultdict(list)
-    processor = BudgetProcessor(COUNTER)
+    chain = default_chain(BudgetProcessor(COUNTER))
     for topic, offset, ev in records:
-        for d in processor.process(ev, Position(topic, 0, offset), shared, NOW):
+        for d in chain.process(ev, Position(topic, 0, offset), shared, NOW):
             assert d.tenant_id == ev.tenant_id
             shared_out[ev.tenant_id].append(d)
     for name in names:
@@ -352,9 +368,11 @@ def test_each_tenant_sees_exactly_what_it_would_see_alone(seed: int, tenants: in
             d
             for topic, offset, ev in records
             if ev.tenant_id == name
-            for d in BudgetProcessor(TokenCounter()).process(ev, Position(topic, 0, offset), alone, NOW)
+            for d in default_chain(BudgetProcessor(TokenCounter())).process(ev, Position(topic, 0, offset), alone, NOW)
         ]
         assert alone_out == shared_out[name]
         for table in ("runs", "tenants", "users", "workflows"):
             mine = {k: v for k, v in getattr(shared, table).items() if tenant_of_key(k) == name}
             assert mine == getattr(alone, table), (name, table)
+        mine = {k: v.to_bytes() for k, v in shared.tables["worksets"].items() if tenant_of_key(k) == name}
+        assert mine == {k: v.to_bytes() for k, v in alone.tables["worksets"].items()}, name

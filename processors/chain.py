@@ -1,0 +1,96 @@
+"""The processor chain: every record through the budget, then each later processor, under one commit protocol.
+
+Order: budget -> eviction planner (-> the memory gate and the envelope/cost processors of later issues). Each
+processor is pure, ``(event, position, state, now) -> outputs`` over its own tables, and unit-tested without
+Kafka. The chain owns what they share:
+
+- *Admission of a record* is the budget's: a run record the tenant's watermark already covers is skipped by the
+  whole chain (every effect of it is durable), one too late for the dedup window is refused by the whole chain
+  (:mod:`processors.retention`).
+- *Retirement* too: the runs the budget retires after a record are retired by every processor (each forgets
+  its state of them, a tombstone on its table's changelog).
+- *Feedback*: a later processor may return a :class:`~processors.budget.Relief` (the planner's tokens freed per
+  slot, absolute); the chain hands it to the budget, whose gauges then move back down. Everything else a
+  processor returns is a record to publish (decisions, compression jobs), routed by type by the worker.
+
+A processor's tables are declared as :class:`TableSpec` values and persisted by the worker with the run ledgers
+(after the aggregates, before the watermarks: :mod:`streams.runtime.pipeline`), so each processor's own
+per-run dedup state follows the crash argument of :mod:`processors.ledger`. Adding a processor is its module and
+a line in :func:`default_chain`; no commit, dedup, recovery or projection code changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from ctxflow.processors.budget import BudgetProcessor, Event, Relief
+from ctxflow.processors.types import BudgetStore, Position
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A processor's state table: name, and its value's changelog form (bytes) both ways."""
+
+    name: str
+    dump: Callable[[Any], bytes]
+    load: Callable[[bytes], Any]
+
+
+class Processor(Protocol):
+    """A pure processor of the chain, after the budget."""
+
+    name: str
+    tables: tuple[TableSpec, ...]
+
+    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime) -> Sequence[Any]:
+        """Apply one record to the processor's tables; return records to publish and :class:`Relief`."""
+        ...
+
+    def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
+        """Forget the processor's state of the runs the budget retired."""
+        ...
+
+
+class ProcessorChain:
+    """Runs each record through the budget and then ``processors``, in order (see the module docstring)."""
+
+    def __init__(self, budget: BudgetProcessor, processors: Sequence[Processor] = ()) -> None:
+        self.budget = budget
+        self.processors = tuple(processors)
+        self.tables: tuple[TableSpec, ...] = tuple(spec for p in self.processors for spec in p.tables)
+
+    def process(self, event: Event | BaseModel, pos: Position, state: BudgetStore, now: datetime) -> list[BaseModel]:
+        """Apply ``event``; returns what to publish (decisions first from the budget, then each processor's).
+
+        Raises what the budget raises for a record it refuses (nothing changed then).
+        """
+        budget = self.budget
+        if not budget.admit(event, pos, state):  # type: ignore[arg-type]
+            return []
+        out: list[BaseModel] = list(budget.apply(event, pos, state, now))  # type: ignore[arg-type]
+        for processor in self.processors:
+            for output in processor.process(event, pos, state, now):
+                if isinstance(output, Relief):
+                    out += budget.relieve(output, state, now)
+                else:
+                    out.append(output)
+        retired = budget.close(event, pos, state)  # type: ignore[arg-type]
+        if retired:
+            for processor in self.processors:
+                processor.retire(retired, state)
+        return out
+
+    def forget_retirement_index(self) -> None:
+        """After the tables were reloaded (restart, rebalance): see :meth:`BudgetProcessor.forget_retirement_index`."""
+        self.budget.forget_retirement_index()
+
+
+def default_chain(budget: BudgetProcessor) -> ProcessorChain:
+    """The worker's chain: budget, then the eviction planner."""
+    from ctxflow.processors.eviction.planner import EvictionPlanner
+
+    return ProcessorChain(budget, [EvictionPlanner(budget)])

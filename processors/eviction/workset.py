@@ -1,0 +1,328 @@
+"""The working-set ledger: every live context item of one run, packed, with what the planner needs to choose.
+
+One :class:`WorkingSet` per run (key ``tenant:run``, the eviction planner's table). Items are fixed-size records
+in one ``bytearray`` read through a numpy structured view (:data:`ITEM`), so a run of 40 items costs a few
+kilobytes and choosing among them is vectorised; item ids live in one length-prefixed blob, read only when a
+decision names them. ``ctxflow bench`` measures the bytes held per live item (goal: at most 160).
+
+What an item records is what an agent knows when it writes it (:mod:`processors.eviction.policy` derives tier
+and importance from it): slot, tier, importance, role and kind, created and last-referenced time (ms after the
+run's first item), reference count, flags (pinned, summary, masked, offloaded, recalled, goal, constraint, in a
+compression job), summary depth, tool pairing (a tool result names the uid of the call it answers), up to six
+32-bit hashes of its most distinctive identifiers and numbers (a later mention of one is a reference, and
+recalls an offloaded item), a 64-bit sign sketch of its embedding (cosine relevance without the vector), and
+where its content is on the log (digest, partition, offset: what a compression job hands the summarizer).
+
+Dedup follows the run ledger's rules (:mod:`processors.ledger`): the ledger skips a record at an offset it
+already holds (per stream: turns, summaries) and a turn whose seq it accepted, with the same reorder window.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from ctxflow.processors.ledger import MAX_SEQ_GAP
+from ctxflow.processors.manifest import SLOTS
+
+#: Input streams the ledger keeps an applied offset for.
+TURNS, SUMMARIES = 0, 1
+
+# Item flags.
+PINNED, SUMMARY, MASKED, OFFLOADED, RECALLED, GOAL, CONSTRAINT, IN_JOB = (1 << i for i in range(8))
+TERMS = 6
+#: Every identifier and number of an item is also kept as a 16-bit hash (up to this many), so that a later turn
+#: naming any of them recalls the item once offloaded; 2 bytes each, variable per item.
+MAX_SHORT_TERMS = 48
+#: Summaries of summaries stop here.
+MAX_DEPTH = 2
+
+#: An item's ``order`` is its seq shifted by this much, leaving room after the current tail for recalled items
+#: (each takes the next order after the tail) before the next turn's.
+ORDER_SHIFT = 16
+
+ITEM = np.dtype(
+    [
+        ("order", "<i8"),  # context position: seq << ORDER_SHIFT for an item; a recalled item goes to the tail
+        ("uid", "<u4"),  # stable within the run: what pairs and jobs point at
+        ("tokens", "<i4"),  # live tokens (a masked item: its placeholder's)
+        ("orig", "<i4"),  # tokens when it entered
+        ("created", "<u4"),  # ms after the run's base time
+        ("last_ref", "<u4"),
+        ("refs", "<u2"),
+        ("tier", "u1"),
+        ("slot", "u1"),
+        ("kind", "u1"),  # ItemKind index | Role index << 4
+        ("flags", "u1"),
+        ("depth", "u1"),
+        ("importance", "u1"),  # 0..255
+        ("pair", "<i4"),  # a tool result: uid of its call; -1 otherwise
+        ("sketch", "<u8"),  # sign sketch of the embedding; 0 without one
+        ("terms", "<u4", (TERMS,)),
+        ("digest", "S32"),
+        ("partition", "<u2"),
+        ("offset", "<i8"),
+    ],
+    align=False,
+)
+_EMPTY = np.zeros(0, dtype=ITEM)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = blob[at]
+        at += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return n, at
+
+
+def _entries(blob: bytes) -> list[tuple[int, int, int, int]]:
+    """Per item of ``blob``: (entry start, id end, terms end = entry end) and the id's start, as
+    ``(start, id_start, id_end, end)``; the terms are the bytes after the count varint up to ``end``."""
+    spans, at = [], 0
+    while at < len(blob):
+        start = at
+        n, at = _read_varint(blob, at)
+        id_start, id_end = at, at + n
+        count, at = _read_varint(blob, id_end)
+        at += 2 * count
+        spans.append((start, id_start, id_end, at))
+    return spans
+
+
+def _entry(item_id: str, terms: bytes) -> bytes:
+    encoded = item_id.encode("utf-8")
+    return _varint(len(encoded)) + encoded + _varint(len(terms) // 2) + terms
+
+
+def short_terms(hashes: Iterable[int], limit: int = MAX_SHORT_TERMS) -> bytes:
+    """The 16-bit forms of up to ``limit`` term hashes (sorted, distinct), as an item's recall set."""
+    return np.unique(np.fromiter((h & 0xFFFF for h in hashes), dtype="<u2"))[:limit].tobytes()
+
+
+@dataclass(slots=True)
+class PreparedSummary:
+    """A summary the summarizer prepared for a job, waiting to be swapped in (text kept until then)."""
+
+    summary_id: str
+    job_id: str
+    slot: int
+    text: str
+    tokens: int
+    source_uids: list[int]
+    source_ids: list[str]
+    source_digests: list[str]
+    summarizer: str
+    version: str
+    depth: int
+    fidelity: float
+    partition: int
+    offset: int
+
+    def to_list(self) -> list:
+        return [self.summary_id, self.job_id, self.slot, self.text, self.tokens, self.source_uids, self.source_ids,
+                self.source_digests, self.summarizer, self.version, self.depth, self.fidelity, self.partition,
+                self.offset]
+
+    @classmethod
+    def from_list(cls, v: list) -> PreparedSummary:
+        return cls(*v)
+
+
+@dataclass(slots=True)
+class WorkingSet:
+    """One run's live context items and the planner's state about them (see the module docstring).
+
+    Guarantees: items are in context order (``order`` ascending); ``freed[s]`` is the sum of tokens ctxflow's
+    decisions took out of slot ``s`` (a recall gives some back), so the budget's live tokens equal the ledger's
+    item tokens; :meth:`to_bytes` round-trips exactly.
+    """
+
+    items: bytearray = field(default_factory=bytearray)
+    #: Per item, in order: varint length and id, then a varint count and that many 16-bit term hashes.
+    ids: bytes = b""
+    #: ``(call uid, hash of an issued tool-call id)`` pairs, 8 bytes each: what a later result pairs with.
+    calls: bytes = b""
+    seq_upto: int = -1
+    seq_above: int = 0
+    offsets: list[int] = field(default_factory=lambda: [-1, -1])
+    base_ms: int = -1
+    next_uid: int = 0
+    freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
+    #: The pending compression job (id), its slot, and the uids it covers.
+    job_id: str | None = None
+    job_slot: int = -1
+    #: Per slot, the live tokens below which a compression is not worth requesting again (backoff).
+    backoff: list[int] = field(default_factory=lambda: [0] * len(SLOTS))
+    prepared: PreparedSummary | None = None
+    #: The current query: hashes of what the latest user turn mentions, and its embedding sketch.
+    query_terms: list[int] = field(default_factory=list)
+    query_sketch: int = 0
+    compressions: int = 0
+    private: bool = False  # a no_retention run: its content never goes to a summarizer
+
+    # ---- items -----------------------------------------------------------------------------------------------
+    def view(self) -> np.ndarray:
+        """The items as a writable structured array over the ledger's bytes (drop it before resizing)."""
+        return np.frombuffer(self.items, dtype=ITEM) if self.items else _EMPTY
+
+    def __len__(self) -> int:
+        return len(self.items) // ITEM.itemsize
+
+    def item_ids(self) -> list[str]:
+        """Every item's id, in context order."""
+        blob = self.ids
+        return [blob[a:b].decode("utf-8") for _, a, b, _ in _entries(blob)]
+
+    def recall_terms(self, index: Sequence[int]) -> list[np.ndarray]:
+        """The 16-bit term hashes of the items at ``index``."""
+        blob, spans = self.ids, _entries(self.ids)
+        out = []
+        for i in index:
+            _, _, id_end, end = spans[i]
+            _, at = _read_varint(blob, id_end)
+            out.append(np.frombuffer(blob, dtype="<u2", count=(end - at) // 2, offset=at))
+        return out
+
+    def insert(self, record: np.ndarray, item_id: str, terms: bytes = b"") -> int:
+        """Insert one item record (a 1-element :data:`ITEM` array) at its place by ``order``, with its id and
+        16-bit recall terms (:func:`short_terms`); returns its index."""
+        n = len(self)
+        order = int(record["order"][0])
+        view = self.view()
+        at = n if n == 0 or order >= view["order"][-1] else int(np.searchsorted(view["order"], order, side="right"))
+        del view
+        size = ITEM.itemsize
+        self.items[at * size:at * size] = record.tobytes()
+        entry = _entry(item_id, terms)
+        if at == n:
+            self.ids += entry
+        else:
+            head = _entries(self.ids)[at][0]
+            self.ids = self.ids[:head] + entry + self.ids[head:]
+        return at
+
+    def entry_of(self, index: int) -> bytes:
+        """The raw id-and-terms entry of one item (to move it without decoding)."""
+        start, _, _, end = _entries(self.ids)[index]
+        return self.ids[start:end]
+
+    def insert_entry(self, record: np.ndarray, entry: bytes) -> None:
+        """Insert a record with a raw entry from :meth:`entry_of`."""
+        _, id_start, id_end, _ = _entries(entry)[0]
+        _, at = _read_varint(entry, id_end)
+        self.insert(record, entry[id_start:id_end].decode("utf-8"), entry[at:])
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the items where ``mask`` is true (the others leave the ledger)."""
+        if bool(mask.all()):
+            return
+        blob = self.ids
+        self.ids = b"".join(
+            blob[start:end] for (start, _, _, end), kept in zip(_entries(blob), mask.tolist(), strict=True) if kept
+        )
+        self.items = bytearray(self.view()[mask].tobytes())
+
+    def add_call_ids(self, uid: int, hashes: list[int]) -> None:
+        """Remember the tool-call ids an item issued (hashed), for pairing later results."""
+        self.calls += b"".join(struct.pack("<II", uid, h) for h in hashes)
+
+    def call_of(self, call_hash: int) -> int:
+        """The uid of the latest item that issued a tool-call id with this hash, or -1 (ids repeat in real logs:
+        a result answers the nearest earlier call that issued its id)."""
+        calls = self.calls
+        for at in range(len(calls) - 8, -1, -8):
+            uid, h = struct.unpack_from("<II", calls, at)
+            if h == call_hash:
+                return uid
+        return -1
+
+    def forget_calls(self, uids: set[int]) -> None:
+        """Drop the issued ids of items that left."""
+        if uids and self.calls:
+            pairs = [self.calls[at:at + 8] for at in range(0, len(self.calls), 8)]
+            self.calls = b"".join(p for p in pairs if struct.unpack_from("<I", p)[0] not in uids)
+
+    def context(self) -> list[tuple[str, int, int, int]]:
+        """The run's context as the model reads it: ``(item id, flags, slot, tokens)`` of each live item, in order
+        (offloaded items are not in it; masked ones are, as their placeholder)."""
+        view = self.view()
+        flags, slots, tokens = view["flags"].tolist(), view["slot"].tolist(), view["tokens"].tolist()
+        return [
+            (item_id, f, s, t)
+            for item_id, f, s, t in zip(self.item_ids(), flags, slots, tokens, strict=True)
+            if not f & OFFLOADED
+        ]
+
+    def live_tokens(self, slot: int | None = None) -> int:
+        """Live tokens of one slot, or of all slots (offloaded items hold none)."""
+        view = self.view()
+        live = (view["flags"] & OFFLOADED) == 0
+        if slot is not None:
+            live &= view["slot"] == slot
+        return int(view["tokens"][live].sum())
+
+    # ---- dedup -----------------------------------------------------------------------------------------------
+    def accept_seq(self, seq: int) -> bool:
+        """Record turn ``seq``; False when it was already accepted (the run ledger's window, same verdicts)."""
+        d = seq - self.seq_upto - 1
+        if d < 0 or (self.seq_above >> d) & 1:
+            return False
+        if d >= MAX_SEQ_GAP:
+            shift = d - MAX_SEQ_GAP + 1
+            self.seq_above >>= shift
+            self.seq_upto += shift
+            d -= shift
+        above = self.seq_above | (1 << d)
+        if above & 1:
+            ones = (above ^ (above + 1)).bit_length() - 1
+            above >>= ones
+            self.seq_upto += ones
+        self.seq_above = above
+        return True
+
+    def ms(self, at_ms: int) -> int:
+        """Event time as stored in an item: ms after the run's base time (clamped to the field's range)."""
+        if self.base_ms < 0:
+            self.base_ms = at_ms
+        return min(max(at_ms - self.base_ms, 0), 0xFFFFFFFF)
+
+    # ---- changelog -------------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The changelog form: a JSON header, then the item records, ids and calls."""
+        head = json.dumps(
+            [self.seq_upto, self.seq_above, self.offsets, self.base_ms, self.next_uid, self.freed.tolist(),
+             self.job_id, self.job_slot, self.backoff, self.prepared.to_list() if self.prepared else None,
+             self.query_terms, self.query_sketch, self.compressions, self.private, len(self.items), len(self.ids)],
+            separators=(",", ":"),
+        ).encode()
+        return struct.pack("<I", len(head)) + head + bytes(self.items) + self.ids + self.calls
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WorkingSet:
+        """Inverse of :meth:`to_bytes`."""
+        (n,) = struct.unpack_from("<I", data)
+        v = json.loads(data[4:4 + n])
+        at = 4 + n
+        items, ids = bytearray(data[at:at + v[14]]), data[at + v[14]:at + v[14] + v[15]]
+        calls = data[at + v[14] + v[15]:]
+        return cls(
+            items, ids, calls, v[0], v[1], v[2], v[3], v[4], array("q", v[5]), v[6], v[7], v[8],
+            PreparedSummary.from_list(v[9]) if v[9] else None, v[10], v[11], v[12], v[13],
+        )

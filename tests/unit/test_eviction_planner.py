@@ -1,0 +1,189 @@
+"""The eviction planner's decisions on concrete runs: relief, compression and swap, backoff, recall, masking."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from ctxflow.processors.budget import BudgetProcessor
+from ctxflow.processors.chain import ProcessorChain
+from ctxflow.processors.eviction.planner import TABLE, EvictionPlanner
+from ctxflow.processors.eviction.workset import WorkingSet
+from ctxflow.processors.tokens import TokenCounter
+from ctxflow.processors.types import DictBudgetState, Position, run_key
+from ctxflow.schemas.models import (
+    BudgetState,
+    CompressionJob,
+    Decision,
+    DecisionKind,
+    EvictionPolicy,
+    EvictionStrategy,
+    ItemKind,
+    OverflowBehaviour,
+    PrivacyMode,
+    Role,
+    Slot,
+    SlotCaps,
+    Summary,
+    TenantManifest,
+    TurnEvent,
+)
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+K = DecisionKind
+
+
+class Run:
+    """One run of tenant ``acme`` through the worker's chain, over in-memory tables."""
+
+    def __init__(self, history: int = 1000, **policy: object) -> None:
+        overflow = policy.pop("overflow", OverflowBehaviour.EVICT_AND_COMPRESS)
+        self.manifest = TenantManifest(
+            tenant_id="acme", version=3, tier="standard", slot_caps=SlotCaps(history=history),
+            total_cap=100_000, updated_at=T0, overflow=overflow, eviction=EvictionPolicy(**policy),  # type: ignore[arg-type]
+        )
+        self.state = DictBudgetState(manifests={"acme": self.manifest})
+        budget = BudgetProcessor(TokenCounter())
+        self.chain = ProcessorChain(budget, [EvictionPlanner(budget)])
+        self.seq = 0
+        self.summaries = 0
+        self.out: list[object] = []
+
+    def turn(self, tokens: int, role: Role = Role.ASSISTANT, kind: ItemKind = ItemKind.MESSAGE,
+             content: str = "", **extra: object) -> list[object]:
+        seq, self.seq = self.seq, self.seq + 1
+        event = TurnEvent(
+            event_id=f"e{seq}", tenant_id="acme", user_id="u", session_id="s", run_id="r", agent_id="a", seq=seq,
+            role=role, kind=kind, slot=Slot.HISTORY, item_id=f"i{seq}", content=content or f"turn {seq}",
+            token_count=tokens, model="gpt-4o", occurred_at=T0 + timedelta(seconds=seq), **extra,  # type: ignore[arg-type]
+        )
+        out = self.chain.process(event, Position("turns", 0, seq), self.state, T0)
+        self.out += out
+        return out
+
+    def answer(self, job: CompressionJob, tokens: int, text: str = "summary keeps ORD-1042") -> list[object]:
+        summary = Summary(
+            summary_id=f"sum{self.summaries}", job_id=job.job_id, tenant_id="acme", user_id="u", session_id="s",
+            run_id="r", slot=job.slot, text=text, token_count=tokens, source_ids=[s.item_id for s in job.sources],
+            source_digests=[s.content_digest for s in job.sources], summarizer="extractive",
+            summarizer_version="1", depth=1, fidelity=1.0, produced_at=T0,
+        )
+        out = self.chain.process(summary, Position("summaries", 0, self.summaries), self.state, T0)
+        self.summaries += 1
+        self.out += out
+        return out
+
+    @property
+    def ws(self) -> WorkingSet:
+        return self.state.get_state(TABLE, run_key("acme", "r"))
+
+    def decisions(self, kind: DecisionKind) -> list[Decision]:
+        return [d for d in self.out if isinstance(d, Decision) and d.kind is kind]
+
+
+def test_relief_brings_the_slot_back_down_and_the_budget_state_back_to_ok() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.SLIDING_WINDOW, keep_recent=2)
+    run.turn(50, Role.USER, content="My goal is to close ORD-1042.")
+    for _ in range(8):
+        run.turn(100)
+    states = [(d.previous_state, d.state) for d in run.decisions(K.BUDGET_STATE)]
+    assert (BudgetState.OK, BudgetState.SOFT) in states and (BudgetState.SOFT, BudgetState.OK) in states
+    (evict,) = run.decisions(K.EVICT)
+    assert evict.tokens_freed == sum(a.tokens for a in evict.actions) >= 850 - 700
+    assert evict.strategy == "sliding_window" and evict.policy_version == "m3/p1"
+    assert "i0" not in [a.item_id for a in evict.actions]  # the goal is tier 0
+    assert run.state.get_run(run_key("acme", "r")).live(3) == run.ws.live_tokens(3) <= 700
+
+
+def test_compression_is_requested_at_80_percent_and_swapped_in_at_95_with_its_provenance() -> None:
+    run = Run(history=1000, keep_recent=2)
+    run.turn(20, Role.USER, content="Refund ORD-1042, never twice.")
+    for _ in range(7):
+        run.turn(100)
+    assert not [o for o in run.out if isinstance(o, CompressionJob)]  # 720 of 1000
+    run.turn(100)
+    (job,) = [o for o in run.out if isinstance(o, CompressionJob)]  # 820: past 80%
+    assert run.decisions(K.COMPRESS)[0].job_id == job.job_id
+    sources = [s.item_id for s in job.sources]
+    assert sources[0] == "i1" and "i0" not in sources
+    assert job.max_tokens < sum(s.tokens for s in job.sources)
+    run.answer(job, tokens=40)
+    assert not run.decisions(K.SWAP)  # prepared, not yet needed
+    run.turn(100)
+    (swap,) = run.decisions(K.SWAP)
+    assert swap.summary is not None and swap.summary.text == "summary keeps ORD-1042"
+    assert swap.summary.source_ids == [s.item_id for s in job.sources] and swap.job_id == job.job_id
+    assert swap.tokens_freed == sum(s.tokens for s in job.sources) - 40
+    assert run.ws.item_ids()[1] == "sum0"  # the summary stands where its first source stood
+
+
+def test_a_compression_that_would_free_too_little_backs_off_instead_of_repeating() -> None:
+    run = Run(history=1000, keep_recent=2, min_gain=0.5)
+    run.turn(20, Role.USER, content="Refund ORD-1042.")
+    for _ in range(12):
+        run.turn(70)
+    assert not [o for o in run.out if isinstance(o, CompressionJob)]
+    assert run.ws.backoff[3] > 0
+
+
+def test_a_summary_that_frees_too_little_is_not_swapped_and_not_asked_again_at_once() -> None:
+    run = Run(history=1000, keep_recent=2)
+    run.turn(20, Role.USER, content="Refund ORD-1042.")
+    for _ in range(8):
+        run.turn(100)
+    (job,) = [o for o in run.out if isinstance(o, CompressionJob)]
+    run.answer(job, tokens=sum(s.tokens for s in job.sources) - 10)
+    run.turn(10)
+    assert not run.decisions(K.SWAP)
+    assert len([o for o in run.out if isinstance(o, CompressionJob)]) == 1
+
+
+def test_an_offloaded_item_is_recalled_when_a_later_turn_names_it() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.RETRIEVAL_AUGMENTED, keep_recent=1)
+    run.turn(20, Role.USER, content="Start.")
+    run.turn(300, Role.TOOL, ItemKind.TOOL_RESULT, content="order ORD-77731 shipped to Lyon on 2026-02-11")
+    for _ in range(6):
+        run.turn(100)
+    assert "i1" in [a.item_id for d in run.decisions(K.OFFLOAD) for a in d.actions]
+    run.turn(10, Role.USER, content="When did ORD-77731 ship?")
+    (recall,) = run.decisions(K.RECALL)
+    assert [a.item_id for a in recall.actions] == ["i1"]
+    assert run.ws.item_ids()[-2:] == ["i8", "i1"] or run.ws.item_ids()[-1] == "i1"
+
+
+def test_observation_masking_leaves_a_placeholder_naming_the_result() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.OBSERVATION_MASKING, keep_recent=1)
+    run.turn(20, Role.USER, content="Start.")
+    run.turn(10, Role.ASSISTANT, ItemKind.TOOL_CALL, content="read_file()", tool_call_id="call_0",
+             tool_call_ids=["call_0"])
+    run.turn(400, Role.TOOL, ItemKind.TOOL_RESULT, content="a long listing", tool_call_id="call_0")
+    for _ in range(5):
+        run.turn(100)
+    (mask,) = run.decisions(K.MASK)[:1]
+    assert [a.item_id for a in mask.actions] == ["i2"] and mask.summary is not None
+    assert "i2" in (mask.summary.text or "") and "400 tokens" in (mask.summary.text or "")
+    assert "i1" in run.ws.item_ids() and "i2" in run.ws.item_ids()  # the pair still stands
+
+
+def test_a_no_retention_run_is_relieved_but_never_sent_to_a_summarizer() -> None:
+    run = Run(history=1000, keep_recent=2)
+    for _ in range(10):
+        run.turn(100, privacy=PrivacyMode.NO_RETENTION)
+    assert not [o for o in run.out if isinstance(o, CompressionJob)]
+    assert run.decisions(K.OFFLOAD) or run.decisions(K.EVICT)
+
+
+def test_a_tenant_that_declined_eviction_gets_no_eviction_decisions() -> None:
+    run = Run(history=500, overflow=OverflowBehaviour.REJECT)
+    for _ in range(10):
+        run.turn(100)
+    assert not [d for d in run.out if isinstance(d, Decision) and d.kind in (K.EVICT, K.OFFLOAD, K.MASK, K.SWAP)]
+    assert run.state.get_run(run_key("acme", "r")).live(3) == 1000
+
+
+def test_the_working_set_round_trips_through_its_changelog_form() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.RETRIEVAL_AUGMENTED, keep_recent=1)
+    run.turn(20, Role.USER, content="Start with ORD-1.")
+    for _ in range(9):
+        run.turn(100, content="ORD-2 and src/app.py at 2026-01-02")
+    copy = WorkingSet.from_bytes(run.ws.to_bytes())
+    assert copy.to_bytes() == run.ws.to_bytes() and copy.context() == run.ws.context()
