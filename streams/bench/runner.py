@@ -6,7 +6,8 @@ Phases (all in the same run, so their figures are comparable): corpus (encoded b
 it, each with a fresh worker and topics -> (d) session memory and SIGKILL recovery with
 ``runs_for_memory`` active runs, fresh worker -> (d') ``retired_runs`` finished runs spread over hundreds of
 retention windows: RSS and restart time against the same worker empty (``streams.bench.retention``) -> (e) the
-budget core alone, in process.
+budget core alone, in process -> (e') the eviction planner's table, its CPU per eviction decision and the
+summarizer, in process (``streams.bench.eviction``).
 
 The benchmark's deployment is one worker process, so its topics have one partition each
 (``BenchConfig.partitions``): that worker reads every partition anyway, and the embedded broker's fetch costs
@@ -28,6 +29,7 @@ from typing import Any
 
 from ctxflow.streams.bench.core import measure_core
 from ctxflow.streams.bench.corpus import TurnCorpus, publish
+from ctxflow.streams.bench.eviction import GOAL_BYTES_PER_ITEM, ITEMS_PER_RUN, measure_eviction
 from ctxflow.streams.bench.latency import LatencyResult, measure_latency
 from ctxflow.streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
 from ctxflow.streams.bench.retention import measure_retention
@@ -55,16 +57,22 @@ class BenchConfig:
     partitions: int = 1
     #: Finished runs of the retired-runs phase (the issue's goal is stated for a million).
     retired_runs: int = 1_000_000
+    #: Runs of 60 turns past their watermarks, and summarizer jobs of 10 items, of phase (e'); its planner table
+    #: holds ``runs_for_memory`` runs.
+    planner_runs: int = 320
+    summarizer_jobs: int = 300
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
-        return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000, retired_runs=20_000)
+        return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000, retired_runs=20_000,
+                   planner_runs=96, summarizer_jobs=60)
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         """The smallest run that still goes through every phase: for the test suite, not for figures."""
-        return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500, retired_runs=2_000)
+        return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500, retired_runs=2_000,
+                   planner_runs=16, summarizer_jobs=4)
 
 
 def _fresh(base: Settings, home: Path, name: str) -> Settings:
@@ -226,6 +234,24 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
     core = measure_core(config.core_rate_runs, config.runs_for_memory)
     details |= {"processor_events": core.processor_events, "processor_decisions": core.processor_decisions}
     say(f"  processor_eps = {core.processor_eps:,.0f}; {core.bytes_per_run:,.0f} bytes/run (tracemalloc)")
+
+    details["cpu_probe_ms"]["eviction"] = cpu_probe_ms()
+    say(f"(e') eviction in process: planner table of {config.runs_for_memory:,} runs x {ITEMS_PER_RUN} items "
+        f"(goal <= {GOAL_BYTES_PER_ITEM} bytes per item), CPU per eviction decision, summarizer rate")
+    ev = measure_eviction(config.runs_for_memory, config.planner_runs, config.summarizer_jobs, say)
+    table, planner, summarizer = ev.table, ev.planner, ev.summarizer
+    details |= {"eviction_table_runs": table.runs, "eviction_table_items": table.items,
+                "eviction_heap_bytes_per_item": round(table.heap_bytes_per_item, 1),
+                "eviction_changelog_bytes_per_run": round(table.changelog_bytes_per_run),
+                "eviction_bytes_per_item_breakdown": table.breakdown,
+                "planner_records": planner.records, "planner_decision_records": planner.decisions,
+                "planner_decisions_by_kind": planner.by_kind,
+                "planner_no_decision_p50_us": round(planner.quiet_p50_us, 1),
+                "planner_budget_only_eps": round(planner.budget_only_eps),
+                "summarizer_jobs": summarizer.jobs, "summarizer_items": summarizer.items,
+                "summarizer_tokens_per_item": round(summarizer.tokens_per_item),
+                "summarizer_mean_fidelity": round(summarizer.fidelity, 3), "eviction_phase_s": round(ev.seconds, 1)}
+    say(f"  phase (e') took {ev.seconds:.1f}s")
     return BenchResults(
         events=len(records), raw_ceiling_eps=round(raw_eps), pipeline_eps=round(run.eps),
         ratio=round(run.eps / raw_eps, 3), p50_latency_ms=round(latency.p50_ms, 1),
@@ -233,4 +259,7 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         recovery_s=round(sessions.recovery_s, 2), processor_eps=round(core.processor_eps),
         core_bytes_per_run=round(core.bytes_per_run), git_sha=sha, details=details,
         retired_runs_rss_ratio=round(retired.rss_ratio, 3), retired_runs_restart_ratio=round(retired.restart_ratio, 3),
+        eviction_bytes_per_item=round(table.bytes_per_item, 1), planner_p50_us=round(planner.p50_us, 1),
+        planner_p99_us=round(planner.p99_us, 1), planner_chain_eps=round(planner.chain_eps),
+        summarizer_items_per_cpu_s=round(summarizer.items_per_cpu_s),
     )

@@ -283,6 +283,15 @@ def bench(
     table.add_row(f"after {d['retired_runs']:,} retired runs: RSS MiB, restart s (empty worker)",
                   f"{d['retired_runs_rss_bytes'] / 2**20:,.0f} ({d['retired_runs_empty_rss_bytes'] / 2**20:,.0f}), "
                   f"{d['retired_runs_restart_s']:.1f} ({d['retired_runs_empty_restart_s']:.1f})", "", "")
+    if results.planner_chain_eps:
+        table.add_row("planner table: changelog bytes per run of 40 items",
+                      f"{d['eviction_changelog_bytes_per_run']:,}", "", "")
+        table.add_row("planner CPU per record with an eviction decision, p50 / p99 (us)",
+                      f"{results.planner_p50_us:,.0f} / {results.planner_p99_us:,.0f}", "", "")
+        table.add_row("records per CPU second: processor chain / budget alone",
+                      f"{results.planner_chain_eps:,.0f} / {d['planner_budget_only_eps']:,}", "", "")
+        table.add_row("summarizer items per CPU second (~300-token tool outputs)",
+                      f"{results.summarizer_items_per_cpu_s:,.0f}", "", "")
     probes = results.details.get("cpu_probe_ms", {})
     speeds = " / ".join(f"{probes[phase]:.0f}" for phase in ("start", "pipeline", "latency", "end") if phase in probes)
     table.add_row("cpu_probe_ms (machine speed, lower is faster: start, pipeline, latency, end)", speeds, "", "")
@@ -317,9 +326,19 @@ SUBCOMMAND_GROUPS: dict[str, str] = {
     "topics": "ctxflow.streams.cli.tenants:topics_app",
 }
 
+#: Commands owned by other modules, registered the same way: ``{"simulate": "module:function"}``.
+SUBCOMMANDS: dict[str, str] = {
+    "summarizer": "ctxflow.streams.cli.summarizer:summarizer",
+    "simulate": "ctxflow.streams.cli.simulate:simulate",
+    "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
+}
+
 for _name, _target in SUBCOMMAND_GROUPS.items():
     _module, _, _attr = _target.partition(":")
     app.add_typer(getattr(importlib.import_module(_module), _attr), name=_name)
+for _name, _target in SUBCOMMANDS.items():
+    _module, _, _attr = _target.partition(":")
+    app.command(name=_name)(getattr(importlib.import_module(_module), _attr))
 
 
 def main() -> None:
