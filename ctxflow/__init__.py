@@ -2,12 +2,18 @@
 
 The public import path for agent runtimes::
 
-    from ctxflow import CtxflowClient, RunContext, Role, ItemKind, Slot
+    from ctxflow import ContextWindow, CtxflowClient, ItemKind, Role, RunContext, Slot
 
     async with CtxflowClient("127.0.0.1:9092") as client:
         ctx = RunContext(tenant_id="acme", user_id="u1", session_id="s1", agent_id="planner", model="gpt-4o")
-        async with client.run(ctx):
-            await client.publish_turn(ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Plan my trip"))
+        window = ContextWindow(run_id=ctx.run_id)  # the message list, kept in step with ctxflow's decisions
+        async with client.run(ctx), client.decisions("acme", run_id=ctx.run_id) as decisions:
+            turn = ctx.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "Plan my trip")
+            await client.publish_turn(turn)
+            window.add({"role": "user", "content": "Plan my trip"}, item_id=turn.item_id)
+            async for decision in decisions:  # evict, offload, recall, mask, swap...
+                window.apply(decision)
+                ...  # window.messages() is always a valid list to send to the model
 
 The repository's folders install beneath this package (``ctxflow.schemas``, ``ctxflow.processors``,
 ``ctxflow.streams``, ``ctxflow.sinks``); only the names below are the SDK's stable surface.
@@ -31,6 +37,7 @@ from ctxflow.schemas.models import (
 from ctxflow.streams.sdk import (
     BrokerUnavailable,
     BudgetReader,
+    ContextWindow,
     CtxflowClient,
     CtxflowError,
     DecisionStream,
@@ -41,7 +48,8 @@ from ctxflow.streams.sdk import (
 )
 
 __all__ = [
-    "AdmissionRequest", "BrokerUnavailable", "BudgetReader", "BudgetState", "CtxflowClient", "CtxflowError",
-    "Decision", "DecisionKind", "DecisionStream", "ItemKind", "PrivacyMode", "PublishFailed", "Role", "RunContext",
-    "RunEvent", "RunPhase", "RunStatus", "Slot", "SyncCtxflowClient", "TopicMissing", "TurnEvent", "UsageReport",
+    "AdmissionRequest", "BrokerUnavailable", "BudgetReader", "BudgetState", "ContextWindow", "CtxflowClient",
+    "CtxflowError", "Decision", "DecisionKind", "DecisionStream", "ItemKind", "PrivacyMode", "PublishFailed",
+    "Role", "RunContext", "RunEvent", "RunPhase", "RunStatus", "Slot", "SyncCtxflowClient", "TopicMissing",
+    "TurnEvent", "UsageReport",
 ]

@@ -132,7 +132,9 @@ def _memory_row(record: MemoryRecord) -> Row:
 
 def _decision_row(decision: Decision) -> Row:
     actions = [(a.item_id, a.action.value, a.tokens) for a in decision.actions]
-    return (*_values(decision, DECISION_COLUMN_NAMES[:-1]), actions)
+    summary = decision.summary
+    provenance = (summary.summary_id, summary.depth, summary.fidelity) if summary is not None else (None, None, None)
+    return (*_values(decision, DECISION_COLUMN_NAMES[:-4]), actions, *provenance)
 
 
 def _dead_letter_row(letter: DeadLetter) -> Row:
@@ -158,9 +160,14 @@ _DECISION_COLUMNS = (
         "used_tokens": "Nullable(UInt64)", "cap_tokens": "Nullable(UInt64)", "window": _OPT_ENUM,
         "admitted": "Nullable(Bool)", "request_id": _OPT, "reason": "String", "source_event_id": _OPT,
         "manifest_version": "Nullable(UInt64)", "decided_at": _TS, "estimated_tokens": "Nullable(UInt64)",
-        "discrepancy_tokens": "Nullable(Int64)",
+        "discrepancy_tokens": "Nullable(Int64)", "strategy": _OPT_ENUM, "policy_version": _OPT,
+        "tokens_freed": "Nullable(UInt64)", "cost_effect_micros": "Nullable(Int64)", "job_id": _OPT,
     }),
     ("actions", "Array(Tuple(item_id String, action LowCardinality(String), tokens UInt64))"),
+    # A summary's provenance, not its text (a payload): which summary, how deep, how faithful.
+    ("summary_id", _OPT),
+    ("summary_depth", "Nullable(UInt8)"),
+    ("summary_fidelity", "Nullable(Float32)"),
 )
 DECISION_COLUMN_NAMES = _names(_DECISION_COLUMNS)
 _DEAD_LETTER_COLUMNS = (("tenant_id", _ID), *_fields(DeadLetter, {

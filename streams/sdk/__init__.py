@@ -37,6 +37,7 @@ if they say ``retained`` (delegation cannot downgrade privacy).
 
 from ctxflow.streams.sdk.budget_reader import BudgetReader
 from ctxflow.streams.sdk.client import CtxflowClient
+from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
 from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
@@ -44,6 +45,6 @@ from ctxflow.streams.sdk.run_context import RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
 
 __all__ = [
-    "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "CtxflowClient", "CtxflowError", "DecisionStream", "PublishFailed",
-    "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
+    "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient", "CtxflowError",
+    "DecisionStream", "PublishFailed", "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
 ]

@@ -73,8 +73,11 @@ class RunContext:
              content_digest: str | None = None, token_count: int | None = None, item_id: str | None = None,
              tool_call_id: str | None = None, importance: float | None = None, relevance: float | None = None,
              tier_hint: int | None = None, embedding: list[float] | None = None, at: datetime | None = None,
-             ) -> TurnEvent:
-        """One context item entering the run, with the next ``seq``. Needs ``content`` or its digest."""
+             tool_call_ids: list[str] | None = None) -> TurnEvent:
+        """One context item entering the run, with the next ``seq``. Needs ``content`` or its digest.
+
+        A tool call that issues several calls names them all in ``tool_call_ids`` (``tool_call_id`` is the first).
+        """
         if content is None and content_digest is None:
             raise ValueError("a turn needs content or content_digest")
         seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -83,8 +86,9 @@ class RunContext:
             kind=kind, slot=slot, item_id=item_id or self.id_factory(), content=content,
             content_digest=content_digest or digest(content), token_count=token_count,
             model=self.model, importance=importance, tier_hint=tier_hint, embedding=embedding,
-            privacy=self.privacy, occurred_at=at or self.clock(), tool_call_id=tool_call_id,
-            relevance=relevance,
+            privacy=self.privacy, occurred_at=at or self.clock(),
+            tool_call_id=tool_call_id or (tool_call_ids[0] if tool_call_ids else None), relevance=relevance,
+            tool_call_ids=tool_call_ids or ([tool_call_id] if kind is ItemKind.TOOL_CALL and tool_call_id else []),
         )
 
     def tool_call(self, content: str, **kw: Any) -> TurnEvent:
