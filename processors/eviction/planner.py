@@ -49,10 +49,8 @@ from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.eviction.features import (
     MIN_HASHED_LENGTH,
     Features,
-    distinctiveness,
     extract,
     term_hash,
-    term_hashes,
 )
 from ctxflow.processors.eviction.policy import KIND_INDEX, KINDS, ROLE_INDEX, ROLES, importance_of, tier_of
 from ctxflow.processors.eviction.workset import (
@@ -80,7 +78,6 @@ from ctxflow.processors.ledger import TURNS as TURNS_STREAM
 from ctxflow.processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit
 from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable
 from ctxflow.processors.types import BudgetStore, Position, decision_id, run_key, tenant_key
-from ctxflow.processors.windows import to_ms
 from ctxflow.schemas.models import (
     CompressionJob,
     CompressionSource,
@@ -106,6 +103,12 @@ TABLE = "worksets"
 DEFAULT_POLICY = EvictionPolicy()
 #: What an extractive summary is expected to keep of its sources, for judging a compression worth asking for.
 EXPECTED_RATIO = 0.3
+#: A summary may take up to this share of its sources' tokens when its facts need the room (the summarizer aims
+#: at EXPECTED_RATIO and grows only to keep identifiers and numbers).
+SUMMARY_ROOM = 0.5
+#: A summary that keeps less than this share of its sources' identifiers and numbers is not swapped in: their
+#: items are offloaded instead, where a later turn naming a lost identifier recalls them.
+MIN_FIDELITY = 0.9
 
 _S = EvictionStrategy
 _RECALLS = frozenset((_S.HYBRID, _S.RETRIEVAL_AUGMENTED))
@@ -205,7 +208,7 @@ class EvictionPlanner:
         if t.privacy is PrivacyMode.NO_RETENTION:
             ws.private = True
         features = extract(t.content) if t.content else None
-        at = ws.ms(to_ms(t.occurred_at))
+        at = ws.next_uid  # the turn's arrival number: references and recency count in arrivals, not clock time
         mentioned = self._file(ws, t, pos, features, at, self.budget.turn_tokens(t, pos, state))
         budget = self.budget.budget(state, t.tenant_id, t.user_id)
         policy = self.policy(state, t.tenant_id)
@@ -239,16 +242,26 @@ class EvictionPlanner:
         digest = bytes.fromhex(t.content_digest or content_digest(t.content or ""))
         repeats = t.kind is ItemKind.TOOL_RESULT and bool((view["digest"] == digest).any())
         pair = ws.call_of(term_hash(t.tool_call_id)) if t.kind is ItemKind.TOOL_RESULT and t.tool_call_id else -1
-        named: set[int] = set()
-        if features is not None:
-            named = {term_hash(x) for x in features.identifiers | features.numbers if len(x) >= MIN_HASHED_LENGTH}
+        # The item's identifiers, then its numbers, each longest first (the likeliest to name this item alone),
+        # hashed once: when an item holds more than the ledger keeps, its names outrank its values.
+        groups = (features.identifiers, features.numbers) if features is not None else ()
+        terms = [x for group in groups for x in sorted((y for y in group if len(y) >= MIN_HASHED_LENGTH),
+                                                        key=len, reverse=True)]
+        hashed = [term_hash(x) for x in terms]
+        named = set(hashed)
         if named and len(view):
-            mentioned = _distinctive(view, named)
+            rows = view["terms"].tolist()
+            counts: dict[int, int] = {}
+            for row in rows:
+                for h in named.intersection(row):
+                    counts[h] = counts.get(h, 0) + 1
+            # A term more items carry names none of them in particular (a tool's name, a common path).
+            mentioned = {h for h, c in counts.items() if c <= _MAX_TERM_ITEMS}
             if mentioned:
-                hits = np.isin(view["terms"], np.fromiter(mentioned, dtype=np.uint32)).any(axis=1)
+                hits = np.fromiter((not mentioned.isdisjoint(row) for row in rows), dtype=bool, count=len(rows))
                 if hits.any():
                     view["refs"][hits] = np.minimum(view["refs"][hits].astype(np.int32) + 1, 0xFFFF)
-                    view["last_ref"][hits] = at
+                    view["ref"][hits] = at
         del view, kinds
         record = np.zeros(1, dtype=ITEM)
         r = record[0]
@@ -260,30 +273,23 @@ class EvictionPlanner:
             flags |= (GOAL if features.goal else 0) | (CONSTRAINT if features.constraint else 0)
         if t.kind is ItemKind.SUMMARY:
             flags |= SUMMARY
-        r["order"], r["uid"], r["created"], r["last_ref"] = t.seq << ORDER_SHIFT, uid, at, at
+        r["order"], r["uid"], r["ref"] = t.seq << ORDER_SHIFT, uid, uid
         r["tier"], r["slot"], r["flags"] = tier, SLOT_INDEX[t.slot], flags
         r["kind"] = KIND_INDEX[t.kind] | ROLE_INDEX[t.role] << 4
         r["depth"] = 1 if t.kind is ItemKind.SUMMARY else 0
         r["importance"] = round(255 * importance_of(t, features))
         r["pair"] = pair
         r["sketch"] = sketch(t.embedding) if t.embedding else 0
-        if features is not None:
-            hashes = term_hashes(features, TERMS)
-            r["terms"][: len(hashes)] = hashes
+        r["terms"][: min(len(hashed), TERMS)] = hashed[:TERMS]
         r["digest"], r["partition"], r["offset"] = digest, pos.partition, pos.offset
-        r["tokens"] = r["orig"] = tokens
+        r["tokens"] = tokens
         del r
-        recall = b""
-        if features is not None:
-            terms = sorted((x for x in features.identifiers | features.numbers if len(x) >= MIN_HASHED_LENGTH),
-                           key=distinctiveness)
-            recall = short_terms(term_hash(x) for x in terms[:MAX_SHORT_TERMS])
-        ws.insert(record, t.item_id, recall)
+        ws.insert(record, t.item_id, short_terms(hashed[:MAX_SHORT_TERMS]))
         issued = t.tool_call_ids or ([t.tool_call_id] if t.kind is ItemKind.TOOL_CALL and t.tool_call_id else [])
         if issued:
             ws.add_call_ids(uid, [term_hash(c) for c in issued])
         if t.role is Role.USER and t.kind is ItemKind.MESSAGE:
-            ws.query_terms = sorted(named)[:16]
+            ws.query_terms = np.asarray(hashed[:16], dtype="<u4").tobytes()
             ws.query_sketch = int(record["sketch"][0])
         return named
 
@@ -356,9 +362,9 @@ class EvictionPlanner:
             fixed[users[np.argmax(view["uid"][users])]] = True
         # Referenced or recalled since the model last answered: the call being prepared needs it (and taking it
         # out again before that call would thrash).
-        answers = view["created"][(view["kind"] >> 4) == _ASSISTANT]
+        answers = view["uid"][((view["kind"] >> 4) == _ASSISTANT) & ((flags & SUMMARY) == 0)]
         since = int(answers.max()) + 1 if len(answers) else 0
-        fixed |= (view["last_ref"] >= since) & (view["refs"] > 0)
+        fixed |= (view["ref"] >= since) & (view["refs"] > 0)
         return live, ~fixed
 
     def _groups(
@@ -411,7 +417,7 @@ class EvictionPlanner:
         if key == "oldest":
             return position.tolist()
         if key == "lru":
-            return (view["last_ref"].astype(np.float64) + position * 1e-3).tolist()
+            return (view["ref"].astype(np.float64) + position * 1e-3).tolist()
         importance = view["importance"].astype(np.float64) / 255
         if key == "importance":
             return (importance + position * 1e-3).tolist()
@@ -419,7 +425,7 @@ class EvictionPlanner:
         if key == "relevance":
             return (relevance + position * 1e-3).tolist()
         refs = np.minimum(view["refs"].astype(np.float64), 4) / 4
-        recency = view["last_ref"].astype(np.float64)
+        recency = view["ref"].astype(np.float64)
         span = recency.max() - recency.min() if n else 0
         recency = (recency - recency.min()) / span if span else position
         return (0.45 * importance + 0.25 * recency + 0.15 * refs + 0.15 * relevance).tolist()
@@ -441,7 +447,7 @@ class EvictionPlanner:
         if ws.query_terms:
             terms = view["terms"]
             counted = (terms != 0).sum(axis=1)
-            hits = np.isin(terms, np.asarray(ws.query_terms, dtype=np.uint32)).sum(axis=1)
+            hits = np.isin(terms, np.frombuffer(ws.query_terms, dtype="<u4")).sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out = np.where(counted > 0, hits / np.maximum(counted, 1), 0.25)
         return out
@@ -573,7 +579,7 @@ class EvictionPlanner:
         ws.forget_calls(gone)
         record = np.zeros(1, dtype=ITEM)
         r = record[0]
-        r["order"], r["uid"], r["tokens"], r["orig"] = order, ws.next_uid, p.tokens, p.tokens
+        r["order"], r["uid"], r["tokens"], r["ref"] = order, ws.next_uid, p.tokens, ws.next_uid
         ws.next_uid += 1
         r["tier"], r["slot"], r["flags"], r["depth"] = 1, p.slot, flags, p.depth
         r["kind"] = KIND_INDEX[ItemKind.SUMMARY] | ROLE_INDEX[Role.ASSISTANT] << 4
@@ -610,12 +616,16 @@ class EvictionPlanner:
         offloaded = np.flatnonzero((view["flags"] & OFFLOADED) != 0)
         if not len(offloaded):
             return
-        wanted = np.unique(np.fromiter((h & 0xFFFF for h in mentioned), dtype="<u2"))
-        hits = np.array([np.isin(wanted, terms) for terms in ws.recall_terms(offloaded.tolist())])
-        useful = hits.sum(axis=0) <= _MAX_TERM_ITEMS
-        score = (hits & useful).sum(axis=1)
+        wanted = {h & 0xFFFF for h in mentioned}
+        held = [wanted.intersection(terms.tolist()) for terms in ws.recall_terms(offloaded.tolist())]
+        counts: dict[int, int] = {}
+        for found in held:
+            for h in found:
+                counts[h] = counts.get(h, 0) + 1
+        common = {h for h, c in counts.items() if c > _MAX_TERM_ITEMS}
         # The items that hold the most of what the turn names, oldest first (the original, not its echoes).
-        ranked = sorted((-int(n), int(i)) for n, i in zip(score.tolist(), offloaded.tolist(), strict=True) if n)
+        ranked = sorted((-len(found - common), i) for found, i in zip(held, offloaded.tolist(), strict=True)
+                        if found - common)
         chosen = [i for _, i in ranked[:_MAX_RECALLED]]
         del view
         if chosen:
@@ -637,7 +647,7 @@ class EvictionPlanner:
         ws.keep(~np.isin(ws.view()["uid"], [int(r["uid"][0]) for r, _ in records]))
         for step, (record, entry) in enumerate(records, 1):
             record["flags"] = (record["flags"] & np.uint8(0xFF ^ OFFLOADED)) | RECALLED
-            record["order"], record["last_ref"] = tail + step, at
+            record["order"], record["ref"] = tail + step, at
             record["refs"] = np.minimum(record["refs"].astype(np.int32) + 1, 0xFFFF)
             ws.freed[int(record["slot"][0])] -= int(record["tokens"][0])
             ws.insert_entry(record, entry)
@@ -703,7 +713,7 @@ class EvictionPlanner:
                     f"{len(chosen)} items ({tokens} tokens) requested", 0, job_id=job_id)
             return CompressionJob(
                 job_id=job_id, tenant_id=t.tenant_id, user_id=t.user_id, session_id=t.session_id, run_id=t.run_id,
-                slot=SLOTS[slot], sources=sources, max_tokens=max(int(tokens * EXPECTED_RATIO), 16),
+                slot=SLOTS[slot], sources=sources, max_tokens=max(int(tokens * SUMMARY_ROOM), 16),
                 policy_version=em.policy_version, model=t.model, requested_at=t.occurred_at,
             )
         return None
@@ -749,8 +759,10 @@ class EvictionPlanner:
                 pos.partition, pos.offset,
             )
             sources = 0 if -1 in uids else int(ws.view()["tokens"][np.isin(ws.view()["uid"], uids)].sum())
-            if -1 in uids or limit is None or sources - s.token_count < policy.min_gain * limit.cap:
-                # Sources gone, or too little gain: no swap; do not ask again before the slot grows.
+            worth = sources - s.token_count >= policy.min_gain * limit.cap if limit is not None else False
+            if -1 in uids or not worth or s.fidelity < MIN_FIDELITY:
+                # Sources gone, too little gain or too many facts lost: no swap; do not ask again before the
+                # slot grows.
                 if limit is not None:
                     ws.backoff[slot] = ws.live_tokens(slot) + math.ceil(policy.min_gain * limit.cap)
             else:
@@ -768,16 +780,6 @@ _PLACEHOLDER_TOKENS = 16
 #: A term more items carry than this names none of them in particular (a tool's name, a common path).
 _MAX_TERM_ITEMS = 8
 _MAX_RECALLED = 3
-
-
-def _distinctive(view: np.ndarray, hashes: set[int]) -> set[int]:
-    """The hashes among ``hashes`` that some item carries and at most :data:`_MAX_TERM_ITEMS` items do."""
-    if not hashes:
-        return hashes
-    terms = view["terms"]
-    wanted = np.fromiter(hashes, dtype=np.uint32)
-    found, counts = np.unique(terms[np.isin(terms, wanted)], return_counts=True)
-    return {int(h) for h, c in zip(found.tolist(), counts.tolist(), strict=True) if h and c <= _MAX_TERM_ITEMS}
 
 
 def _label(kind: int) -> str:

@@ -6,12 +6,13 @@ kilobytes and choosing among them is vectorised; item ids live in one length-pre
 decision names them. ``ctxflow bench`` measures the bytes held per live item (goal: at most 160).
 
 What an item records is what an agent knows when it writes it (:mod:`processors.eviction.policy` derives tier
-and importance from it): slot, tier, importance, role and kind, created and last-referenced time (ms after the
-run's first item), reference count, flags (pinned, summary, masked, offloaded, recalled, goal, constraint, in a
-compression job), summary depth, tool pairing (a tool result names the uid of the call it answers), up to six
-32-bit hashes of its most distinctive identifiers and numbers (a later mention of one is a reference, and
-recalls an offloaded item), a 64-bit sign sketch of its embedding (cosine relevance without the vector), and
-where its content is on the log (digest, partition, offset: what a compression job hands the summarizer).
+and importance from it): slot, tier, importance, role and kind, the arrival number of the turn that last named
+it (recency and LRU count arrivals, not clock time), reference count, flags (pinned, summary, masked, offloaded,
+recalled, goal, constraint, in a compression job), summary depth, tool pairing (a tool result names the uid of
+the call it answers), four 32-bit hashes of its longest identifiers and numbers (a later turn naming one
+references it), up to 48 16-bit hashes of all of them (naming one recalls the item once offloaded), a 64-bit
+sign sketch of its embedding (cosine relevance without the vector), and where its content is on the log
+(digest, partition, offset: what a compression job hands the summarizer).
 
 Dedup follows the run ledger's rules (:mod:`processors.ledger`): the ledger skips a record at an offset it
 already holds (per stream: turns, summaries) and a turn whose seq it accepted, with the same reorder window.
@@ -34,7 +35,7 @@ TURNS, SUMMARIES = 0, 1
 
 # Item flags.
 PINNED, SUMMARY, MASKED, OFFLOADED, RECALLED, GOAL, CONSTRAINT, IN_JOB = (1 << i for i in range(8))
-TERMS = 6
+TERMS = 4
 #: Every identifier and number of an item is also kept as a 16-bit hash (up to this many), so that a later turn
 #: naming any of them recalls the item once offloaded; 2 bytes each, variable per item.
 MAX_SHORT_TERMS = 48
@@ -50,9 +51,7 @@ ITEM = np.dtype(
         ("order", "<i8"),  # context position: seq << ORDER_SHIFT for an item; a recalled item goes to the tail
         ("uid", "<u4"),  # stable within the run: what pairs and jobs point at
         ("tokens", "<i4"),  # live tokens (a masked item: its placeholder's)
-        ("orig", "<i4"),  # tokens when it entered
-        ("created", "<u4"),  # ms after the run's base time
-        ("last_ref", "<u4"),
+        ("ref", "<u4"),  # arrival number (uid) of the turn that last named it, or its own when none did
         ("refs", "<u2"),
         ("tier", "u1"),
         ("slot", "u1"),
@@ -162,7 +161,6 @@ class WorkingSet:
     seq_upto: int = -1
     seq_above: int = 0
     offsets: list[int] = field(default_factory=lambda: [-1, -1])
-    base_ms: int = -1
     next_uid: int = 0
     freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
     #: The pending compression job (id), its slot, and the uids it covers.
@@ -172,7 +170,7 @@ class WorkingSet:
     backoff: list[int] = field(default_factory=lambda: [0] * len(SLOTS))
     prepared: PreparedSummary | None = None
     #: The current query: hashes of what the latest user turn mentions, and its embedding sketch.
-    query_terms: list[int] = field(default_factory=list)
+    query_terms: bytes = b""  # packed little-endian u4 (ints in a list would cost ~40 bytes each)
     query_sketch: int = 0
     compressions: int = 0
     private: bool = False  # a no_retention run: its content never goes to a summarizer
@@ -297,19 +295,14 @@ class WorkingSet:
         self.seq_above = above
         return True
 
-    def ms(self, at_ms: int) -> int:
-        """Event time as stored in an item: ms after the run's base time (clamped to the field's range)."""
-        if self.base_ms < 0:
-            self.base_ms = at_ms
-        return min(max(at_ms - self.base_ms, 0), 0xFFFFFFFF)
-
     # ---- changelog -------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """The changelog form: a JSON header, then the item records, ids and calls."""
         head = json.dumps(
-            [self.seq_upto, self.seq_above, self.offsets, self.base_ms, self.next_uid, self.freed.tolist(),
+            [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(),
              self.job_id, self.job_slot, self.backoff, self.prepared.to_list() if self.prepared else None,
-             self.query_terms, self.query_sketch, self.compressions, self.private, len(self.items), len(self.ids)],
+             self.query_terms.hex(), self.query_sketch, self.compressions, self.private, len(self.items),
+             len(self.ids)],
             separators=(",", ":"),
         ).encode()
         return struct.pack("<I", len(head)) + head + bytes(self.items) + self.ids + self.calls
@@ -320,9 +313,9 @@ class WorkingSet:
         (n,) = struct.unpack_from("<I", data)
         v = json.loads(data[4:4 + n])
         at = 4 + n
-        items, ids = bytearray(data[at:at + v[14]]), data[at + v[14]:at + v[14] + v[15]]
-        calls = data[at + v[14] + v[15]:]
+        items, ids = bytearray(data[at:at + v[13]]), data[at + v[13]:at + v[13] + v[14]]
+        calls = data[at + v[13] + v[14]:]
         return cls(
-            items, ids, calls, v[0], v[1], v[2], v[3], v[4], array("q", v[5]), v[6], v[7], v[8],
-            PreparedSummary.from_list(v[9]) if v[9] else None, v[10], v[11], v[12], v[13],
+            items, ids, calls, v[0], v[1], v[2], v[3], array("q", v[4]), v[5], v[6], v[7],
+            PreparedSummary.from_list(v[8]) if v[8] else None, bytes.fromhex(v[9]), v[10], v[11], v[12],
         )
