@@ -58,6 +58,7 @@ from ctxflow.processors.eviction.workset import (
     GOAL,
     IN_JOB,
     ITEM,
+    ITEM_STRUCT,
     MASKED,
     MAX_DEPTH,
     MAX_SHORT_TERMS,
@@ -214,11 +215,13 @@ class EvictionPlanner:
         policy = self.policy(state, t.tenant_id)
         strategy = self.strategy or policy.strategy
         out: list[Output] = []
-        if budget.overflow is OverflowBehaviour.EVICT_AND_COMPRESS:
+        plans = budget.overflow is OverflowBehaviour.EVICT_AND_COMPRESS
+        if plans and not self._quiet(ws, t, budget, policy, mentioned):
             em = _Emitter(t, t.event_id, budget, strategy, now, self.prices, t.model)
             if strategy in _RECALLS and mentioned:
                 self._recall(ws, mentioned, at, em)
-            self._rejoin(ws, em)
+            if t.kind is ItemKind.TOOL_RESULT:
+                self._rejoin(ws, em)
             # 80% (a summary is asked for), then the soft watermark (relief), then 95% (a prepared summary goes in).
             if strategy in _COMPRESSES and not ws.private:
                 job = self._request_compression(ws, t, budget, policy, em)
@@ -231,16 +234,29 @@ class EvictionPlanner:
         out.append(Relief(t, t.event_id, TURNS_STREAM, pos.offset, tuple(ws.freed)))
         return out
 
+    @staticmethod
+    def _quiet(ws: WorkingSet, t: TurnEvent, budget: EffectiveBudget, policy: EvictionPolicy,
+               mentioned: set[int]) -> bool:
+        """Nothing to plan: every slot below where compression or relief start, nothing offloaded that the turn
+        could recall, and no result that could answer an offloaded call (the common case, kept cheap)."""
+        if (mentioned or t.kind is ItemKind.TOOL_RESULT) and ws.offloaded:
+            return False
+        for i, limit in enumerate(budget.slot_limits):
+            if limit is not None and ws.added[i] - ws.freed[i] >= min(limit.soft_at, policy.compress_at * limit.cap):
+                return False
+        return ws.live_tokens() < budget.total.soft_at
+
     def _file(
         self, ws: WorkingSet, t: TurnEvent, pos: Position, features: Features | None, at: int, tokens: int
     ) -> set[int]:
         """Insert the turn's item; note which live items it references. Returns the hashes of the identifiers and
         numbers it names (what may recall offloaded items)."""
-        view = ws.view()
-        kinds = view["kind"]
-        first_user = t.role is Role.USER and t.kind is ItemKind.MESSAGE and not bool((kinds == _USER_MESSAGE).any())
+        # The view is built only for what needs it: most turns are neither user messages nor tool results.
+        view = ws.view() if len(ws) else None
+        first_user = (t.role is Role.USER and t.kind is ItemKind.MESSAGE
+                      and (view is None or not bool((view["kind"] == _USER_MESSAGE).any())))
         digest = bytes.fromhex(t.content_digest or content_digest(t.content or ""))
-        repeats = t.kind is ItemKind.TOOL_RESULT and bool((view["digest"] == digest).any())
+        repeats = t.kind is ItemKind.TOOL_RESULT and view is not None and bool((view["digest"] == digest).any())
         pair = ws.call_of(term_hash(t.tool_call_id)) if t.kind is ItemKind.TOOL_RESULT and t.tool_call_id else -1
         # The item's identifiers, then its numbers, each longest first (the likeliest to name this item alone),
         # hashed once: when an item holds more than the ledger keeps, its names outrank its values.
@@ -249,7 +265,7 @@ class EvictionPlanner:
                                                         key=len, reverse=True)]
         hashed = [term_hash(x) for x in terms]
         named = set(hashed)
-        if named and len(view):
+        if named and view is not None:
             rows = view["terms"].tolist()
             counts: dict[int, int] = {}
             for row in rows:
@@ -262,9 +278,7 @@ class EvictionPlanner:
                 if hits.any():
                     view["refs"][hits] = np.minimum(view["refs"][hits].astype(np.int32) + 1, 0xFFFF)
                     view["ref"][hits] = at
-        del view, kinds
-        record = np.zeros(1, dtype=ITEM)
-        r = record[0]
+        del view
         uid = ws.next_uid
         ws.next_uid += 1
         tier = tier_of(t, first_user, repeats)
@@ -273,24 +287,22 @@ class EvictionPlanner:
             flags |= (GOAL if features.goal else 0) | (CONSTRAINT if features.constraint else 0)
         if t.kind is ItemKind.SUMMARY:
             flags |= SUMMARY
-        r["order"], r["uid"], r["ref"] = t.seq << ORDER_SHIFT, uid, uid
-        r["tier"], r["slot"], r["flags"] = tier, SLOT_INDEX[t.slot], flags
-        r["kind"] = KIND_INDEX[t.kind] | ROLE_INDEX[t.role] << 4
-        r["depth"] = 1 if t.kind is ItemKind.SUMMARY else 0
-        r["importance"] = round(255 * importance_of(t, features))
-        r["pair"] = pair
-        r["sketch"] = sketch(t.embedding) if t.embedding else 0
-        r["terms"][: min(len(hashed), TERMS)] = hashed[:TERMS]
-        r["digest"], r["partition"], r["offset"] = digest, pos.partition, pos.offset
-        r["tokens"] = tokens
-        del r
+        slot = SLOT_INDEX[t.slot]
+        item_sketch = sketch(t.embedding) if t.embedding else 0
+        top = (hashed[:TERMS] + [0] * TERMS)[:TERMS]
+        record = ITEM_STRUCT.pack(
+            t.seq << ORDER_SHIFT, uid, tokens, uid, 0, tier, slot, KIND_INDEX[t.kind] | ROLE_INDEX[t.role] << 4,
+            flags, 1 if t.kind is ItemKind.SUMMARY else 0, round(255 * importance_of(t, features)), pair,
+            item_sketch, *top, digest, pos.partition, pos.offset,
+        )
         ws.insert(record, t.item_id, short_terms(hashed[:MAX_SHORT_TERMS]))
+        ws.added[slot] += tokens
         issued = t.tool_call_ids or ([t.tool_call_id] if t.kind is ItemKind.TOOL_CALL and t.tool_call_id else [])
         if issued:
             ws.add_call_ids(uid, [term_hash(c) for c in issued])
         if t.role is Role.USER and t.kind is ItemKind.MESSAGE:
             ws.query_terms = np.asarray(hashed[:16], dtype="<u4").tobytes()
-            ws.query_sketch = int(record["sketch"][0])
+            ws.query_sketch = item_sketch
         return named
 
     # ---- relief -------------------------------------------------------------------------------------------------

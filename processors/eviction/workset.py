@@ -69,6 +69,9 @@ ITEM = np.dtype(
     align=False,
 )
 _EMPTY = np.zeros(0, dtype=ITEM)
+#: :data:`ITEM` as a struct, to pack a new item in one call (numpy's per-field assignment costs ~1 us a field).
+ITEM_STRUCT = struct.Struct("<qIiIHBBBBBBiQ4I32sHq")
+assert ITEM_STRUCT.size == ITEM.itemsize
 
 
 def _varint(n: int) -> bytes:
@@ -112,7 +115,7 @@ def _entry(item_id: str, terms: bytes) -> bytes:
 
 def short_terms(hashes: Iterable[int], limit: int = MAX_SHORT_TERMS) -> bytes:
     """The 16-bit forms of up to ``limit`` term hashes (sorted, distinct), as an item's recall set."""
-    return np.unique(np.fromiter((h & 0xFFFF for h in hashes), dtype="<u2"))[:limit].tobytes()
+    return array("H", sorted({h & 0xFFFF for h in hashes})[:limit]).tobytes()
 
 
 @dataclass(slots=True)
@@ -163,6 +166,8 @@ class WorkingSet:
     offsets: list[int] = field(default_factory=lambda: [-1, -1])
     next_uid: int = 0
     freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
+    #: Tokens per slot of every turn filed (live = added - freed).
+    added: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
     #: The pending compression job (id), its slot, and the uids it covers.
     job_id: str | None = None
     job_slot: int = -1
@@ -195,19 +200,23 @@ class WorkingSet:
         for i in index:
             _, _, id_end, end = spans[i]
             _, at = _read_varint(blob, id_end)
-            out.append(np.frombuffer(blob, dtype="<u2", count=(end - at) // 2, offset=at))
+            out.append(np.frombuffer(blob, dtype=np.uint16, count=(end - at) // 2, offset=at))
         return out
 
-    def insert(self, record: np.ndarray, item_id: str, terms: bytes = b"") -> int:
-        """Insert one item record (a 1-element :data:`ITEM` array) at its place by ``order``, with its id and
-        16-bit recall terms (:func:`short_terms`); returns its index."""
-        n = len(self)
-        order = int(record["order"][0])
-        view = self.view()
-        at = n if n == 0 or order >= view["order"][-1] else int(np.searchsorted(view["order"], order, side="right"))
-        del view
-        size = ITEM.itemsize
-        self.items[at * size:at * size] = record.tobytes()
+    def insert(self, record: np.ndarray | bytes, item_id: str, terms: bytes = b"") -> int:
+        """Insert one item record (a 1-element :data:`ITEM` array, or its bytes) at its place by ``order``, with
+        its id and 16-bit recall terms (:func:`short_terms`); returns its index."""
+        raw = record if isinstance(record, bytes) else record.tobytes()
+        n, size = len(self), ITEM.itemsize
+        (order,) = struct.unpack_from("<q", raw)
+        last = struct.unpack_from("<q", self.items, (n - 1) * size)[0] if n else 0
+        if n == 0 or order >= last:
+            at = n
+        else:
+            view = self.view()
+            at = int(np.searchsorted(view["order"], order, side="right"))
+            del view
+        self.items[at * size:at * size] = raw
         entry = _entry(item_id, terms)
         if at == n:
             self.ids += entry
@@ -268,13 +277,17 @@ class WorkingSet:
             if not f & OFFLOADED
         ]
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether any item is offloaded (something a later turn could recall)."""
+        return bool(self.items) and bool((self.view()["flags"] & OFFLOADED).any())
+
     def live_tokens(self, slot: int | None = None) -> int:
-        """Live tokens of one slot, or of all slots (offloaded items hold none)."""
-        view = self.view()
-        live = (view["flags"] & OFFLOADED) == 0
-        if slot is not None:
-            live &= view["slot"] == slot
-        return int(view["tokens"][live].sum())
+        """Live tokens of one slot, or of all slots (offloaded items hold none): what turns added minus what
+        decisions freed, kept as two counters rather than summed over the items on every call."""
+        if slot is None:
+            return sum(self.added) - sum(self.freed)
+        return self.added[slot] - self.freed[slot]
 
     # ---- dedup -----------------------------------------------------------------------------------------------
     def accept_seq(self, seq: int) -> bool:
@@ -299,7 +312,7 @@ class WorkingSet:
     def to_bytes(self) -> bytes:
         """The changelog form: a JSON header, then the item records, ids and calls."""
         head = json.dumps(
-            [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(),
+            [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(), self.added.tolist(),
              self.job_id, self.job_slot, self.backoff, self.prepared.to_list() if self.prepared else None,
              self.query_terms.hex(), self.query_sketch, self.compressions, self.private, len(self.items),
              len(self.ids)],
@@ -313,9 +326,9 @@ class WorkingSet:
         (n,) = struct.unpack_from("<I", data)
         v = json.loads(data[4:4 + n])
         at = 4 + n
-        items, ids = bytearray(data[at:at + v[13]]), data[at + v[13]:at + v[13] + v[14]]
-        calls = data[at + v[13] + v[14]:]
+        items, ids = bytearray(data[at:at + v[14]]), data[at + v[14]:at + v[14] + v[15]]
+        calls = data[at + v[14] + v[15]:]
         return cls(
-            items, ids, calls, v[0], v[1], v[2], v[3], array("q", v[4]), v[5], v[6], v[7],
-            PreparedSummary.from_list(v[8]) if v[8] else None, bytes.fromhex(v[9]), v[10], v[11], v[12],
+            items, ids, calls, v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]), v[6], v[7], v[8],
+            PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]), v[11], v[12], v[13],
         )
