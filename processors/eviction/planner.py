@@ -325,6 +325,16 @@ class EvictionPlanner:
                 freed += self._apply(ws, kind, uids, slot, limit, em, why=f"relief to {budget.evict_target(limit)}")
                 if freed >= need:
                     break
+            if ws.live_tokens(slot) >= limit.cap and policy.keep_recent:
+                # Still over the cap: the newest items lose their shelter (never tier 0, the current user turn,
+                # an open call or what this turn named); an agent cannot send more than its budget.
+                over = ws.live_tokens(slot) - budget.evict_target(limit)
+                bare = policy.model_copy(update={"keep_recent": 0})
+                freed = 0
+                for kind, uids in self._plan(ws, slot, over, bare, strategy):
+                    freed += self._apply(ws, kind, uids, slot, limit, em, why=f"over the cap {limit.cap}")
+                    if freed >= over:
+                        break
 
     def _plan(
         self, ws: WorkingSet, slot: int | None, need: int, policy: EvictionPolicy, strategy: EvictionStrategy
