@@ -36,6 +36,7 @@ from ctxflow.processors.ledger import (
     CHILD,
     FINALIZED,
     INCOMPLETE,
+    MAX_SEQ_GAP,
     RUN_CAP_GAUGE,
     RUNS,
     SHARE_GAUGE,
@@ -65,7 +66,7 @@ from ctxflow.processors.types import (
     workflow_key,
 )
 from ctxflow.processors.windows import SpendLedger, to_ms
-from ctxflow.schemas.contract import OutsideDedupWindow
+from ctxflow.schemas.contract import OutsideDedupWindow, OutsideReorderWindow
 from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
@@ -325,7 +326,16 @@ class BudgetProcessor:
     def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, now: datetime, ms: int) -> list[Decision]:
         key = run_key(t.tenant_id, t.run_id)
         run = state.get_run(key) or RunLedger()
-        if pos.offset <= run.offsets[TURNS] or not run.accept_seq(t.seq):
+        if pos.offset <= run.offsets[TURNS]:
+            return []
+        if run.behind_window(t.seq):
+            raise OutsideReorderWindow(
+                f"turn seq {t.seq} of run {t.run_id} is among seqs {run.gap_from}..{run.gap_to}, declared lost when a "
+                f"seq more than {MAX_SEQ_GAP} ahead arrived: it cannot be told from a duplicate, so it is not "
+                f"counted; send a run's turns at most {MAX_SEQ_GAP} seqs out of order",
+                tenant_id=t.tenant_id, no_retention=t.privacy is PrivacyMode.NO_RETENTION,
+            )
+        if not run.accept_seq(t.seq):
             return []
         budget = self.budget(state, t.tenant_id, t.user_id)
         count = self._count(t, pos, budget, state)

@@ -84,6 +84,26 @@ def call_digest(call_id: str) -> bytes:
     return blake2b(call_id.encode("utf-8"), digest_size=_DIGEST).digest()
 
 
+def accept_seq(upto: int, above: int, seq: int) -> tuple[bool, int, int]:
+    """The reorder window of a run's seqs: ``upto`` is the end of the contiguous prefix accepted, ``above`` a
+    bitmap of accepted seqs after it. Returns whether ``seq`` is new, and the window after it. A seq more than
+    :data:`MAX_SEQ_GAP` ahead moves the window on, declaring the seqs it leaves behind lost."""
+    d = seq - upto - 1
+    if d < 0 or (above >> d) & 1:
+        return False, upto, above
+    if d >= MAX_SEQ_GAP:
+        shift = d - MAX_SEQ_GAP + 1
+        above >>= shift
+        upto += shift
+        d -= shift
+    above |= 1 << d
+    if above & 1:
+        ones = (above ^ (above + 1)).bit_length() - 1
+        above >>= ones
+        upto += ones
+    return True, upto, above
+
+
 @dataclass(slots=True)
 class RunLedger:
     """One run's working set, usage and dedup state (key ``tenant:run``).
@@ -112,24 +132,25 @@ class RunLedger:
     #: Tokens per slot that ctxflow's own eviction decisions took out of the working set. Assigned whole from
     #: the eviction planner's ledger (rule 3: a replay in any order ends with the planner's value), never added.
     freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
+    #: Seqs the reorder window declared lost, ``gap_from..gap_to`` (-1, -1: none).
+    gap_from: int = -1
+    gap_to: int = -1
 
     def accept_seq(self, seq: int) -> bool:
         """Record turn ``seq``; False when it was already accepted (or is older than the reorder window)."""
-        d = seq - self.seq_upto - 1
-        if d < 0 or (self.seq_above >> d) & 1:
-            return False
-        if d >= MAX_SEQ_GAP:
-            shift = d - MAX_SEQ_GAP + 1
-            self.seq_above >>= shift
-            self.seq_upto += shift
-            d -= shift
-        above = self.seq_above | (1 << d)
-        if above & 1:
-            ones = (above ^ (above + 1)).bit_length() - 1
-            above >>= ones
-            self.seq_upto += ones
-        self.seq_above = above
-        return True
+        accepted, upto, self.seq_above = accept_seq(self.seq_upto, self.seq_above, seq)
+        if accepted and seq - self.seq_upto - 1 >= MAX_SEQ_GAP:
+            # The seqs shifted out unaccepted are declared lost: remember the range, so a late one is refused
+            # (it cannot be told from a duplicate there) instead of being taken for a duplicate and dropped.
+            if self.gap_to < 0:
+                self.gap_from = self.seq_upto + 1
+            self.gap_to = seq - MAX_SEQ_GAP
+        self.seq_upto = upto
+        return accepted
+
+    def behind_window(self, seq: int) -> bool:
+        """Whether ``seq`` lies in a range the reorder window declared lost (see :meth:`accept_seq`)."""
+        return self.gap_from <= seq <= self.gap_to
 
     def accept_call(self, call_id: str) -> bool:
         """Record usage ``call_id``; False when it was already accepted."""
@@ -215,7 +236,8 @@ class RunLedger:
             self.model,
             self.workflow_id,
             self.last_ms,
-            *([self.freed.tolist()] if any(self.freed) else []),
+            *([self.freed.tolist()] if any(self.freed) or self.gap_to >= 0 else []),
+            *([self.gap_from, self.gap_to] if self.gap_to >= 0 else []),
         ]
 
     @classmethod
@@ -233,6 +255,7 @@ class RunLedger:
             v[14],
             v[15] if len(v) > 15 else -1,
             array("q", v[16]) if len(v) > 16 else array("q", bytes(8 * len(SLOTS))),
+            *(v[17:19] if len(v) > 18 else (-1, -1)),
         )
 
 

@@ -69,6 +69,12 @@ class OutsideDedupWindow(ContractViolation):
     counted twice; refused instead (the rule is in :mod:`processors.retention`)."""
 
 
+class OutsideReorderWindow(ContractViolation):
+    """A turn whose seq fell behind its run's reorder window (a later seq arrived more than
+    ``processors.ledger.MAX_SEQ_GAP`` ahead, declaring the gap lost): it cannot be told from a duplicate, so it
+    is refused rather than counted or dropped silently."""
+
+
 class ProcessingFailed(RejectedRecord):
     """The record is valid but a processor could not apply it; the worker dead-letters it and goes on."""
 

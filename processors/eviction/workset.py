@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from ctxflow.processors.ledger import MAX_SEQ_GAP
+from ctxflow.processors.ledger import accept_seq
 from ctxflow.processors.manifest import SLOTS
 
 #: Input streams the ledger keeps an applied offset for.
@@ -292,21 +292,8 @@ class WorkingSet:
     # ---- dedup -----------------------------------------------------------------------------------------------
     def accept_seq(self, seq: int) -> bool:
         """Record turn ``seq``; False when it was already accepted (the run ledger's window, same verdicts)."""
-        d = seq - self.seq_upto - 1
-        if d < 0 or (self.seq_above >> d) & 1:
-            return False
-        if d >= MAX_SEQ_GAP:
-            shift = d - MAX_SEQ_GAP + 1
-            self.seq_above >>= shift
-            self.seq_upto += shift
-            d -= shift
-        above = self.seq_above | (1 << d)
-        if above & 1:
-            ones = (above ^ (above + 1)).bit_length() - 1
-            above >>= ones
-            self.seq_upto += ones
-        self.seq_above = above
-        return True
+        accepted, self.seq_upto, self.seq_above = accept_seq(self.seq_upto, self.seq_above, seq)
+        return accepted
 
     # ---- changelog -------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

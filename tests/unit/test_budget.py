@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from ctxflow.processors.ledger import RunLedger
 from ctxflow.processors.types import InvalidTenantError, decision_id, run_key, tenant_of_key, user_key
+from ctxflow.schemas.contract import OutsideReorderWindow
 from ctxflow.schemas.models import BudgetState, DecisionKind, SlotCaps, SpendWindowKind, UserOverride, content_digest
 
 from tests.unit.test_budget_factories import (
@@ -263,3 +264,16 @@ def test_ledger_snapshots_round_trip() -> None:
     assert RunLedger.from_list(run.to_list()) == run
     flow = feed.state.workflows["acme:r1"]
     assert type(flow).from_dict(flow.to_dict()) == flow
+
+
+def test_a_turn_behind_the_reorder_window_is_refused_not_dropped() -> None:
+    feed = Feed(manifest())
+    feed(turn(0, 10))
+    feed(turn(5_000, 10))  # more than MAX_SEQ_GAP ahead: seqs 1..904 are declared lost
+    with pytest.raises(OutsideReorderWindow, match=r"seq 3 of run .* among seqs 1\.\.904.*not counted"):
+        feed(turn(3, 10))
+    assert feed(turn(0, 10)) == []  # a duplicate of an accepted seq is still just a duplicate
+    assert feed(turn(4_950, 10)) == []  # inside the window: counted
+    ledger = feed.state.get_run(run_key("acme", "r1"))
+    assert ledger is not None and sum(ledger.tokens) == 30
+    assert RunLedger.from_list(ledger.to_list()).behind_window(3)
