@@ -102,12 +102,14 @@ class LagSample:
 
 
 class CommittedLag:
-    """Measures the worker's lag from its committed offsets (``async with``; one consumer, one admin client)."""
+    """Measures a consumer group's lag from its committed offsets (``async with``; one consumer, one admin client):
+    by default the worker's (``app_id``) over its input topics; ``group`` and ``topics`` (logical names) measure
+    another, such as the summarizers' over ``compression.jobs``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, group: str | None = None, topics: tuple[str, ...] = INPUT_TOPICS) -> None:
+        self.settings, self.group = settings, group or settings.app_id
         self.partitions = [TopicPartition(settings.topic(t), p)
-                           for t in INPUT_TOPICS for p in range(settings.partitions)]
+                           for t in topics for p in range(settings.partitions)]
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
         self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
 
@@ -131,6 +133,6 @@ class CommittedLag:
         """Log ends first, then committed offsets, so a sample never shows more committed than published."""
         measured_at = time.monotonic()
         ends = await log_end_offsets(self._consumer, self.partitions)  # end_offsets alone under-reports the lag
-        committed = await self._admin.list_consumer_group_offsets(self.settings.app_id, partitions=self.partitions)
+        committed = await self._admin.list_consumer_group_offsets(self.group, partitions=self.partitions)
         done = {tp: max(0, m.offset) for tp, m in committed.items() if m is not None}
         return LagSample(measured_at, ends, done)

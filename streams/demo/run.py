@@ -1,10 +1,14 @@
 """``ctxflow demo``: about a minute of multi-tenant agent traffic through the real pipeline, then a report.
 
 Guarantees: a fresh home (``<home>/demo``) and a stack on free loopback ports (Tansu broker, redis-server,
-chDB) with a real ``ctxflow worker`` process; all of them are stopped before :func:`run_demo` returns, on
-success, error, Ctrl-C or SIGTERM (attached children also die if this process is SIGKILLed). The report is
-read back from ClickHouse through the worker after its committed offsets reached the end of every input,
-so it shows what was durably processed, not what was sent. The chDB directory stays on disk afterwards for
+chDB) with a real ``ctxflow worker`` process and a summarizer worker process beside it (compression jobs in,
+summaries out, its own consumer group); all of them are stopped before :func:`run_demo` returns, on success,
+error, Ctrl-C or SIGTERM (attached children also die if this process is SIGKILLed). The traffic is the eviction
+workload (:class:`~streams.demo.workload.Workload` with ``eviction=True``): tenants on several strategies, long
+sessions and a runaway loop that the planner relieves. The report is read back from ClickHouse through the
+worker once everything is settled: the worker's committed offsets reached the end of every input, then the
+summarizer's reached the end of the compression jobs, then the worker's again (the summaries it produced), so it
+shows what was durably processed, not what was sent. The chDB directory stays on disk afterwards for
 ``CTXFLOW_HOME=<home>/demo ctxflow query ...``. Exit status: 0 success, 1 failure (the message names the log
 to read), 130 interrupted.
 """
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from ctxflow.schemas.codec import Codec
-from ctxflow.schemas.models import Decision
+from ctxflow.schemas.models import BudgetState, Decision, DecisionKind
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
 from ctxflow.streams.demo.report import DemoReport
@@ -38,8 +42,10 @@ from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import EmbeddedStack, StackStartError
 from ctxflow.streams.stack.processes import pid_alive
 from ctxflow.streams.stack.query import QueryFailed, run_query
+from ctxflow.streams.stack.summarizer_process import SummarizerNotReady, SummarizerProcess
 from ctxflow.streams.stack.worker_process import WorkerNotReady, WorkerProcess
-from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS
+from ctxflow.streams.summarizer.worker import summarizer_group
+from ctxflow.streams.topics import COMPRESSION_JOBS, DEAD_LETTERS, DECISIONS
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -55,9 +61,16 @@ DEFAULT_DURATION_S = 60.0
 DEFAULT_RATE_EPS = 1000.0
 DEMO_SEED = 7
 DEMO_TENANTS = 6
-DEMO_SESSIONS = 4  # per tenant; few enough that the runaway session reaches its hard limit in a short run
+DEMO_SESSIONS = 4  # per tenant; few enough that the runaway and long sessions reach their watermarks in a short run
 #: Seconds the demo's tasks get to wind down once interrupted, before they are abandoned (see _run_cancellable).
 _CANCEL_GRACE_S = 1.0
+#: The summarizer's graceful stop: what it has not committed is summarized again by the next one, with the same ids,
+#: so it gets less time than the worker, which then still has its own graceful stop within the 8 s stop deadline.
+_SUMMARIZER_GRACE_S = 2.0
+#: Decisions of these kinds are kept whole for the report's examples (the summarizer's name and the summary's text
+#: are on the topic, not in ClickHouse); at most this many of each.
+_KEPT = {DecisionKind.SWAP: 500, DecisionKind.RECALL: 2_000}
+_RELIEF_KINDS = ("evict", "mask", "compress", "swap", "offload", "recall")
 _T = TypeVar("_T")
 
 
@@ -70,8 +83,9 @@ class DemoFailed(Exception):
 
 
 def demo_workload() -> Workload:
-    """The demo's traffic: six tenants (enterprise/standard/free, one no_retention), one runaway."""
-    return Workload(DEMO_SEED, tenants=DEMO_TENANTS, sessions_per_tenant=DEMO_SESSIONS)
+    """The demo's traffic: six tenants (enterprise/standard/free, one no_retention) on several eviction strategies,
+    one runaway, two long sessions (see :mod:`streams.demo.workload`)."""
+    return Workload(DEMO_SEED, tenants=DEMO_TENANTS, sessions_per_tenant=DEMO_SESSIONS, eviction=True)
 
 
 def _context_gauge(slot: object, reason: str) -> bool:
@@ -97,6 +111,8 @@ class _Progress:
     cap_hard: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     poison_sent: int = 0
+    #: Swap and recall decisions as published (see _KEPT), for the report's examples.
+    kept: dict[DecisionKind, list[Decision]] = field(default_factory=lambda: {kind: [] for kind in _KEPT})
 
     def published(self, sent: DriveProgress) -> None:
         self.sent = sent
@@ -108,6 +124,12 @@ class _Progress:
             if decision.state.value == "hard":
                 hard = self.context_hard if _context_gauge(decision.slot, decision.reason) else self.cap_hard
                 hard[decision.tenant_id] += 1
+            elif (decision.state is BudgetState.OK and decision.previous_state is not BudgetState.OK
+                  and _context_gauge(decision.slot, decision.reason)):
+                kind = "relief"  # a context gauge comes down only when the planner freed tokens
+        kept = self.kept.get(decision.kind)
+        if kept is not None and len(kept) < _KEPT[decision.kind]:
+            kept.append(decision)
         self.decisions[kind] += 1
 
     def render(self) -> RenderableType:
@@ -120,9 +142,10 @@ class _Progress:
         grid.add_row("published", f"{self.sent.sent:,} events, {self.sent.rate_eps:,.0f}/s "
                                   f"(target {self.rate:,.0f}/s)")
         grid.add_row("worker", f"lag {lag} records, committing {self.worker_eps:,.0f} events/s")
-        grid.add_row("decisions", f"{sum(d.values()):,}: soft {d['-> soft']:,}, hard {d['-> hard']:,}, "
-                                  f"rejections {d['rejection']:,}, spend exhausted {d['spend_exhausted']:,}, "
-                                  f"evictions {d['eviction_request']:,}, reconciled {d['usage_reconciled']:,}")
+        grid.add_row("decisions", f"{sum(d.values()):,}: soft {d['-> soft']:,}, back to ok {d['relief']:,}, "
+                                  f"hard {d['-> hard']:,}, rejections {d['rejection']:,}, spend exhausted "
+                                  f"{d['spend_exhausted']:,}, reconciled {d['usage_reconciled']:,}")
+        grid.add_row("relief", ", ".join(f"{kind} {d[kind]:,}" for kind in _RELIEF_KINDS))
         others = sum(n for t, n in self.context_hard.items() if t != self.runaway)
         own_caps = sum(n for t, n in self.cap_hard.items() if t != self.runaway)
         grid.add_row("hard limits", f"runaway {self.runaway}: {self.context_hard[self.runaway]} context, "
@@ -155,18 +178,23 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-class _WorkerDied(Exception):
-    pass
+class _ChildDied(Exception):
+    """A worker or summarizer process exited during the demo (``name``: whose log explains it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the {name} process exited during the demo")
+        self.name = name
 
 
-async def _watch_lag(settings: Settings, worker_pid: int, progress: _Progress) -> None:
-    """Worker lag from committed offsets (what is durable), and its commit rate; fails if the worker dies."""
+async def _watch_lag(settings: Settings, children: dict[str, int], progress: _Progress) -> None:
+    """Worker lag from committed offsets (what is durable), and its commit rate; fails if a child process dies."""
     last: tuple[float, int] | None = None
     logged = 0
     async with CommittedLag(settings) as lag:
         while True:
-            if not pid_alive(worker_pid):
-                raise _WorkerDied("the worker process exited during the demo")
+            for name, pid in children.items():
+                if not pid_alive(pid):
+                    raise _ChildDied(name)
             sample = await lag.sample()
             measured_at = sample.measured_at
             progress.lag, progress.lag_measured_at = sample.records, measured_at
@@ -214,23 +242,23 @@ async def _ticker(live: Live, progress: _Progress) -> None:
         await asyncio.sleep(0.25)
 
 
-async def _publish(settings: Settings, worker_pid: int, workload: Workload, progress: _Progress,
+async def _publish(settings: Settings, children: dict[str, int], workload: Workload, progress: _Progress,
                    console: Console, catch_up_s: float) -> DriveProgress:
     """Drive the workload under a live display, then wait until the worker has committed all of it."""
     try:
         with Live(progress.render(), console=console, auto_refresh=False, transient=False) as live:
             try:
-                return await _drive_and_catch_up(settings, worker_pid, workload, progress, live, catch_up_s)
+                return await _drive_and_catch_up(settings, children, workload, progress, live, catch_up_s)
             finally:
                 live.update(progress.render(), refresh=True)
     finally:
         console.line()  # in a pipe Live prints its last frame without a line end
 
 
-async def _drive_and_catch_up(settings: Settings, worker_pid: int, workload: Workload, progress: _Progress,
+async def _drive_and_catch_up(settings: Settings, children: dict[str, int], workload: Workload, progress: _Progress,
                               live: Live, catch_up_s: float) -> DriveProgress:
     async with FairClient.from_settings(settings) as client, asyncio.TaskGroup() as group:
-        watchers = [group.create_task(_watch_lag(settings, worker_pid, progress)),
+        watchers = [group.create_task(_watch_lag(settings, children, progress)),
                     group.create_task(_watch_outputs(settings, progress)),
                     group.create_task(_ticker(live, progress))]
         poison = group.create_task(_send_poison(client, settings, workload, progress))
@@ -254,6 +282,19 @@ async def _caught_up(progress: _Progress, timeout_s: float, worker_log: Path) ->
     progress.phase = "caught up"
 
 
+async def _summarized(settings: Settings, timeout_s: float) -> None:
+    """Until the summarizers' committed offsets reach the end of the compression jobs: every summary asked for
+    is on the summaries topic (the worker's next catch-up takes them in)."""
+    log_path = settings.home / "logs" / "summarizer.log"
+    deadline = time.monotonic() + timeout_s
+    async with CommittedLag(settings, summarizer_group(settings), (COMPRESSION_JOBS.name,)) as lag:
+        while (behind := (await lag.sample()).records) > 0:
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"the summarizer is still {behind:,} compression jobs behind {timeout_s:.0f}s after "
+                                 "the worker caught up", log_path)
+            await asyncio.sleep(0.1)
+
+
 def _unwrap(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
@@ -268,7 +309,11 @@ def _explain(error: BaseException, logs: Path) -> DemoFailed:
     if isinstance(error, StackStartError):
         server = "redis" if str(error).startswith("redis") else "broker"
         return DemoFailed(f"the embedded stack did not start: {error}", logs / f"{server}.log")
-    if isinstance(error, WorkerNotReady | _WorkerDied | QueryFailed):
+    if isinstance(error, _ChildDied):
+        return DemoFailed(str(error), logs / f"{error.name}.log")
+    if isinstance(error, SummarizerNotReady):
+        return DemoFailed(f"the summarizer failed: {error}", logs / "summarizer.log")
+    if isinstance(error, WorkerNotReady | QueryFailed):
         return DemoFailed(f"the worker failed: {error}", logs / "worker.log")
     if isinstance(error, BrokerUnavailable | PublishFailed | KafkaError):
         return DemoFailed(f"publishing to the broker failed: {error}", logs / "broker.log")
@@ -296,19 +341,28 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
             ensure_topics(settings)
             started.update(stack.pids)
             console.print(f"stack up under {settings.home} (broker {settings.bootstrap}, redis "
-                          f"{settings.redis_url}); starting the worker ...")
+                          f"{settings.redis_url}); starting the worker and the summarizer ...")
             with WorkerProcess(settings) as worker:
                 started["worker"] = worker.pid
                 console.print("processes: " + ", ".join(f"{n} pid {p}" for n, p in started.items()))
-                workload = demo_workload()
-                runaway = workload.runaway_tenant
-                progress = _Progress(duration_s, rate, runaway.tenant_id if runaway else "-")
-                publish_began = time.monotonic()
-                sent = _run_cancellable(_publish(settings, worker.pid, workload, progress, console,
-                                                 catch_up_s=max(60.0, duration_s)))
-                worker.wait_caught_up(timeout_s=30.0)  # authoritative: every published effect is durable
-                end_to_end_s = time.monotonic() - publish_began
-                report = DemoReport(worker, workload, console, shown_home)
+                summarizer = SummarizerProcess(settings).start()
+                try:
+                    started["summarizer"] = summarizer.pid
+                    console.print(f"summarizer pid {summarizer.pid}: compression jobs in, summaries out (consumer "
+                                  f"group {summarizer_group(settings)})")
+                    workload = demo_workload()
+                    runaway = workload.runaway_tenant
+                    progress = _Progress(duration_s, rate, runaway.tenant_id if runaway else "-")
+                    publish_began = time.monotonic()
+                    sent = _run_cancellable(_publish(settings, {"worker": worker.pid, "summarizer": summarizer.pid},
+                                                     workload, progress, console, catch_up_s=max(60.0, duration_s)))
+                    worker.wait_caught_up(timeout_s=30.0)  # every compression job the traffic caused is asked for
+                    _run_cancellable(_summarized(settings, timeout_s=30.0))
+                    worker.wait_caught_up(timeout_s=30.0)  # authoritative: every published effect is durable
+                    end_to_end_s = time.monotonic() - publish_began
+                finally:
+                    summarizer.stop(_SUMMARIZER_GRACE_S)
+                report = DemoReport(worker, workload, console, shown_home, progress.kept)
                 healthy = report.print_all()
         console.print(f"stopped: {', '.join(f'{n} pid {p}' for n, p in started.items())}; "
                       f"still running: {[n for n, p in started.items() if pid_alive(p)] or 'none'}")

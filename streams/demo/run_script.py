@@ -82,6 +82,10 @@ class RunScript:
         return (self.used.total() + tokens <= _FILL * self.t.manifest.total_cap
                 and (cap is None or self.used[slot] + tokens <= _FILL * cap))
 
+    def _prompt_tokens(self) -> int:
+        """The context a provider call is billed on: everything the run added (its agent drops nothing)."""
+        return self.used.total()
+
     def _usage(self, output_tokens: int) -> tuple[int, BaseModel]:
         """One provider call that produced ``output_tokens``, billed on the context as it stood before."""
         rng, prefix = self.rng, self.t.system_prompt[1] + self.t.tool_defs[1]
@@ -91,7 +95,7 @@ class RunScript:
         complete = not (streamed and rng.random() < 0.05)  # the client dropped mid-stream: partial counts
         output = output_tokens if complete else int(output_tokens * rng.uniform(0.2, 0.8))
         return self.clock.ms, self.ctx.usage(
-            provider=self.t.provider, input_tokens=self.used.total() - output_tokens, output_tokens=output,
+            provider=self.t.provider, input_tokens=self._prompt_tokens() - output_tokens, output_tokens=output,
             cached_read_tokens=cached, cache_write_tokens=prefix - cached,
             reasoning_tokens=rng.randint(0, 400) if self.t.provider == "openai" else 0,
             latency_ms=250 + 12 * output + rng.randint(0, 900), streamed=streamed, complete=complete,
@@ -99,6 +103,44 @@ class RunScript:
 
     def _think(self) -> None:
         self.clock.advance(self.rng, 400, 6_000)
+
+    # ---- what the run says: hooks a subclass overrides (streams.demo.story), each drawing from ``rng`` in order --
+    def _question(self, depth: int) -> tuple[str, int]:
+        """The run's opening user message (a sub-agent's task)."""
+        return text(self.rng, self.rng.randint(15, 120), "Task:" if depth else "User:")
+
+    def _steps(self, depth: int) -> int:
+        """How many steps (tool, retrieval, delegation) the run takes at most."""
+        return self.rng.randint(1, 7)
+
+    def _step_weights(self, depth: int) -> tuple[int, int, int]:
+        """How likely each step is: a tool call, a retrieval, a sub-agent (at most two levels deep)."""
+        return 6, 3, 2 if depth < 2 else 0
+
+    def _answer(self) -> tuple[str, int]:
+        """The run's final answer (the output slot)."""
+        return text(self.rng, self.rng.randint(30, 250), "Answer:")
+
+    def _tool_texts(self) -> tuple[tuple[str, int], tuple[str, int], tuple[str, int], bool]:
+        """One tool step's call, result and scratchpad note, and whether the result is large."""
+        rng, tool = self.rng, self.rng.choice(("search", "lookup", "refund", "schedule", "export"))
+        call = text(rng, rng.randint(12, 40), f"call {tool}:")
+        large = rng.random() < 0.08
+        result = text(rng, rng.randint(1_200, 4_000) if large else rng.randint(40, 300), f"result {tool}:")
+        return call, result, text(rng, rng.randint(10, 60), "Plan:"), large
+
+    def _chunks(self) -> list[tuple[str, int]]:
+        """One retrieval's chunks."""
+        rng = self.rng
+        return [text(rng, rng.randint(60, 220), f"chunk {rng.choice(_WORDS)}:") for _ in range(rng.randint(2, 5))]
+
+    def _report(self) -> tuple[str, int]:
+        """What a sub-agent hands back to its parent."""
+        return text(self.rng, self.rng.randint(40, 120), "Sub-agent summary:")
+
+    def _child(self, ctx: RunContext) -> RunScript:
+        """The script of a sub-agent run."""
+        return RunScript(self.rng, self.t, ctx, self.clock, self.warm)
 
     def play(self, runaway: bool = False, depth: int = 0) -> Iterator[tuple[int, BaseModel]]:
         rng, ctx = self.rng, self.ctx
@@ -111,18 +153,18 @@ class RunScript:
                          importance=1.0)
         yield self._turn(Role.SYSTEM, ItemKind.MESSAGE, Slot.TOOLS, self.t.tool_defs, tier_hint=0,
                          importance=1.0)
-        question = text(rng, rng.randint(15, 120), "Task:" if depth else "User:")
+        question = self._question(depth)
         ask = self._turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, question, tier_hint=0, importance=1.0)
         yield ask
         if runaway:
             yield from self._loop_forever()
-        for _ in range(rng.randint(1, 7)):
-            step = rng.choices(("tool", "retrieve", "delegate"), weights=(6, 3, 2 if depth < 2 else 0))[0]
+        for _ in range(self._steps(depth)):
+            step = rng.choices(("tool", "retrieve", "delegate"), weights=self._step_weights(depth))[0]
             play = {"tool": self._tool_step, "retrieve": self._retrieve_step, "delegate": self._delegate_step}
             played = yield from play[step](depth)
             if not played:
                 break
-        out = text(rng, rng.randint(30, 250), "Answer:")
+        out = self._answer()
         self._think()
         yield self._turn(Role.ASSISTANT, ItemKind.MESSAGE, Slot.OUTPUT, out, tier_hint=1, importance=0.8)
         yield self._usage(out[1])
@@ -136,11 +178,8 @@ class RunScript:
         yield self.clock.ms, ctx.finalized(status)
 
     def _tool_step(self, depth: int) -> Iterator[tuple[int, BaseModel]]:
-        rng, tool = self.rng, self.rng.choice(("search", "lookup", "refund", "schedule", "export"))
-        call = text(rng, rng.randint(12, 40), f"call {tool}:")
-        large = rng.random() < 0.08
-        result = text(rng, rng.randint(1_200, 4_000) if large else rng.randint(40, 300), f"result {tool}:")
-        note = text(rng, rng.randint(10, 60), "Plan:")
+        rng = self.rng
+        call, result, note, large = self._tool_texts()
         if not self._fits(Slot.HISTORY, call[1] + result[1]) or not self._fits(Slot.SCRATCHPAD, note[1]):
             return False
         self._think()
@@ -156,8 +195,7 @@ class RunScript:
 
     def _retrieve_step(self, depth: int) -> Iterator[tuple[int, BaseModel]]:
         rng = self.rng
-        chunks = [text(rng, rng.randint(60, 220), f"chunk {rng.choice(_WORDS)}:")
-                  for _ in range(rng.randint(2, 5))]
+        chunks = self._chunks()
         if not self._fits(Slot.RETRIEVED, sum(tokens for _, tokens in chunks)):
             return False
         self.clock.advance(rng, 50, 400)
@@ -168,11 +206,11 @@ class RunScript:
 
     def _delegate_step(self, depth: int) -> Iterator[tuple[int, BaseModel]]:
         rng = self.rng
-        summary = text(rng, rng.randint(40, 120), "Sub-agent summary:")
+        summary = self._report()
         if not self._fits(Slot.HISTORY, summary[1]):
             return False
         child = self.ctx.child(rng.choice(("researcher", "coder", "critic")))
-        yield from RunScript(rng, self.t, child, self.clock, self.warm).play(depth=depth + 1)
+        yield from self._child(child).play(depth=depth + 1)
         yield self._turn(Role.TOOL, ItemKind.SUMMARY, Slot.HISTORY, summary, tier_hint=2, importance=0.6)
         return True
 

@@ -10,6 +10,12 @@ admission requests, and a finalized event. Some tenants and runs are ``no_retent
 has an agent that repeats the same tool call, piles up retrievals and never finalizes, so it crosses its
 soft watermark and hard limit. Token counts are exact ``cl100k`` counts (text is built from words whose
 counts are known). Events come out in timestamp order; timestamps advance from an injected start.
+
+``eviction=True`` (the demo's workload) shows the eviction planner at work instead of only the budget: turns carry
+identifiers and numbers an agent needs again (:mod:`streams.demo.story`), tenants choose strategies
+(:data:`EVICTION_STRATEGIES`), one session of each masking or summarizing tenant outgrows its history cap, and the
+runaway tenant asks for relief (``evict_and_compress``) instead of refusing at the hard limit, so its loop is
+offloaded, compressed, swapped and recalled rather than rejected. Without it the traffic is what it always was.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from datetime import UTC, datetime
 
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
+    EvictionPolicy,
+    EvictionStrategy,
     HardLimitBehaviour,
     ItemKind,
     OverflowBehaviour,
@@ -41,11 +49,13 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.streams.demo.run_script import TOKENIZER, RunScript, SessionClock, text
+from ctxflow.streams.demo.story import CaseFile, StoryScript
 from ctxflow.streams.sdk import CtxflowClient, RunContext
 from ctxflow.streams.topics import TURNS, USAGE, TopicSpec
 from pydantic import BaseModel
 
-__all__ = ["DriveProgress", "GroundTruth", "PoisonRecord", "TenantProfile", "Workload", "drive"]
+__all__ = ["EVICTION_STRATEGIES", "DriveProgress", "GroundTruth", "PoisonRecord", "TenantProfile", "Workload",
+           "drive"]
 
 log = logging.getLogger(__name__)
 _TIERS: dict[str, tuple[int, SlotCaps, OverflowBehaviour, HardLimitBehaviour, int, int]] = {
@@ -62,6 +72,14 @@ _TIERS: dict[str, tuple[int, SlotCaps, OverflowBehaviour, HardLimitBehaviour, in
 _TIER_CYCLE = ("enterprise", "standard", "free")
 _NAMES = ("acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "tyrell", "cyberdyne", "wonka")
 _MODELS = (("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4"), ("google", "gemini-2.0-flash"))
+#: With ``eviction=True``: the strategy of the tenant at each index (the others keep the default, hybrid); each of
+#: these tenants has one long session, the masking one a coding agent reading large files and logs.
+EVICTION_STRATEGIES = {1: EvictionStrategy.OBSERVATION_MASKING, 4: EvictionStrategy.SUMMARIZATION}
+#: With ``eviction=True``, the runaway tenant's policy: hybrid, compressing early and swapping before relief.
+#: The demo replays about an hour of traffic in a minute, so a summary that takes the summarizer a fraction of a
+#: second arrives tens of simulated seconds later; asking at 80% and swapping at 95% (the defaults) would let
+#: relief at the soft watermark (85%) offload the summary's sources before it arrives.
+RUNAWAY_POLICY = EvictionPolicy(compress_at=0.7, swap_at=0.75)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,9 @@ class TenantProfile:
     system_prompt: tuple[str, int]
     tool_defs: tuple[str, int]
     manifest: TenantManifest
+    #: ``eviction=True`` only: one session outgrows its history cap; its agent reads code and logs (else orders).
+    long_session: bool = False
+    code: bool = False
 
     @property
     def prefix_hash(self) -> str:
@@ -122,17 +143,20 @@ class Workload:
     Guarantees: equal arguments give equal output; ``seq`` rises by one per event within a run; event ids
     are unique; a child run's ``workflow_id`` is its root's run id; privacy never weakens down a workflow;
     normal runs stay under ``0.6`` of every cap; the runaway run (first session of tenant index 2, the first
-    free tier, or of the last tenant when there are fewer) grows without end. ``events()`` stops after
-    ``duration_s`` simulated seconds or ``max_events`` events, and never stops when both are ``None``.
+    free tier, or of the last tenant when there are fewer) grows without end. With ``eviction=True`` the first
+    session of each tenant in :data:`EVICTION_STRATEGIES` is long too (its runs add twice their history cap) and
+    the runaway and long runs are never ``no_retention``; every turn's token count is still exact and counts what
+    entered, so :meth:`ground_truth` holds whatever the planner frees. ``events()`` stops after ``duration_s``
+    simulated seconds or ``max_events`` events, and never stops when both are ``None``.
     """
 
     def __init__(self, seed: int, *, tenants: int = 5, sessions_per_tenant: int = 3,
                  duration_s: float | None = None, max_events: int | None = None,
                  start: datetime = datetime(2025, 1, 6, 9, 0, tzinfo=UTC), runaway: bool = True,
-                 no_retention_run_share: float = 0.08) -> None:
+                 no_retention_run_share: float = 0.08, eviction: bool = False) -> None:
         if tenants < 1 or sessions_per_tenant < 1:
             raise ValueError("a workload needs at least one tenant and one session per tenant")
-        self.seed, self.sessions_per_tenant = seed, sessions_per_tenant
+        self.seed, self.sessions_per_tenant, self.eviction = seed, sessions_per_tenant, eviction
         self.duration_s, self.max_events = duration_s, max_events
         self.start = start.replace(microsecond=start.microsecond // 1000 * 1000)
         self.no_retention_run_share = no_retention_run_share
@@ -152,11 +176,19 @@ class Workload:
             run_cap_tokens=25 * total, workflow_cap_tokens=75 * total, subagent_share=0.5,
             tokenizers={model: TOKENIZER}, updated_at=self.start, updated_by="workload",
         )
+        strategy = EVICTION_STRATEGIES.get(i) if self.eviction else None
+        if strategy is not None:  # a tenant that runs long sessions sizes its run caps for them
+            manifest = manifest.model_copy(update={"eviction": EvictionPolicy(strategy=strategy),
+                                                   "run_cap_tokens": 100 * total, "workflow_cap_tokens": 300 * total})
+        elif self.eviction and runaway:
+            manifest = manifest.model_copy(update={"overflow": OverflowBehaviour.EVICT_AND_COMPRESS,
+                                                   "eviction": RUNAWAY_POLICY})
         return TenantProfile(
             tenant_id=tenant_id, tier=tier, provider=provider, model=model, no_retention=i % 5 == 3,
             runaway=runaway, users=tuple(f"{tenant_id}-user-{j}" for j in range(rng.randint(2, 5))),
             system_prompt=text(rng, prompt_words, f"You are the {tenant_id} assistant. Follow this policy:"),
             tool_defs=text(rng, rng.randint(250, 400), "Tools available:"), manifest=manifest,
+            long_session=strategy is not None, code=strategy is EvictionStrategy.OBSERVATION_MASKING,
         )
 
     def manifests(self) -> list[TenantManifest]:
@@ -196,15 +228,21 @@ class Workload:
     def _session(self, rng: random.Random, ids: Callable[[], str], warm: set[str], t: TenantProfile,
                  index: int, clock: SessionClock) -> Iterator[tuple[int, BaseModel]]:
         session_id, user_id = ids(), rng.choice(t.users)
+        case = CaseFile(rng, t.tenant_id) if self.eviction else None
+        runaway, long = t.runaway and index == 0, t.long_session and index == 0
         while True:
-            private = t.no_retention or rng.random() < self.no_retention_run_share
+            # The runaway and long runs stay retained in an eviction workload: the summarizer needs their text.
+            private = t.no_retention or (not (case and (runaway or long))
+                                         and rng.random() < self.no_retention_run_share)
             ctx = RunContext(
                 tenant_id=t.tenant_id, user_id=user_id, session_id=session_id, agent_id="assistant",
                 model=t.model, privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
                 policy_version=f"{t.tenant_id}-policy-v{t.manifest.version}", prefix_hash=t.prefix_hash,
                 clock=clock, id_factory=ids,
             )
-            yield from RunScript(rng, t, ctx, clock, warm).play(runaway=t.runaway and index == 0)
+            script = RunScript(rng, t, ctx, clock, warm) if case is None else StoryScript(
+                rng, t, ctx, clock, warm, case, code=t.code, long=long)
+            yield from script.play(runaway=runaway)
             clock.advance(rng, 5_000, 90_000)  # the user reads the answer and thinks
 
     def poison_records(self, codec: Codec | None = None) -> list[PoisonRecord]:
