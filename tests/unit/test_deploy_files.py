@@ -301,3 +301,9 @@ def test_grafana_loads_the_plugin_datasource_and_dashboards(
     assert (source["jsonData"]["host"], source["jsonData"]["port"]) == ("clickhouse", 8123)
     assert source["secureJsonData"]["password"] == "$CLICKHOUSE_PASSWORD"
     assert grafana["environment"]["CLICKHOUSE_PASSWORD"] == clickhouse["CLICKHOUSE_PASSWORD"]
+
+
+def test_summarizers_run_apart_from_the_workers(services: dict[str, Any]) -> None:
+    summarizer = services["summarizer"]
+    assert summarizer["command"] == ["summarizer"] and "container_name" not in summarizer
+    assert summarizer["depends_on"]["ctxflow-init"]["condition"] == "service_completed_successfully"
