@@ -39,6 +39,7 @@ and goes down to the target in one decision, so the context stays append-only be
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,6 +69,7 @@ from ctxflow.processors.eviction.workset import (
     RECALLED,
     SUMMARIES,
     SUMMARY,
+    TERM_MASK,
     TERMS,
     TURNS,
     PreparedSummary,
@@ -229,6 +231,7 @@ class EvictionPlanner:
                     out.append(job)
             self._relieve(ws, budget, policy, strategy, em)
             self._swap_if_due(ws, budget, policy, em, force=False)
+            self._bound_memory(ws, em)
             out += em.out
         state.put_state(TABLE, key, ws)
         out.append(Relief(t, t.event_id, TURNS_STREAM, pos.offset, tuple(ws.freed)))
@@ -293,9 +296,12 @@ class EvictionPlanner:
         record = ITEM_STRUCT.pack(
             t.seq << ORDER_SHIFT, uid, tokens, uid, 0, tier, slot, KIND_INDEX[t.kind] | ROLE_INDEX[t.role] << 4,
             flags, 1 if t.kind is ItemKind.SUMMARY else 0, round(255 * importance_of(t, features)), pair,
-            item_sketch, *top, digest, pos.partition, pos.offset,
+            *top, digest, pos.offset,
         )
+        ws.partition = pos.partition
         ws.insert(record, t.item_id, short_terms(hashed[:MAX_SHORT_TERMS]))
+        if item_sketch:
+            ws.sketches += struct.pack("<IQ", uid, item_sketch)
         ws.added[slot] += tokens
         issued = t.tool_call_ids or ([t.tool_call_id] if t.kind is ItemKind.TOOL_CALL and t.tool_call_id else [])
         if issued:
@@ -458,8 +464,9 @@ class EvictionPlanner:
         else the share of the item's identifiers the query names; 0.5 when nothing can tell."""
         n = len(view)
         out = np.full(n, 0.5)
-        if ws.query_sketch:
-            sketches = view["sketch"]
+        if ws.query_sketch and ws.sketches:
+            known = ws.sketch_of()
+            sketches = np.fromiter((known.get(u, 0) for u in view["uid"].tolist()), dtype=np.uint64, count=n)
             has = sketches != 0
             if has.any():
                 x = np.bitwise_xor(sketches[has], np.uint64(ws.query_sketch))
@@ -525,7 +532,8 @@ class EvictionPlanner:
         hit = np.isin(view["uid"], uids)
         index = np.flatnonzero(hit)
         first = int(index[0]) if len(index) else len(view)
-        before = view["tokens"].copy()
+        # Offloaded items hold no live tokens: taking them out of session memory frees nothing more.
+        before = np.where((view["flags"] & OFFLOADED) == 0, view["tokens"], 0)
         slots = view["slot"].copy()
         affected = [(ids[i], int(view["tokens"][i]), int(view["slot"][i])) for i in index.tolist()]
         live_after_first = int(view["tokens"][first:][((view["flags"][first:] & OFFLOADED) == 0) & ~hit[first:]].sum())
@@ -592,8 +600,7 @@ class EvictionPlanner:
         importance = int(sources["importance"].max())
         flags = SUMMARY | (int(np.bitwise_or.reduce(sources["flags"])) & (GOAL | CONSTRAINT))
         recall = short_terms(
-            (int(h) for terms in ws.recall_terms(np.flatnonzero(hit).tolist()) for h in terms.tolist()),
-            limit=4 * MAX_SHORT_TERMS,
+            (h for terms in ws.recall_terms(np.flatnonzero(hit).tolist()) for h in terms), limit=4 * MAX_SHORT_TERMS,
         )
         del view, sources
         gone = set(p.source_uids)
@@ -608,13 +615,27 @@ class EvictionPlanner:
         r["importance"], r["pair"] = importance, -1
         r["terms"][: len(terms)] = terms
         r["digest"] = bytes.fromhex(content_digest(p.text))
-        r["partition"], r["offset"] = p.partition, p.offset
+        r["offset"] = p.offset
         del r
         ws.insert(record, p.summary_id, recall)
         ws.prepared = None
         ws.compressions += 1
 
     # ---- recall -------------------------------------------------------------------------------------------------
+    def _bound_memory(self, ws: WorkingSet, em: _Emitter) -> None:
+        """Keep a run's session memory to :data:`MAX_OFFLOADED` items: the least recently named go for good
+        (with their tool groups), so neither the ledger nor recall grows without bound in a long run."""
+        view = ws.view()
+        offloaded = np.flatnonzero((view["flags"] & OFFLOADED) != 0)
+        if len(offloaded) <= MAX_OFFLOADED:
+            return
+        group = np.where(view["pair"] >= 0, view["pair"], view["uid"])
+        oldest = offloaded[np.argsort(view["ref"][offloaded], kind="stable")][: len(offloaded) - MAX_OFFLOADED]
+        gone = np.isin(group, group[oldest]) & ((view["flags"] & OFFLOADED) != 0)
+        uids = view["uid"][gone].tolist()
+        del view
+        self._apply(ws, DecisionKind.EVICT, uids, None, None, em, why=f"session memory holds {MAX_OFFLOADED} items")
+
     def _rejoin(self, ws: WorkingSet, em: _Emitter) -> None:
         """A result that answers an offloaded call joins it in memory: a result without its call is invalid, and
         recalling the call would put it after its result. (An open call is never offloaded, see
@@ -630,7 +651,7 @@ class EvictionPlanner:
     def _recall(self, ws: WorkingSet, mentioned: set[int], at: int, em: _Emitter) -> None:
         """Bring back offloaded items the turn names (to the context's tail: the prefix stays cacheable).
 
-        An offloaded item answers to every identifier and number it held (16-bit hashes); a term more than
+        An offloaded item answers to every identifier and number it held (24-bit hashes); a term more than
         :data:`_MAX_TERM_ITEMS` offloaded items hold names none of them in particular (a tool's name). At most
         :data:`_MAX_RECALLED` items come back per turn (with their tool partners), those naming the most first.
         """
@@ -638,8 +659,8 @@ class EvictionPlanner:
         offloaded = np.flatnonzero((view["flags"] & OFFLOADED) != 0)
         if not len(offloaded):
             return
-        wanted = {h & 0xFFFF for h in mentioned}
-        held = [wanted.intersection(terms.tolist()) for terms in ws.recall_terms(offloaded.tolist())]
+        wanted = {h & TERM_MASK for h in mentioned}
+        held = [wanted & terms for terms in ws.recall_terms(offloaded.tolist())]
         counts: dict[int, int] = {}
         for found in held:
             for h in found:
@@ -687,7 +708,7 @@ class EvictionPlanner:
             if limit is None:
                 continue
             live = ws.live_tokens(slot)
-            if live < policy.compress_at * limit.cap or live < ws.backoff[slot]:
+            if live < policy.compress_at * limit.cap or live < ws.backoff_of(slot):
                 continue
             live_m, movable = self._candidates(ws, policy, in_jobs=False)
             view = ws.view()
@@ -711,7 +732,7 @@ class EvictionPlanner:
             gain = int(tokens * (1 - EXPECTED_RATIO))
             if len(chosen) < 2 or gain < policy.min_gain * limit.cap:
                 # Not worth a summary now: wait until the slot has grown by min_gain of its cap.
-                ws.backoff[slot] = live + math.ceil(policy.min_gain * limit.cap)
+                ws.back_off(slot, live + math.ceil(policy.min_gain * limit.cap))
                 del view
                 continue
             ids = ws.item_ids()
@@ -721,7 +742,7 @@ class EvictionPlanner:
                     item_id=ids[i], content_digest=view["digest"][i:i + 1].tobytes().hex(),
                     tokens=int(view["tokens"][i]), depth=int(view["depth"][i]),
                     topic="summaries" if view["flags"][i] & SUMMARY and view["depth"][i] else "turns",
-                    partition=int(view["partition"][i]), offset=int(view["offset"][i]),
+                    partition=ws.partition, offset=int(view["offset"][i]),
                     label=_label(int(view["kind"][i])),
                 )
                 for i in chosen
@@ -786,7 +807,7 @@ class EvictionPlanner:
                 # Sources gone, too little gain or too many facts lost: no swap; do not ask again before the
                 # slot grows.
                 if limit is not None:
-                    ws.backoff[slot] = ws.live_tokens(slot) + math.ceil(policy.min_gain * limit.cap)
+                    ws.back_off(slot, ws.live_tokens(slot) + math.ceil(policy.min_gain * limit.cap))
             else:
                 ws.prepared = prepared
                 strategy = self.strategy or policy.strategy
@@ -802,10 +823,14 @@ _PLACEHOLDER_TOKENS = 16
 #: A term more items carry than this names none of them in particular (a tool's name, a common path).
 _MAX_TERM_ITEMS = 8
 _MAX_RECALLED = 3
+#: Offloaded items a run keeps in session memory before the least recently named are evicted for good.
+MAX_OFFLOADED = 256
 
 
 def _label(kind: int) -> str:
-    return f"{ROLES[kind >> 4].value} {KINDS[kind & 15].value.replace('_', ' ')}"
+    """How a summary attributes a source: ``user message``, ``tool result``, ``assistant tool call``..."""
+    role, what = ROLES[kind >> 4].value, KINDS[kind & 15].value.replace("_", " ")
+    return what if what.startswith(role) else f"{role} {what}"
 
 
 class _Emitter:

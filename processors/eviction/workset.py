@@ -10,9 +10,10 @@ and importance from it): slot, tier, importance, role and kind, the arrival numb
 it (recency and LRU count arrivals, not clock time), reference count, flags (pinned, summary, masked, offloaded,
 recalled, goal, constraint, in a compression job), summary depth, tool pairing (a tool result names the uid of
 the call it answers), four 32-bit hashes of its longest identifiers and numbers (a later turn naming one
-references it), up to 48 16-bit hashes of all of them (naming one recalls the item once offloaded), a 64-bit
-sign sketch of its embedding (cosine relevance without the vector), and where its content is on the log
-(digest, partition, offset: what a compression job hands the summarizer).
+references it), up to 40 24-bit hashes of all of them (naming one recalls the item once offloaded), a 64-bit
+sign sketch of its embedding when its turn carried one (cosine relevance without the vector; kept beside the
+records, as most items carry none), and where its content is on the log (digest and offset in the run's
+partition: what a compression job hands the summarizer).
 
 Dedup follows the run ledger's rules (:mod:`processors.ledger`): the ledger skips a record at an offset it
 already holds (per stream: turns, summaries) and a turn whose seq it accepted, with the same reorder window.
@@ -36,9 +37,13 @@ TURNS, SUMMARIES = 0, 1
 # Item flags.
 PINNED, SUMMARY, MASKED, OFFLOADED, RECALLED, GOAL, CONSTRAINT, IN_JOB = (1 << i for i in range(8))
 TERMS = 4
-#: Every identifier and number of an item is also kept as a 16-bit hash (up to this many), so that a later turn
-#: naming any of them recalls the item once offloaded; 2 bytes each, variable per item.
-MAX_SHORT_TERMS = 48
+#: Every identifier and number of an item is also kept as a 24-bit hash (up to this many), so that a later turn
+#: naming any of them recalls the item once offloaded; 3 bytes each, variable per item. 24 bits, not 16: a run
+#: may hold hundreds of offloaded items, and with 16-bit hashes a term would match a stranger's ~0.1% of the time
+#: per item, recalling the wrong things.
+MAX_SHORT_TERMS = 40
+TERM_BYTES = 3
+TERM_MASK = (1 << 8 * TERM_BYTES) - 1
 #: Summaries of summaries stop here.
 MAX_DEPTH = 2
 
@@ -60,17 +65,15 @@ ITEM = np.dtype(
         ("depth", "u1"),
         ("importance", "u1"),  # 0..255
         ("pair", "<i4"),  # a tool result: uid of its call; -1 otherwise
-        ("sketch", "<u8"),  # sign sketch of the embedding; 0 without one
         ("terms", "<u4", (TERMS,)),
         ("digest", "S32"),
-        ("partition", "<u2"),
-        ("offset", "<i8"),
+        ("offset", "<i8"),  # in the run's partition of turns (or summaries, for a summary)
     ],
     align=False,
 )
 _EMPTY = np.zeros(0, dtype=ITEM)
 #: :data:`ITEM` as a struct, to pack a new item in one call (numpy's per-field assignment costs ~1 us a field).
-ITEM_STRUCT = struct.Struct("<qIiIHBBBBBBiQ4I32sHq")
+ITEM_STRUCT = struct.Struct("<qIiIHBBBBBBi4I32sq")
 assert ITEM_STRUCT.size == ITEM.itemsize
 
 
@@ -103,19 +106,26 @@ def _entries(blob: bytes) -> list[tuple[int, int, int, int]]:
         n, at = _read_varint(blob, at)
         id_start, id_end = at, at + n
         count, at = _read_varint(blob, id_end)
-        at += 2 * count
+        at += TERM_BYTES * count
         spans.append((start, id_start, id_end, at))
     return spans
 
 
 def _entry(item_id: str, terms: bytes) -> bytes:
     encoded = item_id.encode("utf-8")
-    return _varint(len(encoded)) + encoded + _varint(len(terms) // 2) + terms
+    return _varint(len(encoded)) + encoded + _varint(len(terms) // TERM_BYTES) + terms
 
 
 def short_terms(hashes: Iterable[int], limit: int = MAX_SHORT_TERMS) -> bytes:
-    """The 16-bit forms of up to ``limit`` term hashes (sorted, distinct), as an item's recall set."""
-    return array("H", sorted({h & 0xFFFF for h in hashes})[:limit]).tobytes()
+    """The 24-bit forms of up to ``limit`` term hashes (distinct, in the given order), as an item's recall set."""
+    kept = list(dict.fromkeys(h & TERM_MASK for h in hashes))[:limit]
+    return np.asarray(kept, dtype="<u4").view(np.uint8).reshape(-1, 4)[:, :TERM_BYTES].tobytes()
+
+
+def recall_set(terms: bytes) -> set[int]:
+    """The term hashes of :func:`short_terms`' bytes."""
+    raw = np.frombuffer(terms, dtype=np.uint8).reshape(-1, TERM_BYTES).astype(np.uint32)
+    return set((raw[:, 0] | raw[:, 1] << 8 | raw[:, 2] << 16).tolist())
 
 
 @dataclass(slots=True)
@@ -157,10 +167,14 @@ class WorkingSet:
     """
 
     items: bytearray = field(default_factory=bytearray)
-    #: Per item, in order: varint length and id, then a varint count and that many 16-bit term hashes.
+    #: Per item, in order: varint length and id, then a varint count and that many 24-bit term hashes (3 bytes each).
     ids: bytes = b""
     #: ``(call uid, hash of an issued tool-call id)`` pairs, 8 bytes each: what a later result pairs with.
     calls: bytes = b""
+    #: ``(uid, sign sketch)`` of the items whose turn carried an embedding, 12 bytes each (most carry none).
+    sketches: bytes = b""
+    #: The run's partition (a tenant's records of every input topic share its partition number).
+    partition: int = 0
     seq_upto: int = -1
     seq_above: int = 0
     offsets: list[int] = field(default_factory=lambda: [-1, -1])
@@ -171,8 +185,9 @@ class WorkingSet:
     #: The pending compression job (id), its slot, and the uids it covers.
     job_id: str | None = None
     job_slot: int = -1
-    #: Per slot, the live tokens below which a compression is not worth requesting again (backoff).
-    backoff: list[int] = field(default_factory=lambda: [0] * len(SLOTS))
+    #: Per slot, the live tokens below which a compression is not worth requesting again (backoff); None until a
+    #: compression first backs off (most runs never compress).
+    backoff: list[int] | None = None
     prepared: PreparedSummary | None = None
     #: The current query: hashes of what the latest user turn mentions, and its embedding sketch.
     query_terms: bytes = b""  # packed little-endian u4 (ints in a list would cost ~40 bytes each)
@@ -193,19 +208,19 @@ class WorkingSet:
         blob = self.ids
         return [blob[a:b].decode("utf-8") for _, a, b, _ in _entries(blob)]
 
-    def recall_terms(self, index: Sequence[int]) -> list[np.ndarray]:
-        """The 16-bit term hashes of the items at ``index``."""
+    def recall_terms(self, index: Sequence[int]) -> list[set[int]]:
+        """The 24-bit term hashes of the items at ``index`` (:func:`short_terms`)."""
         blob, spans = self.ids, _entries(self.ids)
         out = []
         for i in index:
             _, _, id_end, end = spans[i]
             _, at = _read_varint(blob, id_end)
-            out.append(np.frombuffer(blob, dtype=np.uint16, count=(end - at) // 2, offset=at))
+            out.append(recall_set(blob[at:end]))
         return out
 
     def insert(self, record: np.ndarray | bytes, item_id: str, terms: bytes = b"") -> int:
         """Insert one item record (a 1-element :data:`ITEM` array, or its bytes) at its place by ``order``, with
-        its id and 16-bit recall terms (:func:`short_terms`); returns its index."""
+        its id and recall terms (:func:`short_terms`); returns its index."""
         raw = record if isinstance(record, bytes) else record.tobytes()
         n, size = len(self), ITEM.itemsize
         (order,) = struct.unpack_from("<q", raw)
@@ -261,10 +276,17 @@ class WorkingSet:
         return -1
 
     def forget_calls(self, uids: set[int]) -> None:
-        """Drop the issued ids of items that left."""
+        """Drop the issued ids and sketches of items that left."""
         if uids and self.calls:
             pairs = [self.calls[at:at + 8] for at in range(0, len(self.calls), 8)]
             self.calls = b"".join(p for p in pairs if struct.unpack_from("<I", p)[0] not in uids)
+        if uids and self.sketches:
+            kept = [self.sketches[at:at + 12] for at in range(0, len(self.sketches), 12)]
+            self.sketches = b"".join(k for k in kept if struct.unpack_from("<I", k)[0] not in uids)
+
+    def sketch_of(self) -> dict[int, int]:
+        """Each item's embedding sketch by uid (items without an embedding have none)."""
+        return {uid: sk for uid, sk in struct.iter_unpack("<IQ", self.sketches)}
 
     def context(self) -> list[tuple[str, int, int, int]]:
         """The run's context as the model reads it: ``(item id, flags, slot, tokens)`` of each live item, in order
@@ -276,6 +298,16 @@ class WorkingSet:
             for item_id, f, s, t in zip(self.item_ids(), flags, slots, tokens, strict=True)
             if not f & OFFLOADED
         ]
+
+    def backoff_of(self, slot: int) -> int:
+        """The live tokens of ``slot`` below which no compression is requested again."""
+        return self.backoff[slot] if self.backoff is not None else 0
+
+    def back_off(self, slot: int, until: int) -> None:
+        """Request no compression of ``slot`` again before it holds ``until`` live tokens."""
+        if self.backoff is None:
+            self.backoff = [0] * len(SLOTS)
+        self.backoff[slot] = until
 
     @property
     def offloaded(self) -> bool:
@@ -301,11 +333,11 @@ class WorkingSet:
         head = json.dumps(
             [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(), self.added.tolist(),
              self.job_id, self.job_slot, self.backoff, self.prepared.to_list() if self.prepared else None,
-             self.query_terms.hex(), self.query_sketch, self.compressions, self.private, len(self.items),
-             len(self.ids)],
+             self.query_terms.hex(), self.query_sketch, self.compressions, self.private, self.partition,
+             len(self.items), len(self.ids), len(self.calls)],
             separators=(",", ":"),
         ).encode()
-        return struct.pack("<I", len(head)) + head + bytes(self.items) + self.ids + self.calls
+        return struct.pack("<I", len(head)) + head + bytes(self.items) + self.ids + self.calls + self.sketches
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WorkingSet:
@@ -313,9 +345,11 @@ class WorkingSet:
         (n,) = struct.unpack_from("<I", data)
         v = json.loads(data[4:4 + n])
         at = 4 + n
-        items, ids = bytearray(data[at:at + v[14]]), data[at + v[14]:at + v[14] + v[15]]
-        calls = data[at + v[14] + v[15]:]
+        n_items, n_ids, n_calls = v[15], v[16], v[17]
+        items, at = bytearray(data[at:at + n_items]), at + n_items
+        ids, at = data[at:at + n_ids], at + n_ids
+        calls, sketches = data[at:at + n_calls], data[at + n_calls:]
         return cls(
-            items, ids, calls, v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]), v[6], v[7], v[8],
-            PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]), v[11], v[12], v[13],
+            items, ids, calls, sketches, v[14], v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]), v[6],
+            v[7], v[8], PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]), v[11], v[12], v[13],
         )

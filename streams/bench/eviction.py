@@ -243,9 +243,10 @@ def _breakdown(table: dict[str, WorkingSet], key: str) -> dict[str, float]:
     dataclass, its lists, array and large ints), and its key and dict slot."""
     ws = table[key]
     parts = {"records": sys.getsizeof(ws.items), "ids_and_terms": sys.getsizeof(ws.ids),
-             "calls": sys.getsizeof(ws.calls)}
-    objects: list[object] = [ws, ws.offsets, ws.freed, ws.backoff, ws.query_terms]
-    objects += [x for x in (*ws.offsets, *ws.backoff, *ws.query_terms, ws.seq_above) if not -5 <= x <= 256]
+             "calls": sys.getsizeof(ws.calls) + sys.getsizeof(ws.sketches)}
+    objects: list[object] = [ws, ws.offsets, ws.freed, ws.added, ws.query_terms]
+    objects += [ws.backoff] if ws.backoff else []
+    objects += [x for x in (*ws.offsets, *(ws.backoff or ()), ws.seq_above) if not -5 <= x <= 256]
     parts["objects"] = sum(map(sys.getsizeof, objects))
     parts["key_and_slot"] = sys.getsizeof(key) + sys.getsizeof(table) / len(table)
     return {k: round(v / len(ws), 1) for k, v in parts.items()}

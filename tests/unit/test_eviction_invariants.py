@@ -112,8 +112,10 @@ class Agent:
         named = [a.item_id for a in d.actions]
         if d.kind in (K.EVICT, K.OFFLOAD, K.MASK, K.SWAP, K.COMPRESS):
             assert not set(named) & protected, f"{d.kind.value} names protected items {set(named) & protected}"
-            missing = set(named) - set(self.live)
-            assert not missing, f"{d.kind.value} names items the agent does not hold live: {missing}"
+            # Only an eviction may name offloaded items (session memory bounded): everything else acts on live ones.
+            held = set(self.live) | (self.offloaded if d.kind is K.EVICT else set())
+            missing = set(named) - held
+            assert not missing, f"{d.kind.value} names items the agent does not hold: {missing}"
         if d.kind is K.RECALL:
             assert set(named) <= self.offloaded, f"recall of items never offloaded: {set(named) - self.offloaded}"
             self.offloaded -= set(named)
@@ -122,6 +124,8 @@ class Agent:
             self.live = [i for i in self.live if i not in named]
             if d.kind is K.OFFLOAD:
                 self.offloaded |= set(named)
+            else:
+                self.offloaded -= set(named)
         elif d.kind is K.SWAP:
             assert d.summary is not None and sorted(d.summary.source_ids) == sorted(named)
             assert d.summary.depth <= 2

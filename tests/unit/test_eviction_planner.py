@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import ProcessorChain
+from ctxflow.processors.eviction import planner as planner_module
 from ctxflow.processors.eviction.planner import TABLE, EvictionPlanner
-from ctxflow.processors.eviction.workset import WorkingSet
+from ctxflow.processors.eviction.workset import OFFLOADED, WorkingSet
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position, run_key
 from ctxflow.schemas.models import (
@@ -122,7 +124,7 @@ def test_a_compression_that_would_free_too_little_backs_off_instead_of_repeating
     for _ in range(12):
         run.turn(70)
     assert not [o for o in run.out if isinstance(o, CompressionJob)]
-    assert run.ws.backoff[3] > 0
+    assert run.ws.backoff_of(3) > 0
 
 
 def test_a_summary_that_frees_too_little_is_not_swapped_and_not_asked_again_at_once() -> None:
@@ -187,3 +189,43 @@ def test_the_working_set_round_trips_through_its_changelog_form() -> None:
         run.turn(100, content="ORD-2 and src/app.py at 2026-01-02")
     copy = WorkingSet.from_bytes(run.ws.to_bytes())
     assert copy.to_bytes() == run.ws.to_bytes() and copy.context() == run.ws.context()
+
+
+def test_session_memory_is_bounded_by_forgetting_the_least_recently_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(planner_module, "MAX_OFFLOADED", 3)
+    run = Run(history=1000, strategy=EvictionStrategy.RETRIEVAL_AUGMENTED, keep_recent=1)
+    run.turn(20, Role.USER, content="Start.")
+    offloaded: set[str] = set()
+    for _ in range(20):
+        for d in run.turn(150):
+            if isinstance(d, Decision) and d.kind is K.OFFLOAD:
+                offloaded |= {a.item_id for a in d.actions}
+            if isinstance(d, Decision) and d.kind is K.EVICT:
+                assert {a.item_id for a in d.actions} <= offloaded  # only what was in session memory
+                assert d.tokens_freed == 0  # it held no live tokens any more
+                offloaded -= {a.item_id for a in d.actions}
+        assert int((run.ws.view()["flags"] & OFFLOADED != 0).sum()) <= 3
+    assert run.decisions(K.EVICT)
+
+
+def test_relevance_keeps_what_resembles_the_current_question_by_embedding() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.RELEVANCE, keep_recent=1)
+    near, far = [1.0] * 8 + [0.0] * 8, [0.0] * 8 + [1.0] * 8
+    run.turn(10, Role.USER, content="Start.")
+    for i in range(6):  # alternate: items like the question to come, and items unlike it
+        run.turn(120, content=f"note {i}", embedding=near if i % 2 else far)
+    run.turn(30, Role.USER, content="And now?", embedding=[0.9] * 8 + [0.1] * 8)
+    run.turn(200)
+    gone = {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}
+    assert gone and gone <= {"i1", "i3", "i5"}  # the far ones (i % 2 == 0 -> seq 1, 3, 5)
+
+
+def test_relevance_falls_back_to_the_identifiers_a_question_names() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.RELEVANCE, keep_recent=1)
+    run.turn(10, Role.USER, content="Start.")
+    for i in range(6):
+        run.turn(120, content=f"order ORD-{1000 + i} shipped from depot DEPOT-{50 + i}")
+    run.turn(30, Role.USER, content="Where did ORD-1001, ORD-1003 and ORD-1005 ship from?")
+    run.turn(200)
+    gone = {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}
+    assert gone and not gone & {"i2", "i4", "i6"}  # the named orders stay
