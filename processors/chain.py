@@ -9,6 +9,8 @@ Kafka. The chain owns what they share:
   (:mod:`processors.retention`).
 - *Retirement* too: the runs the budget retires after a record are retired by every processor (each forgets
   its state of them, a tombstone on its table's changelog).
+- *Failure*: a later processor that raises on a record skips it (listed in ``failures`` for the shell to log);
+  the budget's effects of the record stand (a processor bug must not turn counted tokens into a dead letter).
 - *Feedback*: a later processor may return a :class:`~processors.budget.Relief` (the planner's tokens freed per
   slot, absolute); the chain hands it to the budget, whose gauges then move back down. Everything else a
   processor returns is a record to publish (decisions, compression jobs), routed by type by the worker.
@@ -62,6 +64,9 @@ class ProcessorChain:
         self.budget = budget
         self.processors = tuple(processors)
         self.tables: tuple[TableSpec, ...] = tuple(spec for p in self.processors for spec in p.tables)
+        #: ``(processor, position, exception)`` of records a later processor failed on since the caller last
+        #: emptied the list (the budget applied them).
+        self.failures: list[tuple[str, Position, Exception]] = []
 
     def process(self, event: Event | BaseModel, pos: Position, state: BudgetStore, now: datetime) -> list[BaseModel]:
         """Apply ``event``; returns what to publish (decisions first from the budget, then each processor's).
@@ -73,7 +78,15 @@ class ProcessorChain:
             return []
         out: list[BaseModel] = list(budget.apply(event, pos, state, now))  # type: ignore[arg-type]
         for processor in self.processors:
-            for output in processor.process(event, pos, state, now):
+            try:
+                outputs = processor.process(event, pos, state, now)
+            except Exception as error:
+                # The budget's effects of this record stand (its tokens are counted, its decisions go out); a
+                # later processor's bug must not turn them into a dead letter. That processor skips the record;
+                # the shell logs the failure (this module does no I/O).
+                self.failures.append((processor.name, pos, error))
+                continue
+            for output in outputs:
                 if isinstance(output, Relief):
                     out += budget.relieve(output, state, now)
                 else:

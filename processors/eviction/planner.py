@@ -456,7 +456,10 @@ class EvictionPlanner:
         recency = view["ref"].astype(np.float64)
         span = recency.max() - recency.min() if n else 0
         recency = (recency - recency.min()) / span if span else position
-        return (0.45 * importance + 0.25 * recency + 0.15 * refs + 0.15 * relevance).tolist()
+        # Cache: changing an item invalidates the provider's prompt cache from it on, so among otherwise equal
+        # items the planner takes later ones and keeps the cached prefix.
+        cached = 1.0 - position
+        return (0.4 * importance + 0.25 * recency + 0.15 * refs + 0.1 * relevance + 0.1 * cached).tolist()
 
     @staticmethod
     def _relevance(ws: WorkingSet, view: np.ndarray) -> np.ndarray:
@@ -764,9 +767,21 @@ class EvictionPlanner:
     def _swap_if_due(
         self, ws: WorkingSet, budget: EffectiveBudget, policy: EvictionPolicy, em: _Emitter, force: bool
     ) -> None:
-        """Swap the prepared summary in once its slot reaches ``swap_at`` (or at once when ``force``)."""
+        """Swap the prepared summary in once its slot reaches ``swap_at`` (or at once when ``force``).
+
+        A job still unanswered when its slot reaches ``swap_at`` is given up (its summarizer refused it, or lags):
+        its items are no longer held for it, and no compression of the slot is asked again before it grows.
+        """
         p = ws.prepared
         if p is None:
+            if ws.job_id is not None and (limit := budget.slot_limits[ws.job_slot]) is not None:
+                live = ws.live_tokens(ws.job_slot)
+                if live >= policy.swap_at * limit.cap:
+                    view = ws.view()
+                    view["flags"] &= np.uint8(0xFF ^ IN_JOB)
+                    del view
+                    ws.back_off(ws.job_slot, live + math.ceil(policy.min_gain * limit.cap))
+                    ws.job_id, ws.job_slot = None, -1
             return
         limit = budget.slot_limits[p.slot]
         if not self._sources_live(ws, p):
@@ -811,7 +826,8 @@ class EvictionPlanner:
             else:
                 ws.prepared = prepared
                 strategy = self.strategy or policy.strategy
-                em = _Emitter(s, s.summary_id, budget, strategy, now, self.prices, None)
+                run = state.get_run(key)
+                em = _Emitter(s, s.summary_id, budget, strategy, now, self.prices, run.model if run else None)
                 self._swap_if_due(ws, budget, policy, em, force=False)
                 out += em.out
         state.put_state(TABLE, key, ws)
@@ -842,7 +858,7 @@ class _Emitter:
     ) -> None:
         self.event, self.source_id, self.budget, self.strategy, self.now = event, source_id, budget, strategy, now
         self.price = prices.price(model)[0] if model else prices.fallback
-        self.policy_version = f"m{budget.manifest_version or 0}/p{PLANNER_VERSION}"
+        self.policy_version = f"m{budget.manifest_version or 0}/p{PLANNER_VERSION}/{prices.version}"
         self.out: list[Decision] = []
 
     def step(
@@ -855,7 +871,10 @@ class _Emitter:
         used = ws.live_tokens(slot)
         # Next call: the tokens after the first change are written to the prompt cache again, the freed ones
         # are no longer read.
-        effect = (kept_after * (self.price.cache_write - self.price.cached_read) - freed * self.price.cached_read)
+        if kind is DecisionKind.RECALL:  # appended at the tail: written to the cache once, nothing after it moves
+            effect = -freed * self.price.cache_write
+        else:
+            effect = kept_after * (self.price.cache_write - self.price.cached_read) - freed * self.price.cached_read
         where = f"slot {SLOTS[slot].value}" if slot is not None else "total context"
         subject = f"{kind.value}:{first_uid}:{len(self.out)}"
         self.out.append(Decision(

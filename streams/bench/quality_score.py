@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from ctxflow.processors.tokens import TokenCounter
+from ctxflow.streams.simulate.transcripts import text_of
 
 TOKEN_MODEL = "gpt-4o"
 
@@ -49,18 +50,9 @@ def _counter() -> TokenCounter:
     return TokenCounter()
 
 
-def message_text(msg: dict) -> str:
-    """What of a message reaches the model as text: content, then each tool call's name and arguments."""
-    parts = [msg.get("content") or ""]
-    for call in msg.get("tool_calls") or ():
-        fn = call.get("function") or {}
-        parts.append(f"{fn.get('name', '')} {fn.get('arguments', '')}")
-    return "\n".join(p for p in parts if p)
-
-
 def message_tokens(msg: dict) -> int:
-    """Tokens of :func:`message_text` with the project's offline tokenizer (cl100k)."""
-    return _counter().count(message_text(msg), TOKEN_MODEL).tokens
+    """Tokens of what the model reads of a message (``ctxflow simulate``'s own text of it), counted as it counts."""
+    return _counter().count(text_of(msg), TOKEN_MODEL).tokens
 
 
 def tool_pairs(messages: list[dict]) -> dict[int, int | None]:

@@ -24,7 +24,8 @@ def simulate(
                                               "assistant message).")],
     budget: Annotated[float, typer.Option(min=0.001, max=1.0, help="Cap on the context outside the system prompt, "
                                           "as a fraction of each session's full non-system tokens.")] = 0.25,
-    strategy: Annotated[str, typer.Option(help=f"One of: {_STRATEGIES}.")] = "hybrid",
+    strategy: Annotated[str | None, typer.Option(help=f"One of: {_STRATEGIES}. Default: the manifest's, else "
+                                                      "hybrid.")] = None,
     manifest: Annotated[Path | None, typer.Option(help="A tenant manifest (YAML or JSON) whose QoS and eviction "
                                                        "policy to use; its history cap is replaced by --budget.",
                                                   exists=True, dir_okay=False)] = None,
@@ -35,7 +36,7 @@ def simulate(
     from ctxflow.streams.simulate import TranscriptError, read_sessions, simulate_sessions
     from ctxflow.streams.simulate.run import SessionStats
 
-    if strategy not in {s.value for s in EvictionStrategy}:
+    if strategy is not None and strategy not in {s.value for s in EvictionStrategy}:
         console.print(f"unknown strategy {strategy!r}: use one of {_STRATEGIES}")
         raise typer.Exit(2)
     try:
@@ -43,6 +44,8 @@ def simulate(
     except ManifestFileError as error:
         console.print(f"{error}")
         raise typer.Exit(2) from None
+    if strategy is None:
+        strategy = base.eviction.strategy.value if base is not None and base.eviction is not None else "hybrid"
     stats: dict[str, SessionStats] = {}
     lines = 0
     try:

@@ -270,6 +270,10 @@ class BudgetPipeline:
             failure = ProcessingFailed(f"{type(error).__name__}: {error}")
             report.dead_letters.append(self._dead_letter(record, failure, now))
             return
+        while self._chain.failures:
+            name, position, error = self._chain.failures.pop(0)
+            log.error("processor failed; it skipped the record, whose budget effects stand",
+                      exc_info=error, extra={"processor": name, "topic": position.topic, "offset": position.offset})
         report.tenants.add(event.tenant_id)  # type: ignore[attr-defined]
         if isinstance(event, (*_SUNK, Summary)):  # a summary swapped in changes its run's headroom too
             report.runs[run_key(event.tenant_id, event.run_id)] = event.user_id  # type: ignore[union-attr]

@@ -91,7 +91,7 @@ def test_relief_brings_the_slot_back_down_and_the_budget_state_back_to_ok() -> N
     assert (BudgetState.OK, BudgetState.SOFT) in states and (BudgetState.SOFT, BudgetState.OK) in states
     (evict,) = run.decisions(K.EVICT)
     assert evict.tokens_freed == sum(a.tokens for a in evict.actions) >= 850 - 700
-    assert evict.strategy == "sliding_window" and evict.policy_version == "m3/p1"
+    assert evict.strategy == "sliding_window" and evict.policy_version == "m3/p1/list-2025-06"
     assert "i0" not in [a.item_id for a in evict.actions]  # the goal is tier 0
     assert run.state.get_run(run_key("acme", "r")).live(3) == run.ws.live_tokens(3) <= 700
 
@@ -229,3 +229,18 @@ def test_relevance_falls_back_to_the_identifiers_a_question_names() -> None:
     run.turn(200)
     gone = {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}
     assert gone and not gone & {"i2", "i4", "i6"}  # the named orders stay
+
+
+def test_each_decision_prices_its_effect_on_the_prompt_cache() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.RETRIEVAL_AUGMENTED, keep_recent=1)
+    run.turn(20, Role.USER, content="Start.")
+    run.turn(300, Role.TOOL, ItemKind.TOOL_RESULT, content="order ORD-77731 shipped to Lyon on 2026-02-11")
+    for _ in range(6):
+        run.turn(100)
+    (offload, *_) = run.decisions(K.OFFLOAD)
+    # gpt-4o: cache write 2.50, cached read 1.25 USD per million tokens. Taking items out early in the context
+    # re-writes what follows them; the freed tokens are no longer read.
+    assert offload.cost_effect_micros is not None and offload.cost_effect_micros > 0
+    run.turn(10, Role.USER, content="When did ORD-77731 ship?")
+    (recall,) = run.decisions(K.RECALL)
+    assert recall.cost_effect_micros == round(sum(a.tokens for a in recall.actions) * 2.5)
