@@ -112,6 +112,8 @@ SUMMARY_ROOM = 0.5
 #: A summary that keeps less than this share of its sources' identifiers and numbers is not swapped in: their
 #: items are offloaded instead, where a later turn naming a lost identifier recalls them.
 MIN_FIDELITY = 0.9
+#: Turns a compression job may stay unanswered before it is given up and its items are no longer held for it.
+JOB_PATIENCE = 24
 
 _S = EvictionStrategy
 _RECALLS = frozenset((_S.HYBRID, _S.RETRIEVAL_AUGMENTED))
@@ -753,7 +755,7 @@ class EvictionPlanner:
             view["flags"][chosen] |= IN_JOB
             affected = [(ids[i], int(view["tokens"][i]), slot) for i in chosen]
             del view
-            ws.job_id, ws.job_slot = job_id, slot
+            ws.job_id, ws.job_slot, ws.job_at = job_id, slot, ws.next_uid
             em.step(DecisionKind.COMPRESS, -1, affected, slot, 0, limit, ws,
                     f"slot at {live} of cap {limit.cap} (compress at {policy.compress_at:.0%}): summary of the oldest "
                     f"{len(chosen)} items ({tokens} tokens) requested", 0, job_id=job_id)
@@ -769,18 +771,21 @@ class EvictionPlanner:
     ) -> None:
         """Swap the prepared summary in once its slot reaches ``swap_at`` (or at once when ``force``).
 
-        A job still unanswered when its slot reaches ``swap_at`` is given up (its summarizer refused it, or lags):
-        its items are no longer held for it, and no compression of the slot is asked again before it grows.
+        A job still unanswered when its slot reaches ``swap_at``, or :data:`JOB_PATIENCE` turns after it was asked
+        for, is given up (its summarizer refused it, or lags): its items are no longer held for it, and the slot is
+        not compressed again before it outgrows its cap.
         """
         p = ws.prepared
         if p is None:
             if ws.job_id is not None and (limit := budget.slot_limits[ws.job_slot]) is not None:
                 live = ws.live_tokens(ws.job_slot)
-                if live >= policy.swap_at * limit.cap:
+                if live >= policy.swap_at * limit.cap or ws.next_uid - ws.job_at > JOB_PATIENCE:
                     view = ws.view()
                     view["flags"] &= np.uint8(0xFF ^ IN_JOB)
                     del view
-                    ws.back_off(ws.job_slot, live + math.ceil(policy.min_gain * limit.cap))
+                    # Not asked again for this slot before it outgrows its cap: relief keeps it below that, so a
+                    # summarizer that does not answer no longer holds the slot's oldest items, job after job.
+                    ws.back_off(ws.job_slot, live + limit.cap)
                     ws.job_id, ws.job_slot = None, -1
             return
         limit = budget.slot_limits[p.slot]

@@ -184,6 +184,8 @@ class WorkingSet:
     added: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
     #: The pending compression job (id), its slot, and the uids it covers.
     job_id: str | None = None
+    #: The arrival number when the pending job was requested (it is given up after a while unanswered).
+    job_at: int = -1
     job_slot: int = -1
     #: Per slot, the live tokens below which a compression is not worth requesting again (backoff); None until a
     #: compression first backs off (most runs never compress).
@@ -332,7 +334,8 @@ class WorkingSet:
         """The changelog form: a JSON header, then the item records, ids and calls."""
         head = json.dumps(
             [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(), self.added.tolist(),
-             self.job_id, self.job_slot, self.backoff, self.prepared.to_list() if self.prepared else None,
+             [self.job_id, self.job_at], self.job_slot, self.backoff,
+             self.prepared.to_list() if self.prepared else None,
              self.query_terms.hex(), self.query_sketch, self.compressions, self.private, self.partition,
              len(self.items), len(self.ids), len(self.calls)],
             separators=(",", ":"),
@@ -350,6 +353,7 @@ class WorkingSet:
         ids, at = data[at:at + n_ids], at + n_ids
         calls, sketches = data[at:at + n_calls], data[at + n_calls:]
         return cls(
-            items, ids, calls, sketches, v[14], v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]), v[6],
-            v[7], v[8], PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]), v[11], v[12], v[13],
+            items, ids, calls, sketches, v[14], v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]),
+            v[6][0], v[6][1], v[7], v[8], PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]),
+            v[11], v[12], v[13],
         )

@@ -244,3 +244,14 @@ def test_each_decision_prices_its_effect_on_the_prompt_cache() -> None:
     run.turn(10, Role.USER, content="When did ORD-77731 ship?")
     (recall,) = run.decisions(K.RECALL)
     assert recall.cost_effect_micros == round(sum(a.tokens for a in recall.actions) * 2.5)
+
+
+def test_an_unanswered_compression_is_given_up_and_its_items_no_longer_held() -> None:
+    run = Run(history=1000, strategy=EvictionStrategy.SUMMARIZATION, keep_recent=2)
+    run.turn(20, Role.USER, content="Refund ORD-1042.")
+    for _ in range(60):  # the summarizer never answers (it refused the job, or lags far behind)
+        run.turn(100)
+    (job,) = [o for o in run.out if isinstance(o, CompressionJob)]  # given up, and not asked again
+    first = {s.item_id for s in job.sources}
+    assert first & {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}  # no longer held for the job
+    assert run.ws.live_tokens(3) < 1000
