@@ -178,11 +178,13 @@ def test_the_worker_enforces_a_lowered_total_cap(settings: Settings, worker: Wor
     after = {tenant: publish_turns(settings, tenant, 5, 130) for tenant in ("shrink", "steady")}
     worker.wait_caught_up()
 
-    # Free tier: soft from 0.85 * 600 = 510 tokens, hard at the cap itself (no grace); reject tier rejects.
+    # Free tier: soft from 0.85 * 600 = 510 tokens, hard at the cap itself (no grace); reject tier rejects. At
+    # 520 the run's four items are all among the newest four the planner keeps; at 650 the hard limit rejects,
+    # and the planner, the slot now over its cap, offloads down to 60% of the new cap: the state is back to ok.
     assert decisions(worker, "shrink", after["shrink"]) == {
         ("budget_state", "soft", 520, 600, 2), ("eviction_request", "soft", 520, 600, 2),
         ("budget_state", "hard", 650, 600, 2), ("eviction_request", "hard", 650, 600, 2),
-        ("rejection", "hard", 650, 600, 2),
+        ("rejection", "hard", 650, 600, 2), ("offload", None, 260, 600, 2), ("budget_state", "ok", 260, 600, 2),
     }
     assert decisions(worker, "steady", after["steady"]) == set()  # another tenant's change is not ours
 
@@ -199,11 +201,13 @@ def test_a_user_defined_tier_gets_the_qos_its_manifest_gives(
     assert shown["effective_budget"]["gauges"]["total context"]["hard_at"] == 900
     assert "'enterprize' is not a built-in tier" in ok(ctxflow(settings, "tenants", "get", "typoco", cwd=tmp_path))
 
-    # Soft from 510 tokens, hard only at 900 (grace 1.5); an eviction asks to come down to 80% of the cap.
+    # Soft from 510 tokens, hard only at 900 (grace 1.5); an eviction asks to come down to 80% of the cap, and
+    # the planner offloads one 130-token item to get there (a free-tier run would go down to 60%).
     run = publish_turns(settings, "goldco", 5, 130)
     worker.wait_caught_up()
     assert decisions(worker, "goldco", run) == {
-        ("budget_state", "soft", 520, 600, 1), ("eviction_request", "soft", 520, 600, 1)}
+        ("budget_state", "soft", 520, 600, 1), ("eviction_request", "soft", 520, 600, 1),
+        ("offload", None, 390, 600, 1), ("budget_state", "ok", 390, 600, 1)}
     reason = worker.scalar(f"SELECT reason FROM decisions WHERE tenant_id = 'goldco' AND run_id = '{run}' "
                            "AND kind = 'eviction_request'")
     assert "evict or compress at least 40 tokens to reach 480 (80% of cap 600, tier gold)" in reason
