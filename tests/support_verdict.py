@@ -12,6 +12,7 @@ import json
 import redis.asyncio as aioredis
 from ctxflow.processors.admission import TOTAL, BudgetLimits, RunHeadroom
 from ctxflow.processors.manifest import SLOTS
+from ctxflow.processors.types import run_key
 from ctxflow.schemas.models import RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.redis import limits_key, read_headroom
 from ctxflow.streams.config import Settings
@@ -91,8 +92,8 @@ async def _projected(settings: Settings, runs: list[tuple[str, str]], tenants: l
 
 
 def redis_problems(settings: Settings, truth: GroundTruth, oracle: Replay, tenants: list[str]) -> list[str]:
-    """Per run, Redis holds the ground-truth tokens per slot and exactly the replayed headroom; per tenant, the
-    replayed limits for new runs."""
+    """Per run, Redis holds the ground-truth tokens per slot less what the replayed eviction planner freed, and
+    exactly the replayed headroom; per tenant, the replayed limits for new runs."""
     runs = sorted({(t, r) for t in tenants for r in oracle.runs(t)} | set(truth.run_tokens))
     headrooms, limits = asyncio.run(_projected(settings, runs, tenants))
     problems = [f"{tenant}: Redis limits {got} != replay {oracle.limits(tenant)}"
@@ -102,8 +103,12 @@ def redis_problems(settings: Settings, truth: GroundTruth, oracle: Replay, tenan
             problems.append(f"{tenant}/{run}: no headroom in Redis")
             continue
         got = {slot.value: headroom.used[slot.value] for slot in SLOTS}
-        if got != _want(truth, tenant, run, list(got)) or headroom.used[TOTAL] != truth.run_tokens[(tenant, run)]:
-            problems.append(f"{tenant}/{run}: Redis {headroom.used}, truth {_want(truth, tenant, run, list(got))}")
+        # Live tokens: what the ground truth counted in, minus what the (replayed) eviction planner took out.
+        ledger = oracle.state.get_run(run_key(tenant, run))
+        freed = {slot.value: ledger.freed[i] for i, slot in enumerate(SLOTS)} if ledger is not None else {}
+        want = {k: v - freed.get(k, 0) for k, v in _want(truth, tenant, run, list(got)).items()}
+        if got != want or headroom.used[TOTAL] != truth.run_tokens[(tenant, run)] - sum(freed.values()):
+            problems.append(f"{tenant}/{run}: Redis {headroom.used}, truth less what eviction freed {want}")
         elif headroom != oracle.headroom(tenant, run):
             problems.append(f"{tenant}/{run}: Redis {headroom} != replay {oracle.headroom(tenant, run)}")
     return problems
