@@ -64,6 +64,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.streams.bench.corpus import NOW
 from ctxflow.streams.bench.latency import percentile
+from ctxflow.streams.summarizer.jobs import summarize_job
 from pydantic import BaseModel
 
 MODEL = "gpt-4o"
@@ -317,16 +318,11 @@ def _answer(job: CompressionJob, replay: _Replay, count: Callable[[str], int]) -
     key = run_key(job.tenant_id, job.run_id)
     sources = [SourceItem(s.item_id, replay.texts[key, s.item_id], s.depth, label=s.label or "") for s in job.sources]
     try:
-        made = ExtractiveSummarizer().summarize(sources, job.max_tokens, count)
+        summary = summarize_job(job, sources, ExtractiveSummarizer(), count, NOW)
     except SummaryRefused:
         return None
-    summary_id = f"summary:{job.job_id}"
-    replay.texts[key, summary_id] = made.text
-    return Summary(summary_id=summary_id, job_id=job.job_id, tenant_id=job.tenant_id, user_id=job.user_id,
-                   session_id=job.session_id, run_id=job.run_id, slot=job.slot, text=made.text,
-                   token_count=count(made.text), source_ids=list(made.source_ids),
-                   source_digests=list(made.source_digests), summarizer=made.summarizer,
-                   summarizer_version=made.version, depth=made.depth, fidelity=made.fidelity, produced_at=NOW)
+    replay.texts[key, summary.summary_id] = summary.text
+    return summary
 
 
 def planner_cpu(runs: int, turns: int = 60, tenants_per_strategy: int = 2, history: int = 1_500) -> PlannerResult:

@@ -42,6 +42,7 @@ from ctxflow.schemas.models import (
     TurnEvent,
 )
 from ctxflow.streams.simulate.transcripts import EPOCH, Session, as_session, turns_of
+from ctxflow.streams.summarizer.jobs import summarize_job
 
 TENANT = "simulated"
 MODEL = "gpt-4o"
@@ -115,7 +116,7 @@ def _simulate(
             if isinstance(output, Decision):
                 _note(output, stands_for, index_of, tally)
             elif isinstance(output, CompressionJob):
-                summary = _summarize(output, texts, stands_for, summarizer, count, turn)
+                summary = _summarize(output, texts, summarizer, count, turn)
                 if summary is None:
                     continue
                 texts[summary.summary_id] = summary.text
@@ -127,21 +128,14 @@ def _simulate(
 
 
 def _summarize(
-    job: CompressionJob, texts: dict[str, str], stands_for: dict[str, tuple[str, list[int]]],
-    summarizer: ExtractiveSummarizer, count: Any, turn: TurnEvent,
+    job: CompressionJob, texts: dict[str, str], summarizer: ExtractiveSummarizer, count: Any, turn: TurnEvent,
 ) -> Summary | None:
+    """What a summarizer worker would publish for ``job`` (None where it would dead-letter the job)."""
     sources = [SourceItem(s.item_id, texts.get(s.item_id, ""), s.depth, label=s.label or "") for s in job.sources]
     try:
-        made = summarizer.summarize(sources, job.max_tokens, count)
+        return summarize_job(job, sources, summarizer, count, turn.occurred_at + timedelta(milliseconds=1))
     except SummaryRefused:
         return None
-    return Summary(
-        summary_id=f"sum-{job.job_id[:16]}", job_id=job.job_id, tenant_id=job.tenant_id, user_id=job.user_id,
-        session_id=job.session_id, run_id=job.run_id, slot=job.slot, text=made.text, token_count=count(made.text),
-        source_ids=list(made.source_ids), source_digests=list(made.source_digests), summarizer=made.summarizer,
-        summarizer_version=made.version, depth=made.depth, fidelity=made.fidelity,
-        produced_at=turn.occurred_at + timedelta(milliseconds=1),
-    )
 
 
 def _note(d: Decision, stands_for: dict[str, tuple[str, list[int]]], index_of: dict[str, int],
