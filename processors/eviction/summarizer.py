@@ -205,8 +205,8 @@ def _terms_by_slice(text: str, slices: list[tuple[int, int, int]], terms: Iterab
 def _attribution(source: SourceItem) -> str:
     role = " ".join(source.role.split())
     label = " ".join(source.label.split()).replace("]", ")")
-    if label:
-        return f"[{role} {label}] " if role else f"[{label}] "
+    if label:  # a label that already names the role ("tool result", "user message") is not prefixed again
+        return f"[{role} {label}] " if role and not label.startswith(role) else f"[{label}] "
     return f"{role}: " if role else "- "
 
 
