@@ -160,10 +160,9 @@ def _planes(dim: int) -> np.ndarray:
     return planes
 
 
-def mask_placeholder(item_id: str, kind: str, tokens: int, ids: Iterable[str]) -> str:
-    """The short text a masked item leaves behind: what was there and how to get it back."""
-    named = ", ".join(sorted(ids)[:6])
-    return f"[{kind} {item_id} masked: {tokens} tokens{f'; mentions {named}' if named else ''}]"
+def mask_placeholder(item_id: str, tokens: int, kind: str = "tool result") -> str:
+    """The short text a masked item leaves behind: what was there (the planner keeps no text to quote)."""
+    return f"[{kind} {item_id} masked: {tokens} tokens]"
 
 
 class EvictionPlanner:
@@ -422,8 +421,6 @@ class EvictionPlanner:
                 continue
             if tiers is not None and min(tier_l[i] for i in idx) not in tiers:
                 continue
-            if kind is DecisionKind.OFFLOAD and ws.private:
-                pass  # offloading keeps only ids and counts: allowed for no-retention runs too
             gain = sum(tokens_l[i] for i in idx if slot is None or slot_l[i] == slot)
             if gain <= 0:
                 continue
@@ -558,8 +555,7 @@ class EvictionPlanner:
             view["tokens"][hit] = _PLACEHOLDER_TOKENS
             view["flags"][hit] |= MASKED
             i = int(index[0])
-            text = mask_placeholder(ids[i], KINDS[int(view["kind"][i]) & 15].value.replace("_", " "),
-                                    int(before[i]), ())
+            text = mask_placeholder(ids[i], int(before[i]), KINDS[int(view["kind"][i]) & 15].value.replace("_", " "))
             summary = SummaryProvenance(
                 summary_id=f"mask:{ids[i]}", text=text, token_count=_PLACEHOLDER_TOKENS, source_ids=[ids[i]],
                 source_digests=[view["digest"][i:i + 1].tobytes().hex()], summarizer="mask", summarizer_version="1",

@@ -48,6 +48,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from ctxflow.processors.eviction.planner import mask_placeholder
 from ctxflow.schemas.models import Decision, DecisionKind
 
 #: The content prefix of a summary message, so the model reads it as a digest, not as something just said.
@@ -58,11 +59,6 @@ _SYSTEM_ROLES = frozenset(("system", "developer"))
 _PAYLOAD_KEYS = ("content", "refusal", "audio", "function_call")
 
 Message = dict[str, Any]
-
-
-def mask_placeholder(item_id: str, tokens: int) -> str:
-    """The placeholder a masked tool result shows when the decision carries none (the planner's format)."""
-    return f"[tool result {item_id} masked: {tokens} tokens]"
 
 
 class ContextWindow:
