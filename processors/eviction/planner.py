@@ -81,6 +81,7 @@ from ctxflow.processors.ledger import TURNS as TURNS_STREAM
 from ctxflow.processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit
 from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable
 from ctxflow.processors.types import BudgetStore, Position, decision_id, run_key, tenant_key
+from ctxflow.processors.windows import to_ms
 from ctxflow.schemas.models import (
     CompressionJob,
     CompressionSource,
@@ -112,8 +113,9 @@ SUMMARY_ROOM = 0.5
 #: A summary that keeps less than this share of its sources' identifiers and numbers is not swapped in: their
 #: items are offloaded instead, where a later turn naming a lost identifier recalls them.
 MIN_FIDELITY = 0.9
-#: Turns a compression job may stay unanswered before it is given up and its items are no longer held for it.
-JOB_PATIENCE = 24
+#: Event time a compression job may stay unanswered (its summarizer refused it, or lags far behind) before it is
+#: given up and its items are no longer held for it.
+JOB_PATIENCE_MS = 300_000
 
 _S = EvictionStrategy
 _RECALLS = frozenset((_S.HYBRID, _S.RETRIEVAL_AUGMENTED))
@@ -231,7 +233,7 @@ class EvictionPlanner:
                 if job is not None:
                     out.append(job)
             self._relieve(ws, budget, policy, strategy, em)
-            self._swap_if_due(ws, budget, policy, em, force=False)
+            self._swap_if_due(ws, budget, policy, em, force=False, now_ms=to_ms(t.occurred_at))
             self._bound_memory(ws, em)
             out += em.out
         state.put_state(TABLE, key, ws)
@@ -332,6 +334,16 @@ class EvictionPlanner:
                 freed += self._apply(ws, kind, uids, slot, limit, em, why=f"relief to {budget.evict_target(limit)}")
                 if freed >= need:
                     break
+            if freed < need and ws.job_id is not None and ws.prepared is None and ws.job_slot in (slot, None):
+                # Relief needs the items a pending summary holds: stop waiting for it and take them.
+                job_limit = budget.slot_limits[ws.job_slot]
+                if job_limit is not None:
+                    self._give_up(ws, job_limit)
+                    for kind, uids in self._plan(ws, slot, need - freed, policy, strategy):
+                        freed += self._apply(ws, kind, uids, slot, limit, em,
+                                             why=f"relief to {budget.evict_target(limit)}")
+                        if freed >= need:
+                            break
             if ws.live_tokens(slot) >= limit.cap and policy.keep_recent:
                 # Still over the cap: the newest items lose their shelter (never tier 0, the current user turn,
                 # an open call or what this turn named); an agent cannot send more than its budget.
@@ -751,7 +763,7 @@ class EvictionPlanner:
             view["flags"][chosen] |= IN_JOB
             affected = [(ids[i], int(view["tokens"][i]), slot) for i in chosen]
             del view
-            ws.job_id, ws.job_slot, ws.job_at = job_id, slot, ws.next_uid
+            ws.job_id, ws.job_slot, ws.job_ms = job_id, slot, to_ms(t.occurred_at)
             em.step(DecisionKind.COMPRESS, -1, affected, slot, 0, limit, ws,
                     f"slot at {live} of cap {limit.cap} (compress at {policy.compress_at:.0%}): summary of the oldest "
                     f"{len(chosen)} items ({tokens} tokens) requested", 0, job_id=job_id)
@@ -763,26 +775,20 @@ class EvictionPlanner:
         return None
 
     def _swap_if_due(
-        self, ws: WorkingSet, budget: EffectiveBudget, policy: EvictionPolicy, em: _Emitter, force: bool
+        self, ws: WorkingSet, budget: EffectiveBudget, policy: EvictionPolicy, em: _Emitter, force: bool,
+        now_ms: int,
     ) -> None:
         """Swap the prepared summary in once its slot reaches ``swap_at`` (or at once when ``force``).
 
-        A job still unanswered when its slot reaches ``swap_at``, or :data:`JOB_PATIENCE` turns after it was asked
-        for, is given up (its summarizer refused it, or lags): its items are no longer held for it, and the slot is
-        not compressed again before it outgrows its cap.
+        A job still unanswered when its slot reaches ``swap_at``, or :data:`JOB_PATIENCE_MS` of event time after it
+        was asked for, is given up (:meth:`_give_up`).
         """
         p = ws.prepared
         if p is None:
-            if ws.job_id is not None and (limit := budget.slot_limits[ws.job_slot]) is not None:
-                live = ws.live_tokens(ws.job_slot)
-                if live >= policy.swap_at * limit.cap or ws.next_uid - ws.job_at > JOB_PATIENCE:
-                    view = ws.view()
-                    view["flags"] &= np.uint8(0xFF ^ IN_JOB)
-                    del view
-                    # Not asked again for this slot before it outgrows its cap: relief keeps it below that, so a
-                    # summarizer that does not answer no longer holds the slot's oldest items, job after job.
-                    ws.back_off(ws.job_slot, live + limit.cap)
-                    ws.job_id, ws.job_slot = None, -1
+            limit = budget.slot_limits[ws.job_slot] if ws.job_id is not None else None
+            late = now_ms - ws.job_ms > JOB_PATIENCE_MS
+            if limit is not None and (late or ws.live_tokens(ws.job_slot) >= policy.swap_at * limit.cap):
+                self._give_up(ws, limit)
             return
         limit = budget.slot_limits[p.slot]
         if not self._sources_live(ws, p):
@@ -791,6 +797,17 @@ class EvictionPlanner:
         if force or (limit is not None and ws.live_tokens(p.slot) >= policy.swap_at * limit.cap):
             self._apply(ws, DecisionKind.SWAP, list(p.source_uids), p.slot, limit, em,
                         why=f"slot reached swap at {policy.swap_at:.0%}")
+
+    @staticmethod
+    def _give_up(ws: WorkingSet, limit: Limit) -> None:
+        """Stop waiting for the pending summary (its summarizer refused the job, or lags): its items are no longer
+        held for it, and the slot is not compressed again before it outgrows its cap (relief keeps it below
+        that), so a summarizer that does not answer cannot hold the slot's oldest items job after job."""
+        view = ws.view()
+        view["flags"] &= np.uint8(0xFF ^ IN_JOB)
+        del view
+        ws.back_off(ws.job_slot, ws.live_tokens(ws.job_slot) + limit.cap)
+        ws.job_id, ws.job_slot = None, -1
 
     def _summary(self, s: Summary, pos: Position, state: BudgetStore, now: datetime) -> list[Output]:
         """A summarizer's answer: keep it for the swap if it frees enough, else back off."""
@@ -829,7 +846,7 @@ class EvictionPlanner:
                 strategy = self.strategy or policy.strategy
                 run = state.get_run(key)
                 em = _Emitter(s, s.summary_id, budget, strategy, now, self.prices, run.model if run else None)
-                self._swap_if_due(ws, budget, policy, em, force=False)
+                self._swap_if_due(ws, budget, policy, em, force=False, now_ms=to_ms(s.produced_at))
                 out += em.out
         state.put_state(TABLE, key, ws)
         out.append(Relief(s, s.summary_id, SUMMARIES_STREAM, pos.offset, tuple(ws.freed)))

@@ -184,8 +184,8 @@ class WorkingSet:
     added: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
     #: The pending compression job (id), its slot, and the uids it covers.
     job_id: str | None = None
-    #: The arrival number when the pending job was requested (it is given up after a while unanswered).
-    job_at: int = -1
+    #: Event time (epoch ms) the pending job was asked for (it is given up after a while unanswered).
+    job_ms: int = 0
     job_slot: int = -1
     #: Per slot, the live tokens below which a compression is not worth requesting again (backoff); None until a
     #: compression first backs off (most runs never compress).
@@ -334,7 +334,7 @@ class WorkingSet:
         """The changelog form: a JSON header, then the item records, ids and calls."""
         head = json.dumps(
             [self.seq_upto, self.seq_above, self.offsets, self.next_uid, self.freed.tolist(), self.added.tolist(),
-             [self.job_id, self.job_at], self.job_slot, self.backoff,
+             [self.job_id, self.job_ms], self.job_slot, self.backoff,
              self.prepared.to_list() if self.prepared else None,
              self.query_terms.hex(), self.query_sketch, self.compressions, self.private, self.partition,
              len(self.items), len(self.ids), len(self.calls)],

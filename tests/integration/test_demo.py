@@ -50,8 +50,8 @@ def _query(cwd: Path, env: dict[str, str], sql: str) -> list[list]:
 
 def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tmp_path: Path) -> None:
     began = time.monotonic()
-    env = {**os.environ, "COLUMNS": "200"}
-    demo = subprocess.run([str(CTXFLOW), "demo", "--duration", "8", "--rate", "800"], cwd=tmp_path, env=env,
+    env = {**os.environ, "COLUMNS": "400"}  # wide enough that no report line wraps
+    demo = subprocess.run([str(CTXFLOW), "demo", "--duration", "15", "--rate", "800"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=90)
     out = demo.stdout
     assert demo.returncode == 0, out + demo.stderr

@@ -51,12 +51,13 @@ class Run:
         self.out: list[object] = []
 
     def turn(self, tokens: int, role: Role = Role.ASSISTANT, kind: ItemKind = ItemKind.MESSAGE,
-             content: str = "", **extra: object) -> list[object]:
+             content: str = "", at: datetime | None = None, **extra: object) -> list[object]:
         seq, self.seq = self.seq, self.seq + 1
         event = TurnEvent(
             event_id=f"e{seq}", tenant_id="acme", user_id="u", session_id="s", run_id="r", agent_id="a", seq=seq,
             role=role, kind=kind, slot=Slot.HISTORY, item_id=f"i{seq}", content=content or f"turn {seq}",
-            token_count=tokens, model="gpt-4o", occurred_at=T0 + timedelta(seconds=seq), **extra,  # type: ignore[arg-type]
+            token_count=tokens, model="gpt-4o", occurred_at=at or T0 + timedelta(seconds=seq),
+            **extra,  # type: ignore[arg-type]
         )
         out = self.chain.process(event, Position("turns", 0, seq), self.state, T0)
         self.out += out
@@ -249,8 +250,8 @@ def test_each_decision_prices_its_effect_on_the_prompt_cache() -> None:
 def test_an_unanswered_compression_is_given_up_and_its_items_no_longer_held() -> None:
     run = Run(history=1000, strategy=EvictionStrategy.SUMMARIZATION, keep_recent=2)
     run.turn(20, Role.USER, content="Refund ORD-1042.")
-    for _ in range(60):  # the summarizer never answers (it refused the job, or lags far behind)
-        run.turn(100)
+    for i in range(60):  # the summarizer never answers (it refused the job, or lags far behind): 10 minutes
+        run.turn(100, at=T0 + timedelta(seconds=10 * (i + 1)))
     (job,) = [o for o in run.out if isinstance(o, CompressionJob)]  # given up, and not asked again
     first = {s.item_id for s in job.sources}
     assert first & {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}  # no longer held for the job
