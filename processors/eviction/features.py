@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from hashlib import blake2b
 
-__all__ = ["Features", "distinctiveness", "extract", "mentions", "term_hash", "term_hashes"]
+__all__ = ["Features", "distinctiveness", "extract", "mentions", "ranked_terms", "term_hash", "term_hashes"]
 
 #: A term shorter than this (``42``, ``-7``, ``v2``) is too common to identify an item in :func:`term_hashes`.
 MIN_HASHED_LENGTH = 3
@@ -247,15 +247,18 @@ def distinctiveness(term: str) -> tuple[int, str]:
     return -(len(term) + 4 * (has_digit and has_alpha) + 2 * has_mark), term
 
 
-def term_hashes(features: Features, limit: int = 4) -> tuple[int, ...]:
-    """Hashes (:func:`term_hash`) of at most ``limit`` of the most distinctive identifiers and numbers.
+def ranked_terms(features: Features) -> list[str]:
+    """The identifiers, then the numbers, each longest first: the order in which they are likeliest to name
+    one item alone (a user id names its log record better than the timestamps beside it). Terms shorter than
+    :data:`MIN_HASHED_LENGTH` are left out as too common to identify anything."""
+    return [term for group in (features.identifiers, features.numbers)
+            for term in sorted((t for t in group if len(t) >= MIN_HASHED_LENGTH), key=lambda t: (-len(t), t))]
 
-    Ordered by :func:`distinctiveness`; terms shorter than :data:`MIN_HASHED_LENGTH` are left out as too
-    common to identify anything. Same features, same hashes, on every machine and process.
-    """
-    terms = sorted((t for t in features.identifiers | features.numbers if len(t) >= MIN_HASHED_LENGTH),
-                   key=distinctiveness)
-    return tuple(term_hash(t) for t in terms[: max(limit, 0)])
+
+def term_hashes(features: Features, limit: int = 4) -> tuple[int, ...]:
+    """Hashes (:func:`term_hash`) of the first ``limit`` of :func:`ranked_terms`. Same features, same hashes, on
+    every machine and process."""
+    return tuple(term_hash(t) for t in ranked_terms(features)[: max(limit, 0)])
 
 
 def mentions(text: str) -> frozenset[int]:

@@ -48,9 +48,9 @@ import numpy as np
 from ctxflow.processors.budget import BudgetProcessor, Relief
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.eviction.features import (
-    MIN_HASHED_LENGTH,
     Features,
     extract,
+    ranked_terms,
     term_hash,
 )
 from ctxflow.processors.eviction.policy import KIND_INDEX, KINDS, ROLE_INDEX, ROLES, importance_of, tier_of
@@ -264,12 +264,9 @@ class EvictionPlanner:
         digest = bytes.fromhex(t.content_digest or content_digest(t.content or ""))
         repeats = t.kind is ItemKind.TOOL_RESULT and view is not None and bool((view["digest"] == digest).any())
         pair = ws.call_of(term_hash(t.tool_call_id)) if t.kind is ItemKind.TOOL_RESULT and t.tool_call_id else -1
-        # The item's identifiers, then its numbers, each longest first (the likeliest to name this item alone),
-        # hashed once: when an item holds more than the ledger keeps, its names outrank its values.
-        groups = (features.identifiers, features.numbers) if features is not None else ()
-        terms = [x for group in groups for x in sorted((y for y in group if len(y) >= MIN_HASHED_LENGTH),
-                                                        key=len, reverse=True)]
-        hashed = [term_hash(x) for x in terms]
+        # Hashed once, in features.ranked_terms' order: when an item holds more than the ledger keeps, its names
+        # outrank its values.
+        hashed = [term_hash(x) for x in ranked_terms(features)] if features is not None else []
         named = set(hashed)
         if named and view is not None:
             rows = view["terms"].tolist()
