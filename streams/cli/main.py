@@ -185,8 +185,10 @@ def worker(
     web_port: Annotated[int | None, typer.Option(help="Port of the query/health endpoint.")] = None,
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
-    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections; makes missing topics."""
+    """Run a Faust worker: budgets, decisions, dead letters, the Redis projection, and (CTXFLOW_SINK=auto|on|off)
+    the ClickHouse sink in a thread of its own; makes missing topics."""
     from ctxflow.streams.runtime.worker import run_worker
+    from ctxflow.streams.sink.ownership import BackendHeld
 
     settings = settings_of(ctx)
     if web_port is not None:
@@ -204,7 +206,12 @@ def worker(
         console.print(f"ctxflow worker cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
                       "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
         raise typer.Exit(1) from err
-    run_worker(settings, loglevel)
+    try:
+        run_worker(settings, loglevel)
+    except BackendHeld as err:
+        console.print(f"ctxflow worker cannot start with CTXFLOW_SINK=on: {err}. Use CTXFLOW_SINK=auto (decide without "
+                      "the sink while another process holds it) or off.", style="red")
+        raise typer.Exit(1) from err
 
 
 @app.command()
@@ -329,6 +336,7 @@ SUBCOMMAND_GROUPS: dict[str, str] = {
 #: Commands owned by other modules, registered the same way: ``{"simulate": "module:function"}``.
 SUBCOMMANDS: dict[str, str] = {
     "summarizer": "ctxflow.streams.cli.summarizer:summarizer",
+    "sink": "ctxflow.streams.cli.sink:sink",
     "simulate": "ctxflow.streams.cli.simulate:simulate",
     "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
 }

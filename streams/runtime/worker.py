@@ -9,9 +9,12 @@ the last commit, and every effect is idempotent under replay).
 
 Input records reach the agent in bulk through :mod:`streams.runtime.intake`, not through Faust streams.
 
-The worker process also owns the process's only chDB engine (chDB hosts one per process), so it serves
-analyst queries over HTTP at ``POST /query`` on ``127.0.0.1:<web_port>``; ``ctxflow query`` uses it when a
-worker runs and opens chDB itself otherwise.
+The worker never writes ClickHouse itself: the ClickHouse sink is a consumer group of its own (:mod:`streams.sink`),
+so an analytics outage never holds a decision back. By default (``CTXFLOW_SINK=auto``) the worker process hosts
+one, in a thread with its own event loop, when it can hold the backend; an embedded chDB admits one process per
+directory, so a second worker on the embedded stack decides without a sink (and takes it over when the first
+exits). The process holding the sink serves analyst queries at ``POST /query`` on ``127.0.0.1:<web_port>``
+(``ctxflow query`` finds it); ``/health`` reports the sink beside the worker's own partitions.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 from typing import Any
 
@@ -30,7 +32,6 @@ from ctxflow.processors.chain import default_chain
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
-from ctxflow.sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
@@ -40,14 +41,19 @@ from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, Input
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
 from ctxflow.streams.runtime.stop_deadline import StopDeadline
 from ctxflow.streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
+from ctxflow.streams.sink.host import SinkHost
+from ctxflow.streams.sink.web import answer_query, local_query_url
 from faust.types import Message
 from faust.web import Request, Response, View
+from mode import Service
 
 log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings) -> faust.App:
-    """The worker's Faust app: tables, the budget agent and the query endpoint, wired to ``settings``."""
+    """The worker's Faust app: tables, the budget agent, the ClickHouse sink it hosts (per ``settings.sink``) and
+    the web endpoints, wired to ``settings``. Raises :class:`streams.sink.ownership.BackendHeld` when
+    ``settings.sink`` is ``on`` and another process holds the chDB directory."""
     app = BudgetApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -86,8 +92,23 @@ def build_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )
     app.intake = BatchIntake(app, set(logical), max_buffered=4 * settings.batch_max)
-    sink = ClickHouseSink(settings.chdb_dsn)
-    sink.ensure_schema()
+    sink = None
+    if settings.sink != "off":
+        sink = SinkHost(settings, role="worker", query_url=local_query_url(settings.web_port),
+                        take_over=settings.sink == "auto")
+        sink.claim()  # at once: with `on`, a worker that cannot hold the backend does not start
+
+        @app.service
+        class ClickHouseSinkThread(Service):
+            """Runs the worker's sink in its own thread while the app runs."""
+
+            async def on_start(self) -> None:
+                sink.start_thread()
+
+            async def on_stop(self) -> None:
+                await asyncio.to_thread(sink.stop, 5.0)  # within the worker's stop deadline
+
+    app.sink = sink  # type: ignore[attr-defined]  (read by the metrics and /health)
 
     @app.agent(inputs, concurrency=1, name="budget")
     async def budget(stream: faust.StreamT) -> None:
@@ -112,7 +133,6 @@ def build_app(settings: Settings) -> faust.App:
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
             chain=default_chain(BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s))),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
-            sink=sink,
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
@@ -190,26 +210,25 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/query")
     class QueryView(View):
-        """``POST {"sql": "...", "parameters": {...}}`` -> ``{"columns": [...], "rows": [[...]]}``."""
+        """``POST {"sql": "...", "parameters": {...}}`` -> ``{"columns": [...], "rows": [[...]]}`` when this worker
+        holds the ClickHouse sink (see :func:`streams.sink.web.answer_query`)."""
 
         async def post(self, request: Request) -> Response:
-            body = await request.json()
             try:
-                result = await asyncio.to_thread(sink.query, body["sql"], body.get("parameters"))
-            except ReadOnlyViolation as error:
-                return self.json({"error": str(error)}, status=403)
-            except Exception as error:
-                return self.json({"error": f"{type(error).__name__}: {error}"}, status=400)
-            rows = json.loads(json.dumps(result.rows, default=str))
-            return self.json({"columns": list(result.columns), "rows": rows})
+                body = await request.json()
+            except ValueError:
+                body = None
+            status, answer = await asyncio.to_thread(answer_query, sink, body)
+            return self.json(answer, status=status)
 
     @app.page("/health")
     class HealthView(View):
         """``status`` (``starting``, ``ready`` or ``degraded``: see :class:`streams.runtime.health.WorkerHealth`),
         the partition numbers this worker owns and processes (empty while it rebalances or recovers its tables),
         per input topic-partition its ``lag``, ``last_commit_age_s``, ``last_fetch_age_s`` and ``state``
-        (``progress``), the stall threshold, and how many changelog records it has read into its tables in bulk
-        since it started. Answered from memory: asking never sends a broker request."""
+        (``progress``), the stall threshold, how many changelog records it has read into its tables in bulk
+        since it started, and its ClickHouse ``sink`` (:meth:`streams.sink.host.SinkHost.health`; ``{"state":
+        "off"}`` with ``CTXFLOW_SINK=off``). Answered from memory: asking never sends a broker request."""
 
         async def get(self, request: Request) -> Response:
             health = app.consumer.health()  # type: ignore[attr-defined]  (BulkConsumer)
@@ -220,6 +239,7 @@ def build_app(settings: Settings) -> faust.App:
                 "status": health.status if assigned else "starting", "partitions": assigned,
                 "progress": [p.as_json() for p in health.partitions if p.topic in inputs],
                 "stall_after_s": settings.stall_after_s, "tables_preloaded": preloaded,
+                "sink": sink.health() if sink is not None else {"state": "off", "healthy": True},
             })
 
     return app
