@@ -20,6 +20,7 @@ from ctxflow.schemas.models import DeadLetter, Decision
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.stack.admin import TopicFacts, describe_topics
+from ctxflow.streams.stack.progress import wait_sink_caught_up
 from ctxflow.streams.stack.worker_process import INPUT_TOPICS
 from ctxflow.streams.topics import ALL_TOPICS
 
@@ -116,8 +117,9 @@ def catalogue_facts(settings: Settings) -> dict[str, TopicFacts]:
     return asyncio.run(facts())
 
 
-def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Wait until the worker's committed offsets cover every input record on the broker now.
+def wait_processed(settings: Settings, timeout_s: float = 60.0, *, sink: bool = True) -> None:
+    """Wait until the worker's committed offsets cover every input record on the broker now, then (``sink``) until
+    the ClickHouse sink group committed every projected record (the decisions and dead letters among them).
 
     Like ``WorkerProcess.wait_caught_up`` (committed offsets imply durable effects; both measure against the
     true end of each partition, see :mod:`streams.runtime.log_end`), without needing the ``WorkerProcess`` at hand.
@@ -142,6 +144,8 @@ def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
             await admin.close()
 
     asyncio.run(poll())
+    if sink:
+        wait_sink_caught_up(settings, timeout_s)
 
 
 def changelog_keys(settings: Settings, table: str) -> set[str]:
