@@ -19,6 +19,7 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import DeadLetter, Decision
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sink.catalogue import PROJECTED
 from ctxflow.streams.stack.admin import TopicFacts, describe_topics
 from ctxflow.streams.stack.progress import wait_sink_caught_up
 from ctxflow.streams.stack.worker_process import INPUT_TOPICS
@@ -181,6 +182,23 @@ def committed_offsets(settings: Settings) -> dict[tuple[str, int], int]:
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
+        finally:
+            await admin.close()
+        return {(tp.topic, tp.partition): max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
+
+    return asyncio.run(probe())
+
+
+def group_offsets(settings: Settings, group: str) -> dict[tuple[str, int], int]:
+    """``group``'s committed offset per (full topic, partition) of the ClickHouse sink's topics (0 when none)."""
+
+    async def probe() -> dict[tuple[str, int], int]:
+        tps = [TopicPartition(spec.full_name(settings), p) for spec in PROJECTED
+               for p in range(spec.partition_count(settings))]
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
         finally:
             await admin.close()
         return {(tp.topic, tp.partition): max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
