@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -237,6 +238,18 @@ def wait_committed(settings: Settings, at_least: int, timeout_s: float = 60.0) -
             await admin.close()
 
     return asyncio.run(poll())
+
+
+def tenants_on_every_partition(partitions: int, per_partition: int) -> list[str]:
+    """Fresh tenant ids, ``per_partition`` on each input partition (records are keyed by tenant id)."""
+    place, every = DefaultPartitioner(), list(range(partitions))
+    tag, chosen, index = uuid.uuid4().hex[:6], {p: [] for p in every}, 0
+    while any(len(names) < per_partition for names in chosen.values()):
+        name, index = f"reb{tag}{index}", index + 1
+        names = chosen[place(name.encode(), every, every)]
+        if len(names) < per_partition:
+            names.append(name)
+    return [name for names in chosen.values() for name in names]
 
 
 def wait_until(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 60.0, what: str = "") -> T:

@@ -1,14 +1,17 @@
 """Which process holds an embedded chDB, and where the others send their queries.
 
-chDB locks its directory (``<dir>/status``): one process at a time opens it. The process that opened it writes
-``<dir>.owner.json`` beside it (pid, start time, the URL of its query endpoint) and removes it when it lets go;
-:func:`current_owner` reads it back, and trusts it only while that pid still runs with that start time, so a
-crashed owner's file is ignored. A ClickHouse server has no owner: any number of processes write and query it.
+chDB locks its directory (an exclusive ``flock`` on ``<dir>/status``): one process at a time opens it, and
+:func:`open_backend` asks the lock before it tries, since chDB's own refusal does not say why. The process that
+opened it writes ``<dir>.owner.json`` beside it (pid, start time, the URL of its query endpoint) and removes it
+when it lets go; :func:`current_owner` reads it back, and trusts it only while that pid still runs with that start
+time, so a crashed owner's file is ignored. A ClickHouse server has no owner: any number of processes write and
+query it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,8 +24,6 @@ from ctxflow.streams.config import Settings
 from ctxflow.streams.stack.processes import pid_alive, start_time_of
 
 log = logging.getLogger(__name__)
-
-_LOCKED = ("Cannot lock file", "Another server instance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +64,13 @@ def open_backend(settings: Settings) -> ClickHouseSink:
     Raises :class:`BackendHeld` when another process holds the chDB directory, and whatever the driver raises
     when the backend does not answer (a server down, a directory that cannot be written).
     """
+    directory = chdb_directory(settings)
+    if directory is not None and _locked(directory):  # asked first: chDB's own refusal does not say why
+        raise BackendHeld(directory, current_owner(settings) or _status_owner(directory))
     try:
         sink = ClickHouseSink(settings.chdb_dsn)
     except Exception as error:
-        directory = chdb_directory(settings)
-        if directory is not None and any(text in str(error) for text in _LOCKED):
+        if directory is not None and _locked(directory):  # taken between the check and the open
             raise BackendHeld(directory, current_owner(settings) or _status_owner(directory)) from error
         raise
     try:
@@ -117,6 +120,23 @@ def _read(path: Path) -> Owner | None:
         return Owner(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _locked(directory: Path) -> bool:
+    """True while a process holds chDB's lock on ``<dir>/status`` (an exclusive ``flock``, as ClickHouse takes it)."""
+    try:
+        fd = os.open(directory / "status", os.O_RDONLY)
+    except OSError:
+        return False  # never opened, or its holder exited cleanly (it removes the file)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _status_owner(directory: Path) -> Owner | None:
