@@ -34,9 +34,9 @@ def test_partitions_handed_between_workers_keep_every_total(settings: Settings) 
         publish(settings, _turns(runs, 100))
         wait_processed(settings)
 
-        # Its own home (its own Faust state) and no ClickHouse sink: the first worker's is the deployment's one
-        # (test_sink_placement covers a second worker on the same chDB directory).
-        elsewhere = {"web_port": free_port(), "home": settings.home / "second", "sink": "off"}
+        # The same home, as on one machine's embedded stack: the first worker holds the chDB directory and the
+        # ClickHouse sink; the second decides without one and takes the sink over when the first stops.
+        elsewhere = {"web_port": free_port()}
         second = WorkerProcess(settings.model_copy(update=elsewhere), name="second")
         second.start(ready_timeout_s=120, sole=False)
         split = wait_until(
