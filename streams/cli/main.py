@@ -261,7 +261,8 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Small smoke run (~1 minute); overrides the sizes.")] = False,
     output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("bench-results.json"),
 ) -> None:
-    """Benchmark on a private embedded stack: raw decode ceiling, worker rate, latency, memory, recovery."""
+    """Benchmark on a private embedded stack: raw decode ceiling, worker rate, ClickHouse sink rate, latency, memory,
+    recovery."""
     from ctxflow.streams.bench import BenchConfig, run_bench, verdicts
 
     settings = settings_of(ctx)
@@ -299,6 +300,8 @@ def bench(
                       f"{results.planner_chain_eps:,.0f} / {d['planner_budget_only_eps']:,}", "", "")
         table.add_row("summarizer items per CPU second (~300-token tool outputs)",
                       f"{results.summarizer_items_per_cpu_s:,.0f}", "", "")
+    table.add_row("ClickHouse sink alone: rows per CPU second of its process", f"{results.sink_rows_per_cpu_s:,.0f}",
+                  "", "")
     probes = results.details.get("cpu_probe_ms", {})
     speeds = " / ".join(f"{probes[phase]:.0f}" for phase in ("start", "pipeline", "latency", "end") if phase in probes)
     table.add_row("cpu_probe_ms (machine speed, lower is faster: start, pipeline, latency, end)", speeds, "", "")

@@ -8,9 +8,10 @@ topic of :data:`~.catalogue.PROJECTED`. Each cycle:
    does not decode is counted and skipped with one log line per batch (the worker dead-letters it); it never
    stops the loop. The rest are buffered, turns, usage reports and run events keeping their Avro bytes
    (:meth:`~sinks.clickhouse.ClickHouseSink.add_encoded`);
-3. once ``batch_rows`` records wait, or ``flush_every_s`` after the last flush with anything uncommitted, flush
-   in a thread and, when it returned, commit exactly the offsets of what was buffered when it began. One flush
-   runs at a time; fetching goes on meanwhile until ``max_buffered`` records wait, then the partitions pause.
+3. once ``batch_rows`` records wait, or ``flush_every_s`` after the last flush with anything uncommitted and
+   nothing more waiting on the broker (:data:`BEHIND_FLUSH_EVERY_S` while records wait), flush in a thread and,
+   when it returned, commit exactly the offsets of what was buffered when it began. One flush runs at a time;
+   fetching goes on meanwhile until ``max_buffered`` records wait, then the partitions pause.
 
 A flush that fails (any exception: :class:`~sinks.base.SinkBackpressure`, an HTTP ClickHouse that stopped
 answering, a chDB directory that cannot be written) keeps its records buffered (:class:`~sinks.base.BatchingSink`)
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 50_000
 #: Longest a record waits for its flush once the sink has caught up (analytics lag when traffic is light).
 FLUSH_EVERY_S = 0.5
+#: Longest between two flushes while the sink is behind (its batches fill up meanwhile).
+BEHIND_FLUSH_EVERY_S = 5.0
 #: How long one fetch may wait for records; also how soon the loop notices a finished flush while idle.
 POLL_MS = 100
 #: How long a stopping sink tries its last flush before it leaves the rest to the next sink of its group.
@@ -164,7 +167,11 @@ class SinkRunner:
                     retry_at = time.monotonic() + self._backoff.next(self._retry_after)
                 flushing = None
             now = time.monotonic()
-            due = self.sink.buffered >= self._batch_rows or (now - last_flush >= self._flush_every_s)
+            waited = now - last_flush
+            # Behind (records wait on the broker), batches fill up: fewer, larger inserts; caught up, the
+            # interval bounds how long analytics trail the topics.
+            due = self.sink.buffered >= self._batch_rows or waited >= BEHIND_FLUSH_EVERY_S or (
+                waited >= self._flush_every_s and not await self._behind())
             if flushing is None and due and now >= retry_at and self._uncommitted():
                 flushing = asyncio.create_task(self._flush_and_commit(dict(self._pending)))
                 last_flush = now
@@ -249,6 +256,15 @@ class SinkRunner:
                 "retries": self._retries})
         self._state = "writing"
         self._failing_since = None
+
+    async def _behind(self) -> bool:
+        """True while an assigned partition's log end (from the last fetch response) lies past the position."""
+        consumer = self._consumer
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is not None and end > await consumer.position(tp):
+                return True
+        return False
 
     def _uncommitted(self) -> bool:
         return any(offset > self._committed.get(tp, -1) for tp, offset in self._pending.items())
