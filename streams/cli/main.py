@@ -133,7 +133,8 @@ def status(
     web_port: Annotated[int | None, typer.Option(help="Port of the worker's health endpoint.")] = None,
 ) -> None:
     """Show the detached stack under --home and the worker on --web-port; exits 1 unless every server runs and
-    answers, and when the worker reports itself degraded (no worker answering is not an error)."""
+    answers, and when the worker reports itself degraded or its ClickHouse sink failing (no worker answering is
+    not an error)."""
     settings = settings_of(ctx)
     home = settings.home.resolve()
     state = StackState.load(home)
@@ -156,7 +157,8 @@ def status(
 
 
 def _print_worker_health(web_port: int) -> bool:
-    """Print the ``/health`` of the worker on ``web_port``, per input partition; False only when it is degraded."""
+    """Print the ``/health`` of the worker on ``web_port``, per input partition, and its ClickHouse sink; False only
+    when it is degraded or its sink failing."""
     from ctxflow.streams.stack.worker_process import worker_health
 
     try:
@@ -176,7 +178,23 @@ def _print_worker_health(web_port: int) -> bool:
         f" (an input partition has waited over {health['stall_after_s']:g}s with no commit advancing; the "
         "worker's log says since when)" if status == "degraded" else ""
     ), style="red" if status == "degraded" else None)
-    return status != "degraded"
+    sink = health.get("sink", {})
+    console.print(f"ClickHouse sink: {_sink_line(sink)}", style=None if sink.get("healthy", True) else "red")
+    return status != "degraded" and sink.get("healthy", True)
+
+
+def _sink_line(sink: dict[str, Any]) -> str:
+    """One line on the ClickHouse sink a worker's ``/health`` reports (:meth:`streams.sink.host.SinkHost.health`)."""
+    state = sink.get("state", "off")
+    if state == "elsewhere":
+        return f"held by {sink.get('owner_role')} pid {sink.get('owner_pid')} (this worker decides without it)"
+    if state in ("off", "opening"):
+        return state + (f": {sink['last_error']}" if sink.get("last_error") else "")
+    lag = sum(p["lag"] or 0 for p in sink.get("partitions", []))
+    line = f"{state}, {sink['rows_written']:,} rows written, lag {lag:,} records, {sink['retries']} failed flushes"
+    if state == "retrying":
+        line += f" (failing for {sink['failing_for_s']:.0f}s: {sink['last_error']})"
+    return line
 
 
 @app.command()
