@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     sink: Literal["auto", "on", "off"] = "auto"
     #: Port of ``ctxflow sink``'s web endpoint (``/query``, ``/health``).
     sink_web_port: int = 6067
+    #: The ClickHouse sinks' consumer group; ``<app_id>-sink`` when unset. A new group writes the topics again from
+    #: their first offsets (rows collapse by identity), e.g. into a new ClickHouse.
+    sink_group: str | None = None
     #: Largest batch a worker agent takes from the stream before processing it.
     batch_max: int = Field(default=2000, ge=1)
     #: Shortest time between two commits of decided batches, in seconds. Decisions go out as soon as a batch

@@ -2,9 +2,10 @@
 
 A ``ctxflow sink`` process (what a deployment runs apart from its workers) in a fresh consumer group reads the
 projected topics from their first offsets: after phase (b), the corpus's turns and the decisions the worker made
-of them. Nothing else runs meanwhile. Its rows per second run from its first fetched record to its last commit
-(both stamped by the sink itself, ``/health``); its CPU is the process's own (every thread, chDB's included) from
-the moment it owned its partitions to the moment its group had committed every record.
+of them, as that worker decided them (:mod:`streams.sink.verdict`). Nothing else runs meanwhile. Its rows per
+second run from its first fetched record to its last commit (both stamped by the sink itself, ``/health``); its
+CPU is the process's own (every thread, chDB's included) from the moment it owned its partitions to the moment
+its group had committed every record.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def measure_sink(settings: Settings, say: Callable[[str], None], timeout_s: floa
     ``settings.home / 'sink-<tag>'``, until it committed everything; stop it and return its figures."""
     tag = uuid.uuid4().hex[:8]
     fresh = settings.model_copy(update={
-        "app_id": f"{settings.app_id}-{tag}", "home": settings.home / f"sink-{tag}", "clickhouse_dsn": None,
+        "sink_group": f"{settings.app_id}-sink-{tag}", "home": settings.home / f"sink-{tag}", "clickhouse_dsn": None,
         "sink_web_port": free_port(),
     })
     sink = SinkProcess(fresh, name=f"sink-{tag}").start(ready_timeout_s=120)

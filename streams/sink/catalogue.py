@@ -16,6 +16,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL
 from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.pipeline import INPUT_MODELS
 from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS, INVALIDATIONS, MEMORY_RECORDS, RUNS, TURNS, USAGE, TopicSpec
 from pydantic import BaseModel
 
@@ -36,8 +37,15 @@ if _UNPROJECTED:  # a topic whose records have no table would be read and droppe
 
 
 def sink_group(settings: Settings) -> str:
-    """The sinks' consumer group: beside the deciding workers' ``app_id``, never in it."""
-    return f"{settings.app_id}-sink"
+    """The sinks' consumer group (``settings.sink_group``, by default ``<app_id>-sink``): beside the deciding
+    workers' ``app_id``, never in it."""
+    return settings.sink_group or f"{settings.app_id}-sink"
+
+
+def decided_by_workers(spec: TopicSpec) -> bool:
+    """True for topics the deciding workers consume: the sink writes their records as the workers decided
+    (:mod:`.verdict`), not by a decode of its own."""
+    return spec.name in INPUT_MODELS
 
 
 def keyed_by_tenant(spec: TopicSpec) -> bool:

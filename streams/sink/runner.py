@@ -4,14 +4,15 @@ An asyncio loop over aiokafka in the group ``<app_id>-sink`` (:func:`~.catalogue
 topic of :data:`~.catalogue.PROJECTED`. Each cycle:
 
 1. fetch what the assigned partitions hold, up to a batch;
-2. decode every record under the worker's contract (:func:`streams.runtime.decode.decode_record`). A record that
-   does not decode is counted and skipped with one log line per batch (the worker dead-letters it); it never
-   stops the loop. The rest are buffered, turns, usage reports and run events keeping their Avro bytes
-   (:meth:`~sinks.clickhouse.ClickHouseSink.add_encoded`);
+2. hand the records to the :class:`~.intake.SinkIntake`: records of the topics the deciding workers consume are
+   written as the workers decided (accepted ones by their Avro bodies, refused ones skipped, undecided ones held
+   until :class:`~.verdict.VerdictReader` learns more, every :data:`VERDICT_EVERY_S` while any wait), the workers'
+   own records are decoded and written. A record that is refused or does not decode is counted and skipped; it
+   never stops the loop;
 3. once ``batch_rows`` records wait, or ``flush_every_s`` after the last flush with anything uncommitted and
    nothing more waiting on the broker (:data:`BEHIND_FLUSH_EVERY_S` while records wait), flush in a thread and,
-   when it returned, commit exactly the offsets of what was buffered when it began. One flush runs at a time;
-   fetching goes on meanwhile until ``max_buffered`` records wait, then the partitions pause.
+   when it returned, commit exactly the offsets of what was buffered or skipped when it began. One flush runs at a
+   time; fetching goes on meanwhile until ``max_buffered`` records are buffered or held, then the partitions pause.
 
 A flush that fails (any exception: :class:`~sinks.base.SinkBackpressure`, an HTTP ClickHouse that stopped
 answering, a chDB directory that cannot be written) keeps its records buffered (:class:`~sinks.base.BatchingSink`)
@@ -28,21 +29,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from ctxflow.schemas.codec import Codec
-from ctxflow.schemas.contract import RejectedRecord
-from ctxflow.sinks.clickhouse import ENCODED_TYPES, ClickHouseSink
+from ctxflow.sinks.clickhouse import ClickHouseSink
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.decode import decode_record
 from ctxflow.streams.sink.backoff import Backoff
-from ctxflow.streams.sink.catalogue import PROJECTED, keyed_by_tenant, sink_group
+from ctxflow.streams.sink.catalogue import PROJECTED, decided_by_workers, keyed_by_tenant, sink_group
+from ctxflow.streams.sink.intake import Route, SinkIntake
 from ctxflow.streams.sink.ownership import redacted
 from ctxflow.streams.sink.status import PartitionLag, SinkState, SinkStatus
-from pydantic import BaseModel
+from ctxflow.streams.sink.verdict import VerdictReader, Verdicts
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,8 @@ BATCH_ROWS = 50_000
 FLUSH_EVERY_S = 0.5
 #: Longest between two flushes while the sink is behind (its batches fill up meanwhile).
 BEHIND_FLUSH_EVERY_S = 5.0
+#: How often the workers' verdicts are read while records wait for them (the workers commit every 0.5 s).
+VERDICT_EVERY_S = 0.2
 #: How long one fetch may wait for records; also how soon the loop notices a finished flush while idle.
 POLL_MS = 100
 #: How long a stopping sink tries its last flush before it leaves the rest to the next sink of its group.
@@ -65,7 +66,10 @@ class _Assignment(ConsumerRebalanceListener):
         self._runner = runner
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        self._runner._forget(revoked)
+        # Buffered records of a revoked partition are still written (harmless: idempotent), never committed here.
+        self._runner._intake.forget(revoked)
+        for tp in revoked:
+            self._runner._committed.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("partitions assigned", extra={
@@ -88,20 +92,23 @@ class SinkRunner:
         self._max_buffered = 2 * batch_rows
         self._flush_every_s = flush_every_s
         self._backoff = backoff or Backoff()
-        self._codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
-        self._routes: dict[str, tuple[type[BaseModel], bool]] = {
-            spec.full_name(settings): (model, keyed_by_tenant(spec)) for spec, model in PROJECTED.items()
-        }
-        self._encoded = frozenset(ENCODED_TYPES)
-        self._pending: dict[TopicPartition, int] = {}  # next offset after the last record buffered or skipped
+        routes = {spec.full_name(settings): Route(model, keyed_by_tenant(spec), decided_by_workers(spec))
+                  for spec, model in PROJECTED.items()}
+        verdicts = Verdicts()
+        self._intake = SinkIntake(sink, Codec(settings.schema_registry_url, settings.max_content_bytes), routes,
+                                  verdicts)
+        self._verdicts = VerdictReader(settings, [t for t, r in routes.items() if r.decided_by_workers], verdicts)
+        self._topics = list(routes)
         self._committed: dict[TopicPartition, int] = {}
         self._state: SinkState = "starting"
-        self._rows_written = self._flushes = self._retries = self._skipped = 0
+        self._rows_written = self._flushes = self._retries = 0
         self._last_error: str | None = None
         self._failing_since: float | None = None
         self._retry_after = 0.0  # the backend's own hint (SinkBackpressure.retry_after): a floor for the backoff
         self._first_record_at: float | None = None
         self._last_commit_at: float | None = None
+        self._waiting_since: float | None = None  # records held, no verdict since
+        self._waiting_logged = False
         self._partitions: tuple[PartitionLag, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -119,9 +126,9 @@ class SinkRunner:
         failing = self._failing_since
         return SinkStatus(
             group=self.group, backend=redacted(self.sink.dsn), state=self._state,
-            rows_written=self._rows_written, flushes=self._flushes, retries=self._retries, skipped=self._skipped,
-            buffered=self.sink.buffered, last_error=self._last_error,
-            failing_for_s=None if failing is None else time.monotonic() - failing,
+            rows_written=self._rows_written, flushes=self._flushes, retries=self._retries,
+            skipped=self._intake.skipped, buffered=self.sink.buffered, held=self._intake.held,
+            last_error=self._last_error, failing_for_s=None if failing is None else time.monotonic() - failing,
             first_record_at=self._first_record_at, last_commit_at=self._last_commit_at, partitions=self._partitions,
         )
 
@@ -139,28 +146,36 @@ class SinkRunner:
             # As the deciding worker: a crashed member's partitions move on after a short session.
             session_timeout_ms=6_000, heartbeat_interval_ms=500,
         )
-        self._consumer.subscribe(list(self._routes), listener=_Assignment(self))
+        self._consumer.subscribe(self._topics, listener=_Assignment(self))
         try:
+            await self._verdicts.start()
             await self._consumer.start()
             log.info("clickhouse sink started", extra={"group": self.group, "backend": redacted(self.sink.dsn),
-                                                       "topics": len(self._routes)})
+                                                       "topics": len(self._topics)})
             await self._consume()
         finally:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+            for close in (self._consumer.stop, self._verdicts.stop):
+                with contextlib.suppress(Exception):  # including a client that never started
+                    await close()
             self._state = "stopped"
             log.info("clickhouse sink stopped", extra={"group": self.group, "rows_written": self._rows_written,
-                                                       "retries": self._retries, "skipped": self._skipped,
-                                                       "buffered": self.sink.buffered})
+                                                       "retries": self._retries, "skipped": self._intake.skipped,
+                                                       "buffered": self.sink.buffered, "held": self._intake.held})
 
     async def _consume(self) -> None:
         assert self._stopping is not None
         flushing: asyncio.Task[bool] | None = None
-        last_flush = retry_at = time.monotonic()
+        last_flush = retry_at = last_verdicts = time.monotonic()
         while not self._stopping.is_set():
-            self._hold(self.sink.buffered >= self._max_buffered)
+            self._hold(self.sink.buffered + self._intake.held >= self._max_buffered)
             fetched = await self._consumer.getmany(timeout_ms=POLL_MS, max_records=self._batch_rows)
-            self._buffer(record for records in fetched.values() for record in records)
+            if fetched and self._first_record_at is None:
+                self._first_record_at = time.time()
+            self._intake.take(record for records in fetched.values() for record in records)
+            now = time.monotonic()
+            if self._intake.held and now - last_verdicts >= VERDICT_EVERY_S:
+                await self._learn_verdicts()
+                last_verdicts = now
             self._observe()
             if flushing is not None and flushing.done():
                 if not flushing.result():
@@ -173,43 +188,40 @@ class SinkRunner:
             due = self.sink.buffered >= self._batch_rows or waited >= BEHIND_FLUSH_EVERY_S or (
                 waited >= self._flush_every_s and not await self._behind())
             if flushing is None and due and now >= retry_at and self._uncommitted():
-                flushing = asyncio.create_task(self._flush_and_commit(dict(self._pending)))
+                flushing = asyncio.create_task(self._flush_and_commit(dict(self._intake.pending)))
                 last_flush = now
         if flushing is not None:
             await flushing
         if self._state == "writing" and self._uncommitted():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FINAL_FLUSH_S):
-                    await self._flush_and_commit(dict(self._pending))
+                    await self._flush_and_commit(dict(self._intake.pending))
 
-    def _buffer(self, records: Iterable[ConsumerRecord]) -> None:
-        """Step 2 for fetched records: decode, buffer, and note every position as handled (skipped ones too)."""
-        routes, encoded, codec, sink, pending = self._routes, self._encoded, self._codec, self.sink, self._pending
-        refused: Counter[str] = Counter()
-        example = ""
-        for record in records:
-            model, keyed = routes[record.topic]
-            pending[TopicPartition(record.topic, record.partition)] = record.offset + 1
-            try:
-                event = decode_record(codec, record.value, record.key, model, keyed=keyed)
-            except RejectedRecord as error:
-                refused[error.reason_code] += 1
-                example = example or f"{record.topic}[{record.partition}]@{record.offset}: {error.reason}"
-                continue
-            if type(event) in encoded:
-                sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
-            else:
-                sink.add(event)
-        if pending and self._first_record_at is None:
-            self._first_record_at = time.time()
-        if refused:
-            self._skipped += sum(refused.values())
-            log.warning("sink skipped records that do not decode (the worker dead-letters them)", extra={
-                "count": sum(refused.values()), "reasons": dict(refused), "example": example})
+    async def _learn_verdicts(self) -> None:
+        """Read the workers' verdicts and place what they decided; say once when none come for long."""
+        held = self._intake.held
+        try:
+            async with asyncio.timeout(5.0):
+                await self._verdicts.refresh()
+        except (KafkaError, TimeoutError) as error:  # the broker is away: the records stay held
+            log.debug("sink could not read the workers' verdicts", extra={"error": repr(error)})
+        self._intake.release()
+        now = time.monotonic()
+        if self._intake.held < held or not self._intake.held:  # progress
+            if self._waiting_logged:
+                log.warning("the deciding workers commit again; the sink writes what they decided")
+            self._waiting_since, self._waiting_logged = None, False
+        elif self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since > self.settings.stall_after_s and not self._waiting_logged:
+            self._waiting_logged = True  # once per wait
+            log.warning("the sink holds records the deciding workers have not committed yet (is a worker of this "
+                        "app running?); it writes them once they are decided",
+                        extra={"workers": self.settings.app_id, "held": self._intake.held})
 
     async def _flush_and_commit(self, covered: dict[TopicPartition, int]) -> bool:
-        """Step 3: flush, then commit ``covered`` (what was buffered when the flush began); False if the flush
-        failed (nothing committed, the records stay buffered)."""
+        """Step 3: flush, then commit ``covered`` (what was buffered or skipped when the flush began); False if
+        the flush failed (nothing committed, the records stay buffered)."""
         try:
             written = await asyncio.to_thread(self.sink.flush)
         except Exception as error:
@@ -229,6 +241,7 @@ class SinkRunner:
             log.warning("sink commit failed; the next one covers these offsets", extra={"error": repr(error)})
             return True
         self._committed.update(offsets)
+        self._intake.committed(offsets)
         self._last_commit_at = time.time()
         return True
 
@@ -267,7 +280,7 @@ class SinkRunner:
         return False
 
     def _uncommitted(self) -> bool:
-        return any(offset > self._committed.get(tp, -1) for tp, offset in self._pending.items())
+        return any(offset > self._committed.get(tp, -1) for tp, offset in self._intake.pending.items())
 
     def _hold(self, full: bool) -> None:
         """Pause every assigned partition while the buffer is full, resume them once it drained."""
@@ -286,10 +299,3 @@ class SinkRunner:
             PartitionLag(tp.topic, tp.partition, self._committed.get(tp), self._consumer.highwater(tp))
             for tp in sorted(assigned, key=lambda tp: (tp.topic, tp.partition))
         )
-
-    def _forget(self, revoked: Sequence[TopicPartition]) -> None:
-        # Buffered records of a revoked partition are still written (harmless: idempotent), never committed here.
-        for tp in revoked:
-            self._pending.pop(tp, None)
-            self._committed.pop(tp, None)
-

@@ -32,10 +32,12 @@ class PartitionLag:
 class SinkStatus:
     """A sink's state and counters since it started.
 
-    ``rows_written`` counts rows the backend acknowledged (a replayed row counts again); ``skipped`` records that
-    did not decode (the worker dead-letters them); ``retries`` failed flushes; ``last_error`` the latest backend
-    failure, kept after recovery for the post-mortem; ``failing_for_s`` how long the current outage lasts (None
-    when writing). ``first_record_at`` and ``last_commit_at`` are Unix times (None before the first).
+    ``rows_written`` counts rows the backend acknowledged (a replayed row counts again); ``skipped`` records it did
+    not write because the workers refused them or they do not decode; ``buffered`` records waiting for a flush;
+    ``held`` records waiting for the workers' verdict (:mod:`streams.sink.verdict`); ``retries`` failed flushes;
+    ``last_error`` the latest backend failure, kept after recovery for the post-mortem; ``failing_for_s`` how long
+    the current outage lasts (None when writing). ``first_record_at`` and ``last_commit_at`` are Unix times (None
+    before the first).
     """
 
     group: str
@@ -46,6 +48,7 @@ class SinkStatus:
     retries: int
     skipped: int
     buffered: int
+    held: int
     last_error: str | None
     failing_for_s: float | None
     first_record_at: float | None

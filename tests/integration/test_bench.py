@@ -15,6 +15,9 @@ from ctxflow.streams.bench.load import LoadFailed, LoadPlan, generate_load
 from ctxflow.streams.bench.sink import measure_sink
 from ctxflow.streams.config import Settings
 from ctxflow.streams.stack.embedded import EmbeddedStack
+from ctxflow.streams.stack.worker_process import WorkerProcess
+
+from tests.support_kafka import decisions_on_topic, wait_processed
 
 
 @pytest.mark.timeout(300)
@@ -55,10 +58,14 @@ def test_a_failing_load_generator_stops_the_phase_with_its_reason(stack: Embedde
 
 def test_the_sink_phase_drains_every_projected_record(settings: Settings) -> None:
     corpus = TurnCorpus()
-    turns = corpus.take(3_000)
+    turns = corpus.manifests() + corpus.take(3_000)
     asyncio.run(publish(settings, turns))
+    # The sink writes input records as the workers decided them: a worker (without a sink) decides first.
+    with WorkerProcess(settings.model_copy(update={"sink": "off"})):
+        wait_processed(settings, sink=False)
+    decisions = len({d.decision_id for d in decisions_on_topic(settings)})
     said: list[str] = []
     run = measure_sink(settings, said.append)
-    assert (run.rows, run.skipped) == (len(turns), 0)  # no worker ran: the turns are every projected record
+    assert (run.rows, run.skipped) == (3_000 + decisions, 0)  # every turn and every decision, nothing else
     assert run.flushes >= 1 and run.rows_per_s > 0 and run.rows_per_cpu_s > 0
     assert "rows per CPU second" in said[-1]

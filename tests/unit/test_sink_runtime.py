@@ -40,6 +40,8 @@ def test_every_projected_topic_is_in_the_catalogue_and_has_a_table() -> None:
 def test_the_sink_group_is_apart_from_the_workers() -> None:
     settings = Settings(app_id="acme-worker")
     assert sink_group(settings) == "acme-worker-sink" != settings.app_id
+    assert sink_group(settings.model_copy(update={"sink_group": "replay-into-new-clickhouse"})) == (
+        "replay-into-new-clickhouse")
 
 
 @given(first=st.floats(0.01, 5), cap=st.floats(5, 120), failures=st.integers(1, 80), floor=st.floats(0, 10),
@@ -60,8 +62,8 @@ def test_status_is_healthy_only_while_writing_and_reports_lag() -> None:
     lags = (PartitionLag("t.turns", 0, 90, 100), PartitionLag("t.turns", 1, None, 7),
             PartitionLag("t.runs", 0, 3, None))
     status = SinkStatus(group="g", backend="chdb:///x", state="retrying", rows_written=5, flushes=1, retries=3,
-                        skipped=0, buffered=12, last_error="DatabaseError: Permission denied", failing_for_s=4.26,
-                        first_record_at=1.0, last_commit_at=2.0, partitions=lags)
+                        skipped=0, buffered=12, held=3, last_error="DatabaseError: Permission denied",
+                        failing_for_s=4.26, first_record_at=1.0, last_commit_at=2.0, partitions=lags)
     assert [p.lag for p in lags] == [10, 7, None]
     shown = status.as_json()
     assert shown["healthy"] is False and shown["failing_for_s"] == 4.3
