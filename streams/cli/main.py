@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from aiokafka.errors import KafkaError
 from ctxflow.streams import logs
+from ctxflow.streams.cli.context import ensure_topics_or_exit, settings_of
 from ctxflow.streams.config import Settings
-from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 from rich.console import Console
 from rich.table import Table
@@ -45,13 +45,6 @@ def _global_options(
         "topic_prefix": topic_prefix, "partitions": partitions,
     }
     ctx.obj = Settings(**{name: value for name, value in flags.items() if value is not None})
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The Settings built from this invocation's global flags and environment."""
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings), "the root callback always sets Settings"
-    return settings
 
 
 def _print_connection(settings: Settings) -> None:
@@ -213,17 +206,7 @@ def worker(
         settings = settings.model_copy(update={"web_port": web_port})
     # Left to Faust and the broker, the inputs would be created without their cleanup policy (a manifests topic
     # that deletes instead of compacting) and the outputs with the broker's default partition count.
-    try:
-        ensure_topics(settings)
-    except TopicMismatch as err:
-        console.print(f"ctxflow worker cannot start: {err}. Recreate those topics with the catalogue's settings "
-                      "(`ctxflow topics create` after deleting them) or set CTXFLOW_PARTITIONS to their "
-                      "partition count.", style="red")
-        raise typer.Exit(1) from err
-    except (KafkaError, OSError) as err:
-        console.print(f"ctxflow worker cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
-                      "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
-        raise typer.Exit(1) from err
+    ensure_topics_or_exit(settings, "worker", console)
     try:
         run_worker(settings, loglevel)
     except BackendHeld as err:
@@ -348,7 +331,7 @@ def soak(
 
 
 #: Subcommand groups owned by other modules: ``{"tenants": "ctxflow.streams.cli.tenants:app"}`` adds
-#: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
+#: ``ctxflow tenants ...``; they take ``settings_of`` from ``streams.cli.context``.
 SUBCOMMAND_GROUPS: dict[str, str] = {
     "tenants": "ctxflow.streams.cli.tenants:app",
     "topics": "ctxflow.streams.cli.tenants:topics_app",

@@ -214,11 +214,7 @@ def build_app(settings: Settings) -> faust.App:
         holds the ClickHouse sink (see :func:`streams.sink.web.answer_query`)."""
 
         async def post(self, request: Request) -> Response:
-            try:
-                body = await request.json()
-            except ValueError:
-                body = None
-            status, answer = await asyncio.to_thread(answer_query, sink, body)
+            status, answer = await asyncio.to_thread(answer_query, sink, await request.read())
             return self.json(answer, status=status)
 
     @app.page("/health")

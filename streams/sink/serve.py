@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiohttp import web
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.stop_deadline import StopDeadline
+from ctxflow.streams.runtime.stop_deadline import StopDeadline, stop_on_signals
 from ctxflow.streams.sink.host import SinkHost
 from ctxflow.streams.sink.web import answer_query, local_query_url
 
@@ -31,24 +30,11 @@ def run_sink(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings, host: SinkHost) -> None:
-    deadline = StopDeadline("the clickhouse sink", "what it had not committed is written again by the next sink "
-                            "of its group (rows collapse by identity)")
-
-    def on_signal(name: str) -> None:
-        log.info("stopping", extra={"signal": name})
-        deadline.arm(name)
-        host.stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    stop_on_signals(StopDeadline("the clickhouse sink", "what it had not committed is written again by the next "
+                                 "sink of its group (rows collapse by identity)"), host.stop)
 
     async def query(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        status, answer = await asyncio.to_thread(answer_query, host, body)
+        status, answer = await asyncio.to_thread(answer_query, host, await request.read())
         return web.json_response(answer, status=status)
 
     async def health(request: web.Request) -> web.Response:

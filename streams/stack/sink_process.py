@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ctxflow.streams.config import Settings
-from ctxflow.streams.stack.processes import ManagedProcess, tail
+from ctxflow.streams.stack.processes import ServiceProcess, tail
 from ctxflow.streams.stack.progress import wait_sink_caught_up
 from ctxflow.streams.stack.worker_process import settings_env
 
@@ -32,37 +32,19 @@ def sink_health(port: int, timeout_s: float = 2.0) -> dict[str, Any]:
         return cast(dict[str, Any], json.loads(response.read()))
 
 
-class SinkProcess:
-    """One ``ctxflow sink`` child process bound to ``settings`` (its ``sink_web_port`` must be free).
+class SinkProcess(ServiceProcess):
+    """One ``ctxflow sink`` child process bound to ``settings`` (its ``sink_web_port`` must be free); ready once its
+    group gave it partitions. Stopped (SIGTERM), it flushes and commits once more.
 
-    ``wrap`` prefixes the command, e.g. ``("setpriv", "--bounding-set", "-dac_override", "--")`` to run it
-    without root's power over file permissions.
+    ``wrap`` prefixes the command, e.g. ``("setpriv", "--bounding-set", "-dac_override")`` to run it without root's
+    power over file permissions.
     """
 
     def __init__(self, settings: Settings, log_path: Path | None = None, name: str = "sink", *,
                  wrap: Sequence[str] = ()) -> None:
         self.settings = settings
-        self.log_path = log_path or settings.home / "logs" / f"{name}.log"
         argv = [*wrap, sys.executable, "-m", "ctxflow.streams.cli", "sink", "--loglevel", "info"]
-        self._process = ManagedProcess(name, argv, self.log_path, env=settings_env(settings))
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    def exit_code(self) -> int | None:
-        """The exit status once it has exited, else None."""
-        return self._process.exit_code()
-
-    def start(self, ready_timeout_s: float = 60.0) -> SinkProcess:
-        """Spawn the sink and wait until its group assigned it partitions (stopping it if that never happens)."""
-        self._process.start()
-        try:
-            self.wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        super().__init__(name, argv, log_path or settings.home / "logs" / f"{name}.log", settings_env(settings))
 
     def health(self) -> dict[str, Any]:
         """Its ``/health`` answer (see :func:`sink_health`)."""
@@ -87,17 +69,3 @@ class SinkProcess:
         """Wait until its group committed every record on the projected topics now (see
         :func:`streams.stack.progress.wait_sink_caught_up`)."""
         return wait_sink_caught_up(self.settings, timeout_s)
-
-    def kill(self) -> None:
-        """SIGKILL the sink (a crash)."""
-        self._process.kill()
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Stop gracefully (SIGTERM: a last flush and commit), killing after ``grace_s``."""
-        self._process.stop(grace_s)
-
-    def __enter__(self) -> SinkProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
