@@ -52,12 +52,13 @@ class SinkIntake:
         self._codec = codec
         self._routes = routes
         self._held: dict[TopicPartition, deque[ConsumerRecord]] = {}
+        self._held_count = 0  # kept apart: status() reads it from other threads while _held changes
         self._encoded = frozenset(ENCODED_TYPES)
 
     @property
     def held(self) -> int:
-        """Records waiting for the workers' verdict."""
-        return sum(len(records) for records in self._held.values())
+        """Records waiting for the workers' verdict (any thread may ask)."""
+        return self._held_count
 
     def take(self, records: Iterable[ConsumerRecord]) -> None:
         """Buffer, skip or hold every record, in the order given (offset order per partition)."""
@@ -67,6 +68,7 @@ class SinkIntake:
             route = self._routes[record.topic]
             if route.decided_by_workers and (tp in self._held or self._undecided(record)):
                 self._held.setdefault(tp, deque()).append(record)
+                self._held_count += 1
             else:
                 self._place(record, tp, route, skipped)
         self._report(skipped)
@@ -77,6 +79,7 @@ class SinkIntake:
         for tp, held in list(self._held.items()):
             while held and not self._undecided(held[0]):
                 self._place(held.popleft(), tp, self._routes[tp.topic], skipped)
+                self._held_count -= 1
             if not held:
                 del self._held[tp]
         self._report(skipped)
@@ -89,7 +92,7 @@ class SinkIntake:
     def forget(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions revoked: their held records and pending offsets go (their new owner reads them again)."""
         for tp in partitions:
-            self._held.pop(tp, None)
+            self._held_count -= len(self._held.pop(tp, ()))
             self.pending.pop(tp, None)
 
     def _undecided(self, record: ConsumerRecord) -> bool:
