@@ -131,6 +131,11 @@ class RetirementIndex:
         self._buckets: dict[int, list[str]] = {}
         self._floor: int | None = None  # the lowest bucket that may hold keys
 
+    @property
+    def bucket_ms(self) -> int:
+        """Width of a bucket: :meth:`due` hands over a key once the cutoff reaches the end of its bucket."""
+        return self._bucket_ms
+
     def note(self, key: str, old_ms: int | None, new_ms: int) -> None:
         """File ``key`` under ``new_ms``'s bucket unless its previous activity ``old_ms`` already filed it there."""
         bucket = new_ms // self._bucket_ms

@@ -49,7 +49,9 @@ from pydantic import BaseModel
 from tests.support_kafka import read_topics
 
 #: Tie-break rank of the logical input topics when event times are equal.
-TOPIC_RANK = {"manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5}
+TOPIC_RANK = {
+    "manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5, "memory.candidates": 6,
+}
 
 
 @dataclass(frozen=True, slots=True)

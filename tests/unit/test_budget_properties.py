@@ -242,7 +242,7 @@ def truth(w: Workload) -> dict:
             r["rep"] += usage_tokens(ev)
             r["cost"] += DEFAULT_PRICES.usage_cost(ev).micros
             r["calls"] += 1
-            r["incomplete"] |= not ev.complete
+            r["incomplete"] |= not ev.complete or usage_tokens(ev) == 0  # a call logged at zero is estimated too
             r["usage_times"] = [
                 *r.get("usage_times", []),
                 (to_ms(ev.occurred_at), usage_tokens(ev), r["cost"]),
