@@ -7,9 +7,10 @@ lineage and may be read before their run's first run event, so a line is priced 
 copy of a line, live or replayed, names the same tree.
 
 ``cost_id`` hashes the tenant, the source and the surface. A usage report, a tool call and a retrieval are their
-own sources; a run's closure lines (the inference estimate of an unreported or partial consumption, and the
-storage of its content) have the run as source, so a closure updated by a later event (a late usage report, an
-abandoned run that resumes) writes the same ids again and the last line holds.
+own sources. A closed run has two closure lines, both ``estimated`` and published with every envelope of it, zero
+or not: the inference estimate of consumption its usage reports do not account for, and the storage of its
+retained content. Their source is the run's closure (``close:<run_id>``), so a closure updated by a later event (a
+late usage report, an abandoned run that resumes) writes the same ids again and the last line holds.
 """
 
 from __future__ import annotations

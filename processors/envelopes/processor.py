@@ -9,15 +9,18 @@ proposed (memory candidates), the integrity chains; and it prices the event's su
 run closes, and again whenever a later record changes a closed run.
 
 Closing. A finalized run event closes a run (``closed_by = agent``). A run that never finalizes (its agent was
-killed) is closed by the worker once its tenant's event-time watermark (the least of its streams', as for
-retirement: :mod:`processors.retention`) passes ``last_event_at + idle timeout``: status ``abandoned``,
+killed) is closed by the worker once its tenant's event-time watermark (the least of its three streams', turns,
+usage and runs: :mod:`processors.retention`) passes ``last_event_at + idle timeout``: status ``abandoned``,
 ``closed_by = idle_timeout``, ``finalized_at = last_event_at + idle timeout`` (a function of the run's events,
 so every replay closes it the same way). Open runs are filed by deadline in a
 :class:`~processors.retention.RetirementIndex` (buckets of a sixteenth of the timeout), so a record costs
 nothing per open run: a run closes at the first record after which the watermark passed the end of its
 deadline's bucket (the same record whether the index lived through a restart or was rebuilt from the store). A
 later event of an abandoned run reopens it (the agent was not dead after all) until its finalization or the next
-idle timeout.
+idle timeout. Unlike retirement, which takes the streams that carried any of the tenant's records, closing
+waits for all three: a stream silent so far may be one the worker has not read yet, and a replay reading it
+first would see the run's records before the deadline passed (so a tenant that sends no usage reports at all
+has no runs closed by the idle timeout; they still close when they finalize).
 
 Consumption a closed run's usage reports do not account for (none, a partial stream, or a call logged at zero:
 :func:`~processors.pricing.usage_incomplete`) is estimated as the run ledger estimates it (every token counted
@@ -49,7 +52,6 @@ from ctxflow.processors.envelopes.state import (
     CHANGES,
     CLOSED,
     COMPRESSIONS,
-    ESTIMATE_LINE,
     EVENTS,
     EVICTIONS,
     FINALIZED,
@@ -78,7 +80,6 @@ from ctxflow.processors.envelopes.state import (
     STATUS,
     STATUS_INDEX,
     STATUSES,
-    STORAGE_LINE,
     SUMMARIES,
     TOOL_CALLS,
     TOOL_RESULTS,
@@ -432,7 +433,11 @@ class EnvelopeProcessor:
         stream, ms = _STREAM_OF[type(e)], to_ms(e.occurred_at)
         if ms > times[stream]:
             times[stream] = ms
-        low = min(t for t in times if t >= 0)
+        low = min(times)
+        if low < 0:
+            # A stream that has carried none of the tenant's records yet may be one the worker has not read yet
+            # (a replay interleaves the streams differently): it could still bring a record of the run.
+            return []
         out: list[Output] = []
         index = self._index_of(e.tenant_id)
         bucket = index.bucket_ms
@@ -465,17 +470,15 @@ class EnvelopeProcessor:
         byte_days = n[RETAINED_BYTES] * self.storage_days
         storage = prices.storage_cost(byte_days)
         source = closure_source(run_id)
-        for surface, quantity, unit, micros, model, bit in (
-            (CostSurface.INFERENCE, estimated, CostUnit.TOKENS, estimate.micros, rs.model, ESTIMATE_LINE),
-            (CostSurface.PERSISTENCE, byte_days, CostUnit.BYTE_DAYS, storage.micros, None, STORAGE_LINE),
+        # Both closure lines at every publication, zero or not: an estimate that a late report brings to zero must
+        # replace the line that said otherwise, and which lines exist must not depend on when the run was emitted.
+        for surface, quantity, unit, micros, model in (
+            (CostSurface.INFERENCE, estimated, CostUnit.TOKENS, estimate.micros, rs.model),
+            (CostSurface.PERSISTENCE, byte_days, CostUnit.BYTE_DAYS, storage.micros, None),
         ):
-            # Published once there is something to price, and from then on at every update (an estimate that
-            # falls to zero after a late report must replace the line that said otherwise).
-            if quantity or n[FLAGS] & bit:
-                rs.flag(bit)
-                line = PendingLine(surface, source, source, rs.user_id, rs.session_id, rs.agent_id, model,
-                                   quantity, unit, micros, True, finalized_ms)
-                out.append(publish(line, tenant_id, run_id, lineage, prices.version))
+            line = PendingLine(surface, source, source, rs.user_id, rs.session_id, rs.agent_id, model, quantity, unit,
+                               micros, True, finalized_ms)
+            out.append(publish(line, tenant_id, run_id, lineage, prices.version))
         started_ms = n[STARTED_MS] if n[STARTED_MS] >= 0 else n[FIRST_MS]
         inference = n[INFERENCE_MICROS] + estimate.micros
         layers = n[LAYER_TOKENS:LAYER_TOKENS + len(LAYERS)]
