@@ -99,6 +99,11 @@ class Retention:
         return cls(max(int(seconds * 1000), 1))
 
     @property
+    def empty(self) -> bool:
+        """Whether no key is filed (O(1))."""
+        return self._floor is None
+
+    @property
     def bucket_ms(self) -> int:
         """Width of a retirement bucket."""
         return max(self.window_ms // _BUCKETS_PER_WINDOW, 1)
@@ -130,6 +135,11 @@ class RetirementIndex:
         self._bucket_ms = bucket_ms
         self._buckets: dict[int, list[str]] = {}
         self._floor: int | None = None  # the lowest bucket that may hold keys
+
+    @property
+    def empty(self) -> bool:
+        """Whether no key is filed (O(1))."""
+        return self._floor is None
 
     @property
     def bucket_ms(self) -> int:

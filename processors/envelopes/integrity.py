@@ -18,7 +18,7 @@ run        "run", tenant_id, run_id, event_id, user_id, session_id, agent_id, pa
            phase, status, policy_version, prefix_hash, model, privacy, occurred_at
 =========  ==========================================================================================
 
-Chains. Each input stream has its own chain ``c' = SHA-256(c || SHA-256(canonical(event)))`` from 32 zero bytes,
+Chains. Each input stream has its own chain ``c' = SHA-256(c || canonical(event))`` from 32 zero bytes,
 over the events the run accepted (a duplicate the budget ignores never enters: same seq, call id or phase again):
 turns in ``seq`` order, usage reports and run events in the order their stream carried them. Per stream, because
 a tenant's records of one stream are read in offset order while the streams interleave differently on every
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from hashlib import sha256
+from json.encoder import c_make_encoder, encode_basestring
 
 from ctxflow.processors.ledger import accept_seq
 from ctxflow.processors.windows import to_ms
@@ -45,39 +46,45 @@ from ctxflow.schemas.models import RunEvent, RunPhase, TurnEvent, UsageReport, c
 
 EMPTY = bytes(32)
 _DOMAIN = b"ctxflow.run-envelope.v1"
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# The JSON module's own C encoder, built once (json.dumps builds one per call: most of its cost on short arrays).
+# Same output as json.dumps(value, ensure_ascii=False, separators=(",", ":")) for lists of str, int, bool, None.
+_make = c_make_encoder or (lambda *args: json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).iterencode)
+_ENCODE = _make(None, None, encode_basestring, None, ":", ",", False, False, True)
 
 
-def turn_digest(t: TurnEvent) -> bytes:
-    """SHA-256 of a turn's canonical form."""
+def _json(fields: list) -> bytes:
+    return "".join(_ENCODE(fields, 0)).encode()
+
+
+def turn_form(t: TurnEvent, ms: int) -> bytes:
+    """A turn's canonical form (``ms``: its ``occurred_at`` in epoch milliseconds)."""
     digest = t.content_digest or content_digest(t.content or "")
-    return sha256(_JSON([
+    return _json([
         "turn", t.tenant_id, t.run_id, t.event_id, t.seq, t.user_id, t.session_id, t.agent_id, t.parent_run_id,
-        t.role, t.kind, t.slot, t.item_id, digest, t.token_count, t.model, t.privacy, to_ms(t.occurred_at),
-        t.tool_call_id, t.layer,
-    ]).encode()).digest()
+        t.role, t.kind, t.slot, t.item_id, digest, t.token_count, t.model, t.privacy, ms, t.tool_call_id, t.layer,
+    ])
 
 
-def usage_digest(u: UsageReport) -> bytes:
-    """SHA-256 of a usage report's canonical form."""
-    return sha256(_JSON([
+def usage_form(u: UsageReport, ms: int) -> bytes:
+    """A usage report's canonical form."""
+    return _json([
         "usage", u.tenant_id, u.run_id, u.event_id, u.call_id, u.user_id, u.session_id, u.agent_id, u.provider,
         u.model, u.input_tokens, u.output_tokens, u.cached_read_tokens, u.cache_write_tokens, u.reasoning_tokens,
-        u.latency_ms, u.streamed, u.complete, to_ms(u.occurred_at),
-    ]).encode()).digest()
+        u.latency_ms, u.streamed, u.complete, ms,
+    ])
 
 
-def run_digest(r: RunEvent) -> bytes:
-    """SHA-256 of a run event's canonical form."""
-    return sha256(_JSON([
+def run_form(r: RunEvent, ms: int) -> bytes:
+    """A run event's canonical form."""
+    return _json([
         "run", r.tenant_id, r.run_id, r.event_id, r.user_id, r.session_id, r.agent_id, r.parent_run_id,
-        r.workflow_id, r.phase, r.status, r.policy_version, r.prefix_hash, r.model, r.privacy, to_ms(r.occurred_at),
-    ]).encode()).digest()
+        r.workflow_id, r.phase, r.status, r.policy_version, r.prefix_hash, r.model, r.privacy, ms,
+    ])
 
 
-def step(chain: bytes, digest: bytes) -> bytes:
-    """The chain after one more event (``digest``: its canonical form's SHA-256)."""
-    return sha256(chain + digest).digest()
+def step(chain: bytes, form: bytes) -> bytes:
+    """The chain after one more event (``form``: its canonical form)."""
+    return sha256(chain + form).digest()
 
 
 def combine(turns: bytes, usage: bytes, runs: bytes) -> str:
@@ -95,7 +102,7 @@ def integrity_hash(
     for t in turns:
         new, upto, above = accept_seq(upto, above, t.seq)
         if new:
-            accepted[t.seq] = turn_digest(t)
+            accepted[t.seq] = turn_form(t, to_ms(t.occurred_at))
     turn_chain = EMPTY
     for seq in sorted(accepted):
         turn_chain = step(turn_chain, accepted[seq])
@@ -103,12 +110,12 @@ def integrity_hash(
     for u in usage:
         if u.call_id not in calls:
             calls.add(u.call_id)
-            usage_chain = step(usage_chain, usage_digest(u))
+            usage_chain = step(usage_chain, usage_form(u, to_ms(u.occurred_at)))
     run_chain, phases = EMPTY, set()
     for r in runs:
         if r.phase not in phases:
             phases.add(r.phase)
-            run_chain = step(run_chain, run_digest(r))
+            run_chain = step(run_chain, run_form(r, to_ms(r.occurred_at)))
     return combine(turn_chain, usage_chain, run_chain)
 
 

@@ -30,17 +30,25 @@ GLOBAL, TENANT, USER, RETRIEVED, SESSION = (LAYER_INDEX[layer] for layer in LAYE
 _STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
 
 
-def layer_of(turn: TurnEvent) -> int:
-    """The index in :data:`LAYERS` of the turn's layer: stated, else derived (module docstring)."""
-    if turn.layer is not None:
-        return LAYER_INDEX[turn.layer]
-    if turn.kind is ItemKind.MEMORY:
+def derive(kind: ItemKind, slot: Slot) -> int:
+    """The index in :data:`LAYERS` of the layer of an item of ``kind`` in ``slot`` (the table above)."""
+    if kind is ItemKind.MEMORY:
         return USER
-    if turn.kind is ItemKind.RETRIEVED_CHUNK or turn.slot is Slot.RETRIEVED:
+    if kind is ItemKind.RETRIEVED_CHUNK or slot is Slot.RETRIEVED:
         return RETRIEVED
-    if turn.slot in _STATIC_SLOTS:
+    if slot in _STATIC_SLOTS:
         return TENANT
     return SESSION
+
+
+# Every (kind, slot) pair's layer, looked up once per turn (enum member access is slow on the hot path).
+_DERIVED = {(kind, slot): derive(kind, slot) for kind in ItemKind for slot in Slot}
+
+
+def layer_of(turn: TurnEvent) -> int:
+    """The index in :data:`LAYERS` of the turn's layer: stated, else derived (module docstring)."""
+    layer = turn.layer
+    return _DERIVED[turn.kind, turn.slot] if layer is None else LAYER_INDEX[layer]
 
 
 def is_static(turn: TurnEvent) -> bool:

@@ -44,7 +44,7 @@ from typing import Any
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.envelopes.costs import Lineage, PendingLine, closure_source, publish
-from ctxflow.processors.envelopes.integrity import combine, run_digest, turn_digest, usage_digest
+from ctxflow.processors.envelopes.integrity import combine, run_form, step, turn_form, usage_form
 from ctxflow.processors.envelopes.layers import LAYERS, is_static, layer_of
 from ctxflow.processors.envelopes.state import (
     ABANDONED,
@@ -128,6 +128,12 @@ DEFAULT_STORAGE_DAYS = 30
 MAX_DEPTH = 64
 
 _STREAM_OF = {TurnEvent: TURNS_STREAM, UsageReport: USAGE_STREAM, RunEvent: RUNS_STREAM}
+# Enum members and values bound once: an enum member lookup costs about as much as a dict lookup on this path.
+_TOOL_CALL, _TOOL_RESULT, _MEMORY = ItemKind.TOOL_CALL, ItemKind.TOOL_RESULT, ItemKind.MEMORY
+_RETAINED = PrivacyMode.RETAINED
+_INFERENCE, _RETRIEVAL, _TOOLING, _PERSISTENCE = (s.value for s in (
+    CostSurface.INFERENCE, CostSurface.RETRIEVAL, CostSurface.TOOLING, CostSurface.PERSISTENCE))
+_TOKENS, _CALLS, _BYTE_DAYS = CostUnit.TOKENS.value, CostUnit.CALLS.value, CostUnit.BYTE_DAYS.value
 _EVICTING = frozenset((DecisionKind.EVICT, DecisionKind.MASK, DecisionKind.OFFLOAD))
 _RETRIEVED = frozenset((ItemKind.RETRIEVED_CHUNK, ItemKind.MEMORY))
 _SCOPE_INDEX = {scope: i for i, scope in enumerate(MemoryScope)}
@@ -167,19 +173,23 @@ class EnvelopeProcessor:
         """Apply one record; returns the envelopes and cost lines it publishes."""
         if self._idle is None:
             self._build_index(state)
-        if isinstance(event, TurnEvent):
-            out = self._turn(event, pos, state, earlier)
-        elif isinstance(event, UsageReport):
-            out = self._usage(event, pos, state)
-        elif isinstance(event, RunEvent):
-            out = self._run(event, pos, state)
-        elif isinstance(event, MemoryCandidate):
+        kind = type(event)
+        if kind is TurnEvent:
+            ms = to_ms(event.occurred_at)
+            out = self._turn(event, ms, pos, state, earlier)
+        elif kind is UsageReport:
+            ms = to_ms(event.occurred_at)
+            out = self._usage(event, ms, pos, state)
+        elif kind is RunEvent:
+            ms = to_ms(event.occurred_at)
+            out = self._run(event, ms, pos, state)
+        elif kind is MemoryCandidate:
             return self._candidate(event, pos, state)
-        elif isinstance(event, Summary):
+        elif kind is Summary:
             return self._summary(event, pos, state, earlier)
         else:
             return []
-        return out + self._close_idle(event, state)
+        return self._close_idle(event.tenant_id, _STREAM_OF[kind], ms, state, out)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
         """Forget the states of runs the budget retired (their envelopes were published when they closed)."""
@@ -191,7 +201,8 @@ class EnvelopeProcessor:
         self._idle = None
 
     # ---- records ----------------------------------------------------------------------------------------------
-    def _turn(self, t: TurnEvent, pos: Position, state: BudgetStore, earlier: Sequence[Any]) -> list[Output]:
+    def _turn(self, t: TurnEvent, ms: int, pos: Position, state: BudgetStore, earlier: Sequence[Any]
+              ) -> list[Output]:
         key = run_key(t.tenant_id, t.run_id)
         rs: RunState | None = state.get_state(TABLE, key)
         if rs is not None and pos.offset <= rs.n[OFFSETS + TURNS]:
@@ -199,9 +210,10 @@ class EnvelopeProcessor:
         rs = rs or new_state(t.user_id, t.session_id, t.agent_id)
         n = rs.n
         n[OFFSETS + TURNS] = pos.offset
-        if not rs.accept_turn(t.seq, turn_digest(t)):
+        if not rs.accept_seq(t.seq):
             state.put_state(TABLE, key, rs)
             return []
+        rs.chain_turn(t.seq, turn_form(t, ms))
         out: list[Output] = []
         tokens = self.budget.turn_tokens(t, pos, state)
         n[LAYER_TOKENS + layer_of(t)] += tokens
@@ -209,7 +221,7 @@ class EnvelopeProcessor:
             n[STATIC_TOKENS] += tokens
         if not n[FLAGS] & RUN_MODEL and t.model != rs.model:
             rs.model = intern_id(t.model)
-        if t.privacy is not PrivacyMode.RETAINED:
+        if t.privacy is not _RETAINED:
             rs.flag(PRIVATE)
         elif (content := t.content) is not None:
             n[RETAINED_BYTES] += len(content) if content.isascii() else len(content.encode())
@@ -220,30 +232,30 @@ class EnvelopeProcessor:
             elif rs.parent_run_id is None:
                 rs.parent_run_id = intern_id(t.parent_run_id)
         kind = t.kind
-        if kind is ItemKind.TOOL_CALL:
+        if kind is _TOOL_CALL:
             calls = len(t.tool_call_ids) or 1
             cost = self.prices.tool_cost(calls)
             n[TOOL_CALLS] += calls
             n[TOOLING_MICROS] += cost.micros
             self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
-                CostSurface.TOOLING, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, calls,
-                CostUnit.CALLS, cost.micros, cost.estimated, to_ms(t.occurred_at)))
-        elif kind is ItemKind.TOOL_RESULT:
+                _TOOLING, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, calls, _CALLS,
+                cost.micros, cost.estimated, ms))
+        elif kind is _TOOL_RESULT:
             n[TOOL_RESULTS] += 1
         elif kind in _RETRIEVED:
             cost = self.prices.retrieval_cost(1)
             n[RETRIEVALS] += 1
             n[RETRIEVAL_MICROS] += cost.micros
-            if kind is ItemKind.MEMORY:
+            if kind is _MEMORY:
                 rs.note_memory(t.item_id)
             self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
-                CostSurface.RETRIEVAL, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, 1,
-                CostUnit.CALLS, cost.micros, cost.estimated, to_ms(t.occurred_at)))
+                _RETRIEVAL, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, 1, _CALLS,
+                cost.micros, cost.estimated, ms))
         if earlier:
             self._count_decisions(rs, t.run_id, earlier)
-        return self._applied(key, rs, t, to_ms(t.occurred_at), state, out)
+        return self._applied(key, rs, t, ms, state, out)
 
-    def _usage(self, u: UsageReport, pos: Position, state: BudgetStore) -> list[Output]:
+    def _usage(self, u: UsageReport, ms: int, pos: Position, state: BudgetStore) -> list[Output]:
         key = run_key(u.tenant_id, u.run_id)
         rs: RunState | None = state.get_state(TABLE, key)
         if rs is not None and pos.offset <= rs.n[OFFSETS + USAGE]:
@@ -255,7 +267,7 @@ class EnvelopeProcessor:
             state.put_state(TABLE, key, rs)
             return []
         out: list[Output] = []
-        rs.chain(USAGE, usage_digest(u))
+        rs.usage_chain = step(rs.usage_chain, usage_form(u, ms))
         n[USAGE_TOKENS] += u.input_tokens
         n[USAGE_TOKENS + 1] += u.output_tokens
         n[USAGE_TOKENS + 2] += u.cached_read_tokens
@@ -270,11 +282,11 @@ class EnvelopeProcessor:
         # A partial report's own figure is what the provider counted before the stream broke: flagged, and the
         # rest of the call is in the run's closure estimate.
         self._line(rs, u.tenant_id, u.run_id, state, out, PendingLine(
-            CostSurface.INFERENCE, u.event_id, u.event_id, u.user_id, u.session_id, u.agent_id, u.model,
-            usage_tokens(u), CostUnit.TOKENS, cost.micros, cost.estimated or partial, to_ms(u.occurred_at)))
-        return self._applied(key, rs, u, to_ms(u.occurred_at), state, out)
+            _INFERENCE, u.event_id, u.event_id, u.user_id, u.session_id, u.agent_id, u.model, usage_tokens(u),
+            _TOKENS, cost.micros, cost.estimated or partial, ms))
+        return self._applied(key, rs, u, ms, state, out)
 
-    def _run(self, r: RunEvent, pos: Position, state: BudgetStore) -> list[Output]:
+    def _run(self, r: RunEvent, ms: int, pos: Position, state: BudgetStore) -> list[Output]:
         key = run_key(r.tenant_id, r.run_id)
         rs: RunState | None = state.get_state(TABLE, key)
         if rs is not None and pos.offset <= rs.n[OFFSETS + RUNS]:
@@ -288,8 +300,7 @@ class EnvelopeProcessor:
             state.put_state(TABLE, key, rs)
             return []
         out: list[Output] = []
-        rs.chain(RUNS, run_digest(r))
-        ms = to_ms(r.occurred_at)
+        rs.runs_chain = step(rs.runs_chain, run_form(r, ms))
         rs.user_id, rs.session_id, rs.agent_id = intern_id(r.user_id), intern_id(r.session_id), intern_id(r.agent_id)
         if r.model:
             rs.model = intern_id(r.model)
@@ -298,7 +309,7 @@ class EnvelopeProcessor:
             rs.policy_version = intern_id(r.policy_version)
         if r.prefix_hash is not None:
             rs.prefix_hash = intern_id(r.prefix_hash)
-        if r.privacy is not PrivacyMode.RETAINED:
+        if r.privacy is not _RETAINED:
             rs.flag(PRIVATE)
         if finalized:
             n[FINALIZED_MS] = ms
@@ -426,20 +437,24 @@ class EnvelopeProcessor:
         return depth
 
     # ---- closing ----------------------------------------------------------------------------------------------
-    def _close_idle(self, e: TurnEvent | UsageReport | RunEvent, state: BudgetStore) -> list[Output]:
-        """Close the tenant's runs whose idle deadline the watermark (with this record) has passed."""
-        mark = state.get_watermark(tenant_key(e.tenant_id))
-        times = list(mark.times) if mark is not None else [-1, -1, -1]
-        stream, ms = _STREAM_OF[type(e)], to_ms(e.occurred_at)
+    def _close_idle(self, tenant_id: str, stream: int, ms: int, state: BudgetStore, out: list[Output]
+                    ) -> list[Output]:
+        """Close the tenant's runs whose idle deadline the watermark (with this record, at ``ms`` in ``stream``)
+        has passed; returns ``out`` with what that publishes."""
+        index = self._idle.get(tenant_id)  # type: ignore[union-attr]  (built by process)
+        if index is None or index.empty:
+            return out
+        mark = state.get_watermark(tenant_key(tenant_id))
+        if mark is None:
+            return out
+        times = [*mark.times]
         if ms > times[stream]:
             times[stream] = ms
         low = min(times)
         if low < 0:
             # A stream that has carried none of the tenant's records yet may be one the worker has not read yet
             # (a replay interleaves the streams differently): it could still bring a record of the run.
-            return []
-        out: list[Output] = []
-        index = self._index_of(e.tenant_id)
+            return out
         bucket = index.bucket_ms
         for key in index.due(low):
             rs: RunState | None = state.get_state(TABLE, key)
@@ -452,7 +467,7 @@ class EnvelopeProcessor:
             if not rs.n[EVENTS]:
                 state.delete_state(TABLE, key)  # memory candidates of a run that never sent an event
                 continue
-            out += self._publish(rs, e.tenant_id, key.split(":", 1)[1], state)
+            out += self._publish(rs, tenant_id, key.split(":", 1)[1], state)
             state.put_state(TABLE, key, rs)
         return out
 
@@ -473,8 +488,8 @@ class EnvelopeProcessor:
         # Both closure lines at every publication, zero or not: an estimate that a late report brings to zero must
         # replace the line that said otherwise, and which lines exist must not depend on when the run was emitted.
         for surface, quantity, unit, micros, model in (
-            (CostSurface.INFERENCE, estimated, CostUnit.TOKENS, estimate.micros, rs.model),
-            (CostSurface.PERSISTENCE, byte_days, CostUnit.BYTE_DAYS, storage.micros, None),
+            (_INFERENCE, estimated, _TOKENS, estimate.micros, rs.model),
+            (_PERSISTENCE, byte_days, _BYTE_DAYS, storage.micros, None),
         ):
             line = PendingLine(surface, source, source, rs.user_id, rs.session_id, rs.agent_id, model, quantity, unit,
                                micros, True, finalized_ms)
@@ -506,8 +521,7 @@ class EnvelopeProcessor:
             inference_micros=inference, retrieval_micros=n[RETRIEVAL_MICROS], tooling_micros=n[TOOLING_MICROS],
             persistence_micros=storage.micros,
             cost_estimated=bool(flags & GUESSED) or estimated > 0 or byte_days > 0, price_version=prices.version,
-            event_count=n[EVENTS], integrity_hash=combine(rs.turn_chain(), bytes(rs.chains[32:64]),
-                                                          bytes(rs.chains[64:96])),
+            event_count=n[EVENTS], integrity_hash=combine(rs.turn_chain(), rs.usage_chain, rs.runs_chain),
             envelope_version=2 * n[CHANGES] + 1, updated_at=from_ms(max(n[LAST_MS], finalized_ms)),
             estimated_tokens=estimated, usage_reports=n[REPORTS],
         ))

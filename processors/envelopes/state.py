@@ -1,10 +1,10 @@
 """One run's envelope state (key ``tenant:run``, the envelope processor's table), packed for O(1) updates.
 
 Counters are one ``array('q')`` indexed by the constants below; the three stream chains of the integrity hash
-are one 96-byte ``bytearray``; ids are interned strings (shared by every run of an agent, model or workflow).
+are 32 bytes each; ids are interned strings (shared by every run of an agent, model or workflow).
 What grows with a run is only what must: 8 bytes per usage call and per memory candidate (their dedup digests,
 as in the run ledger), the ids of memories that entered the context (at most :data:`MAX_MEMORY_IDS`), the
-digests of turns that arrived ahead of a gap in their seqs (until it closes), and cost lines waiting for the
+canonical forms of turns that arrived ahead of a gap in their seqs (until it closes), and cost lines waiting for the
 run's lineage (until its run event or its closure). ``ctxflow bench`` style measurement is in docs/envelopes.md.
 
 Dedup follows the run ledger's rules (:mod:`processors.ledger`): a record at an offset the state already holds
@@ -87,7 +87,9 @@ class RunState:
     session_id: str
     agent_id: str
     n: array = field(default_factory=_fresh_counters)
-    chains: bytearray = field(default_factory=lambda: bytearray(EMPTY * 3))
+    turns_chain: bytes = EMPTY
+    usage_chain: bytes = EMPTY
+    runs_chain: bytes = EMPTY
     parent_run_id: str | None = None
     workflow_id: str | None = None
     model: str | None = None
@@ -96,7 +98,7 @@ class RunState:
     seq_above: int = 0
     calls: bytes = b""
     candidates: bytes = b""
-    #: Turns accepted ahead of a gap in their seqs: seq -> canonical digest, chained once the gap closes.
+    #: Turns accepted ahead of a gap in their seqs: seq -> canonical form, chained once the gap closes.
     early: dict[int, bytes] | None = None
     memory_ids: list[str] | None = None
     #: Cost lines waiting for the run's lineage (:class:`processors.envelopes.costs.PendingLine` as lists).
@@ -113,24 +115,24 @@ class RunState:
     def closed(self) -> bool:
         return bool(self.n[FLAGS] & CLOSED)
 
-    def accept_turn(self, seq: int, digest: bytes) -> bool:
-        """Take turn ``seq`` into the turns chain (now, or once the seqs before it arrived); False if not new."""
+    def accept_seq(self, seq: int) -> bool:
+        """Record turn ``seq``; False when it was accepted before (or is behind the reorder window)."""
+        new, self.n[SEQ_UPTO], self.seq_above = accept_seq(self.n[SEQ_UPTO], self.seq_above, seq)
+        return new
+
+    def chain_turn(self, seq: int, form: bytes) -> None:
+        """Chain accepted turn ``seq`` (its canonical form): now, or once the seqs before it arrived."""
         upto = self.n[SEQ_UPTO]
-        new, after, self.seq_above = accept_seq(upto, self.seq_above, seq)
-        if not new:
-            return False
-        self.n[SEQ_UPTO] = after
-        if seq == upto + 1 and after == seq and not self.early:
-            self.chains[0:32] = step(bytes(self.chains[0:32]), digest)  # in order: the common case
-            return True
+        if seq == upto and not self.early:  # in order: the common case
+            self.turns_chain = step(self.turns_chain, form)
+            return
         early = self.early if self.early is not None else {}
-        early[seq] = digest
-        chain = bytes(self.chains[0:32])
-        for s in sorted(s for s in early if s <= after):  # the gap closed, or the window declared it lost
+        early[seq] = form
+        chain = self.turns_chain
+        for s in sorted(s for s in early if s <= upto):  # the gap closed, or the window declared it lost
             chain = step(chain, early.pop(s))
-        self.chains[0:32] = chain
+        self.turns_chain = chain
         self.early = early or None
-        return True
 
     def accept_call(self, call_id: str) -> bool:
         """Remember usage ``call_id``; False when it was accepted before."""
@@ -142,14 +144,9 @@ class RunState:
         self.candidates, new = _remember(self.candidates, call_digest(candidate_id))
         return new
 
-    def chain(self, stream: int, digest: bytes) -> None:
-        """Extend the usage or runs chain (streams chained in the order they carry records)."""
-        at = 32 * stream
-        self.chains[at:at + 32] = step(bytes(self.chains[at:at + 32]), digest)
-
     def turn_chain(self) -> bytes:
         """The turns chain with the early turns folded in, in seq order (what the run holds now)."""
-        chain = bytes(self.chains[0:32])
+        chain = self.turns_chain
         for seq in sorted(self.early or ()):
             chain = step(chain, self.early[seq])  # type: ignore[index]
         return chain
@@ -175,7 +172,8 @@ class RunState:
         """The changelog form: one JSON array."""
         early = [[s, d.hex()] for s, d in sorted(self.early.items())] if self.early else 0
         return _DUMP([
-            self.n.tolist(), self.chains.hex(), self.user_id, self.session_id, self.agent_id, self.parent_run_id,
+            self.n.tolist(), (self.turns_chain + self.usage_chain + self.runs_chain).hex(), self.user_id,
+            self.session_id, self.agent_id, self.parent_run_id,
             self.workflow_id, self.model, self.policy_version, self.prefix_hash, self.seq_above, self.calls.hex(),
             self.candidates.hex(), early, self.memory_ids or 0, self.waiting or 0,
         ]).encode()
@@ -184,8 +182,10 @@ class RunState:
     def from_bytes(cls, data: bytes) -> RunState:
         """Inverse of :meth:`to_bytes`."""
         v = json.loads(data)
+        chains = bytes.fromhex(v[1])
         return cls(
-            intern_id(v[2]), intern_id(v[3]), intern_id(v[4]), array("q", v[0]), bytearray.fromhex(v[1]),  # type: ignore[arg-type]
+            intern_id(v[2]), intern_id(v[3]), intern_id(v[4]), array("q", v[0]),  # type: ignore[arg-type]
+            chains[:32], chains[32:64], chains[64:],
             intern_id(v[5]), intern_id(v[6]), intern_id(v[7]), intern_id(v[8]), v[9], v[10], bytes.fromhex(v[11]),
             bytes.fromhex(v[12]), {s: bytes.fromhex(d) for s, d in v[13]} if v[13] else None, v[14] or None,
             v[15] or None,
