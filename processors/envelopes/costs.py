@@ -18,6 +18,7 @@ from __future__ import annotations
 from hashlib import blake2b
 from typing import NamedTuple
 
+from ctxflow.processors.envelopes.records import trusted
 from ctxflow.processors.windows import from_ms
 from ctxflow.schemas.models import CostLine, CostSurface
 
@@ -71,8 +72,7 @@ def publish(line: PendingLine, tenant_id: str, run_id: str, lineage: Lineage, pr
     """The line as published on ``costs``."""
     (surface, source_id, source_event_id, user_id, session_id, agent_id, model, quantity, unit, micros, estimated,
      occurred_ms) = line
-    # A dict, not keywords: pydantic validates it a little faster, and this runs for every priced event.
-    return CostLine.model_validate({
+    return trusted(CostLine, {
         "cost_id": cost_id(tenant_id, source_id, surface), "tenant_id": tenant_id, "user_id": user_id,
         "session_id": session_id, "run_id": run_id, "root_run_id": lineage.root_run_id,
         "parent_run_id": lineage.parent_run_id, "workflow_id": lineage.workflow_id, "agent_id": agent_id,

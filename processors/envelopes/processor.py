@@ -46,6 +46,7 @@ from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.envelopes.costs import Lineage, PendingLine, closure_source, publish
 from ctxflow.processors.envelopes.integrity import combine, run_form, step, turn_form, usage_form
 from ctxflow.processors.envelopes.layers import LAYERS, is_static, layer_of
+from ctxflow.processors.envelopes.records import trusted
 from ctxflow.processors.envelopes.state import (
     ABANDONED,
     CANDIDATES,
@@ -165,6 +166,7 @@ class EnvelopeProcessor:
         self.storage_days = int(DEFAULT_STORAGE_DAYS if storage_days is None else storage_days)
         # Tenant -> its open runs by deadline; None until built from the store (after a start or rebalance).
         self._idle: dict[str, RetirementIndex] | None = None
+        self._one_retrieval, self._one_call = self.prices.retrieval_cost(1), self.prices.tool_cost(1)
 
     # ---- the processor interface ------------------------------------------------------------------------------
     def process(
@@ -234,7 +236,7 @@ class EnvelopeProcessor:
         kind = t.kind
         if kind is _TOOL_CALL:
             calls = len(t.tool_call_ids) or 1
-            cost = self.prices.tool_cost(calls)
+            cost = self._one_call if calls == 1 else self.prices.tool_cost(calls)
             n[TOOL_CALLS] += calls
             n[TOOLING_MICROS] += cost.micros
             self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
@@ -243,7 +245,7 @@ class EnvelopeProcessor:
         elif kind is _TOOL_RESULT:
             n[TOOL_RESULTS] += 1
         elif kind in _RETRIEVED:
-            cost = self.prices.retrieval_cost(1)
+            cost = self._one_retrieval
             n[RETRIEVALS] += 1
             n[RETRIEVAL_MICROS] += cost.micros
             if kind is _MEMORY:
@@ -498,7 +500,7 @@ class EnvelopeProcessor:
         inference = n[INFERENCE_MICROS] + estimate.micros
         layers = n[LAYER_TOKENS:LAYER_TOKENS + len(LAYERS)]
         promotions = {_SCOPES[i].value: c for i, c in enumerate(n[PROMOTIONS:PROMOTIONS + 4]) if c}
-        out.append(RunEnvelope(
+        out.append(trusted(RunEnvelope, dict(
             tenant_id=tenant_id, user_id=rs.user_id, session_id=rs.session_id, run_id=run_id,
             parent_run_id=lineage.parent_run_id, root_run_id=lineage.root_run_id, workflow_id=lineage.workflow_id,
             agent_id=rs.agent_id, depth=self._depth(rs, tenant_id, state), policy_version=rs.policy_version,
@@ -521,10 +523,11 @@ class EnvelopeProcessor:
             inference_micros=inference, retrieval_micros=n[RETRIEVAL_MICROS], tooling_micros=n[TOOLING_MICROS],
             persistence_micros=storage.micros,
             cost_estimated=bool(flags & GUESSED) or estimated > 0 or byte_days > 0, price_version=prices.version,
-            event_count=n[EVENTS], integrity_hash=combine(rs.turn_chain(), rs.usage_chain, rs.runs_chain),
+            event_count=n[EVENTS],
+            integrity_hash=combine(tenant_id, run_id, rs.turn_chain(), rs.usage_chain, rs.runs_chain),
             envelope_version=2 * n[CHANGES] + 1, updated_at=from_ms(max(n[LAST_MS], finalized_ms)),
             estimated_tokens=estimated, usage_reports=n[REPORTS],
-        ))
+        )))
         return out
 
     # ---- the deadline index -----------------------------------------------------------------------------------

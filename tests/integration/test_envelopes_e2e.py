@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -219,11 +220,12 @@ def test_the_integrity_hash_checks_out_against_the_stored_events_and_fails_witho
              for row in _rows(world, "SELECT * FROM usage WHERE run_id = 'wf-root' ORDER BY occurred_at, event_id")]
     runs = [RunEvent(**row | {"occurred_at": _utc(row)})
             for row in _rows(world, "SELECT * FROM runs WHERE run_id = 'wf-root' ORDER BY occurred_at")]
-    expected = world.worker.scalar("SELECT integrity_hash FROM envelopes WHERE run_id = 'wf-root'")
+    (row,) = _rows(world, "SELECT tenant_id, run_id, integrity_hash FROM envelopes WHERE run_id = 'wf-root'")
+    stored = SimpleNamespace(**row)  # what verify reads of an envelope: its tenant, run and hash
     events = [*turns, *usage, *runs]
-    assert verify(expected, events)  # type: ignore[arg-type]
-    assert not verify(expected, events[:2] + events[3:])  # type: ignore[arg-type]
-    assert not verify(expected, [turns[0].model_copy(update={"token_count": 401}), *events[1:]])  # type: ignore[arg-type]
+    assert verify(stored, events)  # type: ignore[arg-type]
+    assert not verify(stored, events[:2] + events[3:])  # type: ignore[arg-type]
+    assert not verify(stored, [turns[0].model_copy(update={"token_count": 401}), *events[1:]])  # type: ignore[arg-type]
 
 
 def test_envelopes_and_costs_are_on_their_topics(world: World) -> None:

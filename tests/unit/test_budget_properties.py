@@ -348,6 +348,8 @@ def check_envelopes(published: list[RunEnvelope | CostLine], w: Workload) -> Non
     """Envelopes and cost lines against the distinct records: which runs closed (finalized, or idle past the
     timeout by the tenant's final watermark), their counts, tokens, estimates, costs and integrity hashes."""
     envelopes, lines = final_outputs(published)
+    for record in published:  # built without a second validation (processors.envelopes.records)
+        assert type(record).model_validate(record.model_dump()) == record
     runs = truth(w)["runs"]
     idle, low, last = DEFAULT_IDLE_TIMEOUT_S * 1000, defaultdict(dict), defaultdict(int)
     bucket = idle // 16
@@ -376,7 +378,7 @@ def check_envelopes(published: list[RunEnvelope | CostLine], w: Workload) -> Non
         assert env.inference_micros == r["cost"] + DEFAULT_PRICES.estimate_cost("gpt-4o", estimated).micros, key
         assert env.persistence_micros == DEFAULT_PRICES.storage_cost(retained[key] * 30).micros, key
         mine = [(t, [e for e in w.logs[t] if f"{e.tenant_id}:{e.run_id}" == key]) for t in TOPICS]
-        assert env.integrity_hash == integrity_hash(*(events for _, events in mine)), key
+        assert env.integrity_hash == integrity_hash(env.tenant_id, env.run_id, *(e for _, e in mine)), key
         assert sum(c.micros for c in lines.values() if f"{c.tenant_id}:{c.run_id}" == key) == env.cost_micros, key
     assert len({c.source_event_id for c in lines.values() if c.surface == "inference"} - {
         e.event_id for e in w.distinct if isinstance(e, UsageReport)} - {f"close:{e.run_id}" for e in envelopes.values()
