@@ -104,6 +104,7 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         # The budget enforced and the eviction planner relieved (its working sets and relief are what the crashes
         # must not disturb; no summarizer runs here, so no swaps).
         assert DecisionKind.SPEND_EXHAUSTED in decided and {DecisionKind.OFFLOAD, DecisionKind.MASK} <= decided
+        assert oracle.final_envelopes() and oracle.final_costs()  # runs closed: the envelope check is not vacuous
         replay_done = time.monotonic()
         sections = {
             # The token tables (what a restart recovers), exact per tenant, run and slot.
