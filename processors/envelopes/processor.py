@@ -205,13 +205,10 @@ class EnvelopeProcessor:
     # ---- records ----------------------------------------------------------------------------------------------
     def _turn(self, t: TurnEvent, ms: int, pos: Position, state: BudgetStore, earlier: Sequence[Any]
               ) -> list[Output]:
-        key = run_key(t.tenant_id, t.run_id)
-        rs: RunState | None = state.get_state(TABLE, key)
-        if rs is not None and pos.offset <= rs.n[OFFSETS + TURNS]:
-            return []  # applied before a crash
-        rs = rs or new_state(t.user_id, t.session_id, t.agent_id)
+        if (opened := self._open(t, TURNS, pos, state)) is None:
+            return []
+        key, rs = opened
         n = rs.n
-        n[OFFSETS + TURNS] = pos.offset
         if not rs.accept_seq(t.seq):
             state.put_state(TABLE, key, rs)
             return []
@@ -258,13 +255,10 @@ class EnvelopeProcessor:
         return self._applied(key, rs, t, ms, state, out)
 
     def _usage(self, u: UsageReport, ms: int, pos: Position, state: BudgetStore) -> list[Output]:
-        key = run_key(u.tenant_id, u.run_id)
-        rs: RunState | None = state.get_state(TABLE, key)
-        if rs is not None and pos.offset <= rs.n[OFFSETS + USAGE]:
+        if (opened := self._open(u, USAGE, pos, state)) is None:
             return []
-        rs = rs or new_state(u.user_id, u.session_id, u.agent_id)
+        key, rs = opened
         n = rs.n
-        n[OFFSETS + USAGE] = pos.offset
         if not rs.accept_call(u.call_id):
             state.put_state(TABLE, key, rs)
             return []
@@ -289,13 +283,10 @@ class EnvelopeProcessor:
         return self._applied(key, rs, u, ms, state, out)
 
     def _run(self, r: RunEvent, ms: int, pos: Position, state: BudgetStore) -> list[Output]:
-        key = run_key(r.tenant_id, r.run_id)
-        rs: RunState | None = state.get_state(TABLE, key)
-        if rs is not None and pos.offset <= rs.n[OFFSETS + RUNS]:
+        if (opened := self._open(r, RUNS, pos, state)) is None:
             return []
-        rs = rs or new_state(r.user_id, r.session_id, r.agent_id)
+        key, rs = opened
         n = rs.n
-        n[OFFSETS + RUNS] = pos.offset
         finalized = r.phase is RunPhase.FINALIZED
         phase = FINALIZED if finalized else STARTED
         if n[FLAGS] & phase:
@@ -326,12 +317,9 @@ class EnvelopeProcessor:
         return self._applied(key, rs, r, ms, state, out)
 
     def _candidate(self, c: MemoryCandidate, pos: Position, state: BudgetStore) -> list[Output]:
-        key = run_key(c.tenant_id, c.run_id)
-        rs: RunState | None = state.get_state(TABLE, key)
-        if rs is not None and pos.offset <= rs.n[OFFSETS + CANDIDATES]:
+        if (opened := self._open(c, CANDIDATES, pos, state)) is None:
             return []
-        rs = rs or new_state(c.user_id, c.session_id, c.agent_id)
-        rs.n[OFFSETS + CANDIDATES] = pos.offset
+        key, rs = opened
         if not rs.accept_candidate(c.candidate_id):
             state.put_state(TABLE, key, rs)
             return []
@@ -352,6 +340,18 @@ class EnvelopeProcessor:
         return self._changed(key, rs, s.tenant_id, s.run_id, -1, state, [])
 
     # ---- shared steps -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _open(e: Any, stream: int, pos: Position, state: BudgetStore) -> tuple[str, RunState] | None:
+        """The key and state of ``e``'s run, its offset of ``stream`` now ``pos``'s; None when the state holds the
+        record already (applied before a crash: its outputs went out then)."""
+        key = run_key(e.tenant_id, e.run_id)
+        rs: RunState | None = state.get_state(TABLE, key)
+        if rs is not None and pos.offset <= rs.n[OFFSETS + stream]:
+            return None
+        rs = rs or new_state(e.user_id, e.session_id, e.agent_id)
+        rs.n[OFFSETS + stream] = pos.offset
+        return key, rs
+
     def _applied(
         self, key: str, rs: RunState, e: TurnEvent | UsageReport | RunEvent, ms: int, state: BudgetStore,
         out: list[Output],
