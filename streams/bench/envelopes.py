@@ -4,12 +4,15 @@ The throughput corpus's workload (:class:`~streams.demo.workload.Workload`: ever
 usage reports, tool calls, retrievals, memory candidates) goes through two chains over ``DictBudgetState``: the
 budget and planner alone, and the default chain (with envelopes). Thread CPU is measured around each
 ``process`` call of each chain, and around the envelope processor's own calls in the second; encoding what it
-publishes (Avro, as the worker's outlet does) is timed apart, since the shell pays it per output record. Run:
-``python -m ctxflow.streams.bench.envelopes [events]``.
+publishes (Avro, as the worker's outlet does) is timed apart, since the shell pays it per output record. The
+garbage collector is tuned as the worker tunes it (``streams.runtime.worker``): with Python's defaults, the
+records the second chain publishes trigger full collections that the worker never runs, and the difference
+between the chains doubled. Run: ``python -m ctxflow.streams.bench.envelopes [events]``.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +75,17 @@ def _run(chain: ProcessorChain, events: list[BaseModel], manifests: list[TenantM
 
 def measure(events: int = 40_000, seed: int = 11) -> EnvelopeCost:
     """Both chains over the first ``events`` records of a seeded workload (module docstring)."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        return _measure(events, seed)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+def _measure(events: int, seed: int) -> EnvelopeCost:
     workload = Workload(seed, tenants=8, sessions_per_tenant=6, max_events=events)
     records = [e for e in workload.events() if type(e) in _TOPIC_OF]
     manifests = workload.manifests()
