@@ -7,10 +7,11 @@ kind, eviction action and strategy, dead-letter reason code, slot, sink name. Ne
 
 Cost: the worker calls :meth:`WorkerMetrics.record` once per committed group with the group's batches, which adds
 each :class:`~streams.runtime.pipeline.BatchReport`'s per-topic counts and walks its decisions and dead letters (no
-per-record work: the pipeline counts records per topic in C as it takes them). Everything else, consumer lag,
-pending compression jobs and sink progress, is read from the worker's own state when Prometheus scrapes
-(:class:`_Collector`), never on the hot path. All of it runs on the worker's event loop (the web server shares it),
-so a scrape sees whole batches and no lock is needed.
+per-record work here: the pipeline counts a batch's records per topic as it takes them, ~0.06 us a record; the whole
+update measured ~3 us a batch plus ~0.85 us a decision, see ``docs/operations-metrics.md``). Everything else,
+consumer lag, pending compression jobs and sink progress, is read from the worker's own state when Prometheus
+scrapes (:class:`_Collector`), never on the hot path. All of it runs on the worker's event loop (the web server
+shares it), so a scrape sees whole batches and no lock is needed.
 
 Each :class:`WorkerMetrics` has a :class:`~prometheus_client.CollectorRegistry` of its own, not the library's
 global one, so several workers in one process (tests) never collide.
