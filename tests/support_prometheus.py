@@ -39,31 +39,37 @@ def _found() -> PrometheusTools | None:
     return PrometheusTools(Path(prometheus), Path(promtool)) if prometheus and promtool else None
 
 
-@functools.cache
 def prometheus_tools() -> PrometheusTools:
     """``prometheus`` and ``promtool`` from PATH, installing Debian's ``prometheus`` package first when either is
-    missing (once per test session). Raises ``RuntimeError`` saying what to do when that is impossible."""
+    missing (tried once per test session). Raises ``RuntimeError`` saying what to do when that is impossible."""
+    found = _installed()
+    if isinstance(found, str):
+        raise RuntimeError(found)
+    return found
+
+
+@functools.cache
+def _installed() -> PrometheusTools | str:
+    """The binaries, or why they could not be had (kept, so a failed install is not retried by every test)."""
     found = _found()
     if found is not None:
         return found
     if shutil.which("apt-get") is None:
-        raise RuntimeError(
+        return (
             "promtool and prometheus are not on PATH and apt-get is unavailable: install the Prometheus 2.x "
             "server and promtool (Debian/Ubuntu package `prometheus`) and put both on PATH"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    attempts = [_INSTALL, ["apt-get", "update"], _INSTALL]  # update only when the package lists are stale or empty
-    output = ""
-    for argv in attempts:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-        output = done.stdout[-2000:] + done.stderr[-2000:]
-        if argv is _INSTALL and done.returncode == 0:
-            break
+    done = subprocess.run(_INSTALL, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:  # stale or empty package lists: refresh them once and try again
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(_INSTALL, env=env, capture_output=True, text=True, timeout=600)
     found = _found()
     if found is None:
-        raise RuntimeError(
+        return (
             f"`{' '.join(_INSTALL)}` did not provide prometheus and promtool (it needs root and a reachable Debian "
-            f"mirror); install the `prometheus` package by hand and run the tests again. apt said:\n{output}"
+            f"mirror); install the `prometheus` package by hand and run the tests again. apt said:\n"
+            f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
         )
     return found
 
