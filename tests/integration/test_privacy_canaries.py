@@ -2,7 +2,8 @@
 
 Canary strings are planted in no-retention runs of every shape an agent publishes — messages, tool calls and
 their results, retrieved chunks, memory candidates, a sub-agent that asks for ``retained``, a sub-agent built
-apart from its parent's context that still names it, and enough history for the eviction planner to want a
+apart from its parent's context that still names it, a sub-agent in another process built from its parent's
+handoff asking for ``retained``, and enough history for the eviction planner to want a
 summary — beside a retained control run carrying a control canary. One worker and one summarizer serve the
 module. Then every place a payload could land is searched: every topic of the deployment (changelogs included,
 keys and values as raw bytes), every ClickHouse table (every column, as text), every Redis key and value, and
@@ -104,6 +105,14 @@ async def _publish_runs(settings: Settings, canaries: Canaries, control: RunCont
             async with client.run(careless):
                 await client.publish_turn(careless.turn(Role.ASSISTANT, ItemKind.MESSAGE, Slot.HISTORY,
                                                         f"careless notes on {secret}"))
+            # A sub-agent in another process (its own client, which never saw the parent) asking for retained:
+            # it is built from the parent's handoff, as the SDK tells sub-agent runtimes to.
+            handoff = private.handoff().model_dump_json()
+            async with CtxflowClient.from_settings(settings) as elsewhere:
+                remote = RunContext.delegated(handoff, "remote-researcher", privacy=PrivacyMode.RETAINED)
+                async with elsewhere.run(remote):
+                    await elsewhere.publish_turn(remote.turn(Role.ASSISTANT, ItemKind.MESSAGE, Slot.HISTORY,
+                                                             f"remote notes on {secret}"))
         async with client.run(control):
             await client.publish_turn(control.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY,
                                                    f"My goal: reconcile the ledger of {canaries.control}."))
@@ -229,4 +238,4 @@ def test_the_no_retention_runs_were_still_counted(world: World) -> None:
         f"WHERE tenant_id = '{TENANT}' GROUP BY privacy ORDER BY privacy").rows
     counts = {row[0]: row[1:] for row in rows}
     private = counts["no_retention"]
-    assert private[0] == 2 + 1 + 1 + 30 + 1 + 1 and private[1] == private[0] and private[2] == private[0]
+    assert private[0] == 2 + 1 + 1 + 30 + 1 + 1 + 1 and private[1] == private[0] and private[2] == private[0]
