@@ -32,7 +32,8 @@ Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content
 is kept (computed here when missing) and ``token_count`` is sent only if the caller gave it: the SDK does
 not tokenize, so give ``token_count`` for no-retention turns or the budget cannot count them. A run
 published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
-if they say ``retained`` (delegation cannot downgrade privacy).
+if they say ``retained`` (delegation cannot downgrade privacy). A sub-agent in another process builds its
+run with ``RunContext.delegated(parent.handoff(), agent_id)``, which carries the parent's privacy along.
 """
 
 from ctxflow.streams.sdk.budget_reader import BudgetReader
@@ -41,10 +42,11 @@ from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
 from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
-from ctxflow.streams.sdk.run_context import RunContext
+from ctxflow.streams.sdk.run_context import Delegation, RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
 
 __all__ = [
     "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient", "CtxflowError",
-    "DecisionStream", "PublishFailed", "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
+    "DecisionStream", "Delegation", "PublishFailed", "RunContext", "SyncCtxflowClient", "TopicMissing",
+    "record_key", "redact",
 ]
