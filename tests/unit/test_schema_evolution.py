@@ -198,6 +198,10 @@ RELEASED_FINGERPRINTS = {
     ("TurnEvent", 2): "98da192b95339b02",
     ("TurnEvent", 3): "42ac9764e639e447",
     ("UsageReport", 1): "f15d43454141ff3d",
+    # Memory governance (issue 15).
+    ("MemoryCandidate", 2): "94b22b1ad7f6f3c6",
+    ("MemoryRecord", 2): "133e623478ecdca9",
+    ("MemoryVerdict", 1): "c58e62f4e2c49cfa",
 }
 
 
