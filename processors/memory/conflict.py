@@ -5,10 +5,11 @@ Both compare a new record only with live records of the same tenant, scope and o
 
 **Near-duplicate** (merge; text similarity never retires a record): same type, rapidfuzz
 ``token_sort_ratio`` of the normalised contents at least :data:`NEAR_DUPLICATE_THRESHOLD`, *and* the same
-numbers and the same negations in both (a similarity score cannot tell "is" from "is not", or 5 from 6), *and*,
-when both state a subject and attribute, the same subject, attribute and normalised value. ``token_sort_ratio``
-rather than ``token_set_ratio``: the set ratio scores 100 when one text's words are a subset of the other's, which
-would merge "prefers dark mode" into "prefers dark mode except in reports".
+numbers and negations in both, and every word found in only one text a function word or a misspelling of a word
+of the other (a similarity score cannot tell "is" from "is not", 5 from 6, or Bob from Carol), *and*, when
+both state a subject and attribute, the same subject, attribute and normalised value.
+``token_sort_ratio`` rather than ``token_set_ratio``: the set ratio scores 100 when one text's words are a
+subset of the other's, which would merge "prefers dark mode" into "prefers dark mode except in reports".
 
 **Contradiction** (supersede): both records state a value for the same normalised subject and attribute and
 the normalised values differ (:func:`~processors.memory.values.normalise_value`: units, dates, money and case
@@ -28,9 +29,11 @@ from ctxflow.schemas.models import MemoryRecord, MemoryStatus
 from rapidfuzz import fuzz
 
 NEAR_DUPLICATE_THRESHOLD = 90.0
-"""token_sort_ratio (0-100) at or above which two memories are the same statement. Measured on the near-miss
-set in tests/unit/data: paraphrases with reordered or a few changed words score 90-100, distinct statements
-that share a topic score below 80; 90 leaves room on both sides."""
+"""token_sort_ratio (0-100) at or above which two memories may be the same statement. On the near-miss set in
+tests/unit/data, rewordings ("The user prefers..." / "User prefers...", reordered lists, case and punctuation)
+score 94-100 and statements on other topics below 80. But statements that differ in one name, number or
+negation also score 90-96 ("Standups last 10 minutes" / "... 15 minutes": 95.8), so the score alone never
+decides: numbers and negations must agree and the words that differ must be minor (:data:`TYPO_SIMILARITY`)."""
 
 LIVE = frozenset({MemoryStatus.PROVISIONAL, MemoryStatus.ACTIVE, MemoryStatus.QUARANTINED})
 """Records a new one can merge into or contradict: not revoked, not already superseded."""
@@ -45,6 +48,34 @@ def _words(text: str) -> list[str]:
 
 def _numbers(text: str) -> list[str]:
     return sorted(_NUMBER.findall(text))
+
+
+_FUNCTION_WORDS = frozenset(
+    {"a", "an", "the", "this", "that", "these", "those", "is", "are", "was", "were", "be", "been", "am", "do",
+     "does", "did", "to", "of", "in", "on", "at", "for", "by", "with", "and", "or", "as", "it", "its", "user",
+     "users", "they", "we", "i", "he", "she"}
+)
+"""Words whose presence alone does not change a statement ("The user prefers..." / "User prefers...")."""
+
+TYPO_SIMILARITY = 75.0
+"""rapidfuzz ratio at which two differing words are one word misspelt or inflected ("prefer"/"prefers": 92,
+"mdoe"/"mode": 75); names ("Bob"/"Carol": 25) and other words ("light"/"dark": 0) stay apart."""
+
+
+def _tokens(text: str) -> set[str]:
+    return {w.strip(".,;:!?'\"()") for w in _words(text)} - {""}
+
+
+def _differences_are_minor(text: str, other: str) -> bool:
+    # A high overall score can hide one decisive word (a name, a product, a colour): every word found in only
+    # one of the texts must be a function word or a misspelling of a word of the other text.
+    mine, theirs = _tokens(text), _tokens(other)
+    for word, pool in [(w, theirs) for w in mine - theirs] + [(w, mine) for w in theirs - mine]:
+        if word in _FUNCTION_WORDS:
+            continue
+        if not any(fuzz.ratio(word, candidate) >= TYPO_SIMILARITY for candidate in pool - _FUNCTION_WORDS):
+            return False
+    return True
 
 
 def _negations(text: str) -> int:
@@ -81,6 +112,8 @@ def near_duplicate(record: MemoryRecord, others: Iterable[MemoryRecord]) -> Simi
         other_text = normalise_content(other.content)
         score = fuzz.token_sort_ratio(text, other_text, score_cutoff=NEAR_DUPLICATE_THRESHOLD)
         if not score or _numbers(text) != _numbers(other_text) or _negations(text) != _negations(other_text):
+            continue
+        if not _differences_are_minor(text, other_text):
             continue
         other_key = fact_key(other)
         if key is not None and other_key is not None and (
