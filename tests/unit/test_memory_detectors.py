@@ -112,3 +112,24 @@ def test_detectors_load_no_language_model_and_use_no_network(monkeypatch: pytest
     scan = built.scan("Mail ops@example.org about order 7; phone +44 20 7946 0958.")
     assert scan.pii_kinds == ("EMAIL_ADDRESS", "PHONE_NUMBER")
     assert not [name for name in sys.modules if name.startswith(("en_core_web", "spacy_models"))]
+
+
+PIECES = [
+    "call", "Order", "on", "ticket", "r-42", "$1,200", "2026-01-05", "12/01/2026", "98.6%", "(", ")", ";",
+    "212-555-0147", "+1 212-555-0147", "(212) 555-0147", "020 7946 0958", "+44 20 7946 0958", "030 901820",
+    "+49 30 901820", "01 23 45 67 89", "+33 1 23 45 67 89", "4821", "12345", "98765 43210", "v2.14.3",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=12), st.sampled_from([" ", ", ", " - "]))
+def test_phone_search_by_window_finds_what_presidio_finds_on_the_whole_text(pieces: list[str], sep: str) -> None:
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    text = sep.join(pieces)
+    whole = {(r.start, r.end) for r in PhoneRecognizer().analyze(text, ["PHONE_NUMBER"]) if r.score >= 0.3}
+    ours = {(f.start, f.end) for f in _PII.scan(text) if f.kind == "PHONE_NUMBER"}
+    assert ours == whole, text
+
+
+_PII = PiiDetector()
