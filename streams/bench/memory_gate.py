@@ -34,7 +34,7 @@ _TEMPLATES = [
     (MemoryScope.USER, MemoryType.PREFERENCE, "Contact me at user{n}@example.com for build failures"),
     (MemoryScope.USER, MemoryType.PREFERENCE, "Call +1 212-555-{m:04d} if the deploy of service {n} fails"),
     (MemoryScope.SESSION, MemoryType.TRACE, "Tool search returned {n} rows\nfiltered to {m}\nkept {d} for the summary"),
-    (MemoryScope.USER, MemoryType.PREFERENCE, "Use deploy key AKIAZ3MSJV4WWNKWW{m:04d}".replace("{m:04d}", "5FG")),
+    (MemoryScope.USER, MemoryType.PREFERENCE, "Use deploy key AKIAZ3MSJV4WWNKWW5FG for bucket {n}"),
     (MemoryScope.USER, MemoryType.PREFERENCE, "db password = 'Tr0ub4dor&3-{n}'"),
 ]
 _WEIGHTS = [20, 12, 10, 12, 12, 8, 8, 10, 4, 4]
