@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import StrEnum
 from hashlib import blake2b
 
-from ctxflow.schemas.models import MemoryRecord, MemoryStatus, ReviewState
+from ctxflow.schemas.models import Invalidation, InvalidationKind, MemoryRecord, MemoryStatus, ReviewState
 
 ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
     MemoryStatus.PROVISIONAL: frozenset({MemoryStatus.ACTIVE, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
@@ -137,3 +137,20 @@ def correct(record: MemoryRecord, corrected: MemoryRecord, now: datetime, review
         }
     )
     return old, new
+
+
+def invalidation(record: MemoryRecord, kind: InvalidationKind, now: datetime, by: str | None) -> Invalidation:
+    """The event telling every projection to stop serving ``record`` (its id is derived: replays overwrite)."""
+    raw = "\x1f".join((record.tenant_id, record.memory_id, str(record.version))).encode("utf-8")
+    return Invalidation(
+        invalidation_id="inv-" + blake2b(raw, digest_size=16).hexdigest(),
+        tenant_id=record.tenant_id,
+        kind=kind,
+        target_type="memory",
+        target_id=record.memory_id,
+        source_memory_id=by,
+        user_id=record.user_id,
+        session_id=record.session_id,
+        reason=record.reason or record.status.value,
+        occurred_at=now,
+    )
