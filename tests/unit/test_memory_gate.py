@@ -183,3 +183,58 @@ def test_content_normalisation_is_idempotent(text: str) -> None:
 def test_a_retained_candidate_without_content_is_refused() -> None:
     c = candidate("x").model_copy(update={"content": None, "content_digest": content_digest("x")})
     assert judge(c).rule is Rule.CONTENT_MISSING
+
+
+SECRET_SHAPES = [
+    "AKIAZ3MSJV4WWNKWW5FG",
+    "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",
+    "password = 'Tr0ub4dor&3-horse'",
+    "-----BEGIN OPENSSH PRIVATE KEY-----",
+]
+WORDS = ["deploy", "with", "the", "order", "12345", "user", "u-100", "on", "2026-01-05", "is", "ready", "run r-42"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.sampled_from(WORDS), max_size=8),
+    st.lists(st.sampled_from(WORDS), max_size=8),
+    st.sampled_from(SECRET_SHAPES),
+    st.sampled_from([MemoryScope.SESSION, MemoryScope.USER, MemoryScope.TENANT]),
+    st.sampled_from(list(Verification)),
+)
+def test_a_secret_anywhere_in_the_text_is_never_accepted(
+    before: list[str], after: list[str], secret: str, scope: MemoryScope, evidence: Verification
+) -> None:
+    text = " ".join([*before, secret, *after])
+    c = candidate(text, scope=scope, type=MemoryType.EPISODE, verification=evidence, verified_by="ops")
+    d = judge(c, MemoryPolicy(retention_rules=frozenset({"r"}), bootstrap_until=NOW + timedelta(days=1)))
+    assert (d.accepted, d.rule) == (False, Rule.SECRET_DETECTED)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scope=st.sampled_from(list(MemoryScope)),
+    type_=st.sampled_from(list(MemoryType)),
+    evidence=st.sampled_from(list(Verification)),
+    privacy=st.sampled_from(list(PrivacyMode)),
+    run_privacy=st.sampled_from(list(PrivacyMode)),
+    bootstrap=st.booleans(),
+    runs=st.lists(st.sampled_from(["r-1", "r-0", "r-7", "r-8"]), max_size=3),
+)
+def test_gate_invariants_hold_for_any_candidate(
+    scope: MemoryScope, type_: MemoryType, evidence: Verification, privacy: PrivacyMode,
+    run_privacy: PrivacyMode, bootstrap: bool, runs: list[str],
+) -> None:
+    c = candidate("Invoices are due in 30 days", scope=scope, type=type_, verification=evidence,
+                  verified_by="crm", corroborating_run_ids=runs, privacy=privacy, parent_run_id="r-0")
+    policy = MemoryPolicy(trusted_systems=frozenset({"crm"}),
+                          bootstrap_until=NOW + timedelta(days=1) if bootstrap else None)
+    d = judge(c, policy, RunFacts(privacy=run_privacy, parent_run_id="r-0"))
+    if scope is MemoryScope.GLOBAL or type_ is MemoryType.POLICY or PrivacyMode.NO_RETENTION in (privacy, run_privacy):
+        assert not d.accepted
+    if d.accepted and scope is MemoryScope.TENANT:
+        assert type_ in (MemoryType.FACT, MemoryType.EPISODE)
+        assert d.bootstrap_loosened or evidence is not Verification.NONE
+        assert d.bootstrap_loosened == (d.rule is Rule.BOOTSTRAP_LOOSENED)
+    if d.accepted and scope is MemoryScope.USER:
+        assert type_ in (MemoryType.PREFERENCE, MemoryType.EPISODE)
