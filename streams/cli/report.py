@@ -6,14 +6,18 @@ Registered by ``streams/cli/main.py`` (see ``SUBCOMMANDS`` there).
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-# Soft wrap and no markup, as `ctxflow query`: tenant ids and errors may hold "[".
-console = Console(soft_wrap=False, markup=False, highlight=False)
+# No markup: tenant ids and errors may hold "[". Piped output has no width of its own: rich would squeeze every
+# table into 80 columns, so it gets a wide one unless COLUMNS says otherwise.
+console = Console(markup=False, highlight=False,
+                  width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
 def _moment(text: str) -> dt.datetime:

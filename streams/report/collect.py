@@ -65,7 +65,7 @@ def collect(query: QueryFn, scope: ReportScope, source: str, views: Iterable[Vie
 def _reason(message: str) -> str:
     """What a reader needs of a failed query: ClickHouse's own sentence, without the SQL and stack it repeats."""
     if (missing := _UNKNOWN_TABLE.search(message)) is not None:
-        return f"this ClickHouse has no table {missing[1]} yet (an older ctxflow wrote it)"
+        return f"no table {missing[1]} in this ClickHouse yet (its schema is older: a current worker adds it)"
     found = _EXCEPTION.search(message)
     line = found[1] if found else (message.strip().splitlines() or ["query failed"])[0]
     return line if len(line) <= _SHOWN_ERROR else line[:_SHOWN_ERROR] + " ..."

@@ -28,7 +28,7 @@ def print_section(section: Section, console: Console, *, description: bool = Tru
     """One view as a table, or the line that says why there is none."""
     view = section.view
     if section.error is not None:
-        console.print(f"{view.title}: not available ({section.error})", style="yellow")
+        console.print(f"{view.title}: not available: {section.error}", style="yellow")
         return
     if not section.rows:
         console.print(f"{view.title}: no data yet in this range", style="yellow")
