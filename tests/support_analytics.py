@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 from ctxflow.schemas.models import (
+    CostLine,
     DeadLetter,
     Decision,
     ItemDecision,
     MemoryRecord,
+    RunEnvelope,
     RunEvent,
     SummaryProvenance,
     TurnEvent,
@@ -31,6 +33,14 @@ from tests.support_project import ROOT
 
 #: Turns occur this long before ``now`` and are inserted at about ``now``: the ingest lag the report must show.
 TURN_LAG = dt.timedelta(minutes=1)
+#: Runs with envelopes and cost lines: (tenant, run, parent, agent, weeks before now's, [(surface, micros,
+#: estimated)]). acme's cost per run goes from $1.00 a week ago to $1.50 (+50%); globex's is all estimated.
+RUNS = (
+    ("acme", "acme-run-0", None, "planner", 1, [("inference", 1_000_000, False)]),
+    ("acme", "acme-run-1", None, "planner", 0, [("inference", 1_800_000, False), ("retrieval", 200_000, False)]),
+    ("acme", "acme-run-2", "acme-run-1", "researcher", 0, [("inference", 900_000, False), ("tooling", 100_000, True)]),
+    ("globex", "globex-run-1", None, "assistant", 0, [("inference", 250_000, True)]),
+)
 #: Memory candidates of acme by status (its promotion rate is 3 of 6, its quarantine rate 1 of 6).
 ACME_MEMORY = {"active": 3, "quarantined": 1, "provisional": 1, "revoked": 1}
 
@@ -113,12 +123,40 @@ def _runs_and_usage(now: dt.datetime) -> list[BaseModel]:
     ]
 
 
+def _envelopes_and_costs(now: dt.datetime) -> list[BaseModel]:
+    out: list[BaseModel] = []
+    for tenant, run, parent, agent, weeks_ago, lines in RUNS:
+        started = now - dt.timedelta(hours=1, weeks=weeks_ago)
+        root = parent or run
+        ids = {"tenant_id": tenant, "user_id": "u1", "session_id": "s1", "run_id": run, "parent_run_id": parent,
+               "root_run_id": root, "workflow_id": root, "agent_id": agent}
+        micros = {surface: m for surface, m, _ in lines}
+        out.append(RunEnvelope(
+            **ids, depth=1 if parent else 0, status="succeeded", closed_by="agent", started_at=started,
+            finalized_at=started + dt.timedelta(minutes=5), last_event_at=started + dt.timedelta(minutes=5),
+            duration_ms=300_000, global_tokens=100, tenant_tokens=100, user_tokens=0, retrieved_tokens=0,
+            session_tokens=800, static_prefix_tokens=200, dynamic_tokens=800, input_tokens=1000, output_tokens=100,
+            cached_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0, usage_estimated=False, retrievals=0,
+            memory_ids=[], tool_calls=0, tool_results=0, promotions={}, evictions=0, compressions=0,
+            tokens_freed=0, cost_micros=sum(micros.values()), inference_micros=micros.get("inference", 0),
+            retrieval_micros=micros.get("retrieval", 0), tooling_micros=micros.get("tooling", 0),
+            persistence_micros=0, cost_estimated=any(e for _, _, e in lines), price_version="list-2025-06",
+            event_count=10, integrity_hash=content_digest(run), envelope_version=3, updated_at=started,
+        ))
+        out.extend(CostLine(cost_id=f"{run}-{surface}", **ids, surface=surface, model="gpt-4o", quantity=1000,
+                            unit="tokens", micros=m, price_version="list-2025-06", estimated=estimated,
+                            source_event_id=f"{run}-event", occurred_at=started)
+                   for surface, m, estimated in lines)
+    return out
+
+
 def records(now: dt.datetime) -> list[BaseModel]:
     """Every record of the dataset anchored at ``now``."""
     letter = DeadLetter(dead_letter_id="letter-1", source_topic="turns", source_partition=0, source_offset=7,
                         tenant_id="acme", reason_code="undecodable", reason="not Avro",
                         failed_at=now - dt.timedelta(minutes=10))
-    return [*_turns(now), *_decisions(now), *_memories(now), *_runs_and_usage(now), letter]
+    return [*_turns(now), *_decisions(now), *_memories(now), *_runs_and_usage(now), *_envelopes_and_costs(now),
+            letter]
 
 
 def seed(home: Path, now: dt.datetime) -> None:

@@ -32,9 +32,9 @@ def show(value: Any, fmt: Format) -> str:
 
 
 def usd(micros: float) -> str:
-    """Micro-USD as dollars: cents from a dollar up, four decimals below (a run can cost a fraction of a cent)."""
+    """Micro-USD as dollars, in cents; four decimals below a cent (a run can cost a fraction of one)."""
     dollars = micros / 1e6
-    return f"${dollars:,.2f}" if abs(dollars) >= 1 else f"${dollars:.4f}"
+    return f"${dollars:.4f}" if 0 < abs(dollars) < 0.01 else f"${dollars:,.2f}"
 
 
 def duration(ms: float) -> str:

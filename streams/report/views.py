@@ -173,7 +173,7 @@ RUN_COST_WEEKLY = View(
               "AND status != 'open' GROUP BY week, tenant_id) ORDER BY week, tenant_id",
     (Column("week", "week of"), Column("tenant_id", "tenant"), Column("runs", "runs", Format.COUNT),
      Column("mean_micros", "USD per run", Format.USD), Column("p90_micros", "p90 USD", Format.USD),
-     Column("estimated_share", "estimated", Format.SHARE), Column("mean_input_tokens", "input tokens/run",
+     Column("estimated_share", "runs estimated", Format.SHARE), Column("mean_input_tokens", "input tokens/run",
                                                                    Format.TOKENS),
      Column("change", "vs last week", Format.CHANGE)),
     Chart("line", "week", ("mean_micros",), Format.USD, series="tenant_id"),
