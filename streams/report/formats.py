@@ -31,9 +31,8 @@ def show(value: Any, fmt: Format) -> str:
     return f"{round(number):,}"
 
 
-def usd(micros: float) -> str:
-    """Micro-USD as dollars, in cents; four decimals below a cent (a run can cost a fraction of one)."""
-    dollars = micros / 1e6
+def usd(dollars: float) -> str:
+    """Dollars in cents; four decimals below a cent (a run can cost a fraction of one)."""
     return f"${dollars:.4f}" if 0 < abs(dollars) < 0.01 else f"${dollars:,.2f}"
 
 

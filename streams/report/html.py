@@ -86,7 +86,7 @@ def _chart(chart: Chart, rows: tuple[dict[str, Any], ...]) -> str:
 
 
 def _header(name: str) -> str:
-    return name.removesuffix("_micros").removesuffix("_ms").replace("_", " ")
+    return name.removesuffix("_usd").removesuffix("_ms").replace("_", " ")
 
 
 def _table(section: Section) -> str:

@@ -3,7 +3,7 @@
 The terminal tables, the HTML file and the Grafana panels named in :attr:`View.panel` run the same text; only
 the scope differs (bound parameters here, datasource macros in Grafana). Every table is read with ``FINAL``
 (the analyst path would add it anyway; Grafana's datasource would not). Money is in micro-USD as the cost
-projection keeps it; every cost figure comes with its observed and estimated parts.
+projection keeps it, dollars in every view; every cost figure comes with its observed and estimated parts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Format(StrEnum):
     TEXT = "text"
     COUNT = "count"
     TOKENS = "tokens"
-    USD = "usd"  # micro-USD in, dollars out
+    USD = "usd"
     SHARE = "share"  # 0..1 in, percent out
     CHANGE = "change"  # a relative change, signed percent out
     RATIO = "ratio"  # 4.2x
@@ -52,16 +52,9 @@ class Chart:
 
 
 @dataclass(frozen=True, slots=True)
-class Panel:
-    """The Grafana panel that runs a view's query: its dashboard file (under ``dashboards/``) and title."""
-
-    dashboard: str
-    title: str
-
-
-@dataclass(frozen=True, slots=True)
 class View:
-    """One section of the report: its query, columns, optional chart and Grafana panel."""
+    """One section of the report: its query, columns, optional chart, and the Grafana dashboard (a file under
+    ``dashboards/``) whose panel of the same title runs the same query."""
 
     key: str
     title: str
@@ -69,18 +62,19 @@ class View:
     sql: Callable[[Scope], str]
     columns: tuple[Column, ...]
     chart: Chart | None = None
-    panel: Panel | None = None
+    dashboard: str | None = None
     #: Shown in the terminal (a long time series is left to the HTML and Grafana).
     terminal: bool = True
     #: Part of the compact report the demo prints.
     compact: bool = False
 
 
-_COST_SPLIT = ("sumIf(micros, NOT estimated) AS observed_micros, sumIf(micros, estimated) AS estimated_micros, "
-               "sum(micros) AS total_micros")
-_COST_COLUMNS = (Column("observed_micros", "observed USD", Format.USD),
-                 Column("estimated_micros", "estimated USD", Format.USD),
-                 Column("total_micros", "total USD", Format.USD))
+#: Cost lines hold micro-USD; views show dollars, so that Grafana's currency unit reads them as the terminal does.
+_COST_SPLIT = ("sumIf(micros, NOT estimated) / 1e6 AS observed_usd, "
+               "sumIf(micros, estimated) / 1e6 AS estimated_usd, sum(micros) / 1e6 AS total_usd")
+_COST_COLUMNS = (Column("observed_usd", "observed USD", Format.USD),
+                 Column("estimated_usd", "estimated USD", Format.USD),
+                 Column("total_usd", "total USD", Format.USD))
 _EVICTING = "('evict', 'mask', 'offload', 'swap')"
 #: Decisions that read a context gauge (a slot, or the total context), not a consumption cap: the rule of
 #: ``streams.demo.run._context_gauge``, with admission checks (which compare the total context to its cap).
@@ -111,17 +105,17 @@ COST_PER_TENANT = View(
     "Priced cost lines by surface; the observed and estimated parts are shown apart (an estimate prices a "
     "missing or partial usage report, or a model without a list price).",
     lambda s: f"SELECT tenant_id, uniqExact(run_id) AS runs, {_COST_SPLIT}, "
-              "sumIf(micros, surface = 'inference') AS inference_micros, "
-              "sumIf(micros, surface = 'retrieval') AS retrieval_micros, "
-              "sumIf(micros, surface = 'tooling') AS tooling_micros, "
-              "sumIf(micros, surface = 'persistence') AS persistence_micros "
+              "sumIf(micros, surface = 'inference') / 1e6 AS inference_usd, "
+              "sumIf(micros, surface = 'retrieval') / 1e6 AS retrieval_usd, "
+              "sumIf(micros, surface = 'tooling') / 1e6 AS tooling_usd, "
+              "sumIf(micros, surface = 'persistence') / 1e6 AS persistence_usd "
               f"FROM costs FINAL WHERE {s.window('occurred_at')} AND {s.tenants('tenant_id')} "
-              "GROUP BY tenant_id ORDER BY total_micros DESC",
+              "GROUP BY tenant_id ORDER BY total_usd DESC, tenant_id",
     (Column("tenant_id", "tenant"), Column("runs", "runs", Format.COUNT), *_COST_COLUMNS,
-     Column("inference_micros", "inference", Format.USD), Column("retrieval_micros", "retrieval", Format.USD),
-     Column("tooling_micros", "tooling", Format.USD), Column("persistence_micros", "persistence", Format.USD)),
-    Chart("bar", "tenant_id", ("observed_micros", "estimated_micros"), Format.USD, stacked=True),
-    Panel("runs-and-cost.json", "Cost per tenant"), compact=True,
+     Column("inference_usd", "inference", Format.USD), Column("retrieval_usd", "retrieval", Format.USD),
+     Column("tooling_usd", "tooling", Format.USD), Column("persistence_usd", "persistence", Format.USD)),
+    Chart("bar", "tenant_id", ("observed_usd", "estimated_usd"), Format.USD, stacked=True),
+    dashboard="runs-and-cost.json", compact=True,
 )
 
 COST_PER_SUB_AGENT = View(
@@ -132,52 +126,53 @@ COST_PER_SUB_AGENT = View(
               "multiIf(countIf(ifNull(parent_run_id, '') = '') = 0, 'sub-agent', "
               "countIf(ifNull(parent_run_id, '') != '') = 0, 'root', 'both') AS role, "
               f"uniqExact(workflow_id) AS workflows, uniqExact(run_id) AS runs, {_COST_SPLIT}, "
-              "intDiv(total_micros, workflows) AS per_workflow_micros "
+              "total_usd / workflows AS per_workflow_usd "
               f"FROM costs FINAL WHERE {s.window('occurred_at')} AND {s.tenants('tenant_id')} "
-              "GROUP BY tenant_id, agent_id ORDER BY total_micros DESC LIMIT 15",
+              "GROUP BY tenant_id, agent_id ORDER BY total_usd DESC, tenant_id, agent_id LIMIT 15",
     (Column("tenant_id", "tenant"), Column("agent_id", "agent"), Column("role", "role"),
      Column("workflows", "workflows", Format.COUNT), Column("runs", "runs", Format.COUNT), *_COST_COLUMNS,
-     Column("per_workflow_micros", "USD per workflow", Format.USD)),
-    Chart("bar", "agent_id", ("observed_micros", "estimated_micros"), Format.USD, stacked=True),
-    Panel("runs-and-cost.json", "Cost per agent and sub-agent"),
+     Column("per_workflow_usd", "USD per workflow", Format.USD)),
+    Chart("bar", "agent_id", ("observed_usd", "estimated_usd"), Format.USD, stacked=True),
+    dashboard="runs-and-cost.json",
 )
 
 TOP_RUNS = View(
     "top_runs", "Top runs by cost",
     "The costliest runs that started in range, from their run envelopes.",
-    lambda s: "SELECT tenant_id, run_id, agent_id, depth, toString(status) AS run_status, cost_micros, "
+    lambda s: "SELECT tenant_id, run_id, agent_id, depth, toString(status) AS run_status, "
+              "cost_micros / 1e6 AS cost_usd, "
               "if(cost_estimated, 'estimated', 'observed') AS cost_basis, "
               "input_tokens + output_tokens + reasoning_tokens AS tokens, duration_ms "
               f"FROM envelopes FINAL WHERE {s.window('started_at')} AND {s.tenants('tenant_id')} "
-              "ORDER BY cost_micros DESC LIMIT 10",
+              "ORDER BY cost_usd DESC, run_id LIMIT 10",
     (Column("tenant_id", "tenant"), Column("run_id", "run"), Column("agent_id", "agent"),
      Column("depth", "depth", Format.COUNT), Column("run_status", "status"),
-     Column("cost_micros", "cost USD", Format.USD), Column("cost_basis", "cost is"),
+     Column("cost_usd", "cost USD", Format.USD), Column("cost_basis", "cost is"),
      Column("tokens", "tokens", Format.TOKENS), Column("duration_ms", "duration", Format.MS)),
-    panel=Panel("runs-and-cost.json", "Top runs by cost"),
+    dashboard="runs-and-cost.json",
 )
 
 RUN_COST_WEEKLY = View(
     "run_cost_weekly", "Cost per run, week over week",
     "Finished runs by the week they started: a cost per run that climbs while the work stays the same is "
     "context accumulating. 'vs last week' compares with the tenant's previous calendar week.",
-    lambda s: "SELECT week, tenant_id, runs, mean_micros, p90_micros, estimated_share, mean_input_tokens, "
-              "if(previous_week = week - 7 AND previous_mean > 0, mean_micros / previous_mean - 1, NULL) AS change "
+    lambda s: "SELECT week, tenant_id, runs, mean_usd, p90_usd, estimated_share, mean_input_tokens, "
+              "if(previous_week = week - 7 AND previous_mean > 0, mean_usd / previous_mean - 1, NULL) AS change "
               "FROM (SELECT toMonday(started_at) AS week, tenant_id, count() AS runs, "
-              "avg(cost_micros) AS mean_micros, quantileExact(0.9)(cost_micros) AS p90_micros, "
+              "avg(cost_micros) / 1e6 AS mean_usd, quantileExact(0.9)(cost_micros) / 1e6 AS p90_usd, "
               "countIf(cost_estimated) / count() AS estimated_share, avg(input_tokens) AS mean_input_tokens, "
               "lagInFrame(week) OVER (PARTITION BY tenant_id ORDER BY week ROWS BETWEEN 1 PRECEDING AND CURRENT "
-              "ROW) AS previous_week, lagInFrame(mean_micros) OVER (PARTITION BY tenant_id ORDER BY week ROWS "
+              "ROW) AS previous_week, lagInFrame(mean_usd) OVER (PARTITION BY tenant_id ORDER BY week ROWS "
               "BETWEEN 1 PRECEDING AND CURRENT ROW) AS previous_mean "
               f"FROM envelopes FINAL WHERE {s.window('started_at')} AND {s.tenants('tenant_id')} "
               "AND status != 'open' GROUP BY week, tenant_id) ORDER BY week, tenant_id",
     (Column("week", "week of"), Column("tenant_id", "tenant"), Column("runs", "runs", Format.COUNT),
-     Column("mean_micros", "USD per run", Format.USD), Column("p90_micros", "p90 USD", Format.USD),
+     Column("mean_usd", "USD per run", Format.USD), Column("p90_usd", "p90 USD", Format.USD),
      Column("estimated_share", "runs estimated", Format.SHARE), Column("mean_input_tokens", "input tokens/run",
                                                                    Format.TOKENS),
      Column("change", "vs last week", Format.CHANGE)),
-    Chart("line", "week", ("mean_micros",), Format.USD, series="tenant_id"),
-    Panel("runs-and-cost.json", "Cost per run, week over week"), compact=True,
+    Chart("line", "week", ("mean_usd",), Format.USD, series="tenant_id"),
+    dashboard="runs-and-cost.json", compact=True,
 )
 
 UTILIZATION = View(
@@ -192,7 +187,7 @@ UTILIZATION = View(
     (Column("gauge", "gauge"), Column("samples", "samples", Format.COUNT), Column("p50", "p50", Format.SHARE),
      Column("p90", "p90", Format.SHARE), Column("p99", "p99", Format.SHARE), Column("peak", "max", Format.SHARE)),
     Chart("bar", "gauge", ("p50", "p90", "p99"), Format.SHARE),
-    Panel("tenant-budgets.json", "Context utilization percentiles"), compact=True,
+    dashboard="tenant-budgets.json", compact=True,
 )
 
 EVICTION_BY_SLOT = View(
@@ -219,7 +214,7 @@ EVICTION_BY_SLOT = View(
      Column("freed_tokens", "tokens freed", Format.TOKENS), Column("rate", "rate", Format.SHARE),
      Column("freed_share", "freed", Format.SHARE)),
     Chart("bar", "slot", ("rate", "freed_share"), Format.SHARE),
-    Panel("tenant-budgets.json", "Eviction rate per slot"), compact=True,
+    dashboard="tenant-budgets.json", compact=True,
 )
 
 COMPRESSION = View(
@@ -243,7 +238,7 @@ COMPRESSION = View(
      Column("ratio", "ratio", Format.RATIO), Column("mean_fidelity", "mean fidelity", Format.SCORE),
      Column("min_fidelity", "min fidelity", Format.SCORE), Column("below_90", "below 0.90", Format.COUNT)),
     Chart("bar", "tenant_id", ("mean_fidelity", "min_fidelity"), Format.SCORE),
-    Panel("tenant-budgets.json", "Compression ratio and fidelity"),
+    dashboard="tenant-budgets.json",
 )
 
 PROMOTION = View(
@@ -260,7 +255,7 @@ PROMOTION = View(
      Column("promotion_rate", "promotion rate", Format.SHARE),
      Column("quarantine_rate", "quarantine rate", Format.SHARE)),
     Chart("bar", "tenant_id", ("promotion_rate", "quarantine_rate"), Format.SHARE),
-    Panel("tenant-budgets.json", "Memory promotion and quarantine"),
+    dashboard="tenant-budgets.json",
 )
 
 INGEST_LAG = View(
@@ -273,7 +268,7 @@ INGEST_LAG = View(
               f"FROM ({_ingest_lags(s)}) GROUP BY source ORDER BY source",
     (Column("source", "table"), Column("events", "events", Format.COUNT), Column("p50_ms", "p50", Format.MS),
      Column("p99_ms", "p99", Format.MS), Column("max_ms", "max", Format.MS), Column("idle_ms", "idle", Format.MS)),
-    panel=Panel("pipeline-health.json", "Ingest lag by table"), compact=True,
+    dashboard="pipeline-health.json", compact=True,
 )
 
 INGEST_LAG_OVER_TIME = View(
@@ -285,7 +280,7 @@ INGEST_LAG_OVER_TIME = View(
     (Column("time", "time"), Column("source", "table"), Column("p50_ms", "p50", Format.MS),
      Column("p99_ms", "p99", Format.MS)),
     Chart("line", "time", ("p50_ms", "p99_ms"), Format.MS, series="source"),
-    Panel("pipeline-health.json", "Ingest lag p50 / p99"), terminal=False,
+    dashboard="pipeline-health.json", terminal=False,
 )
 
 VIEWS: tuple[View, ...] = (COST_PER_TENANT, COST_PER_SUB_AGENT, TOP_RUNS, RUN_COST_WEEKLY, UTILIZATION,
