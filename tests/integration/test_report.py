@@ -17,13 +17,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from ctxflow.schemas.models import TurnEvent
+from ctxflow.streams.config import Settings
+from ctxflow.streams.demo.workload import Workload
 from ctxflow.streams.report.svg import PALETTE
 from ctxflow.streams.report.views import VIEWS
 from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 from PIL import Image
 
 from tests.support_analytics import seed
 from tests.support_browser import screenshot
+from tests.support_traffic import publish
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -121,3 +126,24 @@ def test_query_json_encodes_timestamps_decimals_uuids_and_bytes(seeded: Path) ->
     at = (NOW - dt.timedelta(minutes=1)).isoformat()
     assert row == [at, row[1], at[:10], "1.25", "61f0c404-5cb3-11e7-907b-a6006ad3dba0", "ff00", 100, [at]], row
     assert dt.datetime.fromisoformat(row[1]) >= NOW
+
+
+def test_report_goes_through_a_running_worker_with_its_parameters(settings: Settings, worker: WorkerProcess) -> None:
+    workload = Workload(11, tenants=2, sessions_per_tenant=1, max_events=400)
+    events = list(workload.events())
+    publish(settings, [*workload.manifests(), *events])
+    worker.wait_caught_up()
+    tenant = workload.tenants[1].tenant_id
+    # The worker holds its chDB: this process cannot open it, so every number below came through /query.
+    done = subprocess.run([str(CTXFLOW), "report", "--tenant", tenant, "--since", f"{workload.start:%Y-%m-%d}"],
+                          env={**settings_env(settings), "COLUMNS": "250"}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = cells(done.stdout)
+    turns = [e for e in events if isinstance(e, TurnEvent) and e.tenant_id == tenant]
+    assert re.search(rf"turns {len(turns):,} ", out), out
+    for slot, count in Counter(t.slot.value for t in turns).items():
+        assert re.search(rf"\b{slot} {count:,} {sum(t.token_count or 0 for t in turns if t.slot.value == slot):,} ",
+                         out), (slot, out)
+    others = {t.tenant_id for t in workload.tenants} - {tenant}
+    assert not any(other in out for other in others), out
