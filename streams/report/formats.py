@@ -13,9 +13,12 @@ def show(value: Any, fmt: Format) -> str:
     """``value`` (a JSON value from a view's row) as text; NULL reads ``-``."""
     if value is None:
         return MISSING
-    if fmt is Format.TEXT or (isinstance(value, str) and fmt is not Format.USD):
+    if not fmt.numeric:
         return _text(value)
-    number = float(value)
+    try:
+        number = float(value)  # a decimal arrives as its text
+    except (TypeError, ValueError):
+        return _text(value)
     if fmt is Format.USD:
         return usd(number)
     if fmt is Format.SHARE:

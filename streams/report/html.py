@@ -13,13 +13,12 @@ from ctxflow.streams.report.views import Chart, Format
 
 #: Rows a chart draws (the table below it has them all): more bars than this no longer read.
 CHART_ROWS = 15
-_NUMERIC = {f for f in Format if f is not Format.TEXT}
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #f4f5f7; margin: 0; }
 header { background: #1f2d3d; color: #fff; padding: 18px 32px; }
 header h1 { margin: 0 0 4px; font-size: 22px; }
 header p { margin: 0; color: #c9d3de; }
-main { padding: 16px 32px 40px; display: grid; grid-template-columns: repeat(auto-fill, minmax(820px, 1fr));
+main { padding: 16px 32px 40px; display: grid; grid-template-columns: repeat(auto-fill, minmax(800px, 1fr));
        gap: 16px; }
 section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 14px 18px; overflow-x: auto; }
 h2 { font-size: 16px; margin: 0 0 4px; }
@@ -27,7 +26,8 @@ p.about { color: #555; margin: 0 0 10px; }
 p.empty { color: #8a6d00; background: #fff8e1; padding: 8px 10px; border-radius: 4px; }
 p.failed { color: #8b1a1a; background: #fdecea; padding: 8px 10px; border-radius: 4px; }
 table { border-collapse: collapse; margin-top: 10px; font-variant-numeric: tabular-nums; }
-th, td { padding: 3px 10px; border-bottom: 1px solid #eceef1; text-align: left; white-space: nowrap; }
+table { font-size: 13px; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #eceef1; text-align: left; white-space: nowrap; }
 th { background: #f7f8fa; font-weight: 600; }
 td.n, th.n { text-align: right; }
 svg.chart { display: block; max-width: 100%; height: auto; }
@@ -91,9 +91,9 @@ def _header(name: str) -> str:
 
 def _table(section: Section) -> str:
     columns = section.view.columns
-    head = "".join(f'<th class="{"n" if c.format in _NUMERIC else ""}">{escape(c.header)}</th>' for c in columns)
+    head = "".join(f'<th class="{"n" if c.format.numeric else ""}">{escape(c.header)}</th>' for c in columns)
     rows = "".join(
-        "<tr>" + "".join(f'<td class="{"n" if c.format in _NUMERIC else ""}">{escape(show(r.get(c.name), c.format))}'
+        "<tr>" + "".join(f'<td class="{"n" if c.format.numeric else ""}">{escape(show(r.get(c.name), c.format))}'
                          "</td>" for c in columns) + "</tr>"
         for r in section.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"

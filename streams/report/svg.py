@@ -84,7 +84,9 @@ def line_chart(xs: Sequence[str], series: dict[str, Sequence[float | None]], sho
     every = max(1, -(-len(xs) // 8))
     for i, x in enumerate(xs):
         if i % every == 0 or i == len(xs) - 1:
-            parts.append(f'<text x="{px(i):.1f}" y="{height - bottom + 18}" text-anchor="middle">{escape(x)}</text>')
+            # The end labels lean inwards: centred on the plot's edge, half of each would fall outside the chart.
+            anchor = "middle" if len(xs) == 1 else "start" if i == 0 else "end" if i == len(xs) - 1 else "middle"
+            parts.append(f'<text x="{px(i):.1f}" y="{height - bottom + 18}" text-anchor="{anchor}">{escape(x)}</text>')
     for j, (name, points) in enumerate(series.items()):
         colour = PALETTE[j % len(PALETTE)]
         drawn = [(px(i), py(v), v) for i, v in enumerate(points) if v is not None]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from ctxflow.streams.report.collect import Report, Section
 from ctxflow.streams.report.formats import show
-from ctxflow.streams.report.views import Format
 from rich.console import Console
 from rich.table import Table
 
 #: Rows a terminal table shows before it says how many more there are (the HTML file shows them all).
 SHOWN_ROWS = 20
-_NUMERIC = {f for f in Format if f is not Format.TEXT}
 
 
 def print_report(report: Report, console: Console, *, compact: bool = False) -> None:
@@ -36,7 +34,7 @@ def print_section(section: Section, console: Console, *, description: bool = Tru
     table = Table(title=view.title, title_justify="left", caption=view.description if description else None,
                   caption_justify="left")
     for column in view.columns:
-        table.add_column(column.header, justify="right" if column.format in _NUMERIC else "left")
+        table.add_column(column.header, justify="right" if column.format.numeric else "left")
     for row in section.rows[:SHOWN_ROWS]:
         table.add_row(*(show(row.get(c.name), c.format) for c in view.columns))
     console.print(table)

@@ -28,6 +28,11 @@ class Format(StrEnum):
     SCORE = "score"  # 0..1, two decimals
     MS = "ms"
 
+    @property
+    def numeric(self) -> bool:
+        """A number (aligned right in tables), not text."""
+        return self is not Format.TEXT
+
 
 @dataclass(frozen=True, slots=True)
 class Column:
