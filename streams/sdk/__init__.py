@@ -38,7 +38,8 @@ Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content
 is kept (computed here when missing) and a turn's ``token_count``, when the caller gave none, is counted here
 from the content before it goes (with the model's encoding), so the budget counts it all the same. A run
 published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
-if they say ``retained`` (delegation cannot downgrade privacy).
+if they say ``retained`` (delegation cannot downgrade privacy). A sub-agent in another process builds its
+run with ``RunContext.delegated(parent.handoff(), agent_id)``, which carries the parent's privacy along.
 """
 
 from ctxflow.streams.sdk.budget_reader import BudgetReader
@@ -47,7 +48,7 @@ from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
 from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
-from ctxflow.streams.sdk.run_context import RunContext
+from ctxflow.streams.sdk.run_context import Delegation, RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
 from ctxflow.streams.sdk.usage import (
     AnthropicStream,
@@ -62,7 +63,7 @@ from ctxflow.streams.sdk.usage import (
 
 __all__ = [
     "TOPIC_OF", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient",
-    "CtxflowError", "DecisionStream", "OpenAIChatStream", "OpenAIResponsesStream", "PublishFailed", "RunContext",
-    "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage", "openai_chat_usage",
+    "CtxflowError", "DecisionStream", "Delegation", "OpenAIChatStream", "OpenAIResponsesStream", "PublishFailed",
+    "RunContext", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage", "openai_chat_usage",
     "openai_responses_usage", "otel_genai_usage", "record_key", "redact",
 ]

@@ -25,6 +25,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.schemas.models import content_digest as digest
 from ctxflow.streams.sdk.usage import TokenUsage
+from pydantic import BaseModel, ConfigDict
 
 
 def _utc_now() -> datetime:
@@ -34,6 +35,22 @@ def _utc_now() -> datetime:
 
 def _uuid() -> str:
     return str(uuid.uuid4())
+
+
+class Delegation(BaseModel):
+    """A run's identity as handed to a sub-agent in another process (see :meth:`RunContext.handoff`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    user_id: str
+    session_id: str
+    parent_run_id: str
+    workflow_id: str
+    privacy: PrivacyMode
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    model: str
 
 
 @dataclass
@@ -162,6 +179,33 @@ class RunContext:
             privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
             policy_version=self.policy_version, prefix_hash=self.prefix_hash, clock=self.clock,
             id_factory=self.id_factory,
+        )
+
+    def handoff(self) -> Delegation:
+        """What a sub-agent in another process needs to run as this run's child: pass it (``model_dump_json``)
+        with the task and build the child there with :meth:`delegated`, so it inherits this run's tenant,
+        user, session, workflow, policy and privacy instead of re-declaring them."""
+        return Delegation(
+            tenant_id=self.tenant_id, user_id=self.user_id, session_id=self.session_id, parent_run_id=self.run_id,
+            workflow_id=self.workflow_id, privacy=self.privacy, policy_version=self.policy_version,
+            prefix_hash=self.prefix_hash, model=self.model,
+        )
+
+    @classmethod
+    def delegated(cls, handoff: Delegation | str | bytes, agent_id: str, *, model: str | None = None,
+                  privacy: PrivacyMode | None = None, run_id: str = "") -> RunContext:
+        """The child run a sub-agent process builds from its parent's :meth:`handoff` (the model or its JSON).
+
+        Like :meth:`child`, it is never less private than its parent: ``privacy=retained`` under a
+        ``no_retention`` parent still gives a ``no_retention`` run, so its payloads never leave this process.
+        """
+        parent = handoff if isinstance(handoff, Delegation) else Delegation.model_validate_json(handoff)
+        private = PrivacyMode.NO_RETENTION in (parent.privacy, privacy)
+        return cls(
+            tenant_id=parent.tenant_id, user_id=parent.user_id, session_id=parent.session_id, agent_id=agent_id,
+            model=model or parent.model, run_id=run_id, parent_run_id=parent.parent_run_id,
+            workflow_id=parent.workflow_id, privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
+            policy_version=parent.policy_version, prefix_hash=parent.prefix_hash,
         )
 
     def admission(self, planned: Mapping[Slot | str, int], *, at: datetime | None = None) -> AdmissionRequest:
