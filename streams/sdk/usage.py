@@ -47,7 +47,8 @@ from ctxflow.streams.sdk.records import token_counter
 class TokenUsage:
     """One provider call's tokens in the contract's disjoint kinds; build a report with ``RunContext.usage_from``.
 
-    Guarantees: every count is a non-negative int and :attr:`total_tokens` is the provider's total for the call.
+    Guarantees, as the normalizers build it: every count is a non-negative int and :attr:`total_tokens` is the
+    provider's own total for the call.
     """
 
     input_tokens: int = 0
@@ -89,25 +90,24 @@ def _count(value: Any, where: str) -> int:
     return value
 
 
-def _within(part: int, total: int) -> int:
-    return min(part, total)
+def _name(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _usage_and_model(payload: Any, total_key: str) -> tuple[Any, str | None]:
     """``(usage object, model)`` from a usage object or a whole response (which carries ``usage``)."""
     if _get(payload, total_key) is None and _get(payload, "usage") is not None:
-        model = _get(payload, "model")
-        return _get(payload, "usage"), model if isinstance(model, str) and model else None
+        return _get(payload, "usage"), _name(_get(payload, "model"))
     return payload, None
 
 
 def _openai(usage: Any, model: str | None, prompt: str, completion: str, where: str) -> TokenUsage:
     prompt_total = _count(_get(usage, prompt), f"{where}.{prompt}")
     completion_total = _count(_get(usage, completion), f"{where}.{completion}")
-    cached = _within(_count(_path(usage, f"{prompt}_details", "cached_tokens"),
-                            f"{where}.{prompt}_details.cached_tokens"), prompt_total)
-    reasoning = _within(_count(_path(usage, f"{completion}_details", "reasoning_tokens"),
-                               f"{where}.{completion}_details.reasoning_tokens"), completion_total)
+    cached = min(_count(_path(usage, f"{prompt}_details", "cached_tokens"),
+                        f"{where}.{prompt}_details.cached_tokens"), prompt_total)
+    reasoning = min(_count(_path(usage, f"{completion}_details", "reasoning_tokens"),
+                           f"{where}.{completion}_details.reasoning_tokens"), completion_total)
     return TokenUsage(input_tokens=prompt_total - cached, output_tokens=completion_total - reasoning,
                       cached_read_tokens=cached, reasoning_tokens=reasoning, provider="openai", model=model)
 
@@ -142,8 +142,8 @@ def anthropic_usage(payload: Any) -> TokenUsage:
     usage, model = _usage_and_model(payload, "input_tokens")
     where = "anthropic usage"
     output = _count(_get(usage, "output_tokens"), f"{where}.output_tokens")
-    thinking = _within(_count(_path(usage, "output_tokens_details", "thinking_tokens"),
-                              f"{where}.output_tokens_details.thinking_tokens"), output)
+    thinking = min(_count(_path(usage, "output_tokens_details", "thinking_tokens"),
+                          f"{where}.output_tokens_details.thinking_tokens"), output)
     return TokenUsage(
         input_tokens=_count(_get(usage, "input_tokens"), f"{where}.input_tokens"),
         output_tokens=output - thinking,
@@ -181,13 +181,11 @@ def otel_genai_usage(span: Any) -> TokenUsage:
     completion = _count(_first(attributes, OTEL_OUTPUT), f"{where} {OTEL_OUTPUT[0]}")
     read = _count(_get(attributes, OTEL_CACHE_READ), f"{where} {OTEL_CACHE_READ}")
     write = _count(_get(attributes, OTEL_CACHE_WRITE), f"{where} {OTEL_CACHE_WRITE}")
-    reasoning = _within(_count(_get(attributes, OTEL_REASONING), f"{where} {OTEL_REASONING}"), completion)
+    reasoning = min(_count(_get(attributes, OTEL_REASONING), f"{where} {OTEL_REASONING}"), completion)
     uncached = prompt - read - write if prompt >= read + write else prompt
-    provider, model = _first(attributes, OTEL_PROVIDER), _first(attributes, OTEL_MODEL)
     return TokenUsage(input_tokens=uncached, output_tokens=completion - reasoning, cached_read_tokens=read,
                       cache_write_tokens=write, reasoning_tokens=reasoning,
-                      provider=provider if isinstance(provider, str) and provider else None,
-                      model=model if isinstance(model, str) and model else None)
+                      provider=_name(_first(attributes, OTEL_PROVIDER)), model=_name(_first(attributes, OTEL_MODEL)))
 
 
 class _Stream:
@@ -203,8 +201,7 @@ class _Stream:
         self._final: TokenUsage | None = None
 
     def _saw_model(self, value: Any) -> None:
-        if isinstance(value, str) and value and self.model is None:
-            self.model = value
+        self.model = self.model or _name(value)
 
     def _seen(self, pieces: list[str]) -> int:
         if not pieces:
