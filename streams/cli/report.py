@@ -22,7 +22,11 @@ console = Console(markup=False, highlight=False,
 
 def _moment(text: str) -> dt.datetime:
     """An ISO date or timestamp; UTC unless it names its offset."""
-    moment = dt.datetime.fromisoformat(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--since and --until take an ISO date or time (2026-03-01, 2026-03-01T09:30), not {text!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 

@@ -107,8 +107,8 @@ def _ingest_lags(scope: Scope) -> str:
 
 COST_PER_TENANT = View(
     "cost_per_tenant", "Cost per tenant",
-    "Priced cost lines by surface; the observed and estimated parts are shown apart (an estimate prices a "
-    "missing or partial usage report, or a model without a list price).",
+    "Priced cost lines: the observed and estimated parts apart (an estimate prices a missing or partial usage "
+    "report, or a model without a list price), then the total by surface, observed and estimated together.",
     lambda s: f"SELECT tenant_id, uniqExact(run_id) AS runs, {_COST_SPLIT}, "
               "sumIf(micros, surface = 'inference') / 1e6 AS inference_usd, "
               "sumIf(micros, surface = 'retrieval') / 1e6 AS retrieval_usd, "
