@@ -72,7 +72,10 @@ def _chart(chart: Chart, rows: tuple[dict[str, Any], ...]) -> str:
     if chart.kind == "bar":
         top = rows[:CHART_ROWS]
         labels = [show(r.get(chart.label), Format.TEXT) for r in top]
-        series = {_header(name): [float(r.get(name) or 0) for r in top] for name in chart.values}
+        series = {_header(name): [None if r.get(name) is None else float(r[name]) for r in top]
+                  for name in chart.values}
+        if all(v is None for values in series.values() for v in values):
+            return ""  # nothing to draw: the table says "-" for each
         return bar_chart(labels, series, shown, stacked=chart.stacked)
     xs = list(dict.fromkeys(show(r.get(chart.label), Format.TEXT) for r in rows))
     lines: dict[str, list[float | None]] = {}

@@ -27,15 +27,19 @@ def _legend(names: Sequence[str]) -> str:
     return f'<g class="legend">{"".join(items)}</g>'
 
 
-def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float]], show: Show, *, stacked: bool = False) -> str:
+def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], show: Show, *,
+              stacked: bool = False) -> str:
     """One row per label: a bar per series side by side, or (``stacked``) one bar of the series end to end.
-    Values below zero draw as zero; each bar group ends with its value (the total when stacked)."""
+    Values below zero draw as zero; a missing value (None) draws no bar and reads "-", never a zero; each bar
+    group ends with its value (the total when stacked)."""
     names = list(series)
     per_row = 1 if stacked else len(names)
     row_h = per_row * _BAR_H + 10
     height = _LEGEND_H + row_h * len(labels) + 4
-    ends = [sum(max(series[n][i], 0) for n in names) if stacked else max(max(series[n][i], 0) for n in names)
-            for i in range(len(labels))]
+    def at(name: str, i: int) -> float:
+        return max(series[name][i] or 0.0, 0.0)
+
+    ends = [sum(at(n, i) for n in names) if stacked else max(at(n, i) for n in names) for i in range(len(labels))]
     top = max(ends, default=0) or 1
     scale = (WIDTH - _LABEL_W - _VALUE_W) / top
     parts = [_legend(names)]
@@ -45,9 +49,11 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float]], show: S
                      f'{escape(label[:26])}</text>')
         x = float(_LABEL_W)
         for j, name in enumerate(names):
-            value = max(series[name][i], 0)
-            width = value * scale
+            value, width = at(name, i), at(name, i) * scale
             bar_y = y + (0 if stacked else j * _BAR_H)
+            if series[name][i] is None and not stacked:
+                parts.append(f'<text x="{x + 4:.1f}" y="{bar_y + _BAR_H - 3}">-</text>')
+                continue
             parts.append(f'<rect class="bar" x="{x:.1f}" y="{bar_y}" width="{max(width, 1):.1f}" '
                          f'height="{_BAR_H - 2}" fill="{PALETTE[j % len(PALETTE)]}">'
                          f'<title>{escape(label)} · {escape(name)}: {escape(show(value))}</title></rect>')
