@@ -24,6 +24,7 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.schemas.models import content_digest as digest
+from ctxflow.streams.sdk.usage import TokenUsage
 from pydantic import BaseModel, ConfigDict
 
 
@@ -122,7 +123,9 @@ class RunContext:
               cached_read_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0,
               streamed: bool = False, complete: bool = True, call_id: str | None = None,
               model: str | None = None, at: datetime | None = None) -> UsageReport:
-        """One provider call's usage; ``complete=False`` marks counts cut short by an interrupted stream."""
+        """One provider call's usage in the contract's disjoint kinds (``input_tokens`` is the uncached prompt,
+        ``output_tokens`` excludes reasoning); ``complete=False`` marks counts cut short by an interrupted stream.
+        :meth:`usage_from` builds it from a provider's own usage object."""
         return UsageReport(
             event_id=self.id_factory(), **self._ids(), call_id=call_id or self.id_factory(),
             provider=provider, model=model or self.model, input_tokens=input_tokens,
@@ -130,6 +133,24 @@ class RunContext:
             cached_read_tokens=cached_read_tokens, cache_write_tokens=cache_write_tokens,
             reasoning_tokens=reasoning_tokens, latency_ms=latency_ms, streamed=streamed, complete=complete,
             occurred_at=at or self.clock(),
+        )
+
+    def usage_from(self, tokens: TokenUsage, *, latency_ms: int, provider: str | None = None,
+                   call_id: str | None = None, model: str | None = None, at: datetime | None = None) -> UsageReport:
+        """One provider call's usage from a normalized provider payload (:mod:`streams.sdk.usage`).
+
+        The model is ``model``, else the one the provider's payload named, else the run's; the provider likewise
+        (an OTel span without ``gen_ai.provider.name`` needs ``provider``). ``streamed`` and ``complete`` are the
+        payload's.
+        """
+        provider = provider or tokens.provider
+        if not provider:
+            raise ValueError("the usage payload names no provider: pass provider=...")
+        return self.usage(
+            provider=provider, model=model or tokens.model, input_tokens=tokens.input_tokens,
+            output_tokens=tokens.output_tokens, cached_read_tokens=tokens.cached_read_tokens,
+            cache_write_tokens=tokens.cache_write_tokens, reasoning_tokens=tokens.reasoning_tokens,
+            latency_ms=latency_ms, streamed=tokens.streamed, complete=tokens.complete, call_id=call_id, at=at,
         )
 
     def _run_event(self, phase: RunPhase, status: RunStatus | None, at: datetime | None) -> RunEvent:
