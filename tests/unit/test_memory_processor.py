@@ -240,3 +240,35 @@ def test_interleaved_tenants_never_affect_each_other(items: list[tuple[Any, ...]
             assert tenant in TENANTS, (table, key)
             if hasattr(value, "tenant_id"):
                 assert value.tenant_id == tenant, (table, key)
+
+
+def test_a_no_retention_candidate_leaves_only_a_metadata_verdict() -> None:
+    from ctxflow.schemas.models import PrivacyMode
+
+    p, state = processor(), DictBudgetState()
+    text = "Prefers answers in French"
+    (verdict,) = p.process(candidate(text, privacy=PrivacyMode.NO_RETENTION), POS, state, NOW)
+    assert (verdict.outcome, verdict.rule, verdict.memory_id) == (VerdictOutcome.REJECTED, "no_retention_run", None)
+    assert text not in Codec().encode(verdict).decode("latin-1")
+    assert set(state.tables) == {"memory_verdicts"}
+
+
+def test_a_bootstrap_loosened_fact_is_flagged_on_record_and_verdict() -> None:
+    policy = MemoryPolicy(bootstrap_until=NOW + timedelta(days=7))
+    p, state = MemoryGateProcessor(shared_gate(), lambda _t: policy), DictBudgetState()
+    c = candidate("The Berlin office closes at 18:00", scope=MemoryScope.TENANT, type=MemoryType.FACT)
+    out = p.process(c, POS, state, NOW)
+    (verdict,) = of(MemoryVerdict, out)
+    assert (verdict.rule, verdict.bootstrap_loosened) == ("bootstrap_loosened", True)
+    assert all(r.bootstrap_loosened for r in of(MemoryRecord, out))
+
+
+def test_other_records_pass_through_untouched() -> None:
+    from ctxflow.schemas.models import ItemKind, Role, Slot, TurnEvent
+
+    turn = TurnEvent(event_id="e", tenant_id="acme", user_id="u", session_id="s", run_id="r", agent_id="a", seq=0,
+                     role=Role.USER, kind=ItemKind.MESSAGE, slot=Slot.HISTORY, item_id="i", content="hi",
+                     model="gpt-4o", occurred_at=NOW)
+    state = DictBudgetState()
+    assert processor().process(turn, POS, state, NOW) == []
+    assert state.tables == {}
