@@ -477,6 +477,21 @@ class EvictionPolicy(_Record):
         return self
 
 
+class MemoryGovernance(_Record):
+    """A tenant's memory gate settings (manifest v4; null: no retention rules, no trusted systems, no bootstrap)."""
+
+    #: Named rules under which personal data may be kept; a candidate with PII must cite one of them.
+    retention_rules: list[Id] = Field(default_factory=list)
+    #: Systems of record whose confirmation verifies a tenant fact.
+    trusted_systems: list[Id] = Field(default_factory=list)
+    #: Until then, unverified tenant facts and episodes are admitted, flagged ``bootstrap_loosened``.
+    bootstrap_until: Timestamp | None = None
+    min_confidence: Fraction = 0.5
+    min_corroborating_runs: Annotated[int, Field(ge=1, le=_INT_MAX)] = 2
+    #: Content above this many UTF-8 bytes goes to the payload store instead of the record.
+    inline_max_bytes: Annotated[int, Field(ge=1, le=_LONG_MAX)] = 8192
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -503,6 +518,8 @@ class TenantManifest(_Record):
     qos: TierQoS | None = None
     #: The eviction policy; None: hybrid with :class:`EvictionPolicy`'s defaults.
     eviction: EvictionPolicy | None = None
+    #: Memory gate settings (v4); None: :class:`MemoryGovernance`'s defaults.
+    memory: MemoryGovernance | None = None
 
 
 class MemoryCandidate(_Record):

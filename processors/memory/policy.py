@@ -1,7 +1,7 @@
 """The tenant's memory policy as the gate sees it, and the facts about the producing run.
 
-Both are plain values handed to the gate: the shell builds them from the tenant's manifest and the run ledger
-(today from defaults; see docs/memory.md for the manifest field that remains to be added).
+Both are plain values handed to the gate: the shell builds the policy from the tenant's manifest
+(:func:`policy_from_manifest`, manifest v4 ``memory``) and the run facts from the run ledger.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ctxflow.schemas.models import PrivacyMode
+from ctxflow.schemas.models import PrivacyMode, TenantManifest
 
 GATE_VERSION = "memory-gate/1"
 """Version of the promotion rules; a record names the version that admitted it."""
@@ -47,3 +47,20 @@ class RunFacts:
 
     privacy: PrivacyMode = PrivacyMode.RETAINED
     parent_run_id: str | None = None
+
+
+def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:
+    """The memory policy a tenant's manifest states; the defaults when it has none (or no ``memory`` field)."""
+    if manifest is None or manifest.memory is None:
+        return MemoryPolicy()
+    memory = manifest.memory
+    return MemoryPolicy(
+        # Records name the rules and the manifest that admitted them.
+        version=f"{GATE_VERSION}@manifest-{manifest.version}",
+        retention_rules=frozenset(memory.retention_rules),
+        trusted_systems=frozenset(memory.trusted_systems),
+        min_confidence=memory.min_confidence,
+        min_corroborating_runs=memory.min_corroborating_runs,
+        bootstrap_until=memory.bootstrap_until,
+        inline_max_bytes=memory.inline_max_bytes,
+    )

@@ -207,6 +207,7 @@ RELEASED_FINGERPRINTS = {
     ("MemoryCandidate", 2): "94b22b1ad7f6f3c6",
     ("MemoryRecord", 2): "133e623478ecdca9",
     ("MemoryVerdict", 1): "c58e62f4e2c49cfa",
+    ("TenantManifest", 4): "db94133f0c7b1341",
 }
 
 
