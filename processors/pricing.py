@@ -2,11 +2,12 @@
 
 Inference: model -> micro-USD per million tokens for each kind of token. Costs are integers in micro-USD (1e-6
 USD), so sums are exact and replays reproduce them to the unit. Token kinds in a
-:class:`~schemas.models.UsageReport` are taken as disjoint (the SDK normalises provider conventions): uncached
-input, output, cached reads, cache writes and reasoning tokens; a call's tokens are their sum. A model missing
-from the table is priced at the table's ``fallback`` and reported ``estimated``. The other surfaces have one
-price each: per tool call, per retrieval (a chunk or memory that entered a context) and per stored GB-day
-(content kept by the projections; an estimate, since what storage costs depends on how long it is kept).
+:class:`~schemas.models.UsageReport` are disjoint, as the contract says (``streams.sdk.usage`` normalises provider
+conventions): uncached input, output, cached reads, cache writes and reasoning tokens; a call's tokens are their
+sum, and each is charged once at its own price. A model missing from the table is priced at the table's
+``fallback`` and reported ``estimated``. The other surfaces have one price each: per tool call, per retrieval (a
+chunk or memory that entered a context) and per stored GB-day (content kept by the projections; an estimate, since
+what storage costs depends on how long it is kept).
 
 The bundled :data:`DEFAULT_PRICES` are illustrative list prices; operators load their own table and every
 cost carries the table's ``version``.

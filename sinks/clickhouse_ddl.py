@@ -58,6 +58,8 @@ class TableSpec:
     to_row: Callable[[Any], Row]
     version: str | None = None
     partition_by: str | None = None
+    #: Columns ClickHouse fills at insert (name, ``type DEFAULT expression``): in the DDL, never in a row.
+    defaulted: tuple[tuple[str, str], ...] = ()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -66,12 +68,13 @@ class TableSpec:
     def add_columns_sql(self, database: str) -> str:
         """Idempotent ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for every column: brings a table created by
         an older ctxflow up to this one's columns (a new schema version's fields), a no-op otherwise."""
-        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}" for name, ch_type in self.columns)
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}"
+                         for name, ch_type in (*self.columns, *self.defaulted))
         return f"ALTER TABLE `{database}`.`{self.name}` {adds}"
 
     def create_sql(self, database: str) -> str:
         """Idempotent ``CREATE TABLE`` in ``database``; the sorting key starts with tenant_id."""
-        cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in self.columns)
+        cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in (*self.columns, *self.defaulted))
         engine = f"ReplacingMergeTree({self.version})" if self.version else "ReplacingMergeTree"
         partition = f"\nPARTITION BY {self.partition_by}" if self.partition_by else ""
         return (
@@ -212,15 +215,17 @@ _COST_COLUMNS = _fields(CostLine, {
     "source_event_id": _ID, "occurred_at": _TS,
 })
 _MONTH = "toYYYYMM(occurred_at)"
+#: When the row reached ClickHouse: ingest lag is ``ingested_at - occurred_at``.
+_INGESTED = (("ingested_at", f"{_TS} DEFAULT now64(3)"),)
 
 
 TABLES: tuple[TableSpec, ...] = (
     TableSpec("turns", TurnEvent, _TURN_COLUMNS, ("tenant_id", "run_id", "seq", "event_id"), _turn_row,
-              partition_by=_MONTH),
+              partition_by=_MONTH, defaulted=_INGESTED),
     TableSpec("usage", UsageReport, _USAGE_COLUMNS, ("tenant_id", "run_id", "event_id"),
-              _plain_row(_names(_USAGE_COLUMNS)), partition_by=_MONTH),
+              _plain_row(_names(_USAGE_COLUMNS)), partition_by=_MONTH, defaulted=_INGESTED),
     TableSpec("runs", RunEvent, _RUN_COLUMNS, ("tenant_id", "run_id", "event_id"),
-              _plain_row(_names(_RUN_COLUMNS)), partition_by=_MONTH),
+              _plain_row(_names(_RUN_COLUMNS)), partition_by=_MONTH, defaulted=_INGESTED),
     TableSpec("decisions", Decision, _DECISION_COLUMNS, ("tenant_id", "decision_id"), _decision_row),
     TableSpec("dead_letters", DeadLetter, _DEAD_LETTER_COLUMNS, ("tenant_id", "dead_letter_id"),
               _dead_letter_row),
