@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     #: (behind its tenant's newest events), and a record this much older than its stream is dead-lettered. Dedup
     #: is exact within the window (processors.retention).
     run_retention_s: float = Field(default=24 * 3600, gt=0)
+    #: Event time after a run's last event at which the worker closes a run that never finalized (its agent was
+    #: killed) as ``abandoned``, with an estimated consumption (processors.envelopes). Measured against the
+    #: tenant's event-time watermark, so a replay closes the same runs at the same instants.
+    run_idle_timeout_s: float = Field(default=30 * 60, gt=0)
+    #: Days the projections are taken to keep a run's retained content, to price its storage (an estimate).
+    content_storage_days: int = Field(default=30, ge=0)
 
     @property
     def chdb_dsn(self) -> str:

@@ -45,7 +45,8 @@ MANIFESTS = TopicSpec(
     "worker: budget (every replica reads all partitions)",
 )
 MEMORY_CANDIDATES = TopicSpec(
-    "memory.candidates", "MemoryCandidate", "tenant_id", "delete", "agent runtimes (SDK)", "worker: memory gate"
+    "memory.candidates", "MemoryCandidate", "tenant_id", "delete", "agent runtimes (SDK)",
+    "worker: envelopes (promotions by scope), memory gate",
 )
 MEMORY_RECORDS = TopicSpec(
     "memory.records", "MemoryRecord", "tenant_id:memory_id", "compact", "worker: memory gate",

@@ -189,7 +189,9 @@ class EvictionPlanner:
         self.strategy = strategy
 
     # ---- the processor interface ------------------------------------------------------------------------------
-    def process(self, event: object, pos: Position, state: BudgetStore, now: datetime) -> list[Output]:
+    def process(
+        self, event: object, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[object] = ()
+    ) -> list[Output]:
         """Apply one record; returns its decisions, compression jobs and the run's relief for the budget."""
         if isinstance(event, TurnEvent):
             return self._turn(event, pos, state, now)
@@ -201,6 +203,9 @@ class EvictionPlanner:
         """Forget the working sets of runs the budget retired."""
         for key in keys:
             state.delete_state(TABLE, key)
+
+    def forget_index(self) -> None:
+        """Nothing to forget: the planner keeps no index beside its table."""
 
     def policy(self, state: BudgetStore, tenant_id: str) -> EvictionPolicy:
         """The tenant's eviction policy (the manifest's, else the defaults)."""

@@ -7,20 +7,23 @@ returns, so Faust never commits an offset whose effects are not durable.
 Commit order (each step starts after the previous one is durable):
 
 1. decode every record; refusals become dead letters (never a log line);
-2. apply the records to the processor chain (:mod:`processors.chain`: budget, then eviction planner) in offset
-   order, collecting what they publish (decisions, compression jobs);
-3. produce decisions, compression jobs and dead letters to Kafka, project run headroom and decisions into
-   Redis (absolute values: a replay rewrites the same fields; the headroom of every run the batch touched,
-   so a replay that finds its records already applied still does), and flush the ClickHouse sink (ingested
-   events, decisions, dead letters) — concurrently; wait for all three;
+2. apply the records to the processor chain (:mod:`processors.chain`: budget, eviction planner, envelopes) in
+   offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines);
+3. produce decisions, compression jobs, envelopes, cost lines and dead letters to Kafka, project run headroom and
+   decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the batch
+   touched, so a replay that finds its records already applied still does), and flush the ClickHouse sink
+   (ingested events, decisions, envelopes, cost lines, dead letters) — concurrently; wait for all three;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
    :mod:`processors.ledger`): everything derived from a record must be durable before its run ledger is;
-5a. persist the chain processors' tables (the planner's working sets), await acks. After the run ledgers, so a
-   working set is never ahead of its run ledger: on a replay the planner re-applies what it had not persisted,
-   reaching the same decisions, while the budget, already holding those records, ignores the relief it reports
-   (:meth:`processors.budget.BudgetProcessor.relieve`);
+5a. persist the chain processors' tables, one phase each, later processors first (the envelope states, then the
+   planner's working sets), awaiting acks. After the run ledgers, so a working set is never ahead of its run
+   ledger: on a replay the planner re-applies what it had not persisted, reaching the same decisions, while the
+   budget, already holding those records, ignores the relief it reports
+   (:meth:`processors.budget.BudgetProcessor.relieve`). Later processors first, because a later processor reads
+   what earlier ones decided for a record, which an earlier one that holds the record does not decide again
+   (:mod:`processors.chain`): an envelope state may be ahead of its working set, never behind;
 5b. persist the tenants' event-time watermarks, await acks. Last, because a watermark makes a replay skip a
    record outright and decides which records are too late (:mod:`processors.retention`): it must never cover
    a record whose run ledger or tombstone is not durable;
@@ -64,9 +67,12 @@ from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, Reject
 from ctxflow.schemas.models import (
     AdmissionRequest,
     CompressionJob,
+    CostLine,
     DeadLetter,
     Decision,
     DecisionKind,
+    MemoryCandidate,
+    RunEnvelope,
     RunEvent,
     Summary,
     TenantManifest,
@@ -79,7 +85,7 @@ from ctxflow.streams.runtime.budget_projection import BudgetProjection
 from ctxflow.streams.runtime.deadletter import dead_letter
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
-from ctxflow.streams.topics import COMPRESSION_JOBS, DEAD_LETTERS, DECISIONS
+from ctxflow.streams.topics import COMPRESSION_JOBS, COSTS, DEAD_LETTERS, DECISIONS, ENVELOPES
 from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,8 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
     "summaries": Summary,
+    # Promotions by scope on run envelopes; the memory gate will turn candidates into verdicts in the same chain.
+    "memory.candidates": MemoryCandidate,
 }
 #: Records that are also analytics rows in ClickHouse.
 _SUNK = (TurnEvent, UsageReport, RunEvent)
@@ -116,8 +124,8 @@ class PreparedBatch:
     started: float
     outputs: asyncio.Task[int]  # decisions and dead letters, already being produced
     projection: asyncio.Task[None]  # run headroom and decisions, already being written to Redis
-    #: Changelog records per phase, in the order they are persisted: aggregates, run ledgers, the chain
-    #: processors' tables, watermarks.
+    #: Changelog records per phase, in the order they are persisted: aggregates, run ledgers, each chain
+    #: processor's table (later processors first), watermarks.
     changelogs: tuple[list[OutRecord], ...]
 
 
@@ -137,6 +145,9 @@ class BatchReport:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     #: Compression jobs for the summarizer workers.
     jobs: list[CompressionJob] = field(default_factory=list)
+    #: Run envelopes of runs that closed (or changed once closed), and cost lines.
+    envelopes: list[RunEnvelope] = field(default_factory=list)
+    costs: list[CostLine] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
     #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
@@ -168,6 +179,7 @@ class BudgetPipeline:
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._jobs_topic = full_topic(COMPRESSION_JOBS.name)
+        self._envelopes_topic, self._costs_topic = full_topic(ENVELOPES.name), full_topic(COSTS.name)
         self._clock = clock
         self._projection = BudgetProjection(redis, chain.budget, store)
         self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
@@ -202,9 +214,13 @@ class BudgetPipeline:
         ]
         outputs += [(self._jobs_topic, None, job.tenant_id.encode(), encode(job)) for job in report.jobs]
         outputs += [
+            (self._envelopes_topic, None, f"{e.tenant_id}:{e.run_id}".encode(), encode(e)) for e in report.envelopes
+        ]
+        outputs += [(self._costs_topic, None, c.tenant_id.encode(), encode(c)) for c in report.costs]
+        outputs += [
             (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
-        for row in (*report.decisions, *report.dead_letters):
+        for row in (*report.decisions, *report.envelopes, *report.costs, *report.dead_letters):
             self._sink.add(row)
         # Step 3 begins here for decisions and Redis: an agent waiting on one sees it without waiting for the
         # batch before this one to commit. Harmless before that batch is durable: decision ids are
@@ -263,8 +279,12 @@ class BudgetPipeline:
             for output in self._chain.process(event, position, self._store, now):
                 if isinstance(output, Decision):
                     report.decisions.append(output)
+                elif isinstance(output, CostLine):
+                    report.costs.append(output)
+                elif isinstance(output, RunEnvelope):
+                    report.envelopes.append(output)
                 else:
-                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these two)
+                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these four)
         except RejectedRecord as error:
             report.dead_letters.append(self._dead_letter(record, error, now))
             return

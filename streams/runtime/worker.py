@@ -117,7 +117,10 @@ def build_app(settings: Settings) -> faust.App:
         counter.preload()
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
-            chain=default_chain(BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s))),
+            chain=default_chain(
+                BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
+                idle_timeout_s=settings.run_idle_timeout_s, storage_days=settings.content_storage_days,
+            ),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             sink=sink,
             redis=redis,

@@ -10,6 +10,7 @@ from typing import Any
 
 from ctxflow.schemas.models import (
     AdmissionRequest,
+    ContextLayer,
     ItemKind,
     MemoryCandidate,
     MemoryScope,
@@ -91,10 +92,11 @@ class RunContext:
              content_digest: str | None = None, token_count: int | None = None, item_id: str | None = None,
              tool_call_id: str | None = None, importance: float | None = None, relevance: float | None = None,
              tier_hint: int | None = None, embedding: list[float] | None = None, at: datetime | None = None,
-             tool_call_ids: list[str] | None = None) -> TurnEvent:
+             tool_call_ids: list[str] | None = None, layer: ContextLayer | None = None) -> TurnEvent:
         """One context item entering the run, with the next ``seq``. Needs ``content`` or its digest.
 
         A tool call that issues several calls names them all in ``tool_call_ids`` (``tool_call_id`` is the first).
+        ``layer`` states the item's context layer (None: the worker derives it from slot and kind).
         """
         if content is None and content_digest is None:
             raise ValueError("a turn needs content or content_digest")
@@ -107,6 +109,7 @@ class RunContext:
             privacy=self.privacy, occurred_at=at or self.clock(),
             tool_call_id=tool_call_id or (tool_call_ids[0] if tool_call_ids else None), relevance=relevance,
             tool_call_ids=tool_call_ids or ([tool_call_id] if kind is ItemKind.TOOL_CALL and tool_call_id else []),
+            layer=layer,
         )
 
     def tool_call(self, content: str, **kw: Any) -> TurnEvent:
