@@ -1,9 +1,10 @@
 """A versioned price table: model -> micro-USD per million tokens for each kind of token.
 
 Costs are integers in micro-USD (1e-6 USD), so sums are exact and replays reproduce them to the unit. Token
-kinds in a :class:`~schemas.models.UsageReport` are taken as disjoint (the SDK normalises provider
-conventions): uncached input, output, cached reads, cache writes and reasoning tokens; a call's tokens are
-their sum. A model missing from the table is priced at the table's ``fallback`` and reported ``estimated``.
+kinds in a :class:`~schemas.models.UsageReport` are disjoint, as the contract says (``streams.sdk.usage``
+normalises provider conventions): uncached input, output, cached reads, cache writes and reasoning tokens; a
+call's tokens are their sum, and each is charged once at its own price. A model missing from the table is
+priced at the table's ``fallback`` and reported ``estimated``.
 
 The bundled :data:`DEFAULT_PRICES` are illustrative list prices; operators load their own table and every
 cost carries the table's ``version``.

@@ -295,7 +295,21 @@ class TurnEvent(_Record):
 
 
 class UsageReport(_Record):
-    """Token usage of one provider call (topic ``usage``); every count is non-negative."""
+    """Token usage of one provider call (topic ``usage``); every count is non-negative.
+
+    The five token kinds are disjoint, each token of the call counted in exactly one, so their sum is the
+    call's total and pricing charges each kind once (:mod:`processors.pricing`):
+
+    - ``input_tokens``: prompt tokens at the full input price, neither read from nor written to the cache;
+    - ``cached_read_tokens``: prompt tokens served from the provider's prompt cache;
+    - ``cache_write_tokens``: prompt tokens this call wrote to the provider's prompt cache;
+    - ``output_tokens``: generated tokens other than reasoning (text, tool calls, refusals);
+    - ``reasoning_tokens``: generated reasoning (hidden or summarized thinking), billed as output.
+
+    OpenAI and OpenTelemetry GenAI count cached tokens inside the prompt and reasoning inside the completion;
+    Anthropic's ``input_tokens`` excludes cache reads and writes. ``streams.sdk.usage`` normalizes each.
+    ``complete=False`` marks partial counts from an interrupted stream.
+    """
 
     event_id: Id
     tenant_id: TenantId

@@ -135,6 +135,14 @@ _ACTION_OF = {
 
 Output = Decision | CompressionJob | Relief
 
+#: The decision kinds the planner emits: one per eviction action.
+EVICTION_KINDS = frozenset(_ACTION_OF)
+
+
+def pending_jobs(worksets: Iterable[WorkingSet]) -> int:
+    """How many of ``worksets`` wait on a compression job: asked for, neither answered by a summary nor given up."""
+    return sum(1 for ws in worksets if ws.job_id is not None)
+
 
 @dataclass(slots=True)
 class _Plan:

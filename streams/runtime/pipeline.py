@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +126,8 @@ class BatchReport:
     """What one batch did (for logs, progress and benchmarks)."""
 
     records: int = 0
+    #: Records per logical input topic.
+    topics: dict[str, int] = field(default_factory=dict)
     #: Run keys of every record applied or skipped as already applied (their headroom is projected), with the
     #: record's user (whose effective budget the headroom's limits are).
     runs: dict[str, str] = field(default_factory=dict)
@@ -136,6 +139,8 @@ class BatchReport:
     jobs: list[CompressionJob] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
+    #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
+    decided_s: float = 0.0
     #: Wall seconds per step of the commit order: process, sinks (ClickHouse, decisions, Redis), aggregates, runs.
     steps: dict[str, float] = field(default_factory=dict)
 
@@ -182,7 +187,7 @@ class BudgetPipeline:
         """
         started = time.perf_counter()
         now = self._clock()
-        report = BatchReport(records=len(records))
+        report = BatchReport(records=len(records), topics=Counter(record.topic for record in records))
         if self._store.recoveries != self._recoveries:
             self._recoveries = self._store.recoveries
             self._chain.forget_retirement_index()
@@ -207,6 +212,7 @@ class BudgetPipeline:
         # An admission answer is awaited by its agent: it leaves at once, with what the outlet gathered so far.
         urgent = any(d.kind is DecisionKind.ADMISSION for d in report.decisions)
         sending = asyncio.create_task(self._producer.send(outputs, urgent=urgent))
+        report.decided_s = time.perf_counter() - started
         # Before the changelog capture, which forgets the runs the batch wrote.
         projection = self._projection.start(report.runs, report.tenants, report.decisions)
         prepared = PreparedBatch(report, started, sending, projection, self._store.capture_changelogs())

@@ -27,6 +27,8 @@ import faust
 from aiokafka import AIOKafkaProducer
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import default_chain
+from ctxflow.processors.eviction.planner import TABLE as WORKSETS
+from ctxflow.processors.eviction.planner import pending_jobs
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
@@ -36,6 +38,7 @@ from ctxflow.sinks.table_retention import TableRetention
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
@@ -87,6 +90,11 @@ def build_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )
     app.intake = BatchIntake(app, set(logical), max_buffered=4 * settings.batch_max)
+    metrics = WorkerMetrics(
+        logical,
+        partitions=lambda: app.consumer.health().partitions,  # type: ignore[attr-defined]  (BulkConsumer)
+        pending_jobs=lambda: pending_jobs(tables[WORKSETS].values()),
+    )
     sink = ClickHouseSink(settings.chdb_dsn)
     sink.ensure_schema(TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
 
@@ -151,6 +159,7 @@ def build_app(settings: Settings) -> faust.App:
                 except Exception as exc:
                     await fail(exc, sum(len(messages) for _, messages in group))
                     raise
+                metrics.record([prepared for prepared, _ in group])
                 consumer: BulkConsumer = app.consumer  # type: ignore[assignment]
                 for _, messages in group:
                     consumer.ack_all(messages)
@@ -203,6 +212,14 @@ def build_app(settings: Settings) -> faust.App:
                 return self.json({"error": f"{type(error).__name__}: {error}"}, status=400)
             rows = json.loads(json.dumps(result.rows, default=str))
             return self.json({"columns": list(result.columns), "rows": rows})
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        """Prometheus metrics (:mod:`streams.runtime.metrics`), in the exposition format the scraper asks for."""
+
+        async def get(self, request: Request) -> Response:
+            body, content_type = metrics.exposition(request.headers.get("Accept"))
+            return self.bytes(body, headers={"Content-Type": content_type})
 
     @app.page("/health")
     class HealthView(View):
