@@ -17,6 +17,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
+from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
     DeadLetter,
     Decision,
@@ -124,6 +125,28 @@ def test_replay_through_add_and_flush_keeps_usage_totals(sink: ClickHouseSink) -
     assert sink.query("SELECT count(), sum(input_tokens) FROM usage").rows == [
         (50, sum(r.record.input_tokens for r in reports))
     ]
+
+
+def test_of_copies_of_one_identity_the_one_read_first_is_visible(sink: ClickHouseSink) -> None:
+    """What the budget counts: a turn resent under a new event id with other content and tokens, buffered before
+    the first copy (its offset is higher), and a usage report logged twice, through the Avro fast path and the
+    model path alike."""
+    codec = Codec()
+    first = turn(3, content="first answer")
+    resent = first.model_copy(update={"event_id": "resent", "content": "second answer", "token_count": 99})
+    sink.add_encoded(resent, codec.encode(resent), 12)
+    sink.add_encoded(first, codec.encode(first), 5)
+    hidden = turn(4, privacy="no_retention", content="no-retention content takes the model path")
+    hidden_resent = hidden.model_copy(update={"event_id": "hidden-resent", "token_count": 77})
+    for offset, copy in ((14, hidden_resent), (6, hidden)):
+        sink.add_encoded(copy, codec.encode(copy), offset)
+    logged_twice = usage(1).model_copy(update={"event_id": "usage-logged-again"})
+    for offset, report in ((7, usage(1)), (8, logged_twice)):
+        sink.add_encoded(report, codec.encode(report), offset)
+    sink.flush()
+    assert sink.query("SELECT event_id, token_count, content, source_offset FROM turns ORDER BY seq").rows == [
+        (first.event_id, first.token_count, "first answer", 5), (hidden.event_id, hidden.token_count, None, 6)]
+    assert sink.query("SELECT event_id, source_offset FROM usage").rows == [("usage-acme-1", 7)]
 
 
 def test_no_retention_turn_content_never_reaches_storage(sink: ClickHouseSink, chdb_dsn: str) -> None:
