@@ -51,6 +51,8 @@ from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
+#: The database ctxflow's tables live in.
+DEFAULT_DATABASE = "ctxflow"
 #: Errors expected to clear by themselves, with how long to wait before retrying the flush (seconds).
 TRANSIENT_CODES: dict[int, float] = {
     159: 1.0,  # TIMEOUT_EXCEEDED
@@ -111,11 +113,11 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
     anything.
     """
 
-    def __init__(self, dsn: str, database: str = "ctxflow") -> None:
+    def __init__(self, dsn: str, database: str = DEFAULT_DATABASE) -> None:
         super().__init__()
         self.dsn = dsn
         self.database = database
-        self._writer = _connect(dsn)
+        self._writer = connect(dsn)
         self._reader: Client | None = None
         self._reader_lock = threading.Lock()
         self._encoded: dict[bytes, list[bytes]] = {}  # writer fingerprint -> Avro bodies
@@ -237,7 +239,7 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         with self._reader_lock:
             if self._reader is None:
                 # tz_mode="aware": timestamps come back as UTC-aware datetimes, like the contract's models.
-                self._reader = _connect(
+                self._reader = connect(
                     self.dsn, database=self.database, settings=ANALYST_SETTINGS, tz_mode="aware"
                 )
             reader = self._reader
@@ -328,7 +330,9 @@ def _quote(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _connect(dsn: str, **kwargs: Any) -> Client:
+def connect(dsn: str, **kwargs: Any) -> Client:
+    """A clickhouse-connect client on ``dsn`` (``kwargs`` as ``get_client`` takes them); a RuntimeError that says
+    why when chDB cannot open the path because this process holds another one."""
     try:
         return clickhouse_connect.get_client(dsn=dsn, **kwargs)
     except ProgrammingError as exc:

@@ -331,6 +331,7 @@ SUBCOMMANDS: dict[str, str] = {
     "summarizer": "ctxflow.streams.cli.summarizer:summarizer",
     "simulate": "ctxflow.streams.cli.simulate:simulate",
     "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
+    "migrate": "ctxflow.streams.cli.migrate:migrate",
 }
 
 for _name, _target in SUBCOMMAND_GROUPS.items():

@@ -21,6 +21,8 @@ from ctxflow.sinks.clickhouse_ddl import TABLES, Logged
 from ctxflow.sinks.migrations import SchemaLocked, migrate, schema_state, unlock
 from ctxflow.sinks.schema_versions import MIGRATIONS
 from ctxflow.sinks.table_retention import TableRetention
+from ctxflow.streams.cli.main import app
+from typer.testing import CliRunner
 
 T0 = dt.datetime(2025, 3, 31, 23, 0, tzinfo=dt.UTC)
 APRIL = dt.datetime(2025, 4, 2, 9, 0, tzinfo=dt.UTC)  # another month: another partition of the released tables
@@ -308,3 +310,25 @@ def _memory(memory_id: str, expires_at: dt.datetime | None) -> MemoryRecord:
     return MemoryRecord(memory_id=memory_id, tenant_id="acme", scope="user", type="fact", status="active", version=1,
                         content="x", content_digest=content_digest("x"), created_at=T0, updated_at=T0,
                         expires_at=expires_at)
+
+
+def test_the_migrate_command_shows_prints_and_applies_the_pending_versions(
+    chdb_dsn: str, admin: Client, released: str
+) -> None:
+    def ctxflow(*args: str) -> str:
+        result = CliRunner().invoke(app, ["--clickhouse-dsn", chdb_dsn, "migrate", "--database", released, *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    planned = ctxflow("--dry-run")
+    assert f"EXCHANGE TABLES `{released}`.`turns` AND `{released}`.`turns__rekeyed`;" in planned
+    assert "pending: waits for table costs" in planned
+    assert _rows(admin, f"SELECT count() FROM system.tables WHERE database = '{released}' "
+                        "AND name = 'schema_migrations'") == [(0,)]  # a dry run changes nothing
+
+    applied = ctxflow()
+    assert f"applied {', '.join(str(m.version) for m in MIGRATIONS if not m.requires)}" in applied
+    assert _rows(admin, f"SELECT sorting_key FROM system.tables WHERE database = '{released}' AND name = 'usage'") \
+        == [("tenant_id, run_id, call_id",)]
+    assert "nothing to apply" in ctxflow()
+    assert "the schema was not locked" in ctxflow("--unlock")
