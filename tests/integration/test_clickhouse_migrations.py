@@ -281,22 +281,29 @@ def test_retention_sets_changes_and_removes_ttls_and_rows_expire(chdb_dsn: str, 
     try:
         sink.ensure_schema(TableRetention(event_days=30, rollup_days=400))
         ttl = dict(_rows(admin, f"SELECT name, engine_full FROM system.tables WHERE database = '{database}'"))
-        assert "TTL toDateTime(occurred_at) + toIntervalDay(30)" in ttl["turns"]
-        assert "TTL toDateTime(decided_at) + toIntervalDay(30)" in ttl["decisions"]
-        assert "TTL toDateTime(hour) + toIntervalDay(400)" in ttl["hourly_tokens"]
+        assert "TTL toDateTime(greatest(occurred_at, ingested_at)) + toIntervalDay(30)" in ttl["turns"]
+        assert "TTL toDateTime(greatest(decided_at, ingested_at)) + toIntervalDay(30)" in ttl["decisions"]
+        assert "TTL toDateTime(failed_at) + toIntervalDay(30)" in ttl["dead_letters"]
+        assert "TTL toDateTime(greatest(hour, computed_at)) + toIntervalDay(400)" in ttl["hourly_tokens"]
         mutations = _rows(admin, "SELECT count() FROM system.mutations")
         sink.ensure_schema(TableRetention(event_days=30, rollup_days=400))  # unchanged: no ALTER at all
         assert _rows(admin, "SELECT count() FROM system.mutations") == mutations
 
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        for offset, age in enumerate((40, 20)):
-            sink.add(Logged(_model_turn(seq=offset, tokens=10 + offset, at=now - dt.timedelta(days=age)), offset))
+        spec = next(s for s in TABLES if s.name == "turns")
+        rows = [(*spec.row(Logged(_model_turn(seq, 10 + seq, at=now - dt.timedelta(days=age)), seq)), ingested)
+                for seq, (age, ingested) in enumerate([
+                    (40, now - dt.timedelta(days=40)),  # expired
+                    (40, now),  # a backfill of old events: kept for the retention period from its loading
+                    (20, now - dt.timedelta(days=20)),  # within retention
+                ])]
+        admin.insert(f"`{database}`.turns", rows, column_names=[*spec.column_names, "ingested_at"])
         sink.add(_memory("expired", now - dt.timedelta(days=1)))
         sink.add(_memory("kept", None))
         sink.flush()
         for table in ("turns", "memory_records"):
             admin.command(f"OPTIMIZE TABLE `{database}`.{table} FINAL")
-        assert _rows(admin, f"SELECT token_count FROM `{database}`.turns") == [(11,)]  # 40 days old: gone
+        assert _rows(admin, f"SELECT token_count FROM `{database}`.turns ORDER BY seq") == [(11,), (12,)]
         assert _rows(admin, f"SELECT memory_id FROM `{database}`.memory_records") == [("kept",)]
 
         sink.ensure_schema(TableRetention(event_days=0, rollup_days=400))
