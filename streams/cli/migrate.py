@@ -14,18 +14,10 @@ from clickhouse_connect.driver.client import Client
 from ctxflow.sinks import migrations
 from ctxflow.sinks.clickhouse import DEFAULT_DATABASE, connect
 from ctxflow.sinks.table_retention import TableRetention
-from ctxflow.streams.config import Settings
 from rich.console import Console
 from rich.table import Table
 
 console = Console(soft_wrap=True, markup=False, highlight=False)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # Not streams.cli.main.settings_of: main imports this module to register the command (circular import).
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings), "the root callback always sets Settings"
-    return settings
 
 
 def migrate(
@@ -38,7 +30,9 @@ def migrate(
     """Show the ClickHouse schema's migrations and apply the pending ones, with the retention TTLs of
     CTXFLOW_CLICKHOUSE_RETENTION_DAYS and CTXFLOW_CLICKHOUSE_ROLLUP_RETENTION_DAYS. On chDB, stop the worker first:
     it holds the data directory (and applies the migrations itself when it starts)."""
-    settings = _settings(ctx)
+    from ctxflow.streams.cli.main import settings_of  # main imports this module to register the command
+
+    settings = settings_of(ctx)
     try:
         client = connect(settings.chdb_dsn)
     except Exception as error:

@@ -1,7 +1,8 @@
 """Versioned ClickHouse migrations on real chDB: upgrading a released database in place, concurrent runners, the
 schema lock, retention TTLs, and that the migrated tables are what the table specs describe.
 
-chDB hosts one engine per process, so the module shares one data directory and each test a database of its own.
+chDB hosts one engine per process, so the module shares one data directory (``tests/integration/conftest.py``)
+and each test a database of its own.
 """
 
 from __future__ import annotations
@@ -103,13 +104,9 @@ def _run(event_id: str, phase: str, at: dt.datetime, status: str | None = None) 
     return (event_id, "acme", "u1", "s1", "r1", "r1", "agent", phase, status, "retained", at)
 
 
-@pytest.fixture(scope="module")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.mktemp('chdb-migrations')}"
-
-
 @pytest.fixture
 def admin(chdb_dsn: str) -> Iterator[Client]:
+    """A writable client on the module's engine, on no database in particular (the tests make their own)."""
     client = clickhouse_connect.get_client(dsn=chdb_dsn)
     yield client
     client.close()

@@ -1,17 +1,13 @@
 """Hourly rollups on real chDB: after duplicates of every shape the hourly figures equal an aggregate of the
 de-duplicated tables, and those count each record identity once, as the budget does (its first copy).
 
-chDB hosts one engine per process, so the module shares one data directory and each test a database of its own.
+The ``sink`` and ``admin`` fixtures are in ``tests/integration/conftest.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from collections.abc import Iterator
 
-import clickhouse_connect
-import pytest
 from clickhouse_connect.driver.client import Client
 from ctxflow.schemas.models import TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch
@@ -43,27 +39,6 @@ def usage(tenant: str, call: str, tokens: int, at: dt.datetime, event_id: str | 
         agent_id="agent", call_id=call, provider="openai", model="gpt-4o", input_tokens=tokens, output_tokens=10,
         cached_read_tokens=3, latency_ms=5, occurred_at=at,
     )
-
-
-@pytest.fixture(scope="module")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.mktemp('chdb-rollups')}"
-
-
-@pytest.fixture
-def sink(chdb_dsn: str) -> Iterator[ClickHouseSink]:
-    made = ClickHouseSink(chdb_dsn, database=f"r_{uuid.uuid4().hex[:12]}")
-    made.ensure_schema()
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def admin(chdb_dsn: str, sink: ClickHouseSink) -> Iterator[Client]:
-    """A writable client on the sink's engine: refreshes views on demand and holds merges off."""
-    client = clickhouse_connect.get_client(dsn=chdb_dsn, database=sink.database)
-    yield client
-    client.close()
 
 
 def refresh(admin: Client, *views: str) -> None:

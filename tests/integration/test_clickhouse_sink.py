@@ -1,7 +1,7 @@
 """The ClickHouse sink on real chDB: idempotent writes, privacy, the read-only analyst path, backpressure.
 
-chDB hosts one engine per process, so the module shares one data directory; each test gets its own database,
-and closes its clients so the engine is free for other modules (which may open another path).
+chDB hosts one engine per process, so the module shares one data directory; each test gets its own database
+(``tests/integration/conftest.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import datetime as dt
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import clickhouse_connect
@@ -60,28 +59,6 @@ def memory(version: int, status: str, content: str = "prefers metric units") -> 
         version=version, content=content, content_digest=content_digest(content), created_at=T0,
         updated_at=T0 + dt.timedelta(minutes=version),
     )
-
-
-@pytest.fixture(scope="module")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
-
-
-@pytest.fixture
-def sink(chdb_dsn: str) -> Iterator[ClickHouseSink]:
-    """A sink on a database of its own, schema created; closed after the test."""
-    made = ClickHouseSink(chdb_dsn, database=f"t_{uuid.uuid4().hex[:12]}")
-    made.ensure_schema()
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def admin(chdb_dsn: str, sink: ClickHouseSink) -> Iterator[Client]:
-    """A writable client on the sink's engine, to hold merges off and look at raw (unmerged) rows."""
-    client = clickhouse_connect.get_client(dsn=chdb_dsn, database=sink.database)
-    yield client
-    client.close()
 
 
 def totals(sink: ClickHouseSink) -> tuple[int, int]:
