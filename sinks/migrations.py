@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -67,14 +68,14 @@ class MigrationState:
     waiting_for: tuple[str, ...]
 
 
-def schema_state(client: Client, database: str) -> list[MigrationState]:
-    """Every migration with its state in ``database`` (read without taking the lock)."""
+def schema_state(client: Client, database: str, history: Sequence[Migration] = MIGRATIONS) -> list[MigrationState]:
+    """Every migration of ``history`` with its state in ``database`` (read without taking the lock)."""
     applied = _applied(client, database)
     tables = _tables(client, database)
     return [
         MigrationState(m, applied.get(m.version), () if m.version in applied else
                        tuple(t for t in m.requires if t not in tables))
-        for m in MIGRATIONS
+        for m in history
     ]
 
 
@@ -91,9 +92,11 @@ def migrate(
     retention: TableRetention | None = None,
     exclusive_engine: bool = False,
     lock_timeout_s: float = 600.0,
+    history: Sequence[Migration] = MIGRATIONS,
 ) -> list[Migration]:
     """Apply the pending migrations of ``database`` (created if missing), add the spec columns its tables lack,
     and set the TTLs of ``retention`` (None leaves TTLs as they are); returns the migrations applied now.
+    ``history`` is the schema's migrations (:data:`sinks.schema_versions.MIGRATIONS`).
 
     ``exclusive_engine``: the client is chDB, whose data directory one process owns, so a lock left by another
     process is stale. Raises :class:`SchemaLocked` when another runner holds the lock past ``lock_timeout_s``.
@@ -104,16 +107,16 @@ def migrate(
             f"CREATE TABLE IF NOT EXISTS `{database}`.{HISTORY} (version UInt32, name String, "
             "applied_at DateTime64(3, 'UTC'), applied_by String) ENGINE = ReplacingMergeTree ORDER BY version"
         )
-        done = []
-        for state in schema_state(client, database):
-            if state.applied_at is not None:
-                continue
+        done: list[Migration] = []
+        # One at a time, looking again after each: a migration can create the table a waiting one requires.
+        while ready := [s.migration for s in schema_state(client, database, history) if s.applied_at is None
+                        and not s.waiting_for]:
+            _apply(client, database, ready[0])
+            done.append(ready[0])
+        for state in schema_state(client, database, history):
             if state.waiting_for:
                 logger.info("migration %d (%s) waits for tables %s", state.migration.version, state.migration.name,
                             ", ".join(state.waiting_for))
-                continue
-            _apply(client, database, state.migration)
-            done.append(state.migration)
         for spec in TABLES:
             client.command(spec.add_columns_sql(database))
         if retention is not None:

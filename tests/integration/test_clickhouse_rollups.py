@@ -13,6 +13,8 @@ from ctxflow.schemas.models import TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch
 from ctxflow.sinks.clickhouse import ClickHouseSink
 from ctxflow.sinks.clickhouse_ddl import Logged
+from ctxflow.sinks.migrations import migrate
+from ctxflow.sinks.schema_versions import MIGRATIONS, Migration
 
 H0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -131,3 +133,14 @@ def test_hourly_cost_waits_for_the_costs_table_then_counts_each_cost_line_once(
     assert hourly == sink.query(
         "SELECT toStartOfHour(occurred_at) AS hour, surface, count(), sum(micros), sumIf(micros, estimated) "
         "FROM costs GROUP BY hour, surface ORDER BY hour, surface").rows
+
+
+def test_a_rollup_waiting_for_a_table_follows_the_migration_that_creates_it_in_the_same_run(
+    sink: ClickHouseSink, admin: Client
+) -> None:
+    """When the costs table arrives as a migration after the cost rollup's, one run applies both."""
+    costs = Migration(len(MIGRATIONS) + 1, "costs table", lambda db: (COSTS.format(db=db),))
+    applied = migrate(admin, sink.database, history=(*MIGRATIONS, costs))
+    assert [m.name for m in applied] == ["costs table", "hourly cost per tenant"]
+    assert admin.command("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                         "AND name = 'hourly_cost'") == 1
