@@ -91,6 +91,16 @@ class Slot(StrEnum):
     OUTPUT = "output"
 
 
+class ContextLayer(StrEnum):
+    """Where a context item comes from, for cost and replay (TurnEvent v4 ``layer``; null: derived)."""
+
+    GLOBAL = "global"
+    TENANT = "tenant"
+    USER = "user"
+    RETRIEVED = "retrieved"
+    SESSION = "session"
+
+
 class Role(StrEnum):
     """Author of a context item."""
 
@@ -256,7 +266,7 @@ class _Record(BaseModel):
 
 
 class TurnEvent(_Record):
-    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v3).
+    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v4).
 
     Guarantees: ``content_digest`` is present when ``content`` is null and matches ``content`` when both are
     given; counts are non-negative; ``importance``/``relevance`` lie in [0, 1] at float32 precision.
@@ -287,6 +297,8 @@ class TurnEvent(_Record):
     relevance: Float32Fraction | None = None
     #: A tool_call item: every tool-call id it issued (``tool_call_id`` is the first).
     tool_call_ids: list[Id] = Field(default_factory=list)
+    #: The item's context layer; None: derived from slot and kind (``processors.envelopes.layers``).
+    layer: ContextLayer | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -654,6 +666,133 @@ class DeadLetter(_Record):
     failed_at: Timestamp
 
 
+class EnvelopeStatus(StrEnum):
+    """A run envelope's ``status`` (an open string on the wire): open, or how the run ended."""
+
+    OPEN = "open"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    ABANDONED = "abandoned"
+
+
+class ClosedBy(StrEnum):
+    """Who closed a run (``RunEnvelope.closed_by``): its agent, or the worker after the idle timeout."""
+
+    AGENT = "agent"
+    IDLE_TIMEOUT = "idle_timeout"
+
+
+class CostSurface(StrEnum):
+    """What a cost line pays for (``CostLine.surface``, an open string on the wire)."""
+
+    INFERENCE = "inference"
+    RETRIEVAL = "retrieval"
+    TOOLING = "tooling"
+    PERSISTENCE = "persistence"
+
+
+class CostUnit(StrEnum):
+    """What a cost line's ``quantity`` counts."""
+
+    TOKENS = "tokens"
+    CALLS = "calls"
+    BYTE_DAYS = "byte_days"
+
+
+class RunEnvelope(_Record):
+    """What one run was and consumed (topic ``envelopes``, compacted by ``tenant_id:run_id``).
+
+    Guarantees: a function of the run's accepted events and the worker's settings (idle timeout, price table),
+    so a replay of the log materializes the same envelope; ``envelope_version`` grows with every update of a run;
+    ``cost_micros`` is the sum of the surfaces; ``integrity_hash`` is recomputable from the events
+    (``processors.envelopes.integrity.verify``).
+    """
+
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    parent_run_id: Id | None = None
+    root_run_id: Id
+    workflow_id: Id
+    agent_id: Id
+    depth: Count32
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    model: str | None = None
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    status: Id
+    closed_by: str | None = None
+    started_at: Timestamp | None = None
+    finalized_at: Timestamp | None = None
+    last_event_at: Timestamp
+    duration_ms: Count | None = None
+    global_tokens: Count
+    tenant_tokens: Count
+    user_tokens: Count
+    retrieved_tokens: Count
+    session_tokens: Count
+    static_prefix_tokens: Count
+    dynamic_tokens: Count
+    input_tokens: Count
+    output_tokens: Count
+    cached_read_tokens: Count
+    cache_write_tokens: Count
+    reasoning_tokens: Count
+    usage_estimated: bool
+    retrievals: Count
+    memory_ids: list[Id]
+    tool_calls: Count
+    tool_results: Count
+    promotions: dict[str, Count]
+    evictions: Count
+    compressions: Count
+    tokens_freed: Count
+    cost_micros: Count
+    inference_micros: Count
+    retrieval_micros: Count
+    tooling_micros: Count
+    persistence_micros: Count
+    cost_estimated: bool
+    price_version: Id
+    event_count: Count
+    integrity_hash: Digest
+    envelope_version: Count
+    updated_at: Timestamp
+    #: Tokens of consumption estimated beyond the reported usage (in no provider usage field).
+    estimated_tokens: Count = 0
+    usage_reports: Count = 0
+
+
+class CostLine(_Record):
+    """One priced source event on one surface (topic ``costs``, key ``tenant_id``).
+
+    ``cost_id`` derives from the source and the surface, so a replay (or an update of a run's estimate) writes
+    the same id again and the last value holds.
+    """
+
+    cost_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    root_run_id: Id
+    parent_run_id: Id | None = None
+    workflow_id: Id
+    agent_id: Id
+    surface: Id
+    model: str | None = None
+    quantity: Count
+    unit: Id
+    micros: Count
+    price_version: Id
+    estimated: bool
+    source_event_id: Id
+    occurred_at: Timestamp
+
+
 MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     TurnEvent: "TurnEvent",
     UsageReport: "UsageReport",
@@ -667,5 +806,7 @@ MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     Summary: "Summary",
     Invalidation: "Invalidation",
     DeadLetter: "DeadLetter",
+    RunEnvelope: "RunEnvelope",
+    CostLine: "CostLine",
 }
 """Top-level model -> Avro record name (namespace ``ctxflow``); nested records travel inside their parent."""

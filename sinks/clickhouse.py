@@ -27,14 +27,17 @@ content never reaches even a temporary file).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import clickhouse_connect
@@ -101,6 +104,35 @@ class QueryResult:
 
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]]
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"columns": [...], "rows": [[...]]}`` holding only JSON types; see :func:`json_value`."""
+        return {"columns": list(self.columns), "rows": [[json_value(v) for v in row] for row in self.rows]}
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as strict JSON can hold it, the same whichever path a query took: timestamps, dates and times
+    in ISO 8601 (an aware timestamp keeps its offset), decimals as their exact text, bytes as UTF-8 text or,
+    when they are not UTF-8, as hex; NaN and infinities (an empty ``quantile``) as null; arrays, tuples and
+    maps element by element; anything else (UUID, IP address) as its text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.date | dt.time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(json_value(k)): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_value(v) for v in value]
+    return str(value)
 
 
 class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):

@@ -35,12 +35,14 @@ from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from ctxflow.schemas.models import (
+    CostLine,
     DeadLetter,
     Decision,
     Invalidation,
     MemoryRecord,
     MemoryStatus,
     PrivacyMode,
+    RunEnvelope,
     RunEvent,
     TurnEvent,
     UsageReport,
@@ -152,7 +154,7 @@ _TURN_COLUMNS = (
         "parent_run_id": _OPT, "agent_id": _ID, "seq": "UInt64", "role": _ENUM, "kind": _ENUM, "slot": _ENUM,
         "item_id": _ID, "content": _OPT, "content_digest": "String", "token_count": "Nullable(UInt32)",
         "model": _ENUM, "importance": "Nullable(Float32)", "tier_hint": "Nullable(UInt8)", "privacy": _ENUM,
-        "occurred_at": _TS, "tool_call_id": _OPT, "relevance": "Nullable(Float32)",
+        "occurred_at": _TS, "tool_call_id": _OPT, "relevance": "Nullable(Float32)", "layer": _OPT_ENUM,
     }),
     ("embedding_dims", "UInt32"),
 )
@@ -242,6 +244,28 @@ _INVALIDATION_COLUMNS = _fields(Invalidation, {
     "source_memory_id": _OPT, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT, "reason": "String",
     "occurred_at": _TS,
 })
+_U64 = "UInt64"
+_ENVELOPE_COLUMNS = _fields(RunEnvelope, {
+    "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "parent_run_id": _OPT,
+    "root_run_id": _ID, "workflow_id": _ID, "agent_id": _ID, "depth": "UInt32", "policy_version": _OPT,
+    "prefix_hash": _OPT, "model": _OPT_ENUM, "privacy": _ENUM, "status": _ENUM, "closed_by": _OPT_ENUM,
+    "started_at": f"Nullable({_TS})", "finalized_at": f"Nullable({_TS})", "last_event_at": _TS,
+    "duration_ms": "Nullable(UInt64)", "global_tokens": _U64, "tenant_tokens": _U64, "user_tokens": _U64,
+    "retrieved_tokens": _U64, "session_tokens": _U64, "static_prefix_tokens": _U64, "dynamic_tokens": _U64,
+    "input_tokens": _U64, "output_tokens": _U64, "cached_read_tokens": _U64, "cache_write_tokens": _U64,
+    "reasoning_tokens": _U64, "usage_estimated": "Bool", "retrievals": _U64, "memory_ids": "Array(String)",
+    "tool_calls": _U64, "tool_results": _U64, "promotions": "Map(String, UInt64)", "evictions": _U64,
+    "compressions": _U64, "tokens_freed": _U64, "cost_micros": _U64, "inference_micros": _U64,
+    "retrieval_micros": _U64, "tooling_micros": _U64, "persistence_micros": _U64, "cost_estimated": "Bool",
+    "price_version": _ENUM, "event_count": _U64, "integrity_hash": "String", "envelope_version": _U64,
+    "updated_at": _TS, "estimated_tokens": _U64, "usage_reports": _U64,
+})
+_COST_COLUMNS = _fields(CostLine, {
+    "cost_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "root_run_id": _ID,
+    "parent_run_id": _OPT, "workflow_id": _ID, "agent_id": _ID, "surface": _ENUM, "model": _OPT_ENUM,
+    "quantity": _U64, "unit": _ENUM, "micros": _U64, "price_version": _ENUM, "estimated": "Bool",
+    "source_event_id": _ID, "occurred_at": _TS,
+})
 #: A Kafka offset; -1 in rows kept from before offsets were stored (migration 2), which precede every offset.
 _SOURCE_OFFSET = ("source_offset", "Int64")
 
@@ -266,6 +290,13 @@ TABLES: tuple[TableSpec, ...] = (
               version="version"),
     TableSpec("invalidations", Invalidation, _INVALIDATION_COLUMNS, ("tenant_id", "invalidation_id"),
               _plain_row(_names(_INVALIDATION_COLUMNS)), expires_by="occurred_at"),
+    # A run's envelope is re-emitted as it closes and as late events update it: the highest version holds.
+    TableSpec("envelopes", RunEnvelope, _ENVELOPE_COLUMNS, ("tenant_id", "run_id"),
+              _plain_row(_names(_ENVELOPE_COLUMNS)), version="envelope_version", server_columns=(INGESTED_AT,),
+              expires_by="last_event_at"),
+    # A cost line re-emitted under its id (a run's estimate updated by a late event): the last one holds.
+    TableSpec("costs", CostLine, _COST_COLUMNS, ("tenant_id", "run_id", "cost_id"), _plain_row(_names(_COST_COLUMNS)),
+              server_columns=(INGESTED_AT,), expires_by="occurred_at"),
 )
 """Every projected table, in the order ``ensure_schema`` creates them."""
 

@@ -60,29 +60,22 @@ class SchemaLocked(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class MigrationState:
-    """Where one migration stands in a database: ``applied_at`` (None: pending), and the tables it still waits
-    for (non-empty only while pending)."""
+    """Where one migration stands in a database: when it was applied (None: pending)."""
 
     migration: Migration
     applied_at: datetime | None
-    waiting_for: tuple[str, ...]
 
 
 def schema_state(client: Client, database: str, history: Sequence[Migration] = MIGRATIONS) -> list[MigrationState]:
     """Every migration of ``history`` with its state in ``database`` (read without taking the lock)."""
     applied = _applied(client, database)
-    tables = _tables(client, database)
-    return [
-        MigrationState(m, applied.get(m.version), () if m.version in applied else
-                       tuple(t for t in m.requires if t not in tables))
-        for m in history
-    ]
+    return [MigrationState(m, applied.get(m.version)) for m in history]
 
 
 def pending_statements(client: Client, database: str) -> list[tuple[Migration, tuple[str, ...]]]:
     """The migrations :func:`migrate` would apply now, with their SQL (a dry run: nothing is changed)."""
     return [(s.migration, s.migration.statements(database)) for s in schema_state(client, database)
-            if s.applied_at is None and not s.waiting_for]
+            if s.applied_at is None]
 
 
 def migrate(
@@ -107,16 +100,10 @@ def migrate(
             f"CREATE TABLE IF NOT EXISTS `{database}`.{HISTORY} (version UInt32, name String, "
             "applied_at DateTime64(3, 'UTC'), applied_by String) ENGINE = ReplacingMergeTree ORDER BY version"
         )
-        done: list[Migration] = []
-        # One at a time, looking again after each: a migration can create the table a waiting one requires.
-        while ready := [s.migration for s in schema_state(client, database, history) if s.applied_at is None
-                        and not s.waiting_for]:
-            _apply(client, database, ready[0])
-            done.append(ready[0])
-        for state in schema_state(client, database, history):
-            if state.waiting_for:
-                logger.info("migration %d (%s) waits for tables %s", state.migration.version, state.migration.name,
-                            ", ".join(state.waiting_for))
+        # Read again under the lock: a runner that held it before may have applied them.
+        done = [s.migration for s in schema_state(client, database, history) if s.applied_at is None]
+        for migration in done:
+            _apply(client, database, migration)
         for spec in TABLES:
             client.command(spec.add_columns_sql(database))
         if retention is not None:

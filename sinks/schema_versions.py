@@ -6,7 +6,7 @@ calls it through ``ClickHouseSink.ensure_schema``; ``ctxflow migrate`` shows and
 How to change the schema
 ------------------------
 - **A new table**: give it a :class:`~sinks.clickhouse_ddl.TableSpec` in ``clickhouse_ddl.TABLES``, then append
-  one entry to :data:`MIGRATIONS`: ``Migration(7, "envelopes table", create_tables("envelopes"))``.
+  one entry to :data:`MIGRATIONS`: ``Migration(8, "memory verdicts table", create_tables("memory_verdicts"))``.
 - **A new column** of a table (a new field of a record's schema): add it to the table's spec; nothing here.
   After the migrations, ``ensure_schema`` adds every spec column a table lacks (``ADD COLUMN IF NOT EXISTS``).
 - **Anything else** (a sorting key, an engine, a type, a view, a backfill): a new migration with its SQL.
@@ -19,12 +19,10 @@ Rules every migration keeps:
   rebuild a table under a scratch name the migration drops first, and swap it in with ``EXCHANGE TABLES``
   (atomic in an ``Atomic`` database, the default engine of ClickHouse and chDB databases).
 - Mutations run synchronously (the runner sets ``mutations_sync``), so a statement sees its predecessors' effect.
-- A migration that depends on a table another part of ctxflow may not have created yet names it in
-  ``requires``: it waits, pending, until the table exists, while later migrations apply. Use it only for a
-  migration nothing else depends on.
 
-Rollups (``hourly_tokens``, ``hourly_cost``) are refreshable materialized views: see :func:`_rollup_view` for
-why an ordinary (insert-triggered) view would count redelivered rows twice.
+Rollups (``hourly_tokens``, ``hourly_cost``) are refreshable materialized views over the de-duplicated tables,
+told which groups to recompute by marks an insert-triggered view leaves: see :func:`_rollup` for why an ordinary
+(insert-triggered) aggregate would count redelivered rows twice.
 """
 
 from __future__ import annotations
@@ -40,15 +38,11 @@ Statements = Callable[[str], tuple[str, ...]]
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    """One versioned change: ``statements(database)`` run in order, then ``version`` is recorded as applied.
-
-    ``requires`` names tables that must exist first (see the module docstring).
-    """
+    """One versioned change: ``statements(database)`` run in order, then ``version`` is recorded as applied."""
 
     version: int
     name: str
     statements: Statements
-    requires: tuple[str, ...] = ()
 
 
 def create_tables(*names: str) -> Statements:
@@ -152,100 +146,133 @@ def _stamp_ingestion(db: str, table: str, before: str) -> tuple[str, ...]:
     )
 
 
-def _ingestion_index(db: str, table: str) -> tuple[str, ...]:
-    # Parts are written in ingestion order, so a minmax index lets a refresh read only recently ingested granules.
-    return (
-        f"ALTER TABLE `{db}`.`{table}` ADD INDEX IF NOT EXISTS ingested_at_minmax ingested_at TYPE minmax "
-        "GRANULARITY 1",
-        f"ALTER TABLE `{db}`.`{table}` MATERIALIZE INDEX ingested_at_minmax",
-    )
-
-
-#: How far before the last refresh a refresh looks for newly ingested rows: longer than any insert takes from
-#: its start (when ``ingested_at`` is stamped) to its commit, so no row is visible only after the refresh that
-#: should have seen it looked.
+#: How far before the last refresh a refresh looks for marks: longer than any insert takes from its start (when
+#: its marks are stamped) to its commit, so no mark becomes visible only after the refresh that should have seen it.
 REFRESH_OVERLAP = "INTERVAL 10 MINUTE"
-
+#: Marks older than this are dropped; a rollup whose refresh fails for longer misses the groups they named.
+MARKS_KEPT = "INTERVAL 7 DAY"
 
 Columns = tuple[tuple[str, str], ...]
 """``(expression, name)`` pairs of a SELECT list."""
 
 
-def _rollup_view(db: str, view: str, target: str, source: str, keys: Columns, measures: Columns) -> str:
-    """A refreshable view recomputing, each minute, every group of ``target`` touched by newly ingested rows.
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """An hourly rollup of one source table into ``target``: groups ``(tenant_id, hour, <part>)``, where ``part``
+    (an expression over the source row, named ``part_name`` in the target) splits an hour, and ``measures``
+    computed over the source's de-duplicated rows (name source columns as ``src.column``: an alias equal to a
+    column's name would otherwise shadow the column in the other measures)."""
+
+    view: str
+    target: str
+    source: str
+    identity: tuple[str, ...]
+    part: str
+    part_name: str
+    measures: Columns
+
+
+def _rollup(db: str, r: Rollup) -> tuple[str, ...]:
+    """The statements that keep ``r.target`` equal to an aggregate of ``r.source`` FINAL, whatever the duplicates.
 
     Why not an ordinary materialized view: it aggregates each *inserted block*, so a redelivered record (a
     replay after a crash, re-cut into other batches; a resend under a new event id) is added again, and insert
-    deduplication only drops byte-identical blocks. A rollup keyed by the source's identity would double count
-    too: copies of one identity may carry different event times, hence different hours.
+    deduplication only drops byte-identical blocks.
 
-    So each group (``keys``: tenant, hour, ...) is recomputed whole from the source ``FINAL`` (one row per
-    identity, the copy the budget counted), and written with ``computed_at``: the rollup
-    (``ReplacingMergeTree(computed_at)``) keeps the newest value of each group. A group is recomputed when a row
-    ingested since the previous refresh (less :data:`REFRESH_OVERLAP`) falls in it, read *without* FINAL: a row
-    superseded by an earlier copy in another hour still marks its own hour, which may have to lose a value it
-    held. A touched group with no row left is written as zeros. The first refresh (empty rollup) computes every
-    group: creating the view backfills it.
+    Instead, each group is recomputed whole from the source ``FINAL`` (one row per identity: the copy the budget
+    counted, or for costs the last line of an id) by a refreshable view, every minute, and written with
+    ``computed_at``: the rollup (``ReplacingMergeTree(computed_at)``) keeps a group's newest value. Which groups:
+    those *marked* since the previous refresh (less :data:`REFRESH_OVERLAP`). An insert-triggered view marks, for
+    every row inserted into the source, its own group and the groups of the copies of its identity already
+    stored: a new copy can take the place of one in another hour (a resent turn in another hour, seen before the
+    first; a cost line updated later), and that hour must give the old value back, even if a merge removes the
+    old copy before the refresh runs. The stored copies are read through a plain view (``stored_<source>``): in a
+    materialized view every reference to the source table itself reads only the inserted block, which also
+    scopes the lookup to that block's identities. A marked group with no row left is written as zeros.
+
+    Creating the rollup marks every group the source holds, so its first refresh backfills it.
     """
-    names = ", ".join(name for _, name in keys)
-    constant = [(expr, name) for expr, name in keys if expr.startswith("'")]  # the source's tag in a shared rollup
-    since = " AND ".join([f"{name} = {expr}" for expr, name in constant] or ["1"])
+    ident = ", ".join(r.identity)
+    mark_part = f"n.{r.part}" if not r.part.startswith("'") else r.part
+    marks = (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.`{r.view}_marks` TO `{db}`.rollup_marks AS "
+        f"SELECT '{r.view}' AS rollup, n.tenant_id AS tenant_id, mark.1 AS hour, mark.2 AS part "
+        f"FROM `{db}`.`{r.source}` AS n LEFT JOIN "
+        f"(SELECT {ident}, toStartOfHour(occurred_at) AS hour, {r.part} AS part FROM `{db}`.`stored_{r.source}` "
+        f"WHERE ({ident}) IN (SELECT {ident} FROM `{db}`.`{r.source}`)) AS stored "
+        f"USING ({ident}) ARRAY JOIN arrayFilter(m -> m.2 != '', "
+        f"[(toStartOfHour(n.occurred_at), {mark_part}), (stored.hour, stored.part)]) AS mark "
+        "SETTINGS join_use_nulls = 0"
+    )
+    keys = ", ".join(("tenant_id", "hour", r.part_name))
+    since = f"{r.part_name} = {r.part}" if r.part.startswith("'") else "1"  # a rollup shared by several sources
     touched = (
-        f"SELECT DISTINCT {_select(keys)} FROM `{db}`.`{source}` WHERE ingested_at >= "
-        f"(SELECT max(computed_at) FROM `{db}`.`{target}` WHERE {since}) - {REFRESH_OVERLAP}"
+        f"SELECT DISTINCT tenant_id, hour, part AS {r.part_name} FROM `{db}`.rollup_marks WHERE rollup = '{r.view}' "
+        f"AND marked_at >= (SELECT max(computed_at) FROM `{db}`.`{r.target}` WHERE {since}) - {REFRESH_OVERLAP}"
     )
-    # Measures name source columns as ``src.column``: an alias equal to a column's name would otherwise shadow
-    # the column in the other measures.
     totals = (
-        f"SELECT {_select(keys)}, {_select(measures)} FROM `{db}`.`{source}` AS src FINAL "
-        f"WHERE ({names}) IN (SELECT {names} FROM touched) GROUP BY {names}"
+        f"SELECT tenant_id, toStartOfHour(occurred_at) AS hour, {r.part} AS {r.part_name}, "
+        + ", ".join(f"{expr} AS {name}" for expr, name in r.measures)
+        + f" FROM `{db}`.`{r.source}` AS src FINAL WHERE ({keys}) IN (SELECT {keys} FROM touched) GROUP BY {keys}"
     )
-    picked = ", ".join(
-        [f"touched.{name} AS {name}" for _, name in keys] + [f"totals.{name} AS {name}" for _, name in measures]
-    )
+    picked = ", ".join([f"touched.{k} AS {k}" for k in ("tenant_id", "hour", r.part_name)]
+                       + [f"totals.{name} AS {name}" for _, name in r.measures])
     return (
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.`{view}` REFRESH EVERY 1 MINUTE APPEND TO `{db}`.`{target}` "
-        f"AS WITH touched AS ({touched}) SELECT {picked}, now64(6) AS computed_at "
-        f"FROM touched LEFT JOIN ({totals}) AS totals USING ({names}) SETTINGS final = 0, join_use_nulls = 0"
+        f"CREATE VIEW IF NOT EXISTS `{db}`.`stored_{r.source}` AS SELECT * FROM `{db}`.`{r.source}`",
+        marks,
+        # After the marks view exists, so a row inserted meanwhile is marked by one or the other.
+        f"INSERT INTO `{db}`.rollup_marks (rollup, tenant_id, hour, part) SELECT DISTINCT '{r.view}', tenant_id, "
+        f"toStartOfHour(occurred_at), {r.part} FROM `{db}`.`{r.source}`",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.`{r.view}` REFRESH EVERY 1 MINUTE "
+        f"APPEND TO `{db}`.`{r.target}` AS WITH touched AS ({touched}) SELECT {picked}, now64(6) AS computed_at "
+        f"FROM touched LEFT JOIN ({totals}) AS totals USING ({keys}) SETTINGS final = 0, join_use_nulls = 0",
     )
-
-
-def _select(columns: Columns) -> str:
-    return ", ".join(expr if expr == name else f"{expr} AS {name}" for expr, name in columns)
 
 
 _TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_read_tokens", "cache_write_tokens", "reasoning_tokens")
-_TENANT_HOUR: Columns = (("tenant_id", "tenant_id"), ("toStartOfHour(occurred_at)", "hour"))
 
 
 def _hourly_tokens(db: str) -> tuple[str, ...]:
     kinds = ", ".join(f"{kind} UInt64" for kind in _TOKEN_KINDS)
     return (
-        *_ingestion_index(db, "turns"),
-        *_ingestion_index(db, "usage"),
+        f"CREATE TABLE IF NOT EXISTS `{db}`.rollup_marks (rollup LowCardinality(String), tenant_id String, "
+        "hour DateTime('UTC'), part LowCardinality(String), marked_at DateTime64(6, 'UTC') DEFAULT now64(6)) "
+        f"ENGINE = MergeTree ORDER BY (rollup, marked_at) TTL toDateTime(marked_at) + {MARKS_KEPT}",
         f"CREATE TABLE IF NOT EXISTS `{db}`.hourly_tokens (tenant_id String, hour DateTime('UTC'), "
         f"source LowCardinality(String), records UInt64, tokens UInt64, {kinds}, computed_at DateTime64(6, 'UTC')) "
         "ENGINE = ReplacingMergeTree(computed_at) ORDER BY (tenant_id, hour, source)",
-        _rollup_view(db, "hourly_tokens_from_turns", "hourly_tokens", "turns", (*_TENANT_HOUR, ("'turns'", "source")),
-                     (("count()", "records"), ("sum(ifNull(src.token_count, 0))", "tokens"),
-                      *(("toUInt64(0)", kind) for kind in _TOKEN_KINDS))),
-        _rollup_view(db, "hourly_tokens_from_usage", "hourly_tokens", "usage", (*_TENANT_HOUR, ("'usage'", "source")),
-                     (("count()", "records"), (f"sum({' + '.join(f'src.{kind}' for kind in _TOKEN_KINDS)})", "tokens"),
-                      *((f"sum(src.{kind})", kind) for kind in _TOKEN_KINDS))),
+        *_rollup(db, Rollup("hourly_tokens_from_turns", "hourly_tokens", "turns", ("tenant_id", "run_id", "seq"),
+                            "'turns'", "source",
+                            (("count()", "records"), ("sum(ifNull(src.token_count, 0))", "tokens"),
+                             *(("toUInt64(0)", kind) for kind in _TOKEN_KINDS)))),
+        *_rollup(db, Rollup("hourly_tokens_from_usage", "hourly_tokens", "usage", ("tenant_id", "run_id", "call_id"),
+                            "'usage'", "source",
+                            (("count()", "records"),
+                             (f"sum({' + '.join(f'src.{kind}' for kind in _TOKEN_KINDS)})", "tokens"),
+                             *((f"sum(src.{kind})", kind) for kind in _TOKEN_KINDS)))),
+    )
+
+
+def _envelopes_and_costs(db: str) -> tuple[str, ...]:
+    # ctxflow created these tables before migrations knew them (without ingested_at): created here if missing,
+    # stamped if they came from that version.
+    return (
+        *create_tables("envelopes", "costs")(db),
+        *_stamp_ingestion(db, "envelopes", "updated_at"),
+        *_stamp_ingestion(db, "costs", "occurred_at"),
     )
 
 
 def _hourly_cost(db: str) -> tuple[str, ...]:
     return (
-        *_stamp_ingestion(db, "costs", "occurred_at"),
-        *_ingestion_index(db, "costs"),
         f"CREATE TABLE IF NOT EXISTS `{db}`.hourly_cost (tenant_id String, hour DateTime('UTC'), "
         "surface LowCardinality(String), records UInt64, micros Int64, estimated_micros Int64, "
         "computed_at DateTime64(6, 'UTC')) ENGINE = ReplacingMergeTree(computed_at) "
         "ORDER BY (tenant_id, hour, surface)",
-        _rollup_view(db, "hourly_cost_from_costs", "hourly_cost", "costs", (*_TENANT_HOUR, ("surface", "surface")),
-                     (("count()", "records"), ("sum(src.micros)", "micros"),
-                      ("sumIf(src.micros, src.estimated)", "estimated_micros"))),
+        *_rollup(db, Rollup("hourly_cost_from_costs", "hourly_cost", "costs", ("tenant_id", "run_id", "cost_id"),
+                            "surface", "surface",
+                            (("count()", "records"), ("sum(src.micros)", "micros"),
+                             ("sumIf(src.micros, src.estimated)", "estimated_micros")))),
     )
 
 
@@ -262,7 +289,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               lambda db: _stamp_ingestion(db, "decisions", "decided_at")),
     Migration(4, "memory records expire at expires_at", _memory_expiry),
     Migration(5, "hourly tokens per tenant", _hourly_tokens),
-    Migration(6, "hourly cost per tenant", _hourly_cost, requires=("costs",)),
+    Migration(6, "envelopes and costs tables", _envelopes_and_costs),
+    Migration(7, "hourly cost per tenant", _hourly_cost),
 )
 """Every migration, in version order (versions are 1, 2, 3, ... without gaps)."""
 

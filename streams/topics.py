@@ -66,6 +66,13 @@ COMPRESSION_JOBS = TopicSpec(
 SUMMARIES = TopicSpec(
     "summaries", "Summary", "tenant_id", "delete", "summarizer workers", "worker: eviction planner (swap)",
 )
+ENVELOPES = TopicSpec(
+    "envelopes", "RunEnvelope", "tenant_id:run_id", "compact", "worker: envelope processor",
+    "ClickHouse sink, `ctxflow report`",
+)
+COSTS = TopicSpec(
+    "costs", "CostLine", "tenant_id", "delete", "worker: envelope processor", "ClickHouse sink, `ctxflow report`",
+)
 DEAD_LETTERS = TopicSpec(
     "deadletters", "DeadLetter", "source topic", "delete", "worker: any agent that rejects a record",
     "operators, ClickHouse sink",
@@ -73,5 +80,5 @@ DEAD_LETTERS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, DECISIONS, INVALIDATIONS,
-    COMPRESSION_JOBS, SUMMARIES, DEAD_LETTERS,
+    COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
 )

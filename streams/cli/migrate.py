@@ -1,4 +1,4 @@
-"""``ctxflow migrate``: the ClickHouse schema's versions (applied, pending, waiting for a table) and applying them.
+"""``ctxflow migrate``: the ClickHouse schema's versions (applied or pending) and applying them.
 
 Registered by ``streams/cli/main.py`` as ``app.command()(migrate)`` from ``ctxflow.streams.cli.migrate:migrate``.
 Workers and sinks apply pending migrations themselves when they start (:mod:`sinks.migrations`); this command
@@ -67,11 +67,6 @@ def migrate(
 def _show(client: Client, database: str) -> None:
     table = Table("version", "migration", "state", title=f"ClickHouse schema of {database}")
     for state in migrations.schema_state(client, database):
-        if state.applied_at is not None:
-            where = f"applied {state.applied_at:%Y-%m-%d %H:%M:%S}"
-        elif state.waiting_for:
-            where = f"pending: waits for table {', '.join(state.waiting_for)}"
-        else:
-            where = "pending"
+        where = "pending" if state.applied_at is None else f"applied {state.applied_at:%Y-%m-%d %H:%M:%S}"
         table.add_row(str(state.migration.version), state.migration.name, where)
     console.print(table)

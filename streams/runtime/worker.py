@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 from typing import Any
 
@@ -210,8 +209,7 @@ def build_app(settings: Settings) -> faust.App:
                 return self.json({"error": str(error)}, status=403)
             except Exception as error:
                 return self.json({"error": f"{type(error).__name__}: {error}"}, status=400)
-            rows = json.loads(json.dumps(result.rows, default=str))
-            return self.json({"columns": list(result.columns), "rows": rows})
+            return self.json(result.as_json())
 
     @app.page("/metrics")
     class MetricsView(View):

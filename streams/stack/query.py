@@ -12,6 +12,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from typing import Any
 
 from ctxflow.sinks.clickhouse import ClickHouseSink, QueryResult
 from ctxflow.streams.config import Settings
@@ -28,10 +29,14 @@ def worker_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.web_port}/query"
 
 
-def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_fallback: bool = True) -> QueryResult:
-    """Run a read-only query through the worker if one answers, else (``direct_fallback``) on the DSN itself."""
+def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_fallback: bool = True,
+              parameters: dict[str, Any] | None = None) -> QueryResult:
+    """Run a read-only query through the worker if one answers, else (``direct_fallback``) on the DSN itself.
+
+    ``parameters`` bind ``{name:Type}`` placeholders (JSON values: pass timestamps as text)."""
+    payload = {"sql": sql} if parameters is None else {"sql": sql, "parameters": parameters}
     request = urllib.request.Request(
-        worker_url(settings), data=json.dumps({"sql": sql}).encode(), headers={"content-type": "application/json"}
+        worker_url(settings), data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -42,11 +47,11 @@ def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_f
         if not direct_fallback:
             raise QueryFailed(f"no worker answered on {worker_url(settings)}: {error}") from error
         log.info("no worker answered; querying the DSN directly", extra={"dsn": settings.chdb_dsn})
-        return _direct(settings, sql)
+        return _direct(settings, sql, parameters)
     return QueryResult(tuple(body["columns"]), [tuple(row) for row in body["rows"]])
 
 
-def _direct(settings: Settings, sql: str) -> QueryResult:
+def _direct(settings: Settings, sql: str, parameters: dict[str, Any] | None) -> QueryResult:
     try:
         sink = ClickHouseSink(settings.chdb_dsn)
     except Exception as error:
@@ -56,7 +61,7 @@ def _direct(settings: Settings, sql: str) -> QueryResult:
         ) from error
     try:
         sink.ensure_schema()
-        return sink.query(sql)
+        return sink.query(sql, parameters)
     except Exception as error:
         raise QueryFailed(f"query failed: {error}") from error
     finally:

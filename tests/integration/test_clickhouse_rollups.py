@@ -1,5 +1,6 @@
 """Hourly rollups on real chDB: after duplicates of every shape the hourly figures equal an aggregate of the
-de-duplicated tables, and those count each record identity once, as the budget does (its first copy).
+de-duplicated tables, and those count each record identity once, as the budget does (its first copy; for cost
+lines, the last line of an id).
 
 The ``sink`` and ``admin`` fixtures are in ``tests/integration/conftest.py``.
 """
@@ -9,22 +10,14 @@ from __future__ import annotations
 import datetime as dt
 
 from clickhouse_connect.driver.client import Client
-from ctxflow.schemas.models import TurnEvent, UsageReport
+from ctxflow.schemas.models import CostLine, TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch
 from ctxflow.sinks.clickhouse import ClickHouseSink
 from ctxflow.sinks.clickhouse_ddl import Logged
-from ctxflow.sinks.migrations import migrate
-from ctxflow.sinks.schema_versions import MIGRATIONS, Migration
 
 H0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
-#: The costs table as the envelopes contract defines it (another sink table; the cost rollup waits for it).
-COSTS = """CREATE TABLE `{db}`.costs (cost_id String, tenant_id String, user_id String, session_id String,
-  run_id String, root_run_id String, parent_run_id Nullable(String), workflow_id String, agent_id String,
-  surface LowCardinality(String), model LowCardinality(Nullable(String)), quantity UInt64,
-  unit LowCardinality(String), micros UInt64, price_version LowCardinality(String), estimated Bool,
-  source_event_id String, occurred_at DateTime64(3, 'UTC'))
-ENGINE = ReplacingMergeTree ORDER BY (tenant_id, run_id, cost_id)"""
+MINUTE = dt.timedelta(minutes=1)
 
 
 def turn(tenant: str, seq: int, tokens: int, at: dt.datetime, event_id: str | None = None) -> TurnEvent:
@@ -49,7 +42,12 @@ def refresh(admin: Client, *views: str) -> None:
         admin.command(f"SYSTEM WAIT VIEW {view}")
 
 
-def write(sink: ClickHouseSink, table: str, *records: Logged) -> None:
+def forget_marks(admin: Client) -> None:
+    """What a refresh read ages past its overlap: the next copy must mark the old copy's hour by itself."""
+    admin.command("TRUNCATE TABLE rollup_marks")
+
+
+def write(sink: ClickHouseSink, table: str, *records: Logged | CostLine) -> None:
     sink.write(Batch(table, records))
 
 
@@ -98,49 +96,43 @@ def test_a_later_copy_seen_first_leaves_its_hour_when_the_first_copy_arrives(
     sink: ClickHouseSink, admin: Client
 ) -> None:
     """Within a flush the sink may write a later copy before the first one (another writer schema, say): the
-    later copy's hour held it for a refresh and must give it back."""
+    later copy's hour held it for a refresh and must give it back, even once a merge removed that copy."""
     write(sink, "turns", Logged(turn("acme", 0, 500, H0 + 2 * HOUR, event_id="resent"), 9))
     refresh(admin, "hourly_tokens_from_turns")
     assert hourly_tokens(sink) == [("acme", H0 + 2 * HOUR, "turns", 1, 500)]
+    forget_marks(admin)
     write(sink, "turns", Logged(turn("acme", 0, 50, H0), 3))
+    admin.command("OPTIMIZE TABLE turns FINAL")  # the later copy is gone before the refresh looks
     refresh(admin, "hourly_tokens_from_turns")
     assert hourly_tokens(sink) == [("acme", H0, "turns", 1, 50)] == aggregated(sink)
 
 
-def test_hourly_cost_waits_for_the_costs_table_then_counts_each_cost_line_once(
+def line(n: int, surface: str, micros: int, at: dt.datetime, estimated: bool = False) -> CostLine:
+    return CostLine(
+        cost_id=f"cost-{n}", tenant_id="acme", user_id="u1", session_id="s1", run_id="r1", root_run_id="r1",
+        workflow_id="r1", agent_id="agent", surface=surface, model="gpt-4o", quantity=10, unit="tokens",
+        micros=micros, price_version="v1", estimated=estimated, source_event_id=f"e-{n}", occurred_at=at,
+    )
+
+
+def test_hourly_cost_follows_redelivered_and_updated_lines_even_across_hours(
     sink: ClickHouseSink, admin: Client
 ) -> None:
-    assert admin.command("SELECT count() FROM system.tables WHERE database = currentDatabase() "
-                         "AND name = 'hourly_cost'") == 0
-    admin.command(COSTS.format(db=sink.database))
-    line = ("acme", "u1", "s1", "r1", "r1", None, "r1", "agent")
-    rows = [(f"cost-{n}", *line, surface, "gpt-4o", 10, "token", micros, "list-2025-06", estimated, f"e{n}", at)
-            for n, (surface, micros, estimated, at) in enumerate([
-                ("inference", 2_000, False, H0), ("inference", 500, True, H0 + dt.timedelta(minutes=30)),
-                ("retrieval", 40, False, H0), ("tooling", 7, False, H0 + HOUR)])]
-    columns = ["cost_id", "tenant_id", "user_id", "session_id", "run_id", "root_run_id", "parent_run_id",
-               "workflow_id", "agent_id", "surface", "model", "quantity", "unit", "micros", "price_version",
-               "estimated", "source_event_id", "occurred_at"]
-    admin.insert("costs", rows[:2], column_names=columns)  # written before the rollup existed: backfilled
-
-    sink.ensure_schema()  # migration 6 applies now that costs exists
-    admin.insert("costs", rows[2:], column_names=columns)
-    admin.insert("costs", rows[1:3], column_names=columns)  # redelivered, re-cut
+    lines = [line(0, "inference", 2_000, H0), line(1, "inference", 500, H0 + 30 * MINUTE, estimated=True),
+             line(2, "retrieval", 40, H0), line(3, "tooling", 7, H0 + HOUR)]
+    write(sink, "costs", *lines)
+    refresh(admin, "hourly_cost_from_costs")
+    forget_marks(admin)
+    # Redelivered lines, and a run's closure estimate written again later under its id, now in another hour; the
+    # merge that drops the old line runs before the refresh sees it.
+    write(sink, "costs", *lines[2:])
+    write(sink, "costs", lines[1].model_copy(update={"micros": 800, "occurred_at": H0 + 2 * HOUR}))
+    admin.command("OPTIMIZE TABLE costs FINAL")
     refresh(admin, "hourly_cost_from_costs")
     hourly = sink.query("SELECT hour, surface, records, micros, estimated_micros FROM hourly_cost "
                         "WHERE records > 0 ORDER BY hour, surface").rows
-    assert hourly == [(H0, "inference", 2, 2_500, 500), (H0, "retrieval", 1, 40, 0), (H0 + HOUR, "tooling", 1, 7, 0)]
+    assert hourly == [(H0, "inference", 1, 2_000, 0), (H0, "retrieval", 1, 40, 0), (H0 + HOUR, "tooling", 1, 7, 0),
+                      (H0 + 2 * HOUR, "inference", 1, 800, 800)]
     assert hourly == sink.query(
         "SELECT toStartOfHour(occurred_at) AS hour, surface, count(), sum(micros), sumIf(micros, estimated) "
         "FROM costs GROUP BY hour, surface ORDER BY hour, surface").rows
-
-
-def test_a_rollup_waiting_for_a_table_follows_the_migration_that_creates_it_in_the_same_run(
-    sink: ClickHouseSink, admin: Client
-) -> None:
-    """When the costs table arrives as a migration after the cost rollup's, one run applies both."""
-    costs = Migration(len(MIGRATIONS) + 1, "costs table", lambda db: (COSTS.format(db=db),))
-    applied = migrate(admin, sink.database, history=(*MIGRATIONS, costs))
-    assert [m.name for m in applied] == ["costs table", "hourly cost per tenant"]
-    assert admin.command("SELECT count() FROM system.tables WHERE database = currentDatabase() "
-                         "AND name = 'hourly_cost'") == 1

@@ -18,10 +18,12 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
+    CostLine,
     DeadLetter,
     Decision,
     ItemDecision,
     MemoryRecord,
+    RunEnvelope,
     TenantManifest,
     TurnEvent,
     UsageReport,
@@ -72,9 +74,11 @@ def test_schema_is_idempotent_and_every_table_orders_by_tenant_first(sink: Click
         {"db": sink.database},
     ).rows
     assert {spec.name for spec in TABLES} <= {name for name, _, _ in rows}
+    # Bookkeeping, not analytics: read by version, and by rollup and time.
+    internal = {"schema_migrations", "rollup_marks"}
     for name, engine, sorting_key in rows:
-        assert engine == "ReplacingMergeTree", name
-        assert name == "schema_migrations" or sorting_key.startswith("tenant_id,"), (name, sorting_key)
+        assert name in internal or engine == "ReplacingMergeTree", name
+        assert name in internal or sorting_key.startswith("tenant_id,"), (name, sorting_key)
 
 
 def test_rewritten_and_recut_batches_leave_no_duplicates(sink: ClickHouseSink, admin: Client) -> None:
@@ -173,6 +177,41 @@ def test_every_projected_record_type_round_trips(sink: ClickHouseSink) -> None:
     assert actions == [("item-3", 40)]
     assert sink.query("SELECT `window`, decided_at FROM decisions").rows == [("day", T0)]
     assert sink.query("SELECT tenant_id, source_offset, original FROM dead_letters").rows == [("", 9, None)]
+
+
+def envelope(version: int, status: str, cost: int) -> RunEnvelope:
+    zero = dict.fromkeys((
+        "global_tokens", "user_tokens", "session_tokens", "input_tokens", "output_tokens", "cached_read_tokens",
+        "cache_write_tokens", "reasoning_tokens", "tool_calls", "tool_results", "evictions", "compressions",
+        "tokens_freed", "inference_micros", "tooling_micros", "persistence_micros",
+    ), 0)
+    return RunEnvelope(
+        tenant_id="acme", user_id="u1", session_id="s1", run_id="run-1", parent_run_id="run-0",
+        root_run_id="run-0", workflow_id="run-0", agent_id="researcher", depth=1, status=status,
+        closed_by=None if status == "open" else "idle_timeout", started_at=T0, last_event_at=T0,
+        tenant_tokens=10, retrieved_tokens=30, static_prefix_tokens=10, dynamic_tokens=30, usage_estimated=True,
+        retrievals=2, memory_ids=["mem-1", "mem-2"], promotions={"user": 2, "session": 1}, cost_micros=cost,
+        retrieval_micros=cost, cost_estimated=True, price_version="v1", event_count=version,
+        integrity_hash=content_digest(str(version)), envelope_version=version, updated_at=T0, **zero,
+    )
+
+
+def test_envelopes_keep_their_highest_version_and_costs_their_last_line(sink: ClickHouseSink) -> None:
+    for record in (envelope(7, "abandoned", 300), envelope(3, "open", 100)):  # an older version arrives late
+        sink.add(record)
+    line = CostLine(
+        cost_id="c-1", tenant_id="acme", user_id="u1", session_id="s1", run_id="run-1", root_run_id="run-0",
+        parent_run_id="run-0", workflow_id="run-0", agent_id="researcher", surface="inference", model="gpt-4o",
+        quantity=100, unit="tokens", micros=250, price_version="v1", estimated=True, source_event_id="e-1",
+        occurred_at=T0,
+    )
+    sink.add(line)
+    sink.flush()
+    sink.add(line.model_copy(update={"quantity": 140, "micros": 350}))  # the run's estimate, updated
+    sink.flush()
+    rows = sink.query("SELECT status, envelope_version, promotions['user'], memory_ids FROM envelopes").rows
+    assert rows == [("abandoned", 7, 2, ["mem-1", "mem-2"])]
+    assert sink.query("SELECT cost_id, quantity, micros, estimated FROM costs").rows == [("c-1", 140, 350, True)]
 
 
 def test_a_table_from_an_older_version_gains_the_new_columns(chdb_dsn: str) -> None:
