@@ -117,6 +117,9 @@ def _rekey(db: str, table: str, identity: str) -> tuple[str, ...]:
         f"ALTER TABLE `{db}`.`{table}` ADD COLUMN IF NOT EXISTS source_offset Int64 DEFAULT -1, "
         "ADD COLUMN IF NOT EXISTS precedence Int64 MATERIALIZED -source_offset, "
         f"ADD COLUMN IF NOT EXISTS ingested_at {_TS} DEFAULT occurred_at",
+        # A version between the release and migrations added ingested_at defaulting to now64(): rows older than
+        # the column would read as ingested at every read, so they read their event time too.
+        f"ALTER TABLE `{db}`.`{table}` MODIFY COLUMN ingested_at DEFAULT occurred_at",
         f"DROP TABLE IF EXISTS {scratch} SYNC",
         f"CREATE TABLE {scratch} AS `{db}`.`{table}` ENGINE = ReplacingMergeTree(precedence) PARTITION BY tuple() "
         f"ORDER BY ({key}) {_SETTINGS}",
@@ -171,6 +174,11 @@ class Rollup:
     part_name: str
     measures: Columns
 
+    @property
+    def tagged(self) -> bool:
+        """Whether ``part`` is a constant naming the source: a rollup several sources share."""
+        return self.part.startswith("'")
+
 
 def _rollup(db: str, r: Rollup) -> tuple[str, ...]:
     """The statements that keep ``r.target`` equal to an aggregate of ``r.source`` FINAL, whatever the duplicates.
@@ -193,7 +201,7 @@ def _rollup(db: str, r: Rollup) -> tuple[str, ...]:
     Creating the rollup marks every group the source holds, so its first refresh backfills it.
     """
     ident = ", ".join(r.identity)
-    mark_part = f"n.{r.part}" if not r.part.startswith("'") else r.part
+    mark_part = r.part if r.tagged else f"n.{r.part}"
     marks = (
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{db}`.`{r.view}_marks` TO `{db}`.rollup_marks AS "
         f"SELECT '{r.view}' AS rollup, n.tenant_id AS tenant_id, mark.1 AS hour, mark.2 AS part "
@@ -205,7 +213,7 @@ def _rollup(db: str, r: Rollup) -> tuple[str, ...]:
         "SETTINGS join_use_nulls = 0"
     )
     keys = ", ".join(("tenant_id", "hour", r.part_name))
-    since = f"{r.part_name} = {r.part}" if r.part.startswith("'") else "1"  # a rollup shared by several sources
+    since = f"{r.part_name} = {r.part}" if r.tagged else "1"
     touched = (
         f"SELECT DISTINCT tenant_id, hour, part AS {r.part_name} FROM `{db}`.rollup_marks WHERE rollup = '{r.view}' "
         f"AND marked_at >= (SELECT max(computed_at) FROM `{db}`.`{r.target}` WHERE {since}) - {REFRESH_OVERLAP}"
@@ -218,7 +226,8 @@ def _rollup(db: str, r: Rollup) -> tuple[str, ...]:
     picked = ", ".join([f"touched.{k} AS {k}" for k in ("tenant_id", "hour", r.part_name)]
                        + [f"totals.{name} AS {name}" for _, name in r.measures])
     return (
-        f"CREATE VIEW IF NOT EXISTS `{db}`.`stored_{r.source}` AS SELECT * FROM `{db}`.`{r.source}`",
+        f"CREATE VIEW IF NOT EXISTS `{db}`.`stored_{r.source}` AS SELECT {ident}, occurred_at"
+        f"{'' if r.tagged else ', ' + r.part} FROM `{db}`.`{r.source}`",
         marks,
         # After the marks view exists, so a row inserted meanwhile is marked by one or the other.
         f"INSERT INTO `{db}`.rollup_marks (rollup, tenant_id, hour, part) SELECT DISTINCT '{r.view}', tenant_id, "
