@@ -15,8 +15,9 @@ The event tables (turns, usage, runs) are keyed by the identity the budget dedup
 counts the first copy it read, which may differ from later ones (a resent turn with other content). So these
 tables are *logged*: a record is added with its offset (:class:`Logged`), stored as ``source_offset``, and the
 copy with the lowest offset wins (``ReplacingMergeTree(precedence)``, ``precedence = -source_offset``). Every copy
-of one identity lies in one partition of its topic (records are keyed by tenant), so offsets order them exactly
-as the budget read them, whichever process writes them and however batches are cut. They are not partitioned:
+of one identity lies in one partition of its topic (records are keyed by tenant; a changed partition count needs
+a state reset, as for the budget), so offsets order them exactly as the budget read them, whichever process
+writes them and however batches are cut. They are not partitioned:
 ReplacingMergeTree collapses only within a partition, and a copy re-stamped with another ``occurred_at`` must
 meet the first.
 
@@ -298,7 +299,7 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("costs", CostLine, _COST_COLUMNS, ("tenant_id", "run_id", "cost_id"), _plain_row(_names(_COST_COLUMNS)),
               server_columns=(INGESTED_AT,), expires_by="occurred_at"),
 )
-"""Every projected table, in the order ``ensure_schema`` creates them."""
+"""Every projected table (migrations create them; ``ensure_schema`` adds the spec columns a table lacks)."""
 
 TABLE_BY_MODEL: dict[type[BaseModel], TableSpec] = {spec.model: spec for spec in TABLES}
 TABLE_BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in TABLES}

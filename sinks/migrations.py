@@ -33,7 +33,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -66,10 +65,10 @@ class MigrationState:
     applied_at: datetime | None
 
 
-def schema_state(client: Client, database: str, history: Sequence[Migration] = MIGRATIONS) -> list[MigrationState]:
-    """Every migration of ``history`` with its state in ``database`` (read without taking the lock)."""
+def schema_state(client: Client, database: str) -> list[MigrationState]:
+    """Every migration with its state in ``database`` (read without taking the lock)."""
     applied = _applied(client, database)
-    return [MigrationState(m, applied.get(m.version)) for m in history]
+    return [MigrationState(m, applied.get(m.version)) for m in MIGRATIONS]
 
 
 def pending_statements(client: Client, database: str) -> list[tuple[Migration, tuple[str, ...]]]:
@@ -85,11 +84,9 @@ def migrate(
     retention: TableRetention | None = None,
     exclusive_engine: bool = False,
     lock_timeout_s: float = 600.0,
-    history: Sequence[Migration] = MIGRATIONS,
 ) -> list[Migration]:
     """Apply the pending migrations of ``database`` (created if missing), add the spec columns its tables lack,
     and set the TTLs of ``retention`` (None leaves TTLs as they are); returns the migrations applied now.
-    ``history`` is the schema's migrations (:data:`sinks.schema_versions.MIGRATIONS`).
 
     ``exclusive_engine``: the client is chDB, whose data directory one process owns, so a lock left by another
     process is stale. Raises :class:`SchemaLocked` when another runner holds the lock past ``lock_timeout_s``.
@@ -101,7 +98,7 @@ def migrate(
             "applied_at DateTime64(3, 'UTC'), applied_by String) ENGINE = ReplacingMergeTree ORDER BY version"
         )
         # Read again under the lock: a runner that held it before may have applied them.
-        done = [s.migration for s in schema_state(client, database, history) if s.applied_at is None]
+        done = [s.migration for s in schema_state(client, database) if s.applied_at is None]
         for migration in done:
             _apply(client, database, migration)
         for spec in TABLES:
