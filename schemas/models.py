@@ -193,6 +193,42 @@ class MemoryStatus(StrEnum):
     ACTIVE = "active"
     QUARANTINED = "quarantined"
     REVOKED = "revoked"
+    #: Replaced by a newer record that contradicts it on the same subject and attribute (MemoryRecord v2).
+    SUPERSEDED = "superseded"
+
+
+class Verification(StrEnum):
+    """Evidence that a memory candidate is true; tenant-scoped facts need one other than ``none``."""
+
+    NONE = "none"
+    HUMAN_APPROVED = "human_approved"
+    SYSTEM_OF_RECORD = "system_of_record"
+    CORROBORATED = "corroborated"
+
+
+class Sensitivity(StrEnum):
+    """Whether a memory's content holds personal data."""
+
+    NONE = "none"
+    PII = "pii"
+
+
+class ReviewState(StrEnum):
+    """Where the review of a quarantined memory stands."""
+
+    NONE = "none"
+    OPEN = "open"
+    REINSTATED = "reinstated"
+    CORRECTED = "corrected"
+    REVOKED = "revoked"
+
+
+class VerdictOutcome(StrEnum):
+    """What the memory gate did with a candidate."""
+
+    ACCEPTED = "accepted"
+    MERGED = "merged"
+    REJECTED = "rejected"
 
 
 class DecisionKind(StrEnum):
@@ -441,6 +477,21 @@ class EvictionPolicy(_Record):
         return self
 
 
+class MemoryGovernance(_Record):
+    """A tenant's memory gate settings (manifest v4; null: no retention rules, no trusted systems, no bootstrap)."""
+
+    #: Named rules under which personal data may be kept; a candidate with PII must cite one of them.
+    retention_rules: list[Id] = Field(default_factory=list)
+    #: Systems of record whose confirmation verifies a tenant fact.
+    trusted_systems: list[Id] = Field(default_factory=list)
+    #: Until then, unverified tenant facts and episodes are admitted, flagged ``bootstrap_loosened``.
+    bootstrap_until: Timestamp | None = None
+    min_confidence: Fraction = 0.5
+    min_corroborating_runs: Annotated[int, Field(ge=1, le=_INT_MAX)] = 2
+    #: Content above this many UTF-8 bytes goes to the payload store instead of the record.
+    inline_max_bytes: Annotated[int, Field(ge=1, le=_LONG_MAX)] = 8192
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -467,6 +518,8 @@ class TenantManifest(_Record):
     qos: TierQoS | None = None
     #: The eviction policy; None: hybrid with :class:`EvictionPolicy`'s defaults.
     eviction: EvictionPolicy | None = None
+    #: Memory gate settings (v4); None: :class:`MemoryGovernance`'s defaults.
+    memory: MemoryGovernance | None = None
 
 
 class MemoryCandidate(_Record):
@@ -487,6 +540,24 @@ class MemoryCandidate(_Record):
     confidence: Fraction
     privacy: PrivacyMode = PrivacyMode.RETAINED
     occurred_at: Timestamp
+    # --- v2: precise conflicts, verification evidence, sub-agent provenance, PII retention ---
+    #: What the memory is about (an entity id or name); with ``attribute``, the key of a contradiction.
+    subject: str | None = None
+    #: Which property of ``subject`` it states.
+    attribute: str | None = None
+    #: The stated value; compared after unit and format normalisation.
+    value: str | None = None
+    verification: Verification = Verification.NONE
+    #: The approver id or the system of record's name.
+    verified_by: str | None = None
+    #: Other runs that independently produced the same candidate (``verification=corroborated``).
+    corroborating_run_ids: list[Id] = Field(default_factory=list)
+    #: Set on a sub-agent's output: the run that spawned the producing run.
+    parent_run_id: Id | None = None
+    #: The sub-agent whose output this is.
+    produced_by_agent: Id | None = None
+    #: The named retention rule under which personal data in the content may be kept.
+    retention_rule: str | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -495,7 +566,11 @@ class MemoryCandidate(_Record):
 
 
 class MemoryRecord(_Record):
-    """Canonical durable memory (topic ``memory.records``, compacted by ``tenant_id:memory_id``)."""
+    """Canonical durable memory (topic ``memory.records``, compacted by ``tenant_id:memory_id``).
+
+    ``content`` is null when the payload lives in the object store (``payload_ref``) or after revocation
+    (a tombstone keeps the digest and provenance, never the text).
+    """
 
     memory_id: Id
     tenant_id: TenantId
@@ -513,6 +588,30 @@ class MemoryRecord(_Record):
     updated_at: Timestamp
     expires_at: Timestamp | None = None
     reason: str | None = None
+    # --- v2: identity owner, precise conflicts, sensitivity, provenance, supersession, review ---
+    #: The owner inside the scope (user id, session id; null for tenant): part of the identity.
+    owner_id: str | None = None
+    subject: str | None = None
+    attribute: str | None = None
+    value: str | None = None
+    verification: Verification = Verification.NONE
+    sensitivity: Sensitivity = Sensitivity.NONE
+    #: Kinds of personal data found (presidio entity types, e.g. ``EMAIL_ADDRESS``).
+    pii_kinds: list[str] = Field(default_factory=list)
+    retention_policy: str | None = None
+    #: The memory policy (gate rules) version that admitted the record.
+    policy_version: str | None = None
+    parent_run_id: str | None = None
+    produced_by_agent: str | None = None
+    #: Object-store key of the content when above the inline threshold (``content`` is then null).
+    payload_ref: str | None = None
+    supersedes: str | None = None
+    superseded_by: str | None = None
+    review_state: ReviewState = ReviewState.NONE
+    #: Candidates merged into this record as exact or near duplicates.
+    merge_count: Count = 0
+    #: Admitted only because the tenant's bootstrap period loosened the gate.
+    bootstrap_loosened: bool = False
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -646,6 +745,34 @@ class Invalidation(_Record):
     session_id: Id | None = None
     run_id: Id | None = None
     reason: str
+    occurred_at: Timestamp
+
+
+class MemoryVerdict(_Record):
+    """The memory gate's verdict on one candidate (topic ``memory.verdicts``; one ClickHouse row each).
+
+    ``verdict_id`` is a hash of the tenant and the candidate id, so a replay overwrites instead of duplicating;
+    ``reason`` never echoes the candidate's content (a rejected secret must not reach any sink).
+    """
+
+    verdict_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    candidate_id: Id
+    source_event_id: Id
+    outcome: VerdictOutcome
+    status: MemoryStatus | None = None
+    rule: Id
+    reason: str
+    bootstrap_loosened: bool = False
+    memory_id: Id | None = None
+    scope: MemoryScope
+    type: MemoryType
+    pii_kinds: list[str] = Field(default_factory=list)
+    policy_version: str | None = None
+    parent_run_id: Id | None = None
     occurred_at: Timestamp
 
 
@@ -810,3 +937,6 @@ MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     CostLine: "CostLine",
 }
 """Top-level model -> Avro record name (namespace ``ctxflow``); nested records travel inside their parent."""
+
+# Memory governance (issue 15): records added by the memory gate.
+MODEL_SCHEMAS[MemoryVerdict] = "MemoryVerdict"

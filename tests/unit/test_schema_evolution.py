@@ -203,6 +203,11 @@ RELEASED_FINGERPRINTS = {
     ("UsageReport", 1): "f15d43454141ff3d",
     ("RunEnvelope", 1): "8e09de94de12153e",
     ("CostLine", 1): "f5396131740b8645",
+    # Memory governance (issue 15).
+    ("MemoryCandidate", 2): "94b22b1ad7f6f3c6",
+    ("MemoryRecord", 2): "133e623478ecdca9",
+    ("MemoryVerdict", 1): "c58e62f4e2c49cfa",
+    ("TenantManifest", 4): "db94133f0c7b1341",
 }
 
 
