@@ -14,8 +14,9 @@ table functions that reach outside the tables (``file()``, ``url()``, ``remote()
 including ``INSERT INTO FUNCTION file(...)``, so it is not used.
 
 Fast path (chDB only): turns, usage reports and run events arrive as Avro; :meth:`ClickHouseSink.add_encoded`
-keeps their bytes, and a flush wraps each writer schema's bodies into one Avro object container file that
-chDB parses itself (``INSERT ... SELECT <projection> FROM file(..., 'Avro')``). Building rows and the Native
+keeps their bytes, each followed by its offset, and a flush wraps each writer schema's bodies into one Avro object
+container file, whose schema is the writer's plus a trailing ``source_offset`` long, that chDB parses itself
+(``INSERT ... SELECT <projection> FROM file(..., 'Avro')``). Building rows and the Native
 block in Python cost ~15 us per turn, most of it holding the GIL; the container costs ~1 us, and chDB's own
 parse runs without the GIL. The SELECT applies the same projection as ``clickhouse_ddl`` (no-retention content
 dropped, a missing digest computed, embedding dimensions) and is checked against it by EXCEPT in both
@@ -46,11 +47,15 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from ctxflow.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
 from ctxflow.schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
-from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, TABLES, TableSpec
+from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, Logged, TableSpec, spec_of
+from ctxflow.sinks.migrations import migrate
+from ctxflow.sinks.table_retention import TableRetention
 from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
+#: The database ctxflow's tables live in.
+DEFAULT_DATABASE = "ctxflow"
 #: Errors expected to clear by themselves, with how long to wait before retrying the flush (seconds).
 TRANSIENT_CODES: dict[int, float] = {
     159: 1.0,  # TIMEOUT_EXCEEDED
@@ -130,73 +135,71 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
-class ClickHouseSink(BatchingSink[BaseModel]):
+class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
     """Projects turns, usage, runs, decisions, dead letters, memory records and invalidations to ClickHouse.
 
     Guarantees: ``write`` is idempotent (re-sent or re-cut batches leave one visible row per record
-    identity on the analyst path); a ``no_retention`` turn's content is never sent to ClickHouse; transient
-    failures raise :class:`SinkBackpressure`; ``query`` cannot modify anything.
+    identity on the analyst path, and for turns, usage and runs, added as :class:`Logged`, the visible copy of an
+    identity is the one with the lowest offset: the one the budget counted); a ``no_retention`` turn's content is
+    never sent to ClickHouse; transient failures raise :class:`SinkBackpressure`; ``query`` cannot modify
+    anything.
     """
 
-    def __init__(self, dsn: str, database: str = "ctxflow") -> None:
+    def __init__(self, dsn: str, database: str = DEFAULT_DATABASE) -> None:
         super().__init__()
         self.dsn = dsn
         self.database = database
-        self._writer = _connect(dsn)
+        self._writer = connect(dsn)
         self._reader: Client | None = None
         self._reader_lock = threading.Lock()
         self._encoded: dict[bytes, list[bytes]] = {}  # writer fingerprint -> Avro bodies
         self._plans: dict[bytes, _AvroPlan] = {}  # filled by ensure_schema on chDB
 
-    def ensure_schema(self) -> None:
-        """Create the database and every projected table if missing, and add the columns a table created by an
-        older version lacks (safe to call any number of times)."""
+    def ensure_schema(self, retention: TableRetention | None = None) -> None:
+        """Bring the database to the newest schema (:func:`sinks.migrations.migrate`: safe to call any number of
+        times, and from several processes at once) with the TTLs of ``retention`` (None leaves them as they are)."""
         # clickhouse-connect looks for pandas on its first insert: an import that would stall the first batch.
         options.pd  # noqa: B018
-        self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
-        for spec in TABLES:
-            self._writer.command(spec.create_sql(self.database))
-            self._writer.command(spec.add_columns_sql(self.database))
+        migrate(self._writer, self.database, retention=retention, exclusive_engine=self.dsn.startswith("chdb:"))
         if self.dsn.startswith("chdb:"):  # a server could not read the container from this host's files
             for model in ENCODED_TYPES:
                 for writer in kept_schemas()[model.__name__]:
                     plan = self._make_plan(writer, TABLE_BY_MODEL[model])
                     if plan is not None:
                         self._plans[writer.fingerprint] = plan
-        logger.info("clickhouse schema ready in %s (%d tables)", self.database, len(TABLES))
+        logger.info("clickhouse schema ready in %s", self.database)
 
-    def table_for(self, record: BaseModel) -> str:
-        """The table projecting ``record``'s type; ``TypeError`` for types with no table."""
-        spec = TABLE_BY_MODEL.get(type(record))
-        if spec is None:
-            raise TypeError(f"no ClickHouse table projects {type(record).__name__}")
-        return spec.name
+    def table_for(self, record: BaseModel | Logged[Any]) -> str:
+        """The table projecting ``record``'s type; ``TypeError`` for types with no table, and for a bare turn,
+        usage report or run event (those are added as ``Logged(record, offset)``)."""
+        return spec_of(record).name
 
-    def write(self, batch: Batch[BaseModel]) -> None:
+    def write(self, batch: Batch[BaseModel | Logged[Any]]) -> None:
         """Insert ``batch`` as one block; safe to repeat with the same or other batch boundaries.
 
         Row-oriented: column-oriented inserts measured no faster on chDB 26.9 (the fixed cost per insert,
         about 15 ms for the INFILE round trip and a new part, dominates), so batch size is what matters.
         """
         spec = TABLE_BY_NAME[batch.table]
-        rows = [spec.to_row(record) for record in batch.records]
+        rows = [spec.row(record) for record in batch.records]
         if not rows:
             return
         with _backpressure_on_transient_errors():
             self._writer.insert(f"`{self.database}`.`{spec.name}`", rows, column_names=spec.column_names)
 
-    def add_encoded(self, record: BaseModel, value: bytes) -> None:
-        """Buffer ``record`` (decoded from ``value``) for its table, keeping only its Avro body when the fast
-        path can project it exactly (see the module docstring); otherwise as :meth:`add` does. No I/O."""
+    def add_encoded(self, record: BaseModel, value: bytes, offset: int) -> None:
+        """Buffer ``record`` (decoded from ``value``, read at ``offset`` of its topic partition) for its table,
+        keeping only its Avro body when the fast path can project it exactly (see the module docstring);
+        otherwise as :meth:`add` does with ``Logged(record, offset)``. No I/O."""
         if (
             value[:2] == SINGLE_OBJECT_MAGIC
             and value[2:10] in self._plans
             and not (isinstance(record, TurnEvent) and record.privacy is not PrivacyMode.RETAINED and record.content)
         ):
             with self._lock:
-                self._encoded.setdefault(value[2:10], []).append(value[10:])
+                self._encoded.setdefault(value[2:10], []).append(value[10:] + _zigzag(offset))
             return
-        self.add(record)
+        self.add(Logged(record, offset))
 
     @property
     def buffered(self) -> int:
@@ -268,7 +271,7 @@ class ClickHouseSink(BatchingSink[BaseModel]):
         with self._reader_lock:
             if self._reader is None:
                 # tz_mode="aware": timestamps come back as UTC-aware datetimes, like the contract's models.
-                self._reader = _connect(
+                self._reader = connect(
                     self.dsn, database=self.database, settings=ANALYST_SETTINGS, tz_mode="aware"
                 )
             reader = self._reader
@@ -346,8 +349,11 @@ def _avro_bytes(data: bytes) -> bytes:
 
 
 def _container_header(writer: SchemaVersion) -> bytes:
-    """An Avro object container header naming ``writer``'s schema, no compression."""
-    meta = {b"avro.schema": json.dumps(json.loads(writer.text)).encode(), b"avro.codec": b"null"}
+    """An Avro object container header naming ``writer``'s schema plus ``source_offset``, no compression."""
+    schema = json.loads(writer.text)
+    # Each body is followed by its offset: a record of this schema, then one long, is a record of this one.
+    schema["fields"] = [*schema["fields"], {"name": "source_offset", "type": "long"}]
+    meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
     entries = b"".join(_avro_bytes(k) + _avro_bytes(v) for k, v in meta.items())
     return b"Obj\x01" + _zigzag(len(meta)) + entries + _zigzag(0) + _SYNC
 
@@ -356,7 +362,9 @@ def _quote(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _connect(dsn: str, **kwargs: Any) -> Client:
+def connect(dsn: str, **kwargs: Any) -> Client:
+    """A clickhouse-connect client on ``dsn`` (``kwargs`` as ``get_client`` takes them); a RuntimeError that says
+    why when chDB cannot open the path because this process holds another one."""
     try:
         return clickhouse_connect.get_client(dsn=dsn, **kwargs)
     except ProgrammingError as exc:

@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     #: Days the projections are taken to keep a run's retained content, to price its storage (an estimate).
     content_storage_days: int = Field(default=30, ge=0)
 
+    #: Days ClickHouse keeps event rows (turns, usage, runs, decisions, dead letters, invalidations) after their
+    #: event time; 0 keeps them forever. 90 by default: a quarter covers incident reviews and monthly billing
+    #: disputes, while turn content (the bulk, and the sensitive part) does not pile up for years. Applied as table
+    #: TTLs when a sink starts (``ALTER TABLE ... MODIFY TTL`` when it changed): sinks.table_retention.
+    clickhouse_retention_days: int = Field(default=90, ge=0)
+    #: Days ClickHouse keeps the hourly rollups (tokens and cost per tenant, no content); 0 keeps them forever.
+    #: 400 by default: a year of hours plus a month, for year-over-year dashboards.
+    clickhouse_rollup_retention_days: int = Field(default=400, ge=0)
+
     @property
     def chdb_dsn(self) -> str:
         """The ClickHouse DSN in force: the configured one, else chDB under ``home``."""

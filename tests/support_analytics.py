@@ -168,12 +168,13 @@ def seed(home: Path, now: dt.datetime) -> None:
 
 def _write(home: Path, now: dt.datetime) -> None:
     from ctxflow.sinks.clickhouse import ClickHouseSink
+    from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, Logged
 
     sink = ClickHouseSink(f"chdb://{(home / 'clickhouse').resolve()}")
     try:
         sink.ensure_schema()
-        for record in records(now):
-            sink.add(record)
+        for offset, record in enumerate(records(now)):  # positions stand in for the log's offsets
+            sink.add(Logged(record, offset) if TABLE_BY_MODEL[type(record)].logged else record)
         sink.flush()
     finally:
         sink.close()

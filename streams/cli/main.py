@@ -332,6 +332,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "ctxflow.streams.cli.simulate:simulate",
     "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
     "report": "ctxflow.streams.cli.report:report",
+    "migrate": "ctxflow.streams.cli.migrate:migrate",
 }
 
 for _name, _target in SUBCOMMAND_GROUPS.items():

@@ -304,7 +304,7 @@ class BudgetPipeline:
         if isinstance(event, (*_SUNK, Summary)):  # a summary swapped in changes its run's headroom too
             report.runs[run_key(event.tenant_id, event.run_id)] = event.user_id  # type: ignore[union-attr]
         if isinstance(event, _SUNK):
-            self._sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
+            self._sink.add_encoded(event, record.value, record.offset)  # type: ignore[arg-type]  (decoded: not None)
 
     def _decode(self, record: InputRecord) -> BaseModel:
         if record.value is None:

@@ -33,6 +33,7 @@ from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
 from ctxflow.sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
 from ctxflow.sinks.redis import RedisProjection
+from ctxflow.sinks.table_retention import TableRetention
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
@@ -94,7 +95,7 @@ def build_app(settings: Settings) -> faust.App:
         pending_jobs=lambda: pending_jobs(tables[WORKSETS].values()),
     )
     sink = ClickHouseSink(settings.chdb_dsn)
-    sink.ensure_schema()
+    sink.ensure_schema(TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
 
     @app.agent(inputs, concurrency=1, name="budget")
     async def budget(stream: faust.StreamT) -> None:

@@ -27,7 +27,7 @@ NO_YAML = "PyYAML is not installed (not a ctxflow dependency yet): compose/provi
 
 #: ClickHouse tables the dashboards may read, with their columns: the sink's own DDL (columns ClickHouse fills at
 #: insert included), so a panel naming a column the tables lack fails here.
-TABLES: dict[str, dict[str, str]] = {spec.name: dict((*spec.columns, *spec.defaulted)) for spec in DDL_TABLES}
+TABLES: dict[str, dict[str, str]] = {spec.name: dict((*spec.columns, *spec.server_columns)) for spec in DDL_TABLES}
 #: SQL words the dashboards use that are neither functions (followed by "(") nor columns.
 _KEYWORD = re.compile(
     r"select|from|where|and|or|not|as|group|by|order|limit|desc|asc|in|is|null|final|interval|second"
