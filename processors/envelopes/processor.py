@@ -458,7 +458,9 @@ class EnvelopeProcessor:
             # (a replay interleaves the streams differently): it could still bring a record of the run.
             return out
         bucket = index.bucket_ms
-        for key in index.due(low):
+        # In key order: a live index files runs in arrival order, one rebuilt after a restart in store order, and
+        # the closures one record publishes must come out the same either way.
+        for key in sorted(index.due(low)):
             rs: RunState | None = state.get_state(TABLE, key)
             # Due when the watermark passed the end of its deadline's bucket: exactly the runs an index built
             # afresh from the store would hand over, so a restart closes a run at the same record as a live worker.
