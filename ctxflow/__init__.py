@@ -35,21 +35,30 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.streams.sdk import (
+    AnthropicStream,
     BrokerUnavailable,
     BudgetReader,
     ContextWindow,
     CtxflowClient,
     CtxflowError,
     DecisionStream,
+    OpenAIChatStream,
+    OpenAIResponsesStream,
     PublishFailed,
     RunContext,
     SyncCtxflowClient,
+    TokenUsage,
     TopicMissing,
+    anthropic_usage,
+    openai_chat_usage,
+    openai_responses_usage,
+    otel_genai_usage,
 )
 
 __all__ = [
-    "AdmissionRequest", "BrokerUnavailable", "BudgetReader", "BudgetState", "ContextWindow", "CtxflowClient",
-    "CtxflowError", "Decision", "DecisionKind", "DecisionStream", "ItemKind", "PrivacyMode", "PublishFailed",
-    "Role", "RunContext", "RunEvent", "RunPhase", "RunStatus", "Slot", "SyncCtxflowClient", "TopicMissing",
-    "TurnEvent", "UsageReport",
+    "AdmissionRequest", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "BudgetState", "ContextWindow",
+    "CtxflowClient", "CtxflowError", "Decision", "DecisionKind", "DecisionStream", "ItemKind", "OpenAIChatStream",
+    "OpenAIResponsesStream", "PrivacyMode", "PublishFailed", "Role", "RunContext", "RunEvent", "RunPhase",
+    "RunStatus", "Slot", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "TurnEvent", "UsageReport",
+    "anthropic_usage", "openai_chat_usage", "openai_responses_usage", "otel_genai_usage",
 ]

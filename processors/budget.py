@@ -50,7 +50,7 @@ from ctxflow.processors.ledger import (
     WorkflowLedger,
 )
 from ctxflow.processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit, check_manifest, effective_budget
-from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_tokens
+from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable, prompt_tokens, usage_incomplete, usage_tokens
 from ctxflow.processors.retention import DEFAULT_RETENTION, Retention, RetirementIndex, Watermark
 from ctxflow.processors.tokens import ESTIMATOR, UNKNOWN, TokenCount, TokenCounter
 from ctxflow.processors.transitions import DecisionEmitter
@@ -395,7 +395,7 @@ class BudgetProcessor:
         run.reported_tokens += tokens
         run.reported_cost += cost.micros
         run.reports += 1
-        if not u.complete:
+        if usage_incomplete(u):  # an interrupted stream, or a call logged at zero: the run's usage is estimated
             run.flags |= INCOMPLETE
         em = DecisionEmitter(u, u.event_id, budget, now)
         estimate, reported = run.working_set() - run.live(_OUTPUT), prompt_tokens(u)

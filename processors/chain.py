@@ -1,8 +1,8 @@
 """The processor chain: every record through the budget, then each later processor, under one commit protocol.
 
-Order: budget -> eviction planner (-> the memory gate and the envelope/cost processors of later issues). Each
-processor is pure, ``(event, position, state, now) -> outputs`` over its own tables, and unit-tested without
-Kafka. The chain owns what they share:
+Order: budget -> eviction planner -> envelopes and costs (-> the memory gate of a later issue, before envelopes).
+Each processor is pure, ``(event, position, state, now, earlier) -> outputs`` over its own tables, and
+unit-tested without Kafka. The chain owns what they share:
 
 - *Admission of a record* is the budget's: a run record the tenant's watermark already covers is skipped by the
   whole chain (every effect of it is durable), one too late for the dedup window is refused by the whole chain
@@ -13,12 +13,19 @@ Kafka. The chain owns what they share:
   the budget's effects of the record stand (a processor bug must not turn counted tokens into a dead letter).
 - *Feedback*: a later processor may return a :class:`~processors.budget.Relief` (the planner's tokens freed per
   slot, absolute); the chain hands it to the budget, whose gauges then move back down. Everything else a
-  processor returns is a record to publish (decisions, compression jobs), routed by type by the worker.
+  processor returns is a record to publish (decisions, compression jobs, envelopes, cost lines), routed by type
+  by the worker.
+- *Sight*: each processor receives ``earlier``, what the budget and the processors before it published for the
+  same record (the envelope processor counts the planner's eviction decisions of a run from it).
 
-A processor's tables are declared as :class:`TableSpec` values and persisted by the worker with the run ledgers
-(after the aggregates, before the watermarks: :mod:`streams.runtime.pipeline`), so each processor's own
-per-run dedup state follows the crash argument of :mod:`processors.ledger`. Adding a processor is its module and
-a line in :func:`default_chain`; no commit, dedup, recovery or projection code changes.
+A processor's tables are declared as :class:`TableSpec` values and persisted by the worker after the run ledgers
+and before the watermarks (:mod:`streams.runtime.pipeline`), so each processor's own per-run dedup state follows
+the crash argument of :mod:`processors.ledger`; a later processor's tables are persisted before an earlier one's.
+Why: a processor whose table already holds a record publishes nothing for it again on a replay (the planner's
+decisions went out the first time), so a later processor that reads ``earlier`` must never be behind it, or the
+replay would apply the record to it without what the earlier one decided. Ahead is harmless: the earlier
+processor re-decides the record identically and the later one skips it. Adding a processor is its module and a
+line in :func:`default_chain`; no commit, dedup, recovery or projection code changes.
 """
 
 from __future__ import annotations
@@ -48,12 +55,20 @@ class Processor(Protocol):
     name: str
     tables: tuple[TableSpec, ...]
 
-    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime) -> Sequence[Any]:
-        """Apply one record to the processor's tables; return records to publish and :class:`Relief`."""
+    def process(
+        self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[BaseModel]
+    ) -> Sequence[Any]:
+        """Apply one record to the processor's tables; return records to publish and :class:`Relief`.
+
+        ``earlier`` is what the budget and the processors before this one published for the record."""
         ...
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
         """Forget the processor's state of the runs the budget retired."""
+        ...
+
+    def forget_index(self) -> None:
+        """The store's values were reloaded (restart, rebalance): drop in-memory indexes built from them."""
         ...
 
 
@@ -79,7 +94,7 @@ class ProcessorChain:
         out: list[BaseModel] = list(budget.apply(event, pos, state, now))  # type: ignore[arg-type]
         for processor in self.processors:
             try:
-                outputs = processor.process(event, pos, state, now)
+                outputs = processor.process(event, pos, state, now, out)
             except Exception as error:
                 # The budget's effects of this record stand (its tokens are counted, its decisions go out); a
                 # later processor's bug must not turn them into a dead letter. That processor skips the record;
@@ -100,10 +115,17 @@ class ProcessorChain:
     def forget_retirement_index(self) -> None:
         """After the tables were reloaded (restart, rebalance): see :meth:`BudgetProcessor.forget_retirement_index`."""
         self.budget.forget_retirement_index()
+        for processor in self.processors:
+            processor.forget_index()
 
 
-def default_chain(budget: BudgetProcessor) -> ProcessorChain:
-    """The worker's chain: budget, then the eviction planner."""
+def default_chain(
+    budget: BudgetProcessor, *, idle_timeout_s: float | None = None, storage_days: float | None = None
+) -> ProcessorChain:
+    """The worker's chain: budget, then the eviction planner, then envelopes and costs (``idle_timeout_s`` and
+    ``storage_days``: :class:`~processors.envelopes.processor.EnvelopeProcessor`'s, its defaults when None)."""
+    from ctxflow.processors.envelopes.processor import EnvelopeProcessor
     from ctxflow.processors.eviction.planner import EvictionPlanner
 
-    return ProcessorChain(budget, [EvictionPlanner(budget)])
+    envelopes = EnvelopeProcessor(budget, idle_timeout_s=idle_timeout_s, storage_days=storage_days)
+    return ProcessorChain(budget, [EvictionPlanner(budget), envelopes])

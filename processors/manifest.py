@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ctxflow.processors.tokens import has_offline_encoding
+from ctxflow.processors.encodings import has_offline_encoding
 from ctxflow.schemas.models import (
     BudgetState,
     HardLimitBehaviour,

@@ -1,9 +1,13 @@
-"""A versioned price table: model -> micro-USD per million tokens for each kind of token.
+"""A versioned price table: every cost surface (inference, retrieval, tooling, persistence) in micro-USD.
 
-Costs are integers in micro-USD (1e-6 USD), so sums are exact and replays reproduce them to the unit. Token
-kinds in a :class:`~schemas.models.UsageReport` are taken as disjoint (the SDK normalises provider
-conventions): uncached input, output, cached reads, cache writes and reasoning tokens; a call's tokens are
-their sum. A model missing from the table is priced at the table's ``fallback`` and reported ``estimated``.
+Inference: model -> micro-USD per million tokens for each kind of token. Costs are integers in micro-USD (1e-6
+USD), so sums are exact and replays reproduce them to the unit. Token kinds in a
+:class:`~schemas.models.UsageReport` are disjoint, as the contract says (``streams.sdk.usage`` normalises provider
+conventions): uncached input, output, cached reads, cache writes and reasoning tokens; a call's tokens are their
+sum, and each is charged once at its own price. A model missing from the table is priced at the table's
+``fallback`` and reported ``estimated``. The other surfaces have one price each: per tool call, per retrieval (a
+chunk or memory that entered a context) and per stored GB-day (content kept by the projections; an estimate, since
+what storage costs depends on how long it is kept).
 
 The bundled :data:`DEFAULT_PRICES` are illustrative list prices; operators load their own table and every
 cost carries the table's ``version``.
@@ -55,9 +59,18 @@ def prompt_tokens(report: UsageReport) -> int:
     return report.input_tokens + report.cached_read_tokens + report.cache_write_tokens
 
 
+def usage_incomplete(report: UsageReport) -> bool:
+    """Whether a report's counts are not the call's consumption: an interrupted stream (``complete=false``), or no
+    tokens at all (gateways log streamed calls at zero: such a call is estimated, never recorded as free)."""
+    return not report.complete or usage_tokens(report) == 0
+
+
 def _micros(tokens: int, per_mtok: int) -> int:
     # Round half up per line item so every replay sums the same integers.
     return (tokens * per_mtok + _PER_MTOK // 2) // _PER_MTOK
+
+
+_PER_GB = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +80,12 @@ class PriceTable:
     version: str
     prices: Mapping[str, ModelPrice]
     fallback: ModelPrice
+    #: Micro-USD per tool call issued.
+    tool_call: int = 0
+    #: Micro-USD per retrieval (a retrieved chunk or memory entering a run's context).
+    retrieval: int = 0
+    #: Micro-USD per GB of content stored for a day.
+    gb_day: int = 0
     _memo: dict[str, tuple[ModelPrice, bool]] = field(default_factory=dict, compare=False, repr=False)
 
     def price(self, model: str) -> tuple[ModelPrice, bool]:
@@ -95,6 +114,18 @@ class PriceTable:
         price = self.price(model)[0] if model else self.fallback
         return Cost(_micros(tokens, price.input), self.version, True)
 
+    def tool_cost(self, calls: int) -> Cost:
+        """The cost of ``calls`` tool calls (observed: the calls were issued)."""
+        return Cost(calls * self.tool_call, self.version, False)
+
+    def retrieval_cost(self, retrievals: int) -> Cost:
+        """The cost of ``retrievals`` retrievals (observed)."""
+        return Cost(retrievals * self.retrieval, self.version, False)
+
+    def storage_cost(self, byte_days: int) -> Cost:
+        """The cost of storing ``byte_days`` (bytes x days kept); always ``estimated``."""
+        return Cost((byte_days * self.gb_day + _PER_GB // 2) // _PER_GB, self.version, True)
+
 
 def _usd(input_: float, output: float, cached: float, write: float | None = None) -> ModelPrice:
     """Build a price from USD per million tokens (reasoning is billed as output)."""
@@ -109,7 +140,7 @@ def _usd(input_: float, output: float, cached: float, write: float | None = None
 
 
 DEFAULT_PRICES = PriceTable(
-    version="list-2025-06",
+    version="list-2025-06.2",
     prices={
         "gpt-4o-mini": _usd(0.15, 0.60, 0.075),
         "gpt-4o": _usd(2.50, 10.00, 1.25),
@@ -125,5 +156,8 @@ DEFAULT_PRICES = PriceTable(
         "gemini-2.5-flash": _usd(0.30, 2.50, 0.075),
     },
     fallback=_usd(3.00, 15.00, 0.30),
+    tool_call=100,  # $0.10 per thousand calls
+    retrieval=40,  # $0.04 per thousand retrievals
+    gb_day=3_333,  # $0.10 per GB-month
 )
 """Illustrative list prices (USD per million tokens converted to micro-USD); replace with the real table."""

@@ -99,6 +99,11 @@ class Retention:
         return cls(max(int(seconds * 1000), 1))
 
     @property
+    def empty(self) -> bool:
+        """Whether no key is filed (O(1))."""
+        return self._floor is None
+
+    @property
     def bucket_ms(self) -> int:
         """Width of a retirement bucket."""
         return max(self.window_ms // _BUCKETS_PER_WINDOW, 1)
@@ -130,6 +135,16 @@ class RetirementIndex:
         self._bucket_ms = bucket_ms
         self._buckets: dict[int, list[str]] = {}
         self._floor: int | None = None  # the lowest bucket that may hold keys
+
+    @property
+    def empty(self) -> bool:
+        """Whether no key is filed (O(1))."""
+        return self._floor is None
+
+    @property
+    def bucket_ms(self) -> int:
+        """Width of a bucket: :meth:`due` hands over a key once the cutoff reaches the end of its bucket."""
+        return self._bucket_ms
 
     def note(self, key: str, old_ms: int | None, new_ms: int) -> None:
         """File ``key`` under ``new_ms``'s bucket unless its previous activity ``old_ms`` already filed it there."""

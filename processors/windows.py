@@ -35,6 +35,11 @@ def to_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // _ONE_MS
 
 
+def from_ms(ms: int) -> datetime:
+    """The UTC instant ``ms`` milliseconds after the epoch: the exact inverse of :func:`to_ms`."""
+    return _EPOCH + ms * _ONE_MS
+
+
 def window_index(kind: SpendWindowKind, ms: int) -> int:
     """The index of the window of ``kind`` containing the instant ``ms`` (epoch milliseconds, UTC)."""
     if kind is SpendWindowKind.HOUR:

@@ -91,6 +91,16 @@ class Slot(StrEnum):
     OUTPUT = "output"
 
 
+class ContextLayer(StrEnum):
+    """Where a context item comes from, for cost and replay (TurnEvent v4 ``layer``; null: derived)."""
+
+    GLOBAL = "global"
+    TENANT = "tenant"
+    USER = "user"
+    RETRIEVED = "retrieved"
+    SESSION = "session"
+
+
 class Role(StrEnum):
     """Author of a context item."""
 
@@ -183,6 +193,42 @@ class MemoryStatus(StrEnum):
     ACTIVE = "active"
     QUARANTINED = "quarantined"
     REVOKED = "revoked"
+    #: Replaced by a newer record that contradicts it on the same subject and attribute (MemoryRecord v2).
+    SUPERSEDED = "superseded"
+
+
+class Verification(StrEnum):
+    """Evidence that a memory candidate is true; tenant-scoped facts need one other than ``none``."""
+
+    NONE = "none"
+    HUMAN_APPROVED = "human_approved"
+    SYSTEM_OF_RECORD = "system_of_record"
+    CORROBORATED = "corroborated"
+
+
+class Sensitivity(StrEnum):
+    """Whether a memory's content holds personal data."""
+
+    NONE = "none"
+    PII = "pii"
+
+
+class ReviewState(StrEnum):
+    """Where the review of a quarantined memory stands."""
+
+    NONE = "none"
+    OPEN = "open"
+    REINSTATED = "reinstated"
+    CORRECTED = "corrected"
+    REVOKED = "revoked"
+
+
+class VerdictOutcome(StrEnum):
+    """What the memory gate did with a candidate."""
+
+    ACCEPTED = "accepted"
+    MERGED = "merged"
+    REJECTED = "rejected"
 
 
 class DecisionKind(StrEnum):
@@ -256,7 +302,7 @@ class _Record(BaseModel):
 
 
 class TurnEvent(_Record):
-    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v3).
+    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v4).
 
     Guarantees: ``content_digest`` is present when ``content`` is null and matches ``content`` when both are
     given; counts are non-negative; ``importance``/``relevance`` lie in [0, 1] at float32 precision.
@@ -287,6 +333,8 @@ class TurnEvent(_Record):
     relevance: Float32Fraction | None = None
     #: A tool_call item: every tool-call id it issued (``tool_call_id`` is the first).
     tool_call_ids: list[Id] = Field(default_factory=list)
+    #: The item's context layer; None: derived from slot and kind (``processors.envelopes.layers``).
+    layer: ContextLayer | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -295,7 +343,21 @@ class TurnEvent(_Record):
 
 
 class UsageReport(_Record):
-    """Token usage of one provider call (topic ``usage``); every count is non-negative."""
+    """Token usage of one provider call (topic ``usage``); every count is non-negative.
+
+    The five token kinds are disjoint, each token of the call counted in exactly one, so their sum is the
+    call's total and pricing charges each kind once (:mod:`processors.pricing`):
+
+    - ``input_tokens``: prompt tokens at the full input price, neither read from nor written to the cache;
+    - ``cached_read_tokens``: prompt tokens served from the provider's prompt cache;
+    - ``cache_write_tokens``: prompt tokens this call wrote to the provider's prompt cache;
+    - ``output_tokens``: generated tokens other than reasoning (text, tool calls, refusals);
+    - ``reasoning_tokens``: generated reasoning (hidden or summarized thinking), billed as output.
+
+    OpenAI and OpenTelemetry GenAI count cached tokens inside the prompt and reasoning inside the completion;
+    Anthropic's ``input_tokens`` excludes cache reads and writes. ``streams.sdk.usage`` normalizes each.
+    ``complete=False`` marks partial counts from an interrupted stream.
+    """
 
     event_id: Id
     tenant_id: TenantId
@@ -415,6 +477,21 @@ class EvictionPolicy(_Record):
         return self
 
 
+class MemoryGovernance(_Record):
+    """A tenant's memory gate settings (manifest v4; null: no retention rules, no trusted systems, no bootstrap)."""
+
+    #: Named rules under which personal data may be kept; a candidate with PII must cite one of them.
+    retention_rules: list[Id] = Field(default_factory=list)
+    #: Systems of record whose confirmation verifies a tenant fact.
+    trusted_systems: list[Id] = Field(default_factory=list)
+    #: Until then, unverified tenant facts and episodes are admitted, flagged ``bootstrap_loosened``.
+    bootstrap_until: Timestamp | None = None
+    min_confidence: Fraction = 0.5
+    min_corroborating_runs: Annotated[int, Field(ge=1, le=_INT_MAX)] = 2
+    #: Content above this many UTF-8 bytes goes to the payload store instead of the record.
+    inline_max_bytes: Annotated[int, Field(ge=1, le=_LONG_MAX)] = 8192
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -441,6 +518,8 @@ class TenantManifest(_Record):
     qos: TierQoS | None = None
     #: The eviction policy; None: hybrid with :class:`EvictionPolicy`'s defaults.
     eviction: EvictionPolicy | None = None
+    #: Memory gate settings (v4); None: :class:`MemoryGovernance`'s defaults.
+    memory: MemoryGovernance | None = None
 
 
 class MemoryCandidate(_Record):
@@ -461,6 +540,24 @@ class MemoryCandidate(_Record):
     confidence: Fraction
     privacy: PrivacyMode = PrivacyMode.RETAINED
     occurred_at: Timestamp
+    # --- v2: precise conflicts, verification evidence, sub-agent provenance, PII retention ---
+    #: What the memory is about (an entity id or name); with ``attribute``, the key of a contradiction.
+    subject: str | None = None
+    #: Which property of ``subject`` it states.
+    attribute: str | None = None
+    #: The stated value; compared after unit and format normalisation.
+    value: str | None = None
+    verification: Verification = Verification.NONE
+    #: The approver id or the system of record's name.
+    verified_by: str | None = None
+    #: Other runs that independently produced the same candidate (``verification=corroborated``).
+    corroborating_run_ids: list[Id] = Field(default_factory=list)
+    #: Set on a sub-agent's output: the run that spawned the producing run.
+    parent_run_id: Id | None = None
+    #: The sub-agent whose output this is.
+    produced_by_agent: Id | None = None
+    #: The named retention rule under which personal data in the content may be kept.
+    retention_rule: str | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -469,7 +566,11 @@ class MemoryCandidate(_Record):
 
 
 class MemoryRecord(_Record):
-    """Canonical durable memory (topic ``memory.records``, compacted by ``tenant_id:memory_id``)."""
+    """Canonical durable memory (topic ``memory.records``, compacted by ``tenant_id:memory_id``).
+
+    ``content`` is null when the payload lives in the object store (``payload_ref``) or after revocation
+    (a tombstone keeps the digest and provenance, never the text).
+    """
 
     memory_id: Id
     tenant_id: TenantId
@@ -487,6 +588,30 @@ class MemoryRecord(_Record):
     updated_at: Timestamp
     expires_at: Timestamp | None = None
     reason: str | None = None
+    # --- v2: identity owner, precise conflicts, sensitivity, provenance, supersession, review ---
+    #: The owner inside the scope (user id, session id; null for tenant): part of the identity.
+    owner_id: str | None = None
+    subject: str | None = None
+    attribute: str | None = None
+    value: str | None = None
+    verification: Verification = Verification.NONE
+    sensitivity: Sensitivity = Sensitivity.NONE
+    #: Kinds of personal data found (presidio entity types, e.g. ``EMAIL_ADDRESS``).
+    pii_kinds: list[str] = Field(default_factory=list)
+    retention_policy: str | None = None
+    #: The memory policy (gate rules) version that admitted the record.
+    policy_version: str | None = None
+    parent_run_id: str | None = None
+    produced_by_agent: str | None = None
+    #: Object-store key of the content when above the inline threshold (``content`` is then null).
+    payload_ref: str | None = None
+    supersedes: str | None = None
+    superseded_by: str | None = None
+    review_state: ReviewState = ReviewState.NONE
+    #: Candidates merged into this record as exact or near duplicates.
+    merge_count: Count = 0
+    #: Admitted only because the tenant's bootstrap period loosened the gate.
+    bootstrap_loosened: bool = False
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -623,6 +748,34 @@ class Invalidation(_Record):
     occurred_at: Timestamp
 
 
+class MemoryVerdict(_Record):
+    """The memory gate's verdict on one candidate (topic ``memory.verdicts``; one ClickHouse row each).
+
+    ``verdict_id`` is a hash of the tenant and the candidate id, so a replay overwrites instead of duplicating;
+    ``reason`` never echoes the candidate's content (a rejected secret must not reach any sink).
+    """
+
+    verdict_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    candidate_id: Id
+    source_event_id: Id
+    outcome: VerdictOutcome
+    status: MemoryStatus | None = None
+    rule: Id
+    reason: str
+    bootstrap_loosened: bool = False
+    memory_id: Id | None = None
+    scope: MemoryScope
+    type: MemoryType
+    pii_kinds: list[str] = Field(default_factory=list)
+    policy_version: str | None = None
+    parent_run_id: Id | None = None
+    occurred_at: Timestamp
+
+
 class DeadLetter(_Record):
     """A rejected record with its reason (topic ``deadletters``).
 
@@ -640,6 +793,133 @@ class DeadLetter(_Record):
     failed_at: Timestamp
 
 
+class EnvelopeStatus(StrEnum):
+    """A run envelope's ``status`` (an open string on the wire): open, or how the run ended."""
+
+    OPEN = "open"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    ABANDONED = "abandoned"
+
+
+class ClosedBy(StrEnum):
+    """Who closed a run (``RunEnvelope.closed_by``): its agent, or the worker after the idle timeout."""
+
+    AGENT = "agent"
+    IDLE_TIMEOUT = "idle_timeout"
+
+
+class CostSurface(StrEnum):
+    """What a cost line pays for (``CostLine.surface``, an open string on the wire)."""
+
+    INFERENCE = "inference"
+    RETRIEVAL = "retrieval"
+    TOOLING = "tooling"
+    PERSISTENCE = "persistence"
+
+
+class CostUnit(StrEnum):
+    """What a cost line's ``quantity`` counts."""
+
+    TOKENS = "tokens"
+    CALLS = "calls"
+    BYTE_DAYS = "byte_days"
+
+
+class RunEnvelope(_Record):
+    """What one run was and consumed (topic ``envelopes``, compacted by ``tenant_id:run_id``).
+
+    Guarantees: a function of the run's accepted events and the worker's settings (idle timeout, price table),
+    so a replay of the log materializes the same envelope; ``envelope_version`` grows with every update of a run;
+    ``cost_micros`` is the sum of the surfaces; ``integrity_hash`` is recomputable from the events
+    (``processors.envelopes.integrity.verify``).
+    """
+
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    parent_run_id: Id | None = None
+    root_run_id: Id
+    workflow_id: Id
+    agent_id: Id
+    depth: Count32
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    model: str | None = None
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    status: Id
+    closed_by: str | None = None
+    started_at: Timestamp | None = None
+    finalized_at: Timestamp | None = None
+    last_event_at: Timestamp
+    duration_ms: Count | None = None
+    global_tokens: Count
+    tenant_tokens: Count
+    user_tokens: Count
+    retrieved_tokens: Count
+    session_tokens: Count
+    static_prefix_tokens: Count
+    dynamic_tokens: Count
+    input_tokens: Count
+    output_tokens: Count
+    cached_read_tokens: Count
+    cache_write_tokens: Count
+    reasoning_tokens: Count
+    usage_estimated: bool
+    retrievals: Count
+    memory_ids: list[Id]
+    tool_calls: Count
+    tool_results: Count
+    promotions: dict[str, Count]
+    evictions: Count
+    compressions: Count
+    tokens_freed: Count
+    cost_micros: Count
+    inference_micros: Count
+    retrieval_micros: Count
+    tooling_micros: Count
+    persistence_micros: Count
+    cost_estimated: bool
+    price_version: Id
+    event_count: Count
+    integrity_hash: Digest
+    envelope_version: Count
+    updated_at: Timestamp
+    #: Tokens of consumption estimated beyond the reported usage (in no provider usage field).
+    estimated_tokens: Count = 0
+    usage_reports: Count = 0
+
+
+class CostLine(_Record):
+    """One priced source event on one surface (topic ``costs``, key ``tenant_id``).
+
+    ``cost_id`` derives from the source and the surface, so a replay (or an update of a run's estimate) writes
+    the same id again and the last value holds.
+    """
+
+    cost_id: Id
+    tenant_id: TenantId
+    user_id: Id
+    session_id: Id
+    run_id: Id
+    root_run_id: Id
+    parent_run_id: Id | None = None
+    workflow_id: Id
+    agent_id: Id
+    surface: Id
+    model: str | None = None
+    quantity: Count
+    unit: Id
+    micros: Count
+    price_version: Id
+    estimated: bool
+    source_event_id: Id
+    occurred_at: Timestamp
+
+
 MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     TurnEvent: "TurnEvent",
     UsageReport: "UsageReport",
@@ -653,5 +933,10 @@ MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     Summary: "Summary",
     Invalidation: "Invalidation",
     DeadLetter: "DeadLetter",
+    RunEnvelope: "RunEnvelope",
+    CostLine: "CostLine",
 }
 """Top-level model -> Avro record name (namespace ``ctxflow``); nested records travel inside their parent."""
+
+# Memory governance (issue 15): records added by the memory gate.
+MODEL_SCHEMAS[MemoryVerdict] = "MemoryVerdict"

@@ -4,7 +4,8 @@ Works against chDB in-process (``chdb:///abs/path``) or a ClickHouse server (``h
 clickhouse-connect. chDB hosts one engine per process: every client in the process must use the same path
 (clients on that path share its data); opening another path, or ``:memory:``, while one is open fails
 until every client is closed. A second process cannot open a path this process holds (the engine locks
-``<path>/status``), so other processes reach the data through the worker's HTTP query endpoint.
+``<path>/status``), so other processes reach the data through the HTTP query endpoint of the process holding it
+(:mod:`streams.sink.ownership`).
 
 Reads de-duplicate: the analyst client runs with ``final=1``, which applies FINAL to every
 ReplacingMergeTree read (including subqueries and joins), so rows not yet merged never show twice. It is
@@ -14,8 +15,9 @@ table functions that reach outside the tables (``file()``, ``url()``, ``remote()
 including ``INSERT INTO FUNCTION file(...)``, so it is not used.
 
 Fast path (chDB only): turns, usage reports and run events arrive as Avro; :meth:`ClickHouseSink.add_encoded`
-keeps their bytes, and a flush wraps each writer schema's bodies into one Avro object container file that
-chDB parses itself (``INSERT ... SELECT <projection> FROM file(..., 'Avro')``). Building rows and the Native
+keeps their bytes, each followed by its offset, and a flush wraps each writer schema's bodies into one Avro object
+container file, whose schema is the writer's plus a trailing ``source_offset`` long, that chDB parses itself
+(``INSERT ... SELECT <projection> FROM file(..., 'Avro')``). Building rows and the Native
 block in Python cost ~15 us per turn, most of it holding the GIL; the container costs ~1 us, and chDB's own
 parse runs without the GIL. The SELECT applies the same projection as ``clickhouse_ddl`` (no-retention content
 dropped, a missing digest computed, embedding dimensions) and is checked against it by EXCEPT in both
@@ -29,14 +31,17 @@ that still carry content go the model path instead.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import clickhouse_connect
@@ -46,11 +51,15 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from ctxflow.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
 from ctxflow.schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
-from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, TABLES, TableSpec
+from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, Logged, TableSpec, spec_of
+from ctxflow.sinks.migrations import migrate
+from ctxflow.sinks.table_retention import TableRetention
 from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
+#: The database ctxflow's tables live in.
+DEFAULT_DATABASE = "ctxflow"
 #: Errors expected to clear by themselves, with how long to wait before retrying the flush (seconds).
 TRANSIENT_CODES: dict[int, float] = {
     159: 1.0,  # TIMEOUT_EXCEEDED
@@ -100,81 +109,108 @@ class QueryResult:
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]]
 
+    def as_json(self) -> dict[str, Any]:
+        """``{"columns": [...], "rows": [[...]]}`` holding only JSON types; see :func:`json_value`."""
+        return {"columns": list(self.columns), "rows": [[json_value(v) for v in row] for row in self.rows]}
 
-class ClickHouseSink(BatchingSink[BaseModel]):
+
+def json_value(value: Any) -> Any:
+    """``value`` as strict JSON can hold it, the same whichever path a query took: timestamps, dates and times
+    in ISO 8601 (an aware timestamp keeps its offset), decimals as their exact text, bytes as UTF-8 text or,
+    when they are not UTF-8, as hex; NaN and infinities (an empty ``quantile``) as null; arrays, tuples and
+    maps element by element; anything else (UUID, IP address) as its text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.date | dt.time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(json_value(k)): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_value(v) for v in value]
+    return str(value)
+
+
+class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
     """Projects turns, usage, runs, decisions, dead letters, memory records and invalidations to ClickHouse.
 
     Guarantees: ``write`` is idempotent (re-sent or re-cut batches leave one visible row per record
-    identity on the analyst path); a ``no_retention`` turn's content is never sent to ClickHouse; transient
-    failures raise :class:`SinkBackpressure`; ``query`` cannot modify anything.
+    identity on the analyst path, and for turns, usage and runs, added as :class:`Logged`, the visible copy of an
+    identity is the one with the lowest offset: the one the budget counted); a ``no_retention`` turn's content is
+    never sent to ClickHouse; transient failures raise :class:`SinkBackpressure`; ``query`` cannot modify
+    anything.
     """
 
-    def __init__(self, dsn: str, database: str = "ctxflow") -> None:
+    def __init__(self, dsn: str, database: str = DEFAULT_DATABASE) -> None:
         super().__init__()
         self.dsn = dsn
         self.database = database
-        self._writer = _connect(dsn)
+        self._writer = connect(dsn)
         self._reader: Client | None = None
         self._reader_lock = threading.Lock()
         self._encoded: dict[bytes, list[bytes]] = {}  # writer fingerprint -> Avro bodies
         self._plans: dict[bytes, _AvroPlan] = {}  # filled by ensure_schema on chDB
 
-    def ensure_schema(self) -> None:
-        """Create the database and every projected table if missing, and add the columns a table created by an
-        older version lacks (safe to call any number of times)."""
+    def ensure_schema(self, retention: TableRetention | None = None) -> None:
+        """Bring the database to the newest schema (:func:`sinks.migrations.migrate`: safe to call any number of
+        times, and from several processes at once) with the TTLs of ``retention`` (None leaves them as they are)."""
         # clickhouse-connect looks for pandas on its first insert: an import that would stall the first batch.
         options.pd  # noqa: B018
-        self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
-        for spec in TABLES:
-            self._writer.command(spec.create_sql(self.database))
-            self._writer.command(spec.add_columns_sql(self.database))
+        migrate(self._writer, self.database, retention=retention, exclusive_engine=self.dsn.startswith("chdb:"))
         if self.dsn.startswith("chdb:"):  # a server could not read the container from this host's files
             for model in ENCODED_TYPES:
                 for writer in kept_schemas()[model.__name__]:
                     plan = self._make_plan(writer, TABLE_BY_MODEL[model])
                     if plan is not None:
                         self._plans[writer.fingerprint] = plan
-        logger.info("clickhouse schema ready in %s (%d tables)", self.database, len(TABLES))
+        logger.info("clickhouse schema ready in %s", self.database)
 
-    def table_for(self, record: BaseModel) -> str:
-        """The table projecting ``record``'s type; ``TypeError`` for types with no table."""
-        spec = TABLE_BY_MODEL.get(type(record))
-        if spec is None:
-            raise TypeError(f"no ClickHouse table projects {type(record).__name__}")
-        return spec.name
+    def table_for(self, record: BaseModel | Logged[Any]) -> str:
+        """The table projecting ``record``'s type; ``TypeError`` for types with no table, and for a bare turn,
+        usage report or run event (those are added as ``Logged(record, offset)``)."""
+        return spec_of(record).name
 
-    def write(self, batch: Batch[BaseModel]) -> None:
+    def write(self, batch: Batch[BaseModel | Logged[Any]]) -> None:
         """Insert ``batch`` as one block; safe to repeat with the same or other batch boundaries.
 
         Row-oriented: column-oriented inserts measured no faster on chDB 26.9 (the fixed cost per insert,
         about 15 ms for the INFILE round trip and a new part, dominates), so batch size is what matters.
         """
         spec = TABLE_BY_NAME[batch.table]
-        rows = [spec.to_row(record) for record in batch.records]
+        rows = [spec.row(record) for record in batch.records]
         if not rows:
             return
         with _backpressure_on_transient_errors():
             self._writer.insert(f"`{self.database}`.`{spec.name}`", rows, column_names=spec.column_names)
 
-    def add_encoded(self, record: BaseModel, value: bytes) -> None:
-        """Buffer ``record`` (decoded from ``value``) for its table, keeping only its Avro body when the fast
-        path can project it exactly (see the module docstring); otherwise as :meth:`add` does. No I/O."""
+    def add_encoded(self, record: BaseModel, value: bytes, offset: int) -> None:
+        """Buffer ``record`` (decoded from ``value``, read at ``offset`` of its topic partition) for its table,
+        keeping only its Avro body when the fast path can project it exactly (see the module docstring);
+        otherwise as :meth:`add` does with ``Logged(record, offset)``. No I/O."""
         private = isinstance(record, TurnEvent) and record.privacy is not PrivacyMode.RETAINED and record.content
-        if (private and not _IN_MEMORY) or not self._take_body(value):
-            self.add(record)
+        if (private and not _IN_MEMORY) or not self._take_body(value, offset):
+            self.add(Logged(record, offset))
 
-    def add_avro(self, value: bytes) -> bool:
-        """Buffer the Avro record ``value`` by its body, without decoding it, when the fast path projects its
-        writer schema exactly and keeps no-retention content off every filesystem; False (nothing buffered)
-        otherwise. No I/O. The caller vouches that ``value`` holds a valid record of a projected type (the
-        worker accepted it): a body chDB cannot parse fails the whole flush."""
-        return _IN_MEMORY and self._take_body(value)
+    def add_avro(self, value: bytes, offset: int) -> bool:
+        """Buffer the Avro record ``value`` (read at ``offset`` of its topic partition) by its body, without
+        decoding it, when the fast path projects its writer schema exactly and keeps no-retention content off
+        every filesystem; False (nothing buffered) otherwise. No I/O. The caller vouches that ``value`` holds a
+        valid record of a projected type (the worker accepted it): a body chDB cannot parse fails the flush."""
+        return _IN_MEMORY and self._take_body(value, offset)
 
-    def _take_body(self, value: bytes) -> bool:
+    def _take_body(self, value: bytes, offset: int) -> bool:
         if value[:2] != SINGLE_OBJECT_MAGIC or value[2:10] not in self._plans:
             return False
         with self._lock:
-            self._encoded.setdefault(value[2:10], []).append(value[10:])
+            self._encoded.setdefault(value[2:10], []).append(value[10:] + _zigzag(offset))
         return True
 
     @property
@@ -247,7 +283,7 @@ class ClickHouseSink(BatchingSink[BaseModel]):
         with self._reader_lock:
             if self._reader is None:
                 # tz_mode="aware": timestamps come back as UTC-aware datetimes, like the contract's models.
-                self._reader = _connect(
+                self._reader = connect(
                     self.dsn, database=self.database, settings=ANALYST_SETTINGS, tz_mode="aware"
                 )
             reader = self._reader
@@ -339,8 +375,11 @@ def _avro_bytes(data: bytes) -> bytes:
 
 
 def _container_header(writer: SchemaVersion) -> bytes:
-    """An Avro object container header naming ``writer``'s schema, no compression."""
-    meta = {b"avro.schema": json.dumps(json.loads(writer.text)).encode(), b"avro.codec": b"null"}
+    """An Avro object container header naming ``writer``'s schema plus ``source_offset``, no compression."""
+    schema = json.loads(writer.text)
+    # Each body is followed by its offset: a record of this schema, then one long, is a record of this one.
+    schema["fields"] = [*schema["fields"], {"name": "source_offset", "type": "long"}]
+    meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
     entries = b"".join(_avro_bytes(k) + _avro_bytes(v) for k, v in meta.items())
     return b"Obj\x01" + _zigzag(len(meta)) + entries + _zigzag(0) + _SYNC
 
@@ -349,7 +388,9 @@ def _quote(path: str) -> str:
     return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _connect(dsn: str, **kwargs: Any) -> Client:
+def connect(dsn: str, **kwargs: Any) -> Client:
+    """A clickhouse-connect client on ``dsn`` (``kwargs`` as ``get_client`` takes them); a RuntimeError that says
+    why when chDB cannot open the path because this process holds another one."""
     try:
         return clickhouse_connect.get_client(dsn=dsn, **kwargs)
     except ProgrammingError as exc:

@@ -1,14 +1,27 @@
 """The ClickHouse projection: one table per projected record type, its DDL and its row mapping.
 
 Each :class:`TableSpec` is the single source of a table's column order, so the DDL and the rows cannot drift.
+Tables are created and changed by the versioned migrations of :mod:`sinks.schema_versions`; a test checks that
+the migrated tables are exactly what these specs describe.
 
-Idempotency: every table is a ``ReplacingMergeTree`` whose sorting key ends with the record's identity
-(``event_id``, ``decision_id``, ...) and otherwise holds only fields that are a function of that identity,
-so every copy of a record collapses to one row. Readers see one row per identity before background merges
-run because the analyst path sets ``final=1`` (see ``sinks.clickhouse``). Exact re-sends of a batch are
-also dropped at insert time (``non_replicated_deduplication_window``), which keeps FINAL's work small.
-Only producer-stamped event tables are partitioned (by month of ``occurred_at``): a derived record replayed
-with a fresh wall-clock timestamp must land in the same partition, or FINAL could not collapse it.
+Idempotency: every table is a ``ReplacingMergeTree`` whose sorting key is the record's identity, and every
+copy of a record collapses to one row. Readers see one row per identity before background merges run because
+the analyst path sets ``final=1`` (see ``sinks.clickhouse``). Exact re-sends of a batch are also dropped at
+insert time (``non_replicated_deduplication_window``), which keeps FINAL's work small.
+
+The event tables (turns, usage, runs) are keyed by the identity the budget dedups on: a turn by
+``(tenant, run, seq)``, a usage report by ``(tenant, run, call_id)``, a run boundary by ``(tenant, run, phase)``
+(:mod:`processors.ledger`). A duplicate under a new event id is a second copy of that identity, and the budget
+counts the first copy it read, which may differ from later ones (a resent turn with other content). So these
+tables are *logged*: a record is added with its offset (:class:`Logged`), stored as ``source_offset``, and the
+copy with the lowest offset wins (``ReplacingMergeTree(precedence)``, ``precedence = -source_offset``). Every copy
+of one identity lies in one partition of its topic (records are keyed by tenant; a changed partition count needs
+a state reset, as for the budget), so offsets order them exactly as the budget read them, whichever process
+writes them and however batches are cut. They are not partitioned:
+ReplacingMergeTree collapses only within a partition, and a copy re-stamped with another ``occurred_at`` must
+meet the first.
+
+``ingested_at`` is filled by ClickHouse at insert (outside the row mapping): when the row reached the projection.
 
 Privacy: a turn with ``privacy=no_retention`` is stored without content (NULL); its digest, counts and ids
 stay. Embeddings are never stored (an embedding of content is content); only their dimension count is.
@@ -20,15 +33,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ctxflow.schemas.models import (
+    CostLine,
     DeadLetter,
     Decision,
     Invalidation,
     MemoryRecord,
     MemoryStatus,
     PrivacyMode,
+    RunEnvelope,
     RunEvent,
     TurnEvent,
     UsageReport,
@@ -37,17 +52,37 @@ from ctxflow.schemas.models import (
 from pydantic import BaseModel
 
 Row = tuple[Any, ...]
+M = TypeVar("M", bound=BaseModel)
 
 _ID = "String"
 _OPT = "Nullable(String)"
 _ENUM = "LowCardinality(String)"  # not Enum8: a new Avro symbol must not break inserts
 _OPT_ENUM = "LowCardinality(Nullable(String))"
 _TS = "DateTime64(3, 'UTC')"
+#: Filled by ClickHouse when the row is inserted; never part of a row.
+INGESTED_AT = ("ingested_at", f"{_TS} DEFAULT now64(3)")
+#: A logged table's version column: the copy read first (lowest offset) is the greatest.
+PRECEDENCE = ("precedence", "Int64 MATERIALIZED -source_offset")
+
+
+@dataclass(frozen=True, slots=True)
+class Logged(Generic[M]):
+    """A record and its offset in the topic partition it was read from (all copies of one record identity share
+    that partition, so offsets order them as the budget read them)."""
+
+    record: M
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
 class TableSpec:
-    """A projected table: its columns (in row order), engine, keys and the record -> row mapping."""
+    """A projected table: its columns (in row order), engine, keys and the record -> row mapping.
+
+    ``server_columns`` are ``(name, type and expression)`` pairs ClickHouse fills itself. A ``logged`` table
+    takes :class:`Logged` records: its last column is ``source_offset`` and the lowest offset of an identity
+    wins. ``expires_by`` names the timestamp column a retention TTL counts from (None: rows never expire by
+    age).
+    """
 
     name: str
     model: type[BaseModel]
@@ -55,28 +90,51 @@ class TableSpec:
     order_by: tuple[str, ...]
     to_row: Callable[[Any], Row]
     version: str | None = None
-    partition_by: str | None = None
+    logged: bool = False
+    server_columns: tuple[tuple[str, str], ...] = ()
+    expires_by: str | None = None
 
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
 
+    def row(self, item: BaseModel | Logged[Any]) -> Row:
+        """The row of ``item``: a :class:`Logged` record for a logged table, a bare record otherwise."""
+        if not self.logged:
+            return self.to_row(item)
+        if not isinstance(item, Logged):
+            raise TypeError(f"{self.name} rows need the record's offset: add Logged(record, offset)")
+        return (*self.to_row(item.record), item.offset)
+
     def add_columns_sql(self, database: str) -> str:
         """Idempotent ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for every column: brings a table created by
         an older ctxflow up to this one's columns (a new schema version's fields), a no-op otherwise."""
-        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}" for name, ch_type in self.columns)
+        adds = ", ".join(
+            f"ADD COLUMN IF NOT EXISTS `{name}` {ch_type}" for name, ch_type in (*self.columns, *self.server_columns)
+        )
         return f"ALTER TABLE `{database}`.`{self.name}` {adds}"
 
     def create_sql(self, database: str) -> str:
         """Idempotent ``CREATE TABLE`` in ``database``; the sorting key starts with tenant_id."""
-        cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in self.columns)
+        cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in (*self.columns, *self.server_columns))
         engine = f"ReplacingMergeTree({self.version})" if self.version else "ReplacingMergeTree"
-        partition = f"\nPARTITION BY {self.partition_by}" if self.partition_by else ""
         return (
             f"CREATE TABLE IF NOT EXISTS `{database}`.`{self.name}` (\n  {cols}\n)\n"
-            f"ENGINE = {engine}{partition}\nORDER BY ({', '.join(self.order_by)})\n"
+            f"ENGINE = {engine}\nORDER BY ({', '.join(self.order_by)})\n"
             "SETTINGS non_replicated_deduplication_window = 1000"
         )
+
+
+def spec_of(item: BaseModel | Logged[Any]) -> TableSpec:
+    """The table projecting ``item``; ``TypeError`` for a type with no table, or a bare record of a logged table
+    (its offset is part of its row)."""
+    record = item.record if isinstance(item, Logged) else item
+    spec = TABLE_BY_MODEL.get(type(record))
+    if spec is None:
+        raise TypeError(f"no ClickHouse table projects {type(record).__name__}")
+    if spec.logged != isinstance(item, Logged):
+        raise TypeError(f"{spec.name} takes {'Logged(record, offset)' if spec.logged else 'bare records'}")
+    return spec
 
 
 def _names(columns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
@@ -97,7 +155,7 @@ _TURN_COLUMNS = (
         "parent_run_id": _OPT, "agent_id": _ID, "seq": "UInt64", "role": _ENUM, "kind": _ENUM, "slot": _ENUM,
         "item_id": _ID, "content": _OPT, "content_digest": "String", "token_count": "Nullable(UInt32)",
         "model": _ENUM, "importance": "Nullable(Float32)", "tier_hint": "Nullable(UInt8)", "privacy": _ENUM,
-        "occurred_at": _TS, "tool_call_id": _OPT, "relevance": "Nullable(Float32)",
+        "occurred_at": _TS, "tool_call_id": _OPT, "relevance": "Nullable(Float32)", "layer": _OPT_ENUM,
     }),
     ("embedding_dims", "UInt32"),
 )
@@ -187,25 +245,61 @@ _INVALIDATION_COLUMNS = _fields(Invalidation, {
     "source_memory_id": _OPT, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT, "reason": "String",
     "occurred_at": _TS,
 })
-_MONTH = "toYYYYMM(occurred_at)"
+_U64 = "UInt64"
+_ENVELOPE_COLUMNS = _fields(RunEnvelope, {
+    "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "parent_run_id": _OPT,
+    "root_run_id": _ID, "workflow_id": _ID, "agent_id": _ID, "depth": "UInt32", "policy_version": _OPT,
+    "prefix_hash": _OPT, "model": _OPT_ENUM, "privacy": _ENUM, "status": _ENUM, "closed_by": _OPT_ENUM,
+    "started_at": f"Nullable({_TS})", "finalized_at": f"Nullable({_TS})", "last_event_at": _TS,
+    "duration_ms": "Nullable(UInt64)", "global_tokens": _U64, "tenant_tokens": _U64, "user_tokens": _U64,
+    "retrieved_tokens": _U64, "session_tokens": _U64, "static_prefix_tokens": _U64, "dynamic_tokens": _U64,
+    "input_tokens": _U64, "output_tokens": _U64, "cached_read_tokens": _U64, "cache_write_tokens": _U64,
+    "reasoning_tokens": _U64, "usage_estimated": "Bool", "retrievals": _U64, "memory_ids": "Array(String)",
+    "tool_calls": _U64, "tool_results": _U64, "promotions": "Map(String, UInt64)", "evictions": _U64,
+    "compressions": _U64, "tokens_freed": _U64, "cost_micros": _U64, "inference_micros": _U64,
+    "retrieval_micros": _U64, "tooling_micros": _U64, "persistence_micros": _U64, "cost_estimated": "Bool",
+    "price_version": _ENUM, "event_count": _U64, "integrity_hash": "String", "envelope_version": _U64,
+    "updated_at": _TS, "estimated_tokens": _U64, "usage_reports": _U64,
+})
+_COST_COLUMNS = _fields(CostLine, {
+    "cost_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "root_run_id": _ID,
+    "parent_run_id": _OPT, "workflow_id": _ID, "agent_id": _ID, "surface": _ENUM, "model": _OPT_ENUM,
+    "quantity": _U64, "unit": _ENUM, "micros": _U64, "price_version": _ENUM, "estimated": "Bool",
+    "source_event_id": _ID, "occurred_at": _TS,
+})
+#: A Kafka offset; -1 in rows kept from before offsets were stored (migration 2), which precede every offset.
+_SOURCE_OFFSET = ("source_offset", "Int64")
+
+
+def _logged(name: str, model: type[BaseModel], columns: tuple[tuple[str, str], ...], identity: tuple[str, ...],
+            to_row: Callable[[Any], Row]) -> TableSpec:
+    """An event table keyed by ``identity`` whose first copy (lowest offset) of an identity is the visible one."""
+    return TableSpec(name, model, (*columns, _SOURCE_OFFSET), ("tenant_id", "run_id", *identity), to_row,
+                     version="precedence", logged=True, server_columns=(PRECEDENCE, INGESTED_AT),
+                     expires_by="occurred_at")
 
 
 TABLES: tuple[TableSpec, ...] = (
-    TableSpec("turns", TurnEvent, _TURN_COLUMNS, ("tenant_id", "run_id", "seq", "event_id"), _turn_row,
-              partition_by=_MONTH),
-    TableSpec("usage", UsageReport, _USAGE_COLUMNS, ("tenant_id", "run_id", "event_id"),
-              _plain_row(_names(_USAGE_COLUMNS)), partition_by=_MONTH),
-    TableSpec("runs", RunEvent, _RUN_COLUMNS, ("tenant_id", "run_id", "event_id"),
-              _plain_row(_names(_RUN_COLUMNS)), partition_by=_MONTH),
-    TableSpec("decisions", Decision, _DECISION_COLUMNS, ("tenant_id", "decision_id"), _decision_row),
+    _logged("turns", TurnEvent, _TURN_COLUMNS, ("seq",), _turn_row),
+    _logged("usage", UsageReport, _USAGE_COLUMNS, ("call_id",), _plain_row(_names(_USAGE_COLUMNS))),
+    _logged("runs", RunEvent, _RUN_COLUMNS, ("phase",), _plain_row(_names(_RUN_COLUMNS))),
+    TableSpec("decisions", Decision, _DECISION_COLUMNS, ("tenant_id", "decision_id"), _decision_row,
+              server_columns=(INGESTED_AT,), expires_by="decided_at"),
     TableSpec("dead_letters", DeadLetter, _DEAD_LETTER_COLUMNS, ("tenant_id", "dead_letter_id"),
-              _dead_letter_row),
+              _dead_letter_row, expires_by="failed_at"),
     TableSpec("memory_records", MemoryRecord, _MEMORY_COLUMNS, ("tenant_id", "memory_id"), _memory_row,
               version="version"),
     TableSpec("invalidations", Invalidation, _INVALIDATION_COLUMNS, ("tenant_id", "invalidation_id"),
-              _plain_row(_names(_INVALIDATION_COLUMNS))),
+              _plain_row(_names(_INVALIDATION_COLUMNS)), expires_by="occurred_at"),
+    # A run's envelope is re-emitted as it closes and as late events update it: the highest version holds.
+    TableSpec("envelopes", RunEnvelope, _ENVELOPE_COLUMNS, ("tenant_id", "run_id"),
+              _plain_row(_names(_ENVELOPE_COLUMNS)), version="envelope_version", server_columns=(INGESTED_AT,),
+              expires_by="last_event_at"),
+    # A cost line re-emitted under its id (a run's estimate updated by a late event): the last one holds.
+    TableSpec("costs", CostLine, _COST_COLUMNS, ("tenant_id", "run_id", "cost_id"), _plain_row(_names(_COST_COLUMNS)),
+              server_columns=(INGESTED_AT,), expires_by="occurred_at"),
 )
-"""Every projected table, in the order ``ensure_schema`` creates them."""
+"""Every projected table (migrations create them; ``ensure_schema`` adds the spec columns a table lacks)."""
 
 TABLE_BY_MODEL: dict[type[BaseModel], TableSpec] = {spec.model: spec for spec in TABLES}
 TABLE_BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in TABLES}

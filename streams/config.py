@@ -84,6 +84,21 @@ class Settings(BaseSettings):
     #: (behind its tenant's newest events), and a record this much older than its stream is dead-lettered. Dedup
     #: is exact within the window (processors.retention).
     run_retention_s: float = Field(default=24 * 3600, gt=0)
+    #: Event time after a run's last event at which the worker closes a run that never finalized (its agent was
+    #: killed) as ``abandoned``, with an estimated consumption (processors.envelopes). Measured against the
+    #: tenant's event-time watermark, so a replay closes the same runs at the same instants.
+    run_idle_timeout_s: float = Field(default=30 * 60, gt=0)
+    #: Days the projections are taken to keep a run's retained content, to price its storage (an estimate).
+    content_storage_days: int = Field(default=30, ge=0)
+
+    #: Days ClickHouse keeps event rows (turns, usage, runs, decisions, dead letters, invalidations) after their
+    #: event time; 0 keeps them forever. 90 by default: a quarter covers incident reviews and monthly billing
+    #: disputes, while turn content (the bulk, and the sensitive part) does not pile up for years. Applied as table
+    #: TTLs when a sink starts (``ALTER TABLE ... MODIFY TTL`` when it changed): sinks.table_retention.
+    clickhouse_retention_days: int = Field(default=90, ge=0)
+    #: Days ClickHouse keeps the hourly rollups (tokens and cost per tenant, no content); 0 keeps them forever.
+    #: 400 by default: a year of hours plus a month, for year-over-year dashboards.
+    clickhouse_rollup_retention_days: int = Field(default=400, ge=0)
 
     @property
     def chdb_dsn(self) -> str:

@@ -45,7 +45,8 @@ MANIFESTS = TopicSpec(
     "worker: budget (every replica reads all partitions)",
 )
 MEMORY_CANDIDATES = TopicSpec(
-    "memory.candidates", "MemoryCandidate", "tenant_id", "delete", "agent runtimes (SDK)", "worker: memory gate"
+    "memory.candidates", "MemoryCandidate", "tenant_id", "delete", "agent runtimes (SDK)",
+    "worker: envelopes (promotions by scope), memory gate",
 )
 MEMORY_RECORDS = TopicSpec(
     "memory.records", "MemoryRecord", "tenant_id:memory_id", "compact", "worker: memory gate",
@@ -66,6 +67,13 @@ COMPRESSION_JOBS = TopicSpec(
 SUMMARIES = TopicSpec(
     "summaries", "Summary", "tenant_id", "delete", "summarizer workers", "worker: eviction planner (swap)",
 )
+ENVELOPES = TopicSpec(
+    "envelopes", "RunEnvelope", "tenant_id:run_id", "compact", "worker: envelope processor",
+    "ClickHouse sink, `ctxflow report`",
+)
+COSTS = TopicSpec(
+    "costs", "CostLine", "tenant_id", "delete", "worker: envelope processor", "ClickHouse sink, `ctxflow report`",
+)
 DEAD_LETTERS = TopicSpec(
     "deadletters", "DeadLetter", "source topic", "delete", "worker: any agent that rejects a record",
     "operators, ClickHouse sink",
@@ -73,5 +81,5 @@ DEAD_LETTERS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, DECISIONS, INVALIDATIONS,
-    COMPRESSION_JOBS, SUMMARIES, DEAD_LETTERS,
+    COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
 )

@@ -3,7 +3,8 @@
 :func:`read_input_log` reads every input topic (turns, usage, runs, admissions, manifests) from the broker,
 decoding each record as the worker does (a record the worker would dead-letter is kept aside, with why).
 :func:`replay` then feeds the records to the worker's processor chain (budget, eviction planner) over a
-``DictBudgetState``, each at its real ``Position``, and collects the decisions and compression jobs: no Kafka,
+``DictBudgetState``, each at its real ``Position``, and collects the decisions, compression jobs, run envelopes and
+cost lines: no Kafka,
 Redis, ClickHouse or worker in the loop.
 
 Interleaving. Within one topic partition the worker reads records in offset order, and so does the replay.
@@ -35,7 +36,9 @@ from ctxflow.schemas.contract import RejectedRecord
 from ctxflow.schemas.models import (
     AdmissionRequest,
     CompressionJob,
+    CostLine,
     Decision,
+    RunEnvelope,
     RunEvent,
     Summary,
     TenantManifest,
@@ -49,7 +52,9 @@ from pydantic import BaseModel
 from tests.support_kafka import read_topics
 
 #: Tie-break rank of the logical input topics when event times are equal.
-TOPIC_RANK = {"manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5}
+TOPIC_RANK = {
+    "manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5, "memory.candidates": 6,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,22 @@ class Replay:
     users: dict[tuple[str, str], str]
     #: Compression jobs the planner requested, in order.
     jobs: list[CompressionJob] = field(default_factory=list)
+    #: Run envelopes and cost lines, in the order they were published.
+    envelopes: list[RunEnvelope] = field(default_factory=list)
+    costs: list[CostLine] = field(default_factory=list)
+
+    def final_envelopes(self) -> dict[tuple[str, str], RunEnvelope]:
+        """What the ``envelopes`` table keeps: a run's highest version (the last of equals)."""
+        kept: dict[tuple[str, str], RunEnvelope] = {}
+        for e in self.envelopes:
+            held = kept.get((e.tenant_id, e.run_id))
+            if held is None or e.envelope_version >= held.envelope_version:
+                kept[(e.tenant_id, e.run_id)] = e
+        return kept
+
+    def final_costs(self) -> dict[str, CostLine]:
+        """What the ``costs`` table keeps: the last line of each id."""
+        return {c.cost_id: c for c in self.costs}
 
     def headroom(self, tenant_id: str, run_id: str) -> RunHeadroom | None:
         """What the worker's Redis projection must hold for the run (``streams.runtime.pipeline`` projects the run
@@ -175,13 +196,18 @@ class Replay:
 
 
 def replay(log: InputLog, tenants: Collection[str] | None = None,
-           now: datetime = datetime(2030, 1, 1, tzinfo=UTC), retention: Retention = DEFAULT_RETENTION) -> Replay:
+           now: datetime = datetime(2030, 1, 1, tzinfo=UTC), retention: Retention = DEFAULT_RETENTION,
+           idle_timeout_s: float | None = None) -> Replay:
     """Feed ``log`` (only ``tenants`` when given) through a fresh processor in :func:`interleave` order, with
-    the worker's ``retention`` (``CTXFLOW_RUN_RETENTION_S``): records it refuses as late are in ``refused``."""
+    the worker's ``retention`` (``CTXFLOW_RUN_RETENTION_S``) and idle timeout (``CTXFLOW_RUN_IDLE_TIMEOUT_S``):
+    records it refuses as late are in ``refused``."""
     processor, state = BudgetProcessor(TokenCounter(), retention=retention), DictBudgetState()
-    chain = default_chain(processor)
+    chain = default_chain(processor, idle_timeout_s=idle_timeout_s)
     decisions: list[Decision] = []
     jobs: list[CompressionJob] = []
+    envelopes: list[RunEnvelope] = []
+    costs: list[CostLine] = []
+    sorted_out = {Decision: decisions, CompressionJob: jobs, RunEnvelope: envelopes, CostLine: costs}
     refused = [r for r in log.records() if r.event is None]
     workflows: dict[tuple[str, str], str] = {}
     users: dict[tuple[str, str], str] = {}
@@ -193,8 +219,8 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
             users[(event.tenant_id, event.run_id)] = event.user_id
         try:
             for output in chain.process(event, Position(record.topic, record.partition, record.offset), state, now):
-                (decisions if isinstance(output, Decision) else jobs).append(output)  # type: ignore[arg-type]
+                sorted_out[type(output)].append(output)  # type: ignore[index]
         except Exception as error:  # the worker dead-letters whatever the processor refuses, and goes on
             refused.append(LoggedRecord(record.topic, record.partition, record.offset, record.key, None,
                                         f"{type(error).__name__}: {error}"))
-    return Replay(processor, state, decisions, refused, workflows, users, jobs)
+    return Replay(processor, state, decisions, refused, workflows, users, jobs, envelopes, costs)

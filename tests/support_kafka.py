@@ -41,10 +41,13 @@ async def read_topics(settings: Settings, names: Iterable[str], timeout_s: float
 async def read_full_topics(settings: Settings, topics: Iterable[str], timeout_s: float = 60.0
                            ) -> list[ConsumerRecord]:
     """:func:`read_topics` for full topic names (e.g. the worker's changelog topics)."""
-    tps = [TopicPartition(topic, p) for topic in topics for p in range(settings.partitions)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
+        # Each topic's own partition count: catalogue topics may fix theirs, changelogs follow their table.
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for topic in topics
+               for p in sorted(consumer.partitions_for_topic(topic) or range(settings.partitions))]
         found: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in tps}
         async with asyncio.timeout(timeout_s):
             ends = await log_end_offsets(consumer, tps)

@@ -162,6 +162,32 @@ def decision_problems(settings: Settings, worker: WorkerProcess, oracle: Replay)
     return problems
 
 
+#: Envelope columns compared with the replay: everything but timestamps (compared as the integrity hash and the
+#: version already cover the run's events) and the cost figures, which the cost lines check in detail.
+_ENVELOPE_COLUMNS = (
+    "tenant_id", "run_id", "status", "closed_by", "root_run_id", "depth", "event_count", "integrity_hash",
+    "envelope_version", "global_tokens", "tenant_tokens", "user_tokens", "retrieved_tokens", "session_tokens",
+    "input_tokens", "output_tokens", "estimated_tokens", "tool_calls", "retrievals", "evictions", "tokens_freed",
+    "cost_micros",
+)
+
+
+def envelope_problems(worker: WorkerProcess, oracle: Replay) -> list[str]:
+    """ClickHouse holds exactly the crash-free replay's envelopes (the highest version of each run) and cost lines
+    (the last line of each id): same runs, same figures, same ids."""
+    rows = worker.query(f"SELECT {', '.join(_ENVELOPE_COLUMNS)} FROM envelopes").rows
+    live = {(r[0], r[1]): tuple(r) for r in rows}
+    want = {key: tuple(getattr(e, c) for c in _ENVELOPE_COLUMNS) for key, e in oracle.final_envelopes().items()}
+    problems = [f"envelope {key}: ClickHouse {live.get(key)} != replay {want.get(key)}"
+                for key in sorted(live.keys() | want.keys()) if live.get(key) != want.get(key)]
+    columns = ("cost_id", "run_id", "root_run_id", "agent_id", "surface", "quantity", "micros", "estimated")
+    lines = {r[0]: tuple(r) for r in worker.query(f"SELECT {', '.join(columns)} FROM costs").rows}
+    want_lines = {i: tuple(getattr(c, col) for col in columns) for i, c in oracle.final_costs().items()}
+    problems += [f"cost line {i}: ClickHouse {lines.get(i)} != replay {want_lines.get(i)}"
+                 for i in sorted(lines.keys() | want_lines.keys()) if lines.get(i) != want_lines.get(i)]
+    return problems
+
+
 def summary(sections: dict[str, list[str]]) -> str:
     """One line per failed output: how many problems and the first few."""
     return "; ".join(f"{name}: {len(p)} problems, first {p[:3]}" for name, p in sections.items() if p)

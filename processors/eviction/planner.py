@@ -135,6 +135,14 @@ _ACTION_OF = {
 
 Output = Decision | CompressionJob | Relief
 
+#: The decision kinds the planner emits: one per eviction action.
+EVICTION_KINDS = frozenset(_ACTION_OF)
+
+
+def pending_jobs(worksets: Iterable[WorkingSet]) -> int:
+    """How many of ``worksets`` wait on a compression job: asked for, neither answered by a summary nor given up."""
+    return sum(1 for ws in worksets if ws.job_id is not None)
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -181,7 +189,9 @@ class EvictionPlanner:
         self.strategy = strategy
 
     # ---- the processor interface ------------------------------------------------------------------------------
-    def process(self, event: object, pos: Position, state: BudgetStore, now: datetime) -> list[Output]:
+    def process(
+        self, event: object, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[object] = ()
+    ) -> list[Output]:
         """Apply one record; returns its decisions, compression jobs and the run's relief for the budget."""
         if isinstance(event, TurnEvent):
             return self._turn(event, pos, state, now)
@@ -193,6 +203,9 @@ class EvictionPlanner:
         """Forget the working sets of runs the budget retired."""
         for key in keys:
             state.delete_state(TABLE, key)
+
+    def forget_index(self) -> None:
+        """Nothing to forget: the planner keeps no index beside its table."""
 
     def policy(self, state: BudgetStore, tenant_id: str) -> EvictionPolicy:
         """The tenant's eviction policy (the manifest's, else the defaults)."""

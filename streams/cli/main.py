@@ -230,7 +230,7 @@ def query(
         console.print(str(error), style="red")
         raise typer.Exit(1) from error
     if as_json:
-        console.print_json(data={"columns": list(result.columns), "rows": [list(r) for r in result.rows]})
+        console.print_json(data=result.as_json())
         return
     table = Table(*result.columns)
     for row in result.rows:
@@ -343,6 +343,8 @@ SUBCOMMANDS: dict[str, str] = {
     "sink": "ctxflow.streams.cli.sink:sink",
     "simulate": "ctxflow.streams.cli.simulate:simulate",
     "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
+    "report": "ctxflow.streams.cli.report:report",
+    "migrate": "ctxflow.streams.cli.migrate:migrate",
 }
 
 for _name, _target in SUBCOMMAND_GROUPS.items():

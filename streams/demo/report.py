@@ -11,6 +11,7 @@ once ClickHouse holds the same decision.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,13 @@ from ctxflow.processors.eviction.features import extract
 from ctxflow.processors.pricing import DEFAULT_PRICES
 from ctxflow.schemas.models import Decision, DecisionKind, EvictionStrategy, OverflowBehaviour, Slot
 from ctxflow.sinks.redis import read_headroom
+from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.report.collect import collect, settings_query
+from ctxflow.streams.report.html import write_html
+from ctxflow.streams.report.scope import ReportScope
+from ctxflow.streams.report.terminal import print_report
+from ctxflow.streams.report.views import VIEWS
 from ctxflow.streams.stack.worker_process import WorkerProcess
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +48,9 @@ _SHOWN_TEXT = 150
 _SHOWN_LINES = 6
 #: How many user-caused recalls the example is chosen from.
 _RECALL_CANDIDATES = 40
+#: Views that compare an event's own time with the wall clock: the demo's workload keeps its own clock (from
+#: ``Workload.start``, faster than real time), so its event-to-insert lag would mean nothing.
+_WALL_CLOCK_VIEWS = ("ingest_lag", "ingest_lag_over_time")
 
 
 def _n(value: int | str | None) -> str:
@@ -325,6 +335,20 @@ class DemoReport:
             "allows one engine per process); this demo's worker has stopped, so these open the chDB it left:")
         for sql in queries:
             self.console.print(f'  CTXFLOW_HOME={self.shown_home} ctxflow query "{sql}"', soft_wrap=True)
+
+
+def print_analyst_report(settings: Settings, since: dt.datetime, console: Console, shown_home: Path) -> Path:
+    """``ctxflow report --compact`` over everything the demo wrote since ``since`` (read from the chDB it left,
+    as that command would), and the full report as HTML in the demo's home; returns the HTML file's path."""
+    scope = ReportScope(since, dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
+    views = [view for view in VIEWS if view.key not in _WALL_CLOCK_VIEWS]
+    made = collect(settings_query(settings), scope, source=f"the chDB the demo left in {shown_home}", views=views)
+    print_report(made, console, compact=True)
+    path = write_html(made, settings.home / "report.html")
+    console.print(f"ingest lag is left out: the demo's events carry a simulated clock from {since:%Y-%m-%d %H:%M}. "
+                  f"The full report: CTXFLOW_HOME={shown_home} ctxflow report --since {since:%Y-%m-%d}", soft_wrap=True)
+    console.print(f"HTML report: {path}", soft_wrap=True)
+    return path
 
 
 def _action(action: dict[str, Any] | tuple[Any, ...]) -> tuple[str, int]:

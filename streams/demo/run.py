@@ -33,7 +33,7 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import BudgetState, Decision, DecisionKind
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
-from ctxflow.streams.demo.report import DemoReport
+from ctxflow.streams.demo.report import DemoReport, print_analyst_report
 from ctxflow.streams.demo.workload import DriveProgress, Workload, drive
 from ctxflow.streams.logs import LogfmtFormatter
 from ctxflow.streams.runtime.stop_deadline import StopDeadline
@@ -370,6 +370,7 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
         console.print(f"published {sent.sent:,} events in {sent.elapsed_s:.1f}s ({sent.rate_eps:,.0f} events/s); "
                       f"all durable after {end_to_end_s:.1f}s ({sent.sent / end_to_end_s:,.0f} events/s end to end); "
                       f"demo wall time {time.monotonic() - began:.1f}s")
+        print_analyst_report(settings, workload.start, console, shown_home)
         return 0 if healthy else 1
     except BaseException as error:  # every way out becomes a message and an exit status
         if isinstance(_unwrap(error), KeyboardInterrupt):

@@ -1,27 +1,30 @@
 """One batch of input records, end to end: decode, decide, project, persist.
 
 This is the imperative shell around :mod:`processors`; it knows nothing of Faust, nor of ClickHouse: the ClickHouse
-sink reads the input and decisions topics in a consumer group of its own (:mod:`streams.sink`), so an analytics
-outage never holds a decision back. The Faust agent in
+sink reads the topics this pipeline reads and writes in a consumer group of its own (:mod:`streams.sink`), so an
+analytics outage never holds a decision back. The Faust agent in
 :mod:`streams.runtime.worker` hands it a batch and acknowledges the batch only after :meth:`BudgetPipeline.handle`
 returns, so Faust never commits an offset whose effects are not durable.
 
 Commit order (each step starts after the previous one is durable):
 
 1. decode every record; refusals become dead letters (never a log line);
-2. apply the records to the processor chain (:mod:`processors.chain`: budget, then eviction planner) in offset
-   order, collecting what they publish (decisions, compression jobs);
-3. produce decisions, compression jobs and dead letters to Kafka and project run headroom and decisions into
-   Redis (absolute values: a replay rewrites the same fields; the headroom of every run the batch touched,
-   so a replay that finds its records already applied still does) — concurrently; wait for both;
+2. apply the records to the processor chain (:mod:`processors.chain`: budget, eviction planner, envelopes) in
+   offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines);
+3. produce decisions, compression jobs, envelopes, cost lines and dead letters to Kafka and project run headroom
+   and decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the
+   batch touched, so a replay that finds its records already applied still does) — concurrently; wait for both;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
    :mod:`processors.ledger`): everything derived from a record must be durable before its run ledger is;
-5a. persist the chain processors' tables (the planner's working sets), await acks. After the run ledgers, so a
-   working set is never ahead of its run ledger: on a replay the planner re-applies what it had not persisted,
-   reaching the same decisions, while the budget, already holding those records, ignores the relief it reports
-   (:meth:`processors.budget.BudgetProcessor.relieve`);
+5a. persist the chain processors' tables, one phase each, later processors first (the envelope states, then the
+   planner's working sets), awaiting acks. After the run ledgers, so a working set is never ahead of its run
+   ledger: on a replay the planner re-applies what it had not persisted, reaching the same decisions, while the
+   budget, already holding those records, ignores the relief it reports
+   (:meth:`processors.budget.BudgetProcessor.relieve`). Later processors first, because a later processor reads
+   what earlier ones decided for a record, which an earlier one that holds the record does not decide again
+   (:mod:`processors.chain`): an envelope state may be ahead of its working set, never behind;
 5b. persist the tenants' event-time watermarks, await acks. Last, because a watermark makes a replay skip a
    record outright and decides which records are too late (:mod:`processors.retention`): it must never cover
    a record whose run ledger or tombstone is not durable;
@@ -51,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,9 +67,12 @@ from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, Reject
 from ctxflow.schemas.models import (
     AdmissionRequest,
     CompressionJob,
+    CostLine,
     DeadLetter,
     Decision,
     DecisionKind,
+    MemoryCandidate,
+    RunEnvelope,
     RunEvent,
     Summary,
     TenantManifest,
@@ -78,7 +85,7 @@ from ctxflow.streams.runtime.deadletter import dead_letter
 from ctxflow.streams.runtime.decode import decode_record
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
-from ctxflow.streams.topics import COMPRESSION_JOBS, DEAD_LETTERS, DECISIONS
+from ctxflow.streams.topics import COMPRESSION_JOBS, COSTS, DEAD_LETTERS, DECISIONS, ENVELOPES
 from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
     "summaries": Summary,
+    # Promotions by scope on run envelopes; the memory gate will turn candidates into verdicts in the same chain.
+    "memory.candidates": MemoryCandidate,
 }
 #: Records of a run whose headroom the batch projects.
 _RUN_RECORDS = (TurnEvent, UsageReport, RunEvent, Summary)  # a summary swapped in changes its run's headroom too
@@ -115,8 +124,8 @@ class PreparedBatch:
     started: float
     outputs: asyncio.Task[int]  # decisions and dead letters, already being produced
     projection: asyncio.Task[None]  # run headroom and decisions, already being written to Redis
-    #: Changelog records per phase, in the order they are persisted: aggregates, run ledgers, the chain
-    #: processors' tables, watermarks.
+    #: Changelog records per phase, in the order they are persisted: aggregates, run ledgers, each chain
+    #: processor's table (later processors first), watermarks.
     changelogs: tuple[list[OutRecord], ...]
 
 
@@ -125,6 +134,8 @@ class BatchReport:
     """What one batch did (for logs, progress and benchmarks)."""
 
     records: int = 0
+    #: Records per logical input topic.
+    topics: dict[str, int] = field(default_factory=dict)
     #: Run keys of every record applied or skipped as already applied (their headroom is projected), with the
     #: record's user (whose effective budget the headroom's limits are).
     runs: dict[str, str] = field(default_factory=dict)
@@ -134,8 +145,13 @@ class BatchReport:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     #: Compression jobs for the summarizer workers.
     jobs: list[CompressionJob] = field(default_factory=list)
+    #: Run envelopes of runs that closed (or changed once closed), and cost lines.
+    envelopes: list[RunEnvelope] = field(default_factory=list)
+    costs: list[CostLine] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
+    #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
+    decided_s: float = 0.0
     #: Wall seconds per step of the commit order: process, sinks (decisions, Redis), aggregates, runs.
     steps: dict[str, float] = field(default_factory=dict)
 
@@ -162,6 +178,7 @@ class BudgetPipeline:
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._jobs_topic = full_topic(COMPRESSION_JOBS.name)
+        self._envelopes_topic, self._costs_topic = full_topic(ENVELOPES.name), full_topic(COSTS.name)
         self._clock = clock
         self._projection = BudgetProjection(redis, chain.budget, store)
         self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
@@ -181,7 +198,7 @@ class BudgetPipeline:
         """
         started = time.perf_counter()
         now = self._clock()
-        report = BatchReport(records=len(records))
+        report = BatchReport(records=len(records), topics=Counter(record.topic for record in records))
         if self._store.recoveries != self._recoveries:
             self._recoveries = self._store.recoveries
             self._chain.forget_retirement_index()
@@ -196,6 +213,10 @@ class BudgetPipeline:
         ]
         outputs += [(self._jobs_topic, None, job.tenant_id.encode(), encode(job)) for job in report.jobs]
         outputs += [
+            (self._envelopes_topic, None, f"{e.tenant_id}:{e.run_id}".encode(), encode(e)) for e in report.envelopes
+        ]
+        outputs += [(self._costs_topic, None, c.tenant_id.encode(), encode(c)) for c in report.costs]
+        outputs += [
             (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
         # Step 3 begins here for decisions and Redis: an agent waiting on one sees it without waiting for the
@@ -204,6 +225,7 @@ class BudgetPipeline:
         # An admission answer is awaited by its agent: it leaves at once, with what the outlet gathered so far.
         urgent = any(d.kind is DecisionKind.ADMISSION for d in report.decisions)
         sending = asyncio.create_task(self._producer.send(outputs, urgent=urgent))
+        report.decided_s = time.perf_counter() - started
         # Before the changelog capture, which forgets the runs the batch wrote.
         projection = self._projection.start(report.runs, report.tenants, report.decisions)
         prepared = PreparedBatch(report, started, sending, projection, self._store.capture_changelogs())
@@ -252,8 +274,12 @@ class BudgetPipeline:
             for output in self._chain.process(event, position, self._store, now):
                 if isinstance(output, Decision):
                     report.decisions.append(output)
+                elif isinstance(output, CostLine):
+                    report.costs.append(output)
+                elif isinstance(output, RunEnvelope):
+                    report.envelopes.append(output)
                 else:
-                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these two)
+                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these four)
         except RejectedRecord as error:
             report.dead_letters.append(self._dead_letter(record, error, now))
             return

@@ -11,7 +11,8 @@ the *current* event. A batch spans partitions, and the crash argument in :mod:`p
 aggregates durable before the run ledgers. :class:`TableBudgetStore` therefore writes the in-memory store
 directly, remembers each dirty key with the partition of the record that wrote it, and :meth:`persist`
 produces one changelog record per dirty key: aggregates first (awaiting their acks), then run ledgers, then the
-chain processors' tables (:class:`processors.chain.TableSpec`: the planner's working sets), then watermarks. A
+chain processors' tables (:class:`processors.chain.TableSpec`), each its own phase and later processors first
+(envelope states, then the planner's working sets: :mod:`processors.chain` says why), then watermarks. A
 retired (deleted) key is written as a tombstone, a null value, which every reader of the changelogs applies as a
 deletion (Faust's recovery, the bulk preload in :mod:`streams.runtime.recovery`).
 
@@ -298,15 +299,16 @@ class TableBudgetStore:
         return [(key, data[key]) for key in self._dirty["runs"] if key in data]
 
     def capture_changelogs(self) -> tuple[list[OutRecord], ...]:
-        """Encode every dirty value now (aggregates, run ledgers, the chain processors' tables, watermarks: the
-        order they are persisted in) and forget that they were dirty.
+        """Encode every dirty value now (aggregates, run ledgers, each chain processor's table with later processors
+        first, watermarks: the order they are persisted in, one phase each) and forget that they were dirty.
 
         Later writes to the tables do not change what was captured, so a batch's changelog can be written
         while the next batch is processed.
         """
         return (
             self._changelog_records(AGGREGATES), self._changelog_records(RUNS),
-            self._changelog_records(self._processors), self._changelog_records(MARKS),
+            *(self._changelog_records((name,)) for name in reversed(self._processors)),
+            self._changelog_records(MARKS),
         )
 
     async def write_changelogs(self, records: list[OutRecord]) -> int:

@@ -29,6 +29,8 @@ import faust
 from aiokafka import AIOKafkaProducer
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import default_chain
+from ctxflow.processors.eviction.planner import TABLE as WORKSETS
+from ctxflow.processors.eviction.planner import pending_jobs
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
@@ -36,6 +38,7 @@ from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
@@ -92,6 +95,11 @@ def build_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )
     app.intake = BatchIntake(app, set(logical), max_buffered=4 * settings.batch_max)
+    metrics = WorkerMetrics(
+        logical,
+        partitions=lambda: app.consumer.health().partitions,  # type: ignore[attr-defined]  (BulkConsumer)
+        pending_jobs=lambda: pending_jobs(tables[WORKSETS].values()),
+    )
     sink = None
     if settings.sink != "off":
         sink = SinkHost(settings, role="worker", query_url=local_query_url(settings.web_port),
@@ -108,7 +116,7 @@ def build_app(settings: Settings) -> faust.App:
             async def on_stop(self) -> None:
                 await asyncio.to_thread(sink.stop, 5.0)  # within the worker's stop deadline
 
-    app.sink = sink  # type: ignore[attr-defined]  (read by the metrics and /health)
+    app.sink = sink  # type: ignore[attr-defined]  (read by /health; SinkHost.status() for metrics)
 
     @app.agent(inputs, concurrency=1, name="budget")
     async def budget(stream: faust.StreamT) -> None:
@@ -131,7 +139,10 @@ def build_app(settings: Settings) -> faust.App:
         counter.preload()
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
-            chain=default_chain(BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s))),
+            chain=default_chain(
+                BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
+                idle_timeout_s=settings.run_idle_timeout_s, storage_days=settings.content_storage_days,
+            ),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
@@ -170,6 +181,7 @@ def build_app(settings: Settings) -> faust.App:
                 except Exception as exc:
                     await fail(exc, sum(len(messages) for _, messages in group))
                     raise
+                metrics.record([prepared for prepared, _ in group])
                 consumer: BulkConsumer = app.consumer  # type: ignore[assignment]
                 for _, messages in group:
                     consumer.ack_all(messages)
@@ -216,6 +228,14 @@ def build_app(settings: Settings) -> faust.App:
         async def post(self, request: Request) -> Response:
             status, answer = await asyncio.to_thread(answer_query, sink, await request.read())
             return self.json(answer, status=status)
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        """Prometheus metrics (:mod:`streams.runtime.metrics`), in the exposition format the scraper asks for."""
+
+        async def get(self, request: Request) -> Response:
+            body, content_type = metrics.exposition(request.headers.get("Accept"))
+            return self.bytes(body, headers={"Content-Type": content_type})
 
     @app.page("/health")
     class HealthView(View):

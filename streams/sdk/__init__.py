@@ -28,11 +28,18 @@ create`` makes them from the catalogue) and raises :class:`TopicMissing` otherwi
 request naming a missing topic would make the broker auto-create it with its own default partition count
 and cleanup policy, silently moving tenants between partitions once the real topic is made.
 
+Usage: :mod:`streams.sdk.usage` normalizes OpenAI (Chat Completions, Responses), Anthropic and OpenTelemetry
+GenAI usage, streamed or not, into the contract's disjoint token kinds; ``ctx.usage_from(...)`` makes the report::
+
+    report = ctx.usage_from(openai_chat_usage(completion), latency_ms=820)
+    await client.publish_usage(report)
+
 Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content``; its ``content_digest``
-is kept (computed here when missing) and ``token_count`` is sent only if the caller gave it: the SDK does
-not tokenize, so give ``token_count`` for no-retention turns or the budget cannot count them. A run
+is kept (computed here when missing) and a turn's ``token_count``, when the caller gave none, is counted here
+from the content before it goes (with the model's encoding), so the budget counts it all the same. A run
 published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
-if they say ``retained`` (delegation cannot downgrade privacy).
+if they say ``retained`` (delegation cannot downgrade privacy). A sub-agent in another process builds its
+run with ``RunContext.delegated(parent.handoff(), agent_id)``, which carries the parent's privacy along.
 """
 
 from ctxflow.streams.sdk.budget_reader import BudgetReader
@@ -41,10 +48,22 @@ from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
 from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
-from ctxflow.streams.sdk.run_context import RunContext
+from ctxflow.streams.sdk.run_context import Delegation, RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
+from ctxflow.streams.sdk.usage import (
+    AnthropicStream,
+    OpenAIChatStream,
+    OpenAIResponsesStream,
+    TokenUsage,
+    anthropic_usage,
+    openai_chat_usage,
+    openai_responses_usage,
+    otel_genai_usage,
+)
 
 __all__ = [
-    "TOPIC_OF", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient", "CtxflowError",
-    "DecisionStream", "PublishFailed", "RunContext", "SyncCtxflowClient", "TopicMissing", "record_key", "redact",
+    "TOPIC_OF", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient",
+    "CtxflowError", "DecisionStream", "Delegation", "OpenAIChatStream", "OpenAIResponsesStream", "PublishFailed",
+    "RunContext", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage", "openai_chat_usage",
+    "openai_responses_usage", "otel_genai_usage", "record_key", "redact",
 ]

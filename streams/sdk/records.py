@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TypeVar
 
+from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
@@ -36,13 +38,24 @@ def record_key(spec: TopicSpec, record: BaseModel) -> bytes:
     return ":".join("" if part is None else str(part) for part in parts).encode()
 
 
+@functools.cache
+def token_counter() -> TokenCounter:
+    """The SDK's token counter (the worker's registry and model table; encodings load on first use)."""
+    return TokenCounter()
+
+
 def redact(record: R) -> R:
     """Privacy step: a ``no_retention`` record comes back without ``content`` and with its digest.
 
-    Other records come back unchanged. ``token_count`` is never invented.
+    A no-retention turn keeps its ``token_count``, counted here from the content before it goes when the caller
+    gave none (with the model's encoding, as the worker would: privacy never switches budgets off). Other records
+    come back unchanged.
     """
     content = getattr(record, "content", None)
     if getattr(record, "privacy", None) != PrivacyMode.NO_RETENTION or content is None:
         return record
     kept = getattr(record, "content_digest", None) or digest(content)
-    return record.model_copy(update={"content": None, "content_digest": kept})
+    update: dict[str, object] = {"content": None, "content_digest": kept}
+    if isinstance(record, TurnEvent) and record.token_count is None:
+        update["token_count"] = token_counter().count(content, record.model, digest=kept).tokens
+    return record.model_copy(update=update)

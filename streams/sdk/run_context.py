@@ -10,6 +10,7 @@ from typing import Any
 
 from ctxflow.schemas.models import (
     AdmissionRequest,
+    ContextLayer,
     ItemKind,
     MemoryCandidate,
     MemoryScope,
@@ -24,6 +25,8 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.schemas.models import content_digest as digest
+from ctxflow.streams.sdk.usage import TokenUsage
+from pydantic import BaseModel, ConfigDict
 
 
 def _utc_now() -> datetime:
@@ -33,6 +36,22 @@ def _utc_now() -> datetime:
 
 def _uuid() -> str:
     return str(uuid.uuid4())
+
+
+class Delegation(BaseModel):
+    """A run's identity as handed to a sub-agent in another process (see :meth:`RunContext.handoff`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    user_id: str
+    session_id: str
+    parent_run_id: str
+    workflow_id: str
+    privacy: PrivacyMode
+    policy_version: str | None = None
+    prefix_hash: str | None = None
+    model: str
 
 
 @dataclass
@@ -73,10 +92,11 @@ class RunContext:
              content_digest: str | None = None, token_count: int | None = None, item_id: str | None = None,
              tool_call_id: str | None = None, importance: float | None = None, relevance: float | None = None,
              tier_hint: int | None = None, embedding: list[float] | None = None, at: datetime | None = None,
-             tool_call_ids: list[str] | None = None) -> TurnEvent:
+             tool_call_ids: list[str] | None = None, layer: ContextLayer | None = None) -> TurnEvent:
         """One context item entering the run, with the next ``seq``. Needs ``content`` or its digest.
 
         A tool call that issues several calls names them all in ``tool_call_ids`` (``tool_call_id`` is the first).
+        ``layer`` states the item's context layer (None: the worker derives it from slot and kind).
         """
         if content is None and content_digest is None:
             raise ValueError("a turn needs content or content_digest")
@@ -89,6 +109,7 @@ class RunContext:
             privacy=self.privacy, occurred_at=at or self.clock(),
             tool_call_id=tool_call_id or (tool_call_ids[0] if tool_call_ids else None), relevance=relevance,
             tool_call_ids=tool_call_ids or ([tool_call_id] if kind is ItemKind.TOOL_CALL and tool_call_id else []),
+            layer=layer,
         )
 
     def tool_call(self, content: str, **kw: Any) -> TurnEvent:
@@ -105,7 +126,9 @@ class RunContext:
               cached_read_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0,
               streamed: bool = False, complete: bool = True, call_id: str | None = None,
               model: str | None = None, at: datetime | None = None) -> UsageReport:
-        """One provider call's usage; ``complete=False`` marks counts cut short by an interrupted stream."""
+        """One provider call's usage in the contract's disjoint kinds (``input_tokens`` is the uncached prompt,
+        ``output_tokens`` excludes reasoning); ``complete=False`` marks counts cut short by an interrupted stream.
+        :meth:`usage_from` builds it from a provider's own usage object."""
         return UsageReport(
             event_id=self.id_factory(), **self._ids(), call_id=call_id or self.id_factory(),
             provider=provider, model=model or self.model, input_tokens=input_tokens,
@@ -113,6 +136,24 @@ class RunContext:
             cached_read_tokens=cached_read_tokens, cache_write_tokens=cache_write_tokens,
             reasoning_tokens=reasoning_tokens, latency_ms=latency_ms, streamed=streamed, complete=complete,
             occurred_at=at or self.clock(),
+        )
+
+    def usage_from(self, tokens: TokenUsage, *, latency_ms: int, provider: str | None = None,
+                   call_id: str | None = None, model: str | None = None, at: datetime | None = None) -> UsageReport:
+        """One provider call's usage from a normalized provider payload (:mod:`streams.sdk.usage`).
+
+        The model is ``model``, else the one the provider's payload named, else the run's; the provider likewise
+        (an OTel span without ``gen_ai.provider.name`` needs ``provider``). ``streamed`` and ``complete`` are the
+        payload's.
+        """
+        provider = provider or tokens.provider
+        if not provider:
+            raise ValueError("the usage payload names no provider: pass provider=...")
+        return self.usage(
+            provider=provider, model=model or tokens.model, input_tokens=tokens.input_tokens,
+            output_tokens=tokens.output_tokens, cached_read_tokens=tokens.cached_read_tokens,
+            cache_write_tokens=tokens.cache_write_tokens, reasoning_tokens=tokens.reasoning_tokens,
+            latency_ms=latency_ms, streamed=tokens.streamed, complete=tokens.complete, call_id=call_id, at=at,
         )
 
     def _run_event(self, phase: RunPhase, status: RunStatus | None, at: datetime | None) -> RunEvent:
@@ -141,6 +182,33 @@ class RunContext:
             privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
             policy_version=self.policy_version, prefix_hash=self.prefix_hash, clock=self.clock,
             id_factory=self.id_factory,
+        )
+
+    def handoff(self) -> Delegation:
+        """What a sub-agent in another process needs to run as this run's child: pass it (``model_dump_json``)
+        with the task and build the child there with :meth:`delegated`, so it inherits this run's tenant,
+        user, session, workflow, policy and privacy instead of re-declaring them."""
+        return Delegation(
+            tenant_id=self.tenant_id, user_id=self.user_id, session_id=self.session_id, parent_run_id=self.run_id,
+            workflow_id=self.workflow_id, privacy=self.privacy, policy_version=self.policy_version,
+            prefix_hash=self.prefix_hash, model=self.model,
+        )
+
+    @classmethod
+    def delegated(cls, handoff: Delegation | str | bytes, agent_id: str, *, model: str | None = None,
+                  privacy: PrivacyMode | None = None, run_id: str = "") -> RunContext:
+        """The child run a sub-agent process builds from its parent's :meth:`handoff` (the model or its JSON).
+
+        Like :meth:`child`, it is never less private than its parent: ``privacy=retained`` under a
+        ``no_retention`` parent still gives a ``no_retention`` run, so its payloads never leave this process.
+        """
+        parent = handoff if isinstance(handoff, Delegation) else Delegation.model_validate_json(handoff)
+        private = PrivacyMode.NO_RETENTION in (parent.privacy, privacy)
+        return cls(
+            tenant_id=parent.tenant_id, user_id=parent.user_id, session_id=parent.session_id, agent_id=agent_id,
+            model=model or parent.model, run_id=run_id, parent_run_id=parent.parent_run_id,
+            workflow_id=parent.workflow_id, privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
+            policy_version=parent.policy_version, prefix_hash=parent.prefix_hash,
         )
 
     def admission(self, planned: Mapping[Slot | str, int], *, at: datetime | None = None) -> AdmissionRequest:

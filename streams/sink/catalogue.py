@@ -6,10 +6,12 @@ Another projected topic is one line here, provided ``sinks.clickhouse_ddl`` has 
 from __future__ import annotations
 
 from ctxflow.schemas.models import (
+    CostLine,
     DeadLetter,
     Decision,
     Invalidation,
     MemoryRecord,
+    RunEnvelope,
     RunEvent,
     TurnEvent,
     UsageReport,
@@ -17,7 +19,18 @@ from ctxflow.schemas.models import (
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS
-from ctxflow.streams.topics import DEAD_LETTERS, DECISIONS, INVALIDATIONS, MEMORY_RECORDS, RUNS, TURNS, USAGE, TopicSpec
+from ctxflow.streams.topics import (
+    COSTS,
+    DEAD_LETTERS,
+    DECISIONS,
+    ENVELOPES,
+    INVALIDATIONS,
+    MEMORY_RECORDS,
+    RUNS,
+    TURNS,
+    USAGE,
+    TopicSpec,
+)
 from pydantic import BaseModel
 
 PROJECTED: dict[TopicSpec, type[BaseModel]] = {
@@ -28,6 +41,8 @@ PROJECTED: dict[TopicSpec, type[BaseModel]] = {
     DEAD_LETTERS: DeadLetter,
     MEMORY_RECORDS: MemoryRecord,
     INVALIDATIONS: Invalidation,
+    ENVELOPES: RunEnvelope,
+    COSTS: CostLine,
 }
 """Every topic the sink reads, with the record type its values decode to."""
 

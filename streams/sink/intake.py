@@ -104,15 +104,15 @@ class SinkIntake:
             if self.verdicts.verdict(record.topic, record.partition, record.offset) == "refused":
                 skipped[REFUSED] += 1
                 return
-            if record.value is not None and self.sink.add_avro(record.value):
+            if record.value is not None and self.sink.add_avro(record.value, record.offset):
                 return
         try:
             event = decode_record(self._codec, record.value, record.key, route.model, keyed=route.keyed)
         except RejectedRecord as error:
             skipped[error.reason_code] += 1
             return
-        if type(event) in self._encoded:
-            self.sink.add_encoded(event, record.value)  # type: ignore[arg-type]  (decoded, so not None)
+        if type(event) in self._encoded:  # their tables keep the offset: the first copy of an identity wins
+            self.sink.add_encoded(event, record.value, record.offset)  # type: ignore[arg-type]  (decoded: not None)
         else:
             self.sink.add(event)
 

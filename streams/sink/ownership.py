@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ctxflow.sinks.clickhouse import ClickHouseSink
+from ctxflow.sinks.table_retention import TableRetention
 from ctxflow.streams.config import Settings
 from ctxflow.streams.stack.processes import pid_alive, start_time_of
 
@@ -74,7 +75,7 @@ def open_backend(settings: Settings) -> ClickHouseSink:
             raise BackendHeld(directory, current_owner(settings) or _status_owner(directory)) from error
         raise
     try:
-        sink.ensure_schema()
+        sink.ensure_schema(TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
     except BaseException:
         sink.close()
         raise

@@ -42,4 +42,4 @@ def answer_query(host: SinkHost | None, request: bytes) -> JsonAnswer:
         return 403, {"error": str(error)}
     except Exception as error:
         return 400, {"error": f"{type(error).__name__}: {error}"}
-    return 200, {"columns": list(result.columns), "rows": json.loads(json.dumps(result.rows, default=str))}
+    return 200, result.as_json()

@@ -13,6 +13,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from typing import Any
 
 from ctxflow.sinks.clickhouse import QueryResult
 from ctxflow.streams.config import Settings
@@ -37,11 +38,15 @@ def query_url(settings: Settings) -> str:
     return owner.query_url if owner is not None and owner.query_url else worker_url(settings)
 
 
-def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_fallback: bool = True) -> QueryResult:
-    """Run a read-only query where :func:`query_url` says, else (``direct_fallback``) on the DSN itself."""
+def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_fallback: bool = True,
+              parameters: dict[str, Any] | None = None) -> QueryResult:
+    """Run a read-only query where :func:`query_url` says, else (``direct_fallback``) on the DSN itself.
+
+    ``parameters`` bind ``{name:Type}`` placeholders (JSON values: pass timestamps as text)."""
     url = query_url(settings)
+    payload = {"sql": sql} if parameters is None else {"sql": sql, "parameters": parameters}
     request = urllib.request.Request(
-        url, data=json.dumps({"sql": sql}).encode(), headers={"content-type": "application/json"}
+        url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -52,11 +57,11 @@ def run_query(settings: Settings, sql: str, timeout_s: float = 60.0, *, direct_f
         if not direct_fallback:
             raise QueryFailed(f"nothing answered queries on {url}: {error}") from error
         log.info("no worker answered; querying the DSN directly", extra={"dsn": settings.chdb_dsn})
-        return _direct(settings, sql)
+        return _direct(settings, sql, parameters)
     return QueryResult(tuple(body["columns"]), [tuple(row) for row in body["rows"]])
 
 
-def _direct(settings: Settings, sql: str) -> QueryResult:
+def _direct(settings: Settings, sql: str, parameters: dict[str, Any] | None) -> QueryResult:
     try:
         sink = open_backend(settings)
     except Exception as error:
@@ -65,7 +70,7 @@ def _direct(settings: Settings, sql: str) -> QueryResult:
             "start a worker (ctxflow worker) or point CTXFLOW_CLICKHOUSE_DSN at a ClickHouse server"
         ) from error
     try:
-        return sink.query(sql)
+        return sink.query(sql, parameters)
     except Exception as error:
         raise QueryFailed(f"query failed: {error}") from error
     finally:

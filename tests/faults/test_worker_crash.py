@@ -1,4 +1,5 @@
-"""kill -9 mid-stream: totals, projections and decisions come out exactly as if the worker never crashed.
+"""kill -9 mid-stream: totals, projections, decisions, envelopes and cost lines come out exactly as if the worker
+never crashed.
 
 Producers keep publishing a realistic workload (five tenants, one of them runaway, SDK-style re-sends) while
 the worker is SIGKILLed three times at different moments and restarted on the same settings. The oracle is
@@ -50,6 +51,7 @@ from tests.support_verdict import (
     clickhouse_problems,
     decision_problems,
     distinct,
+    envelope_problems,
     redis_problems,
     summary,
     table_problems,
@@ -102,6 +104,7 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         # The budget enforced and the eviction planner relieved (its working sets and relief are what the crashes
         # must not disturb; no summarizer runs here, so no swaps).
         assert DecisionKind.SPEND_EXHAUSTED in decided and {DecisionKind.OFFLOAD, DecisionKind.MASK} <= decided
+        assert oracle.final_envelopes() and oracle.final_costs()  # runs closed: the envelope check is not vacuous
         replay_done = time.monotonic()
         sections = {
             # The token tables (what a restart recovers), exact per tenant, run and slot.
@@ -114,6 +117,8 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
             "clickhouse": clickhouse_problems(worker, sent, truth),
             # Everything a crash-free run decides is on the decisions topic, and in ClickHouse once.
             "decisions": decision_problems(settings, worker, oracle),
+            # Run envelopes and cost lines: the crash-free run's, with the same ids, once each.
+            "envelopes and costs": envelope_problems(worker, oracle),
         }
         assert not any(sections.values()), summary(sections)
     finally:

@@ -104,4 +104,14 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     assert min(swaps, offloads, recalls, back_to_ok) > 0 and rejections == 0, decided[runaway]
     assert decided[masking][3] > 0, f"{masking} ({EvictionStrategy.OBSERVATION_MASKING.value}) masked nothing"
     assert [t for t in others if decided.get(t, (0,) * 6)[4]] == [], "other tenants were rejected"
+
+    # It ends with the compact analyst report, read from that chDB, and the path of the full one as HTML.
+    assert re.search(r"ctxflow report: all tenants, \d{4}-\d\d-\d\d \d\d:\d\d to .* UTC", out), out
+    history = _query(tmp_path, env, "SELECT count() FROM turns WHERE slot = 'history'")[0][0]
+    assert "Eviction rate per slot" in out and f"│ history │ {history:,} │" in flat, out
+    assert "Context utilization percentiles" in out
+    html = re.search(r"HTML report: (\S+)", out)
+    assert html and out.rstrip().splitlines()[-1] == html[0], "the demo ends with the HTML report's path"
+    page = Path(html[1]).read_text()
+    assert page.count("<svg") >= 2 and "Eviction rate per slot" in page
     assert time.monotonic() - began < 60

@@ -136,7 +136,7 @@ def test_the_run_is_relieved_and_its_budget_state_comes_back_down(world: World) 
     assert (BudgetState.OK, BudgetState.SOFT) in moves and (BudgetState.SOFT, BudgetState.OK) in moves
     assert not [d for d in world.streamed if d.kind is K.REJECTION]
     relief = [d for d in world.streamed if d.kind in (K.EVICT, K.OFFLOAD, K.SWAP)]
-    assert relief and all(d.strategy == "hybrid" and d.policy_version == "m1/p1/list-2025-06" for d in relief)
+    assert relief and all(d.strategy == "hybrid" and d.policy_version == "m1/p1/list-2025-06.2" for d in relief)
     headroom = asyncio.run(_headroom(world.settings, world.run.run_id))
     assert headroom is not None and headroom.used["history"] < 0.85 * CAP
 

@@ -127,7 +127,7 @@ def test_valid_manifest_passes_and_problems_are_all_listed() -> None:
         run_cap_tokens=900,
         workflow_cap_tokens=500,
         spend_windows=[window("day", 1), window("day", 2), window("hour")],
-        tokenizers={"acme-": "o200k_base"},
+        tokenizers={"acme-": "r50k_base"},
         user_overrides={"u9": UserOverride(total_cap=0, spend_windows=[window("month")])},
     )
     problems = manifest_problems(bad)
@@ -136,7 +136,7 @@ def test_valid_manifest_passes_and_problems_are_all_listed() -> None:
         "workflow_cap_tokens (500) is below run_cap_tokens (900)",
         "more than one day window",
         "the hour window sets neither max_tokens nor max_cost_micros",
-        "encoding 'o200k_base' is not available offline",
+        "encoding 'r50k_base' is not available offline",
         "user_overrides['u9'].total_cap must be positive",
         "user_overrides['u9'].spend_windows: the month window",
     ):

@@ -19,10 +19,13 @@ class Broken:
     name = "broken"
     tables: tuple[TableSpec, ...] = ()
 
-    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime) -> list[Any]:
+    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Any) -> list[Any]:
         raise RuntimeError("a bug")
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
+        pass
+
+    def forget_index(self) -> None:
         pass
 
 

@@ -8,7 +8,7 @@ import pytest
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.eviction import planner as planner_module
-from ctxflow.processors.eviction.planner import TABLE, EvictionPlanner
+from ctxflow.processors.eviction.planner import TABLE, EvictionPlanner, pending_jobs
 from ctxflow.processors.eviction.workset import OFFLOADED, WorkingSet
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position, run_key
@@ -92,7 +92,7 @@ def test_relief_brings_the_slot_back_down_and_the_budget_state_back_to_ok() -> N
     assert (BudgetState.OK, BudgetState.SOFT) in states and (BudgetState.SOFT, BudgetState.OK) in states
     (evict,) = run.decisions(K.EVICT)
     assert evict.tokens_freed == sum(a.tokens for a in evict.actions) >= 850 - 700
-    assert evict.strategy == "sliding_window" and evict.policy_version == "m3/p1/list-2025-06"
+    assert evict.strategy == "sliding_window" and evict.policy_version == "m3/p1/list-2025-06.2"
     assert "i0" not in [a.item_id for a in evict.actions]  # the goal is tier 0
     assert run.state.get_run(run_key("acme", "r")).live(3) == run.ws.live_tokens(3) <= 700
 
@@ -256,3 +256,20 @@ def test_an_unanswered_compression_is_given_up_and_its_items_no_longer_held() ->
     first = {s.item_id for s in job.sources}
     assert first & {a.item_id for d in run.decisions(K.EVICT) for a in d.actions}  # no longer held for the job
     assert run.ws.live_tokens(3) < 1000
+
+
+def test_a_compression_job_is_pending_from_its_request_until_a_summary_answers_it_or_it_is_given_up() -> None:
+    answered, ignored = Run(history=1000, keep_recent=2), Run(history=1000, keep_recent=2)
+    for run in (answered, ignored):
+        run.turn(20, Role.USER, content="Refund ORD-1042.")
+        for _ in range(7):
+            run.turn(100)
+        assert pending_jobs([run.ws]) == 0  # 720 of 1000: nothing asked yet
+        run.turn(100)
+        assert pending_jobs([run.ws]) == 1
+    assert pending_jobs([answered.ws, ignored.ws]) == 2
+    (job,) = [o for o in answered.out if isinstance(o, CompressionJob)]
+    answered.answer(job, tokens=40)
+    assert pending_jobs([answered.ws]) == 0
+    ignored.turn(10, at=T0 + timedelta(minutes=10))  # past the patience for an answer
+    assert pending_jobs([ignored.ws]) == 0

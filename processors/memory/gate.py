@@ -1,0 +1,202 @@
+"""The promotion gate: a pure decision on one memory candidate, treated like a database write.
+
+Rules, in the order they are checked (the first that refuses decides; ``Rule`` names go on the verdict):
+
+1. ``global_write_locked``: nothing is written to global scope at runtime. Never loosened.
+2. ``policy_not_promotable``: a policy is never promoted from a run. Never loosened.
+3. ``no_retention_run``: a candidate or run in no-retention mode never promotes. Never loosened.
+4. ``content_missing``: a retained candidate must carry its content (the gate cannot scan a digest).
+5. ``secret_detected``: a secret (detect-secrets' plugins) is never persisted. Never loosened.
+6. ``revoked_digest``: content whose record was revoked cannot come back without review (a candidate approved
+   by a human, ``verification=human_approved`` with ``verified_by``, is that review).
+7. ``low_confidence``: below the tenant's ``min_confidence``.
+8. Scope and type:
+   - session scope: any type but policy (ephemeral working memory): ``session_memory``;
+   - user scope: preferences (drafts, working style) and episodes: ``user_memory``; other types are refused
+     with ``type_not_promotable_to_scope``;
+   - tenant scope: facts with verification (human approval with an approver, a trusted system of record, or
+     corroboration by ``min_corroborating_runs`` independent runs): ``tenant_verified_fact``; episodes approved
+     by a human: ``tenant_approved_episode``; otherwise ``tenant_requires_verification``, unless the tenant's
+     bootstrap period is running, which admits them flagged ``bootstrap_loosened`` (rule ``bootstrap_loosened``).
+     Preferences and traces never reach tenant scope.
+9. ``pii_without_retention_rule``: personal data (presidio) is kept only when the candidate cites a retention
+   rule the tenant's policy defines; the record is then ``sensitivity=pii`` with the kinds found.
+
+A sub-agent's output passes the same rules; its own run and its parent do not count as independent
+corroboration of it. An accepted candidate's record starts ``provisional`` (hardening decides what follows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from ctxflow.processors.memory.detectors import ContentDetectors, ContentScan
+from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts
+from ctxflow.schemas.models import (
+    MemoryCandidate,
+    MemoryScope,
+    MemoryType,
+    PrivacyMode,
+    Sensitivity,
+    Verification,
+)
+
+
+class Rule(StrEnum):
+    """The rule that decided a verdict."""
+
+    GLOBAL_WRITE_LOCKED = "global_write_locked"
+    POLICY_NOT_PROMOTABLE = "policy_not_promotable"
+    NO_RETENTION_RUN = "no_retention_run"
+    CONTENT_MISSING = "content_missing"
+    SECRET_DETECTED = "secret_detected"
+    REVOKED_DIGEST = "revoked_digest"
+    LOW_CONFIDENCE = "low_confidence"
+    TYPE_NOT_PROMOTABLE_TO_SCOPE = "type_not_promotable_to_scope"
+    TENANT_REQUIRES_VERIFICATION = "tenant_requires_verification"
+    PII_WITHOUT_RETENTION_RULE = "pii_without_retention_rule"
+    SESSION_MEMORY = "session_memory"
+    USER_MEMORY = "user_memory"
+    TENANT_VERIFIED_FACT = "tenant_verified_fact"
+    TENANT_APPROVED_EPISODE = "tenant_approved_episode"
+    BOOTSTRAP_LOOSENED = "bootstrap_loosened"
+
+
+USER_TYPES = frozenset({MemoryType.PREFERENCE, MemoryType.EPISODE})
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    """The gate's answer: accepted or not, the rule and a reason that never quotes the content."""
+
+    accepted: bool
+    rule: Rule
+    reason: str
+    bootstrap_loosened: bool = False
+    sensitivity: Sensitivity = Sensitivity.NONE
+    pii_kinds: tuple[str, ...] = ()
+    retention_policy: str | None = None
+
+
+def _refuse(rule: Rule, reason: str) -> GateDecision:
+    return GateDecision(False, rule, reason)
+
+
+def independent_runs(candidate: MemoryCandidate, run: RunFacts) -> frozenset[str]:
+    """Corroborating runs that are independent of the candidate: not its own run nor its parent."""
+    related = {candidate.run_id, candidate.parent_run_id, run.parent_run_id}
+    return frozenset(candidate.corroborating_run_ids) - related
+
+
+def verified(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts) -> str | None:
+    """Why the candidate counts as verified, or None: the evidence must hold up, not only be claimed."""
+    evidence = candidate.verification
+    if evidence is Verification.HUMAN_APPROVED and candidate.verified_by:
+        return f"approved by {candidate.verified_by}"
+    if evidence is Verification.SYSTEM_OF_RECORD and candidate.verified_by in policy.trusted_systems:
+        return f"confirmed by system of record {candidate.verified_by}"
+    if evidence is Verification.CORROBORATED:
+        runs = independent_runs(candidate, run)
+        if len(runs) >= policy.min_corroborating_runs:
+            return f"corroborated by {len(runs)} independent runs"
+    return None
+
+
+def _structural(candidate: MemoryCandidate, run: RunFacts) -> GateDecision | None:
+    if candidate.scope is MemoryScope.GLOBAL:
+        return _refuse(Rule.GLOBAL_WRITE_LOCKED, "global scope is write-locked at runtime")
+    if candidate.type is MemoryType.POLICY:
+        return _refuse(Rule.POLICY_NOT_PROMOTABLE, "policy is never promoted from a run")
+    if PrivacyMode.NO_RETENTION in (candidate.privacy, run.privacy):
+        return _refuse(Rule.NO_RETENTION_RUN, "no-retention runs never promote")
+    if candidate.content is None:
+        return _refuse(Rule.CONTENT_MISSING, "a retained candidate must carry its content to be scanned")
+    return None
+
+
+def _placement(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts, now: datetime) -> GateDecision:
+    scope, type_ = candidate.scope, candidate.type
+    if scope is MemoryScope.SESSION:
+        return GateDecision(True, Rule.SESSION_MEMORY, f"session {type_.value}")
+    if scope is MemoryScope.USER:
+        if type_ in USER_TYPES:
+            return GateDecision(True, Rule.USER_MEMORY, f"user {type_.value}")
+        return _refuse(Rule.TYPE_NOT_PROMOTABLE_TO_SCOPE, f"a {type_.value} is not promoted to user scope")
+    if type_ not in (MemoryType.FACT, MemoryType.EPISODE):
+        return _refuse(Rule.TYPE_NOT_PROMOTABLE_TO_SCOPE, f"a {type_.value} is not promoted to tenant scope")
+    if type_ is MemoryType.FACT and (why := verified(candidate, policy, run)):
+        return GateDecision(True, Rule.TENANT_VERIFIED_FACT, why)
+    if type_ is MemoryType.EPISODE and candidate.verification is Verification.HUMAN_APPROVED and candidate.verified_by:
+        return GateDecision(True, Rule.TENANT_APPROVED_EPISODE, f"approved by {candidate.verified_by}")
+    if policy.in_bootstrap(now):
+        return GateDecision(
+            True, Rule.BOOTSTRAP_LOOSENED, f"unverified tenant {type_.value} admitted during bootstrap", True
+        )
+    needs = "human approval"
+    if type_ is MemoryType.FACT:
+        needs += ", a trusted system of record or corroboration"
+    return _refuse(Rule.TENANT_REQUIRES_VERIFICATION, f"a tenant {type_.value} needs {needs}")
+
+
+def decide(
+    candidate: MemoryCandidate,
+    scan: ContentScan,
+    policy: MemoryPolicy,
+    run: RunFacts,
+    now: datetime,
+    *,
+    revoked: bool = False,
+) -> GateDecision:
+    """The verdict on ``candidate`` given what the detectors found in its content (rules in the module doc).
+
+    Pure: the same inputs always give the same decision. ``revoked`` says the candidate's identity digest
+    belongs to a revoked record of the same tenant.
+    """
+    refused = _structural(candidate, run)
+    if refused:
+        return refused
+    if scan.secrets:
+        return _refuse(Rule.SECRET_DETECTED, f"secret detected ({', '.join(scan.secret_kinds)}); never persisted")
+    if revoked and not (candidate.verification is Verification.HUMAN_APPROVED and candidate.verified_by):
+        return _refuse(Rule.REVOKED_DIGEST, "this content was revoked; it returns only through review")
+    if candidate.confidence < policy.min_confidence:
+        return _refuse(Rule.LOW_CONFIDENCE, f"confidence {candidate.confidence:.2f} < {policy.min_confidence:.2f}")
+    placed = _placement(candidate, policy, run, now)
+    if not placed.accepted or not scan.pii:
+        return placed
+    kinds = scan.pii_kinds
+    if candidate.retention_rule is None or candidate.retention_rule not in policy.retention_rules:
+        return GateDecision(
+            False,
+            Rule.PII_WITHOUT_RETENTION_RULE,
+            f"personal data ({', '.join(kinds)}) needs a retention rule the tenant defines",
+            pii_kinds=kinds,
+        )
+    return GateDecision(
+        True,
+        placed.rule,
+        f"{placed.reason}; personal data kept under {candidate.retention_rule}",
+        placed.bootstrap_loosened,
+        Sensitivity.PII,
+        kinds,
+        candidate.retention_rule,
+    )
+
+
+class MemoryGate:
+    """The gate with its detectors built once; :meth:`judge` scans only what the structural rules let through."""
+
+    def __init__(self, detectors: ContentDetectors | None = None) -> None:
+        self.detectors = detectors or ContentDetectors()
+
+    def judge(
+        self, candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts, now: datetime, *, revoked: bool = False
+    ) -> GateDecision:
+        """:func:`decide` with the candidate's content scanned by the shared detectors."""
+        refused = _structural(candidate, run)
+        if refused:
+            return refused
+        scan = self.detectors.scan(candidate.content or "")
+        return decide(candidate, scan, policy, run, now, revoked=revoked)

@@ -1,0 +1,156 @@
+"""The memory lifecycle as pure transitions of :class:`MemoryRecord` values.
+
+::
+
+    candidate --gate--> provisional --harden--> active ------------> superseded --> revoked
+                                   \\                \\--quarantine-^   (contradicted)   (tombstone)
+                                    \\--harden--> quarantined --review: reinstate--> active
+                                                              --review: correct----> revoked (+ corrected record)
+                                                              --review: revoke-----> revoked (tombstone)
+
+Every transition returns a new record with ``version + 1`` and ``updated_at = now``; an illegal one raises
+:class:`IllegalTransition` (a processor bug, never silently ignored). Only ``active`` is retrievable. Nothing
+is ever deleted: revocation keeps a tombstone (digest, subject, attribute, provenance, reason) and drops the
+content and value, and its identity digest is blocked from coming back without review.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from hashlib import blake2b
+
+from ctxflow.schemas.models import Invalidation, InvalidationKind, MemoryRecord, MemoryStatus, ReviewState
+
+ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
+    MemoryStatus.PROVISIONAL: frozenset({MemoryStatus.ACTIVE, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
+    MemoryStatus.ACTIVE: frozenset({MemoryStatus.SUPERSEDED, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
+    MemoryStatus.QUARANTINED: frozenset({MemoryStatus.ACTIVE, MemoryStatus.REVOKED}),
+    MemoryStatus.SUPERSEDED: frozenset({MemoryStatus.REVOKED}),
+    MemoryStatus.REVOKED: frozenset(),
+}
+"""Which status may follow which. Revoked is final; superseded can only be revoked."""
+
+
+class IllegalTransition(ValueError):
+    """A lifecycle move the state machine does not allow (e.g. reinstating a revoked record)."""
+
+
+class ReviewAction(StrEnum):
+    """What a reviewer decides about a quarantined record (``ctxflow memory review``)."""
+
+    REINSTATE = "reinstate"
+    CORRECT = "correct"
+    REVOKE = "revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """An open question about a quarantined record: who must look at what, and why."""
+
+    review_id: str
+    tenant_id: str
+    memory_id: str
+    reason: str
+    opened_at: datetime
+    conflicting_ids: tuple[str, ...] = ()
+
+
+def review_id(tenant_id: str, memory_id: str, version: int) -> str:
+    """Deterministic id of the review opened on a record's version: a replay reopens the same item."""
+    raw = "\x1f".join((tenant_id, memory_id, str(version))).encode("utf-8")
+    return "rev-" + blake2b(raw, digest_size=16).hexdigest()
+
+
+def is_retrievable(record: MemoryRecord) -> bool:
+    """Only active records may be served to a run."""
+    return record.status is MemoryStatus.ACTIVE
+
+
+def transition(record: MemoryRecord, to: MemoryStatus, now: datetime, reason: str, **changes: object) -> MemoryRecord:
+    """``record`` moved to ``to``; raises :class:`IllegalTransition` when :data:`ALLOWED` forbids it."""
+    if to not in ALLOWED[record.status]:
+        raise IllegalTransition(f"{record.memory_id}: {record.status.value} -> {to.value} is not allowed")
+    fields = {"status": to, "version": record.version + 1, "updated_at": max(now, record.updated_at)}
+    return record.model_copy(update={**fields, "reason": reason, **changes})
+
+
+def activate(record: MemoryRecord, now: datetime, reason: str = "hardened") -> MemoryRecord:
+    """provisional -> active."""
+    return transition(record, MemoryStatus.ACTIVE, now, reason)
+
+
+def quarantine(record: MemoryRecord, now: datetime, reason: str, conflicting: tuple[str, ...] = ()) -> tuple[
+    MemoryRecord, ReviewItem
+]:
+    """The record quarantined (not retrievable) and the review item that must resolve it."""
+    moved = transition(record, MemoryStatus.QUARANTINED, now, reason, review_state=ReviewState.OPEN)
+    item = ReviewItem(
+        review_id(record.tenant_id, record.memory_id, moved.version),
+        record.tenant_id,
+        record.memory_id,
+        reason,
+        now,
+        conflicting,
+    )
+    return moved, item
+
+
+def supersede(old: MemoryRecord, by: MemoryRecord, now: datetime) -> MemoryRecord:
+    """``old`` retired because ``by`` states a different value for the same subject and attribute."""
+    return transition(old, MemoryStatus.SUPERSEDED, now, f"superseded by {by.memory_id}", superseded_by=by.memory_id)
+
+
+def revoke(record: MemoryRecord, now: datetime, reason: str, review: ReviewState | None = None) -> MemoryRecord:
+    """The record as a tombstone: revoked, content and value dropped, digest and provenance kept."""
+    state = review if review is not None else record.review_state
+    return transition(record, MemoryStatus.REVOKED, now, reason, content=None, value=None, review_state=state)
+
+
+def reinstate(record: MemoryRecord, now: datetime, reviewer: str) -> MemoryRecord:
+    """A reviewer's decision that a quarantined record is right: it becomes active."""
+    if record.status is not MemoryStatus.QUARANTINED:
+        raise IllegalTransition(f"{record.memory_id}: only a quarantined record is reinstated")
+    reason = f"reinstated by {reviewer}"
+    return transition(record, MemoryStatus.ACTIVE, now, reason, review_state=ReviewState.REINSTATED)
+
+
+def correct(record: MemoryRecord, corrected: MemoryRecord, now: datetime, reviewer: str) -> tuple[
+    MemoryRecord, MemoryRecord
+]:
+    """A reviewer's correction: the quarantined record becomes a tombstone pointing at the corrected one,
+    which is active and names what it replaces."""
+    if record.status is not MemoryStatus.QUARANTINED:
+        raise IllegalTransition(f"{record.memory_id}: only a quarantined record is corrected")
+    if corrected.tenant_id != record.tenant_id:
+        raise IllegalTransition("a correction stays in the record's tenant")
+    old = revoke(record, now, f"corrected by {reviewer}", ReviewState.CORRECTED)
+    old = old.model_copy(update={"superseded_by": corrected.memory_id})
+    new = corrected.model_copy(
+        update={
+            "status": MemoryStatus.ACTIVE,
+            "supersedes": record.memory_id,
+            "review_state": ReviewState.CORRECTED,
+            "reason": f"correction by {reviewer}",
+            "updated_at": now,
+        }
+    )
+    return old, new
+
+
+def invalidation(record: MemoryRecord, kind: InvalidationKind, now: datetime, by: str | None) -> Invalidation:
+    """The event telling every projection to stop serving ``record`` (its id is derived: replays overwrite)."""
+    raw = "\x1f".join((record.tenant_id, record.memory_id, str(record.version))).encode("utf-8")
+    return Invalidation(
+        invalidation_id="inv-" + blake2b(raw, digest_size=16).hexdigest(),
+        tenant_id=record.tenant_id,
+        kind=kind,
+        target_type="memory",
+        target_id=record.memory_id,
+        source_memory_id=by,
+        user_id=record.user_id,
+        session_id=record.session_id,
+        reason=record.reason or record.status.value,
+        occurred_at=now,
+    )

@@ -1,0 +1,66 @@
+"""The tenant's memory policy as the gate sees it, and the facts about the producing run.
+
+Both are plain values handed to the gate: the shell builds the policy from the tenant's manifest
+(:func:`policy_from_manifest`, manifest v4 ``memory``) and the run facts from the run ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ctxflow.schemas.models import PrivacyMode, TenantManifest
+
+GATE_VERSION = "memory-gate/1"
+"""Version of the promotion rules; a record names the version that admitted it."""
+
+INLINE_MAX_BYTES = 8192
+"""Content above this many UTF-8 bytes goes to the object store and the record carries ``payload_ref``: a
+compacted topic keeps every live record forever, so large payloads there cost every consumer's restore."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPolicy:
+    """A tenant's memory gate settings.
+
+    ``retention_rules`` names the rules under which personal data may be kept; a candidate with PII must cite
+    one of them. ``trusted_systems`` are the systems of record whose confirmation verifies a tenant fact.
+    Until ``bootstrap_until`` the tenant's unverified facts and episodes may enter tenant scope (flagged).
+    """
+
+    version: str = GATE_VERSION
+    retention_rules: frozenset[str] = field(default_factory=frozenset)
+    trusted_systems: frozenset[str] = field(default_factory=frozenset)
+    min_confidence: float = 0.5
+    min_corroborating_runs: int = 2
+    bootstrap_until: datetime | None = None
+    inline_max_bytes: int = INLINE_MAX_BYTES
+
+    def in_bootstrap(self, now: datetime) -> bool:
+        """Whether the tenant's bootstrap period (a loosened gate) is running at ``now``."""
+        return self.bootstrap_until is not None and now < self.bootstrap_until
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """What the gate needs to know about the run that produced a candidate (from the run ledger)."""
+
+    privacy: PrivacyMode = PrivacyMode.RETAINED
+    parent_run_id: str | None = None
+
+
+def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:
+    """The memory policy a tenant's manifest states; the defaults when it has none (or no ``memory`` field)."""
+    if manifest is None or manifest.memory is None:
+        return MemoryPolicy()
+    memory = manifest.memory
+    return MemoryPolicy(
+        # Records name the rules and the manifest that admitted them.
+        version=f"{GATE_VERSION}@manifest-{manifest.version}",
+        retention_rules=frozenset(memory.retention_rules),
+        trusted_systems=frozenset(memory.trusted_systems),
+        min_confidence=memory.min_confidence,
+        min_corroborating_runs=memory.min_corroborating_runs,
+        bootstrap_until=memory.bootstrap_until,
+        inline_max_bytes=memory.inline_max_bytes,
+    )

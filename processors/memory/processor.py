@@ -1,0 +1,282 @@
+"""The memory gate as a processor of the chain: candidates in, verdicts and canonical records out.
+
+Shaped like the chain's processors (:class:`processors.chain.Processor`): ``process(event, pos, state, now)``
+over its own tables, no I/O. Per candidate it
+
+1. replays the stored verdict if the candidate was already judged (at-least-once delivery: a redelivered
+   candidate changes nothing and reproduces the same outputs);
+2. asks the gate (:mod:`processors.memory.gate`); a refusal is a ``rejected`` verdict naming the rule;
+3. merges into an existing live record with the same identity (exact duplicate) or a near-duplicate in the
+   same bucket (:mod:`processors.memory.conflict`): a ``merged`` verdict, the record's ``merge_count`` + 1;
+4. otherwise writes the record ``provisional`` (content above the policy's inline limit goes out as a
+   :class:`PayloadWrite` for the object store and the record carries ``payload_ref``), then hardens it:
+   ``active``, superseding exactly the records that contradict it on subject and attribute, or
+   ``quarantined`` with a :class:`~processors.memory.lifecycle.ReviewItem` when it contradicts a record with
+   stronger verification or one already under review;
+5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per record that stops being
+   retrievable.
+
+Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
+no candidate can read or change another tenant's records (property-tested with tenant ids differing only in
+case and shared user, session and run ids).
+
+Its tables are in :mod:`processors.memory.store`; reviewers' decisions in :mod:`processors.memory.review`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ctxflow.processors.chain import TableSpec
+from ctxflow.processors.memory import conflict, lifecycle
+from ctxflow.processors.memory.gate import GateDecision, MemoryGate
+from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
+from ctxflow.processors.memory.lifecycle import ReviewAction, ReviewItem
+from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts
+from ctxflow.processors.memory.review import review
+from ctxflow.processors.memory.store import RECORDS, TABLES, MemoryTables
+from ctxflow.processors.types import BudgetStore, Position, check_tenant
+from ctxflow.schemas.models import (
+    InvalidationKind,
+    MemoryCandidate,
+    MemoryRecord,
+    MemoryStatus,
+    MemoryVerdict,
+    VerdictOutcome,
+    Verification,
+)
+
+__all__ = ["RECORDS", "MemoryGateProcessor", "PayloadWrite", "payload_ref"]
+
+_STRENGTH = {
+    Verification.NONE: 0,
+    Verification.CORROBORATED: 1,
+    Verification.SYSTEM_OF_RECORD: 2,
+    Verification.HUMAN_APPROVED: 3,
+}
+"""How much a record's verification weighs when a newer one contradicts it: a weaker newcomer is reviewed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadWrite:
+    """Content the shell must store in the object store under ``ref`` before publishing the record."""
+
+    tenant_id: str
+    ref: str
+    content: str
+
+
+def payload_ref(tenant_id: str, digest: str) -> str:
+    """The object-store key of a content-addressed payload (tenant first: a bucket policy can isolate it)."""
+    return f"{tenant_id}/sha256/{digest[:2]}/{digest}"
+
+
+class MemoryGateProcessor:
+    """Memory governance over the chain's state protocol (see the module docstring)."""
+
+    name = "memory_gate"
+    tables: tuple[TableSpec, ...] = TABLES
+
+    def __init__(
+        self,
+        gate: MemoryGate | None = None,
+        policy_of: Callable[[str], MemoryPolicy] | None = None,
+        run_facts: Callable[[str, str], RunFacts | None] | None = None,
+    ) -> None:
+        self.gate = gate or MemoryGate()
+        self.policy_of = policy_of or (lambda _tenant: MemoryPolicy())
+        self.run_facts = run_facts or (lambda _tenant, _run: None)
+
+    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime) -> Sequence[Any]:
+        """Judge a :class:`MemoryCandidate`; other records pass untouched (nothing returned)."""
+        if not isinstance(event, MemoryCandidate):
+            return []
+        tenant = check_tenant(event.tenant_id)
+        tables = MemoryTables(state)
+        done = tables.verdict(tenant, event.candidate_id)
+        if done is not None:
+            return [done]
+        policy = self.policy_of(tenant)
+        run = self.run_facts(tenant, event.run_id) or RunFacts(event.privacy, event.parent_run_id)
+        digest = identity_digest(event.content, event.content_digest)
+        decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
+        if not decision.accepted:
+            return [self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
+        return self._promote(tables, event, decision, policy, digest, now)
+
+    def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
+        """Memory outlives runs: nothing to forget when a run retires."""
+
+    def review(
+        self,
+        tenant_id: str,
+        memory_id: str,
+        action: ReviewAction,
+        reviewer: str,
+        state: BudgetStore,
+        now: datetime,
+        **correction: str | None,
+    ) -> list[Any]:
+        """A reviewer's decision (:func:`processors.memory.review.review`) on this processor's state."""
+        return review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+
+    def _promote(
+        self,
+        tables: MemoryTables,
+        candidate: MemoryCandidate,
+        decision: GateDecision,
+        policy: MemoryPolicy,
+        digest: str,
+        now: datetime,
+    ) -> list[Any]:
+        tenant = candidate.tenant_id
+        mid = candidate_memory_id(candidate)
+        owner = owner_of(candidate.scope, candidate.user_id, candidate.session_id)
+        bucket = bucket_key(tenant, candidate.scope, owner)
+        existing = tables.record(tenant, mid)
+        if existing is not None and existing.status in conflict.LIVE:
+            return self._merge(tables, candidate, decision, policy, existing, now)
+        fresh = self._record(candidate, decision, policy, owner, existing, now)
+        neighbours = [r for r in tables.bucket(bucket) if r.memory_id != mid]
+        twin = conflict.near_duplicate(fresh, neighbours)
+        if twin is not None:
+            return self._merge(tables, candidate, decision, policy, twin.record, now)
+        out: list[Any] = []
+        if fresh.payload_ref is not None:
+            out.append(PayloadWrite(tenant, fresh.payload_ref, candidate.content or ""))
+            fresh = fresh.model_copy(update={"content": None})
+        out.append(fresh)
+        if existing is not None:
+            # The same content back after supersession, or after a revocation a human has now reviewed: a new
+            # life of the same identity (its version continues).
+            tables.unblock(tenant, digest)
+        hardened, retired, item = self._harden(fresh, neighbours, now)
+        out.append(hardened)
+        tables.put_record(hardened)
+        tables.add_to_bucket(bucket, hardened.memory_id)
+        for old in retired:
+            tables.put_record(old)
+            tables.drop_from_bucket(bucket, old.memory_id)
+            out += [old, lifecycle.invalidation(old, InvalidationKind.INVALIDATION, now, hardened.memory_id)]
+        if item is not None:
+            tables.put_review(item)
+            out.append(item)
+        outcome = VerdictOutcome.ACCEPTED
+        out.append(self._verdict(tables, candidate, decision, policy, outcome, hardened, now))
+        return out
+
+    @staticmethod
+    def _harden(
+        fresh: MemoryRecord, neighbours: list[MemoryRecord], now: datetime
+    ) -> tuple[MemoryRecord, list[MemoryRecord], ReviewItem | None]:
+        contradicted = conflict.contradictions(fresh, neighbours)
+        stronger = [
+            r
+            for r in contradicted
+            if r.status is MemoryStatus.QUARANTINED or _STRENGTH[r.verification] > _STRENGTH[fresh.verification]
+        ]
+        if stronger:
+            ids = tuple(r.memory_id for r in stronger)
+            reason = f"contradicts {', '.join(ids)} on {fresh.subject}/{fresh.attribute}, which outranks it"
+            moved, item = lifecycle.quarantine(fresh, now, reason, ids)
+            return moved, [], item
+        if not contradicted:
+            return lifecycle.activate(fresh, now), [], None
+        active = lifecycle.activate(fresh, now, f"supersedes {contradicted[0].memory_id}")
+        active = active.model_copy(update={"supersedes": contradicted[0].memory_id})
+        return active, [lifecycle.supersede(old, active, now) for old in contradicted], None
+
+    def _merge(
+        self,
+        tables: MemoryTables,
+        candidate: MemoryCandidate,
+        decision: GateDecision,
+        policy: MemoryPolicy,
+        into: MemoryRecord,
+        now: datetime,
+    ) -> list[Any]:
+        bumped = {"merge_count": into.merge_count + 1, "version": into.version + 1}
+        merged = into.model_copy(update={**bumped, "updated_at": max(now, into.updated_at)})
+        tables.put_record(merged)
+        return [merged, self._verdict(tables, candidate, decision, policy, VerdictOutcome.MERGED, merged, now)]
+
+    @staticmethod
+    def _record(
+        candidate: MemoryCandidate,
+        decision: GateDecision,
+        policy: MemoryPolicy,
+        owner: str | None,
+        previous: MemoryRecord | None,
+        now: datetime,
+    ) -> MemoryRecord:
+        too_big = len((candidate.content or "").encode("utf-8")) > policy.inline_max_bytes
+        return MemoryRecord(
+            memory_id=candidate_memory_id(candidate),
+            tenant_id=candidate.tenant_id,
+            user_id=candidate.user_id,
+            session_id=candidate.session_id,
+            scope=candidate.scope,
+            type=candidate.type,
+            status=MemoryStatus.PROVISIONAL,
+            version=previous.version + 1 if previous else 1,
+            content=candidate.content,
+            content_digest=candidate.content_digest,
+            source_run_id=candidate.run_id,
+            source_candidate_id=candidate.candidate_id,
+            created_at=previous.created_at if previous else now,
+            updated_at=now,
+            reason=decision.reason,
+            owner_id=owner,
+            subject=candidate.subject,
+            attribute=candidate.attribute,
+            value=candidate.value,
+            verification=candidate.verification,
+            sensitivity=decision.sensitivity,
+            pii_kinds=list(decision.pii_kinds),
+            retention_policy=decision.retention_policy,
+            policy_version=policy.version,
+            parent_run_id=candidate.parent_run_id,
+            produced_by_agent=candidate.produced_by_agent,
+            payload_ref=payload_ref(candidate.tenant_id, candidate.content_digest) if too_big else None,
+            bootstrap_loosened=decision.bootstrap_loosened,
+        )
+
+    @staticmethod
+    def _verdict(
+        tables: MemoryTables,
+        candidate: MemoryCandidate,
+        decision: GateDecision,
+        policy: MemoryPolicy,
+        outcome: VerdictOutcome,
+        record: MemoryRecord | None,
+        now: datetime,
+    ) -> MemoryVerdict:
+        reason = decision.reason
+        if outcome is VerdictOutcome.MERGED and record is not None:
+            reason = f"merged into {record.memory_id}"
+        verdict = MemoryVerdict(
+            verdict_id=verdict_id(candidate.tenant_id, candidate.candidate_id),
+            tenant_id=candidate.tenant_id,
+            user_id=candidate.user_id,
+            session_id=candidate.session_id,
+            run_id=candidate.run_id,
+            candidate_id=candidate.candidate_id,
+            source_event_id=candidate.event_id,
+            outcome=outcome,
+            status=record.status if record else None,
+            rule=decision.rule.value,
+            reason=reason,
+            bootstrap_loosened=decision.bootstrap_loosened,
+            memory_id=record.memory_id if record else None,
+            scope=candidate.scope,
+            type=candidate.type,
+            pii_kinds=list(decision.pii_kinds),
+            policy_version=policy.version,
+            parent_run_id=candidate.parent_run_id,
+            occurred_at=now,
+        )
+        tables.put_verdict(verdict)
+        return verdict
