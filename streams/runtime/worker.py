@@ -38,6 +38,7 @@ from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from ctxflow.streams.runtime.metrics import SinkStatus as SinkProgress
 from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
@@ -116,7 +117,8 @@ def build_app(settings: Settings) -> faust.App:
             async def on_stop(self) -> None:
                 await asyncio.to_thread(sink.stop, 5.0)  # within the worker's stop deadline
 
-    app.sink = sink  # type: ignore[attr-defined]  (read by /health; SinkHost.status() for metrics)
+        metrics.watch_sinks(lambda: _sink_metrics(sink))
+    app.sink = sink  # type: ignore[attr-defined]  (read by /health)
 
     @app.agent(inputs, concurrency=1, name="budget")
     async def budget(stream: faust.StreamT) -> None:
@@ -259,6 +261,16 @@ def build_app(settings: Settings) -> faust.App:
             })
 
     return app
+
+
+def _sink_metrics(host: SinkHost) -> list[SinkProgress]:
+    """The ``ctxflow_sink_*`` series of the ClickHouse sink this worker hosts; none while it holds no backend."""
+    status = host.status()
+    if status is None:
+        return []
+    # Not yet durable in ClickHouse: what waits for a flush and what waits for the workers' verdict.
+    return [SinkProgress("clickhouse", status.rows_written, status.retries, status.buffered + status.held,
+                         status.healthy)]
 
 
 class _BoundedStopWorker(faust.Worker):

@@ -75,7 +75,8 @@ def open_backend(settings: Settings) -> ClickHouseSink:
             raise BackendHeld(directory, current_owner(settings) or _status_owner(directory)) from error
         raise
     try:
-        sink.ensure_schema(TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
+        sink.ensure_schema(
+            TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
     except BaseException:
         sink.close()
         raise
