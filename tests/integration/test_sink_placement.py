@@ -25,7 +25,7 @@ from ctxflow.streams.sink.ownership import current_owner
 from ctxflow.streams.stack.processes import free_port
 from ctxflow.streams.stack.query import run_query
 from ctxflow.streams.stack.sink_process import SinkNotReady, SinkProcess
-from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
+from ctxflow.streams.stack.worker_process import WorkerNotReady, WorkerProcess, settings_env
 
 from tests.support_deploy import redis_headroom
 from tests.support_kafka import decisions_on_topic, tenants_on_every_partition, wait_processed, wait_until
@@ -76,6 +76,11 @@ def test_a_second_worker_on_the_embedded_stack_decides_while_the_first_holds_the
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 409 and str(first.pid) in json.loads(refused.value.read())["error"]
+        # A worker that must hold the sink (CTXFLOW_SINK=on) refuses to start, naming the holder.
+        insisting = WorkerProcess(settings.model_copy(update={"web_port": free_port(), "sink": "on"}), name="on")
+        with pytest.raises(WorkerNotReady) as exited:
+            insisting.start(ready_timeout_s=60, sole=False)
+        assert "exited with 1" in str(exited.value) and f"worker pid {first.pid}" in str(exited.value)
 
         # The holder exits: the other worker takes the sink over and writes what came meanwhile.
         first.stop()
