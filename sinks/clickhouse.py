@@ -4,7 +4,8 @@ Works against chDB in-process (``chdb:///abs/path``) or a ClickHouse server (``h
 clickhouse-connect. chDB hosts one engine per process: every client in the process must use the same path
 (clients on that path share its data); opening another path, or ``:memory:``, while one is open fails
 until every client is closed. A second process cannot open a path this process holds (the engine locks
-``<path>/status``), so other processes reach the data through the worker's HTTP query endpoint.
+``<path>/status``), so other processes reach the data through the HTTP query endpoint of the process holding it
+(:mod:`streams.sink.ownership`).
 
 Reads de-duplicate: the analyst client runs with ``final=1``, which applies FINAL to every
 ReplacingMergeTree read (including subqueries and joins), so rows not yet merged never show twice. It is
@@ -20,9 +21,12 @@ container file, whose schema is the writer's plus a trailing ``source_offset`` l
 block in Python cost ~15 us per turn, most of it holding the GIL; the container costs ~1 us, and chDB's own
 parse runs without the GIL. The SELECT applies the same projection as ``clickhouse_ddl`` (no-retention content
 dropped, a missing digest computed, embedding dimensions) and is checked against it by EXCEPT in both
-directions. Records this cannot express exactly go the model path: Confluent framing, a writer schema that
-lacks a column whose reader default is not null, and no-retention turns that still carry content (so such
-content never reaches even a temporary file).
+directions. Records this cannot express exactly go the model path: Confluent framing, and a writer schema that
+lacks a column whose reader default is not null. The container lives in an anonymous in-memory file
+(``memfd_create``, read by chDB as ``/proc/self/fd/<n>``), so no-retention content never reaches a filesystem on
+its way to the SELECT that drops it; :meth:`ClickHouseSink.add_avro` therefore takes bodies without decoding
+them. Where there is no ``memfd_create`` (not Linux) the container is a temporary file, and no-retention turns
+that still carry content go the model path instead.
 """
 
 from __future__ import annotations
@@ -191,15 +195,23 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         """Buffer ``record`` (decoded from ``value``, read at ``offset`` of its topic partition) for its table,
         keeping only its Avro body when the fast path can project it exactly (see the module docstring);
         otherwise as :meth:`add` does with ``Logged(record, offset)``. No I/O."""
-        if (
-            value[:2] == SINGLE_OBJECT_MAGIC
-            and value[2:10] in self._plans
-            and not (isinstance(record, TurnEvent) and record.privacy is not PrivacyMode.RETAINED and record.content)
-        ):
-            with self._lock:
-                self._encoded.setdefault(value[2:10], []).append(value[10:] + _zigzag(offset))
-            return
-        self.add(Logged(record, offset))
+        private = isinstance(record, TurnEvent) and record.privacy is not PrivacyMode.RETAINED and record.content
+        if (private and not _IN_MEMORY) or not self._take_body(value, offset):
+            self.add(Logged(record, offset))
+
+    def add_avro(self, value: bytes, offset: int) -> bool:
+        """Buffer the Avro record ``value`` (read at ``offset`` of its topic partition) by its body, without
+        decoding it, when the fast path projects its writer schema exactly and keeps no-retention content off
+        every filesystem; False (nothing buffered) otherwise. No I/O. The caller vouches that ``value`` holds a
+        valid record of a projected type (the worker accepted it): a body chDB cannot parse fails the flush."""
+        return _IN_MEMORY and self._take_body(value, offset)
+
+    def _take_body(self, value: bytes, offset: int) -> bool:
+        if value[:2] != SINGLE_OBJECT_MAGIC or value[2:10] not in self._plans:
+            return False
+        with self._lock:
+            self._encoded.setdefault(value[2:10], []).append(value[10:] + _zigzag(offset))
+        return True
 
     @property
     def buffered(self) -> int:
@@ -316,21 +328,35 @@ def _backpressure_on_transient_errors() -> Iterator[None]:
         raise
 
 
+#: Whether containers can live in anonymous memory (Linux) rather than in a temporary file.
+_IN_MEMORY = hasattr(os, "memfd_create")
+
+
 class _TempFile:
-    """A file holding ``data`` for chDB to read, removed on exit."""
+    """A path holding ``data`` for chDB (in this process) to read: an anonymous in-memory file where the system
+    has them, else a temporary file; gone on exit."""
 
     def __init__(self, data: bytes) -> None:
         self._data = data
         self._path = ""
+        self._fd = -1
 
     def __enter__(self) -> str:
+        if _IN_MEMORY:
+            self._fd = os.memfd_create("ctxflow-sink", os.MFD_CLOEXEC)
+            os.write(self._fd, self._data)  # a memfd takes any size in one write
+            self._path = f"/proc/self/fd/{self._fd}"
+            return self._path
         fd, self._path = tempfile.mkstemp(suffix=".avro", prefix="ctxflow-sink-")
         with os.fdopen(fd, "wb") as out:
             out.write(self._data)
         return self._path
 
     def __exit__(self, *exc: object) -> None:
-        os.unlink(self._path)
+        if self._fd >= 0:
+            os.close(self._fd)
+        else:
+            os.unlink(self._path)
 
 
 def _zigzag(n: int) -> bytes:

@@ -7,6 +7,7 @@ from the ports of the stack they started. Nothing else in the code base reads th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,12 +43,22 @@ class Settings(BaseSettings):
     max_content_bytes: int = Field(default=256 * 1024, ge=1)
     #: Faust application id (consumer group and changelog topic prefix).
     app_id: str = "ctxflow-worker"
-    #: Port of the worker's web endpoint (analyst queries are served from the worker process).
+    #: Port of the worker's web endpoint (``/health``; ``/query`` when the worker holds the ClickHouse sink).
     web_port: int = 6066
+    #: Whether a worker process hosts the ClickHouse sink (its own consumer group, ``<app_id>-sink``, in a thread):
+    #: ``auto`` when it can hold the backend (an embedded chDB admits one process: the others decide without a
+    #: sink and take it over when its holder exits), ``on`` (refuse to start otherwise), ``off`` (a
+    #: ``ctxflow sink`` process writes ClickHouse instead).
+    sink: Literal["auto", "on", "off"] = "auto"
+    #: Port of ``ctxflow sink``'s web endpoint (``/query``, ``/health``).
+    sink_web_port: int = 6067
+    #: The ClickHouse sinks' consumer group; ``<app_id>-sink`` when unset. A new group writes the topics again from
+    #: their first offsets (rows collapse by identity), e.g. into a new ClickHouse.
+    sink_group: str | None = None
     #: Largest batch a worker agent takes from the stream before processing it.
     batch_max: int = Field(default=2000, ge=1)
     #: Shortest time between two commits of decided batches, in seconds. Decisions go out as soon as a batch
-    #: is decided; a commit (ClickHouse rows, changelogs, Redis headroom, then input offsets) covers every batch
+    #: is decided; a commit (decisions, Redis headroom, changelogs, then input offsets) covers every batch
     #: decided since the last one, so its fixed costs are paid at most this often.
     commit_interval_s: float = Field(default=0.5, ge=0)
     #: Longest a worker's fetch request waits at the broker for new records, in milliseconds. The embedded broker

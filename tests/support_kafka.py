@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -19,7 +20,9 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import DeadLetter, Decision
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sink.catalogue import PROJECTED
 from ctxflow.streams.stack.admin import TopicFacts, describe_topics
+from ctxflow.streams.stack.progress import wait_sink_caught_up
 from ctxflow.streams.stack.worker_process import INPUT_TOPICS
 from ctxflow.streams.topics import ALL_TOPICS
 
@@ -119,8 +122,9 @@ def catalogue_facts(settings: Settings) -> dict[str, TopicFacts]:
     return asyncio.run(facts())
 
 
-def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Wait until the worker's committed offsets cover every input record on the broker now.
+def wait_processed(settings: Settings, timeout_s: float = 60.0, *, sink: bool = True) -> None:
+    """Wait until the worker's committed offsets cover every input record on the broker now, then (``sink``) until
+    the ClickHouse sink group committed every projected record (the decisions and dead letters among them).
 
     Like ``WorkerProcess.wait_caught_up`` (committed offsets imply durable effects; both measure against the
     true end of each partition, see :mod:`streams.runtime.log_end`), without needing the ``WorkerProcess`` at hand.
@@ -145,6 +149,8 @@ def wait_processed(settings: Settings, timeout_s: float = 60.0) -> None:
             await admin.close()
 
     asyncio.run(poll())
+    if sink:
+        wait_sink_caught_up(settings, timeout_s)
 
 
 def changelog_keys(settings: Settings, table: str) -> set[str]:
@@ -187,6 +193,23 @@ def committed_offsets(settings: Settings) -> dict[tuple[str, int], int]:
     return asyncio.run(probe())
 
 
+def group_offsets(settings: Settings, group: str) -> dict[tuple[str, int], int]:
+    """``group``'s committed offset per (full topic, partition) of the ClickHouse sink's topics (0 when none)."""
+
+    async def probe() -> dict[tuple[str, int], int]:
+        tps = [TopicPartition(spec.full_name(settings), p) for spec in PROJECTED
+               for p in range(spec.partition_count(settings))]
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        finally:
+            await admin.close()
+        return {(tp.topic, tp.partition): max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
+
+    return asyncio.run(probe())
+
+
 def committed_records(settings: Settings) -> int:
     """How many input records the worker's consumer group has committed (summed over every input partition)."""
 
@@ -218,6 +241,18 @@ def wait_committed(settings: Settings, at_least: int, timeout_s: float = 60.0) -
             await admin.close()
 
     return asyncio.run(poll())
+
+
+def tenants_on_every_partition(partitions: int, per_partition: int) -> list[str]:
+    """Fresh tenant ids, ``per_partition`` on each input partition (records are keyed by tenant id)."""
+    place, every = DefaultPartitioner(), list(range(partitions))
+    tag, chosen, index = uuid.uuid4().hex[:6], {p: [] for p in every}, 0
+    while any(len(names) < per_partition for names in chosen.values()):
+        name, index = f"reb{tag}{index}", index + 1
+        names = chosen[place(name.encode(), every, every)]
+        if len(names) < per_partition:
+            names.append(name)
+    return [name for names in chosen.values() for name in names]
 
 
 def wait_until(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 60.0, what: str = "") -> T:

@@ -26,6 +26,10 @@ RETENTION_GOALS: tuple[tuple[str, str, float, str], ...] = (
     ("retired_runs_rss_ratio", "<=", 1.1, "worker RSS after the retired-runs phase / empty worker"),
     ("retired_runs_restart_ratio", "<=", 1.1, "restart to ready after them / empty worker"),
 )
+#: Goal of the ClickHouse sink (issue 16): rows written per second into chDB, the sink alone.
+SINK_GOALS: tuple[tuple[str, str, float, str], ...] = (
+    ("sink_rows_per_s", ">=", 200_000, "ClickHouse sink alone, rows/s into chDB"),
+)
 #: Goal of the eviction planner's table: 100,000 active runs of 40 live items each.
 EVICTION_GOALS: tuple[tuple[str, str, float, str], ...] = (
     ("eviction_bytes_per_item", "<=", 160, "RSS bytes per live item in the planner's table"),
@@ -57,6 +61,9 @@ class BenchResults:
     planner_p99_us: float = 0.0
     planner_chain_eps: float = 0.0
     summarizer_items_per_cpu_s: float = 0.0
+    #: Phase (b'): the ClickHouse sink alone, rows per wall second and per CPU second of its process.
+    sink_rows_per_s: float = 0.0
+    sink_rows_per_cpu_s: float = 0.0
 
     def to_json(self) -> str:
         """The results as one JSON object, details flattened in (they never shadow a headline field)."""
@@ -72,9 +79,9 @@ class BenchResults:
 
 
 def verdicts(results: BenchResults) -> list[tuple[str, str, str, bool]]:
-    """``(metric, measured, target, met)`` for every target, core floor, bounded-state and eviction goal."""
+    """``(metric, measured, target, met)`` for every target, core floor, bounded-state, eviction and sink goal."""
     rows = []
-    for name, op, bound, label in (*TARGETS, *CORE_FLOORS, *RETENTION_GOALS, *EVICTION_GOALS):
+    for name, op, bound, label in (*TARGETS, *CORE_FLOORS, *RETENTION_GOALS, *EVICTION_GOALS, *SINK_GOALS):
         value = float(getattr(results, name))
         met = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
         shown = f"{value:,.3f}" if bound < 10 else f"{value:,.1f}"

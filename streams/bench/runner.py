@@ -1,7 +1,8 @@
 """One benchmark run: its own embedded stack on free ports, every phase in order, one results object.
 
 Phases (all in the same run, so their figures are comparable): corpus (encoded before any clock starts) ->
-(a) raw decode ceiling -> (b) worker end to end over the same records -> (c) latency at half of (b)'s rate
+(a) raw decode ceiling -> (b) worker end to end over the same records -> (b') the ClickHouse sink alone over the
+same topics, the decisions of (b) among them (``streams.bench.sink``) -> (c) latency at half of (b)'s rate
 (the target), at half of it again on the deployment's partition count when that differs, and at a quarter of
 it, each with a fresh worker and topics -> (d) session memory and SIGKILL recovery with
 ``runs_for_memory`` active runs, fresh worker -> (d') ``retired_runs`` finished runs spread over hundreds of
@@ -34,6 +35,7 @@ from ctxflow.streams.bench.latency import LatencyResult, measure_latency
 from ctxflow.streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
 from ctxflow.streams.bench.retention import measure_retention
 from ctxflow.streams.bench.sessions import measure_sessions
+from ctxflow.streams.bench.sink import GOAL_ROWS_PER_S, measure_sink
 from ctxflow.streams.bench.throughput import cpu_seconds, raw_ceiling, run_pipeline
 from ctxflow.streams.config import Settings
 from ctxflow.streams.stack.admin import ensure_topics
@@ -182,6 +184,12 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
                 "worker_cpu_utilisation": round(run.cpu_s / run.seconds, 2)}
     say(f"  pipeline_eps = {run.eps:,.0f} (ratio {run.eps / raw_eps:.2f}; worker CPU "
         f"{details['worker_cpu_us_per_event']} us/record at {details['worker_cpu_utilisation']:.0%} of a core)")
+    details["cpu_probe_ms"]["sink"] = cpu_probe_ms()
+    say(f"(b') sink: a `ctxflow sink` alone drains the same topics into a fresh chDB (goal >= {GOAL_ROWS_PER_S:,} "
+        "rows/s)")
+    sink = measure_sink(s1, say)
+    details |= {"sink_rows": sink.rows, "sink_flushes": sink.flushes, "sink_seconds": round(sink.seconds, 2),
+                "sink_cpu_us_per_row": round(sink.cpu_s * 1e6 / max(sink.rows, 1), 1)}
     rate = run.eps / 2
     details["cpu_probe_ms"]["latency"] = cpu_probe_ms()
     say(f"(c) latency at {rate:,.0f} records/s (half the pipeline rate) for {config.latency_s:.0f}s")
@@ -262,4 +270,5 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         eviction_bytes_per_item=round(table.bytes_per_item, 1), planner_p50_us=round(planner.p50_us, 1),
         planner_p99_us=round(planner.p99_us, 1), planner_chain_eps=round(planner.chain_eps),
         summarizer_items_per_cpu_s=round(summarizer.items_per_cpu_s),
+        sink_rows_per_s=round(sink.rows_per_s), sink_rows_per_cpu_s=round(sink.rows_per_cpu_s),
     )

@@ -1,7 +1,8 @@
 """What the worker holds for the soak's tenants, checked against what the soak published.
 
-Turn and usage counts and tokens per tenant come from ClickHouse through the worker (tables de-duplicate), each
-tenant's reported spend from the end of the tenants table's changelog: what a restarted worker starts from.
+Turn and usage counts and tokens per tenant come from ClickHouse through the worker (tables de-duplicate) once its
+sink has caught up, each tenant's reported spend from the end of the tenants table's changelog: what a restarted
+worker starts from.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ctxflow.streams.bench import soak_report
 from ctxflow.streams.bench.soak_report import GroundTotals
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.stack.progress import GroupBehind, wait_sink_caught_up
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
 __all__ = ["totals_problems"]
@@ -23,8 +25,13 @@ _USAGE = ("SELECT tenant_id, count(), sum(input_tokens + output_tokens + cached_
           "reasoning_tokens) FROM usage GROUP BY tenant_id")
 
 
-async def totals_problems(worker: WorkerProcess, truth: GroundTotals) -> list[str]:
-    """Every way the worker's totals differ from ``truth`` (empty when they match); call once it caught up."""
+async def totals_problems(worker: WorkerProcess, truth: GroundTotals, sink_timeout_s: float = 120.0) -> list[str]:
+    """Every way the worker's totals differ from ``truth`` (empty when they match); call once it caught up. Waits
+    for its ClickHouse sink, which trails the decisions, to write everything first."""
+    try:
+        await asyncio.to_thread(wait_sink_caught_up, worker.settings, sink_timeout_s)
+    except GroupBehind as error:
+        return [f"the ClickHouse sink did not catch up: {error}"]
     turns = await asyncio.to_thread(worker.query, _TURNS)
     usage = await asyncio.to_thread(worker.query, _USAGE)
     spend = await _reported_spend(worker.settings)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from aiokafka.errors import KafkaError
 from ctxflow.streams import logs
+from ctxflow.streams.cli.context import ensure_topics_or_exit, settings_of
 from ctxflow.streams.config import Settings
-from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import EmbeddedStack, StackState, kafka_answers, redis_answers, stop_detached
 from rich.console import Console
 from rich.table import Table
@@ -45,13 +45,6 @@ def _global_options(
         "topic_prefix": topic_prefix, "partitions": partitions,
     }
     ctx.obj = Settings(**{name: value for name, value in flags.items() if value is not None})
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The Settings built from this invocation's global flags and environment."""
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings), "the root callback always sets Settings"
-    return settings
 
 
 def _print_connection(settings: Settings) -> None:
@@ -133,7 +126,8 @@ def status(
     web_port: Annotated[int | None, typer.Option(help="Port of the worker's health endpoint.")] = None,
 ) -> None:
     """Show the detached stack under --home and the worker on --web-port; exits 1 unless every server runs and
-    answers, and when the worker reports itself degraded (no worker answering is not an error)."""
+    answers, and when the worker reports itself degraded or its ClickHouse sink failing (no worker answering is
+    not an error)."""
     settings = settings_of(ctx)
     home = settings.home.resolve()
     state = StackState.load(home)
@@ -156,7 +150,8 @@ def status(
 
 
 def _print_worker_health(web_port: int) -> bool:
-    """Print the ``/health`` of the worker on ``web_port``, per input partition; False only when it is degraded."""
+    """Print the ``/health`` of the worker on ``web_port``, per input partition, and its ClickHouse sink; False only
+    when it is degraded or its sink failing."""
     from ctxflow.streams.stack.worker_process import worker_health
 
     try:
@@ -176,7 +171,23 @@ def _print_worker_health(web_port: int) -> bool:
         f" (an input partition has waited over {health['stall_after_s']:g}s with no commit advancing; the "
         "worker's log says since when)" if status == "degraded" else ""
     ), style="red" if status == "degraded" else None)
-    return status != "degraded"
+    sink = health.get("sink", {})
+    console.print(f"ClickHouse sink: {_sink_line(sink)}", style=None if sink.get("healthy", True) else "red")
+    return status != "degraded" and sink.get("healthy", True)
+
+
+def _sink_line(sink: dict[str, Any]) -> str:
+    """One line on the ClickHouse sink a worker's ``/health`` reports (:meth:`streams.sink.host.SinkHost.health`)."""
+    state = sink.get("state", "off")
+    if state == "elsewhere":
+        return f"held by {sink.get('owner_role')} pid {sink.get('owner_pid')} (this worker decides without it)"
+    if state in ("off", "opening"):
+        return state + (f": {sink['last_error']}" if sink.get("last_error") else "")
+    lag = sum(p["lag"] or 0 for p in sink.get("partitions", []))
+    line = f"{state}, {sink['rows_written']:,} rows written, lag {lag:,} records, {sink['retries']} failed flushes"
+    if state == "retrying":
+        line += f" (failing for {sink['failing_for_s']:.0f}s: {sink['last_error']})"
+    return line
 
 
 @app.command()
@@ -185,26 +196,23 @@ def worker(
     web_port: Annotated[int | None, typer.Option(help="Port of the query/health endpoint.")] = None,
     loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
 ) -> None:
-    """Run a Faust worker: budgets, decisions, dead letters, ClickHouse and Redis projections; makes missing topics."""
+    """Run a Faust worker: budgets, decisions, dead letters, the Redis projection, and (CTXFLOW_SINK=auto|on|off)
+    the ClickHouse sink in a thread of its own; makes missing topics."""
     from ctxflow.streams.runtime.worker import run_worker
+    from ctxflow.streams.sink.ownership import BackendHeld
 
     settings = settings_of(ctx)
     if web_port is not None:
         settings = settings.model_copy(update={"web_port": web_port})
     # Left to Faust and the broker, the inputs would be created without their cleanup policy (a manifests topic
     # that deletes instead of compacting) and the outputs with the broker's default partition count.
+    ensure_topics_or_exit(settings, "worker", console)
     try:
-        ensure_topics(settings)
-    except TopicMismatch as err:
-        console.print(f"ctxflow worker cannot start: {err}. Recreate those topics with the catalogue's settings "
-                      "(`ctxflow topics create` after deleting them) or set CTXFLOW_PARTITIONS to their "
-                      "partition count.", style="red")
+        run_worker(settings, loglevel)
+    except BackendHeld as err:
+        console.print(f"ctxflow worker cannot start with CTXFLOW_SINK=on: {err}. Use CTXFLOW_SINK=auto (decide without "
+                      "the sink while another process holds it) or off.", style="red")
         raise typer.Exit(1) from err
-    except (KafkaError, OSError) as err:
-        console.print(f"ctxflow worker cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
-                      "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
-        raise typer.Exit(1) from err
-    run_worker(settings, loglevel)
 
 
 @app.command()
@@ -254,7 +262,8 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Small smoke run (~1 minute); overrides the sizes.")] = False,
     output: Annotated[Path, typer.Option(help="Where to write the results JSON.")] = Path("bench-results.json"),
 ) -> None:
-    """Benchmark on a private embedded stack: raw decode ceiling, worker rate, latency, memory, recovery."""
+    """Benchmark on a private embedded stack: raw decode ceiling, worker rate, ClickHouse sink rate, latency, memory,
+    recovery."""
     from ctxflow.streams.bench import BenchConfig, run_bench, verdicts
 
     settings = settings_of(ctx)
@@ -292,6 +301,8 @@ def bench(
                       f"{results.planner_chain_eps:,.0f} / {d['planner_budget_only_eps']:,}", "", "")
         table.add_row("summarizer items per CPU second (~300-token tool outputs)",
                       f"{results.summarizer_items_per_cpu_s:,.0f}", "", "")
+    table.add_row("ClickHouse sink alone: rows per CPU second of its process", f"{results.sink_rows_per_cpu_s:,.0f}",
+                  "", "")
     probes = results.details.get("cpu_probe_ms", {})
     speeds = " / ".join(f"{probes[phase]:.0f}" for phase in ("start", "pipeline", "latency", "end") if phase in probes)
     table.add_row("cpu_probe_ms (machine speed, lower is faster: start, pipeline, latency, end)", speeds, "", "")
@@ -320,7 +331,7 @@ def soak(
 
 
 #: Subcommand groups owned by other modules: ``{"tenants": "ctxflow.streams.cli.tenants:app"}`` adds
-#: ``ctxflow tenants ...``. Imported last, so those modules may import ``settings_of`` from here.
+#: ``ctxflow tenants ...``; they take ``settings_of`` from ``streams.cli.context``.
 SUBCOMMAND_GROUPS: dict[str, str] = {
     "tenants": "ctxflow.streams.cli.tenants:app",
     "topics": "ctxflow.streams.cli.tenants:topics_app",
@@ -329,6 +340,7 @@ SUBCOMMAND_GROUPS: dict[str, str] = {
 #: Commands owned by other modules, registered the same way: ``{"simulate": "module:function"}``.
 SUBCOMMANDS: dict[str, str] = {
     "summarizer": "ctxflow.streams.cli.summarizer:summarizer",
+    "sink": "ctxflow.streams.cli.sink:sink",
     "simulate": "ctxflow.streams.cli.simulate:simulate",
     "bench-quality": "ctxflow.streams.cli.simulate:bench_quality",
     "report": "ctxflow.streams.cli.report:report",

@@ -28,8 +28,9 @@ def migrate(
     database: Annotated[str, typer.Option(help="ClickHouse database of ctxflow's tables.")] = DEFAULT_DATABASE,
 ) -> None:
     """Show the ClickHouse schema's migrations and apply the pending ones, with the retention TTLs of
-    CTXFLOW_CLICKHOUSE_RETENTION_DAYS and CTXFLOW_CLICKHOUSE_ROLLUP_RETENTION_DAYS. On chDB, stop the worker first:
-    it holds the data directory (and applies the migrations itself when it starts)."""
+    CTXFLOW_CLICKHOUSE_RETENTION_DAYS and CTXFLOW_CLICKHOUSE_ROLLUP_RETENTION_DAYS. On chDB, stop the process that
+    holds the data directory first (the worker or `ctxflow sink` running the ClickHouse sink; it applies the
+    migrations itself when it opens the directory)."""
     from ctxflow.streams.cli.main import settings_of  # main imports this module to register the command
 
     settings = settings_of(ctx)
@@ -37,7 +38,8 @@ def migrate(
         client = connect(settings.chdb_dsn)
     except Exception as error:
         console.print(f"cannot open {settings.chdb_dsn}: {error}. On chDB only one process may open the data "
-                      "directory: stop the worker (it migrates the schema itself when it starts).", style="red")
+                      "directory: stop the one running the ClickHouse sink (a worker or `ctxflow sink`; it migrates "
+                      "the schema itself when it opens the directory).", style="red")
         raise typer.Exit(1) from error
     try:
         if unlock_schema:

@@ -9,20 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from aiokafka.errors import KafkaError
 from ctxflow.streams import logs
-from ctxflow.streams.config import Settings
-from ctxflow.streams.stack.admin import TopicMismatch, ensure_topics
+from ctxflow.streams.cli.context import ensure_topics_or_exit, settings_of
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # Not streams.cli.main.settings_of: main imports this module to register the command (circular import).
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings), "the root callback always sets Settings"
-    return settings
 
 
 def summarizer(
@@ -39,15 +30,6 @@ def summarizer(
     from ctxflow.streams.summarizer.worker import run_summarizer
 
     logs.configure(loglevel)  # at info: a progress line every 30 s
-    settings = _settings(ctx)
-    try:
-        ensure_topics(settings)
-    except TopicMismatch as err:
-        console.print(f"ctxflow summarizer cannot start: {err}. Recreate those topics with the catalogue's settings "
-                      "or set CTXFLOW_PARTITIONS to their partition count.", style="red")
-        raise typer.Exit(1) from err
-    except (KafkaError, OSError) as err:
-        console.print(f"ctxflow summarizer cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
-                      "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
-        raise typer.Exit(1) from err
+    settings = settings_of(ctx)
+    ensure_topics_or_exit(settings, "summarizer", console)
     run_summarizer(settings, configured_summarizer(), batch_max=batch_max)

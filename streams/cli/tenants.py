@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from ctxflow.schemas.codec import Codec, RejectedRecord
 from ctxflow.schemas.models import TenantManifest
 from ctxflow.streams.cli.budget_view import budget_json, budget_tables
+from ctxflow.streams.cli.context import settings_of
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.sdk import CtxflowClient, CtxflowError, TopicMissing
@@ -60,13 +61,6 @@ ManifestLog = list[tuple[str, TenantManifest | None]]
 
 class VersionRace(RuntimeError):
     """Another manifest with the same version was published first: the worker keeps that one."""
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # Not streams.cli.main.settings_of: importing it here breaks `python -m ctxflow.streams.cli` (circular import).
-    settings = ctx.find_root().obj
-    assert isinstance(settings, Settings), "the root callback always sets Settings"
-    return settings
 
 
 def _fail(message: str) -> NoReturn:
@@ -160,7 +154,7 @@ def set_manifest(
     by: Annotated[str | None, typer.Option(help="Recorded as updated_by (default: ctxflow-cli:<login>).")] = None,
 ) -> None:
     """Validate a manifest file and publish it as the tenant's next version; nothing is sent if it is invalid."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     try:
         draft = load_manifest(file)
     except ManifestFileError as error:
@@ -188,7 +182,7 @@ def get_manifest(
     as_json: Annotated[bool, typer.Option("--json", help="JSON: {manifest, effective_budget}.")] = False,
 ) -> None:
     """The tenant's latest manifest and effective budget; exits 1 when the tenant has none (default budget)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     manifest = latest_per_tenant(_run(settings, read_manifest_log(settings))).get(tenant)
     if as_json:
         console.print_json(data={"manifest": None if manifest is None else manifest.model_dump(mode="json"),
@@ -207,7 +201,7 @@ def list_manifests(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
 ) -> None:
     """Every tenant with a manifest: latest version, tier, total cap, watermark and limit behaviour."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     latest = latest_per_tenant(_run(settings, read_manifest_log(settings)))
     if as_json:
         console.print_json(data=[m.model_dump(mode="json") for m in latest.values()])
@@ -224,7 +218,7 @@ def list_manifests(
 @topics_app.command("create")
 def create_topics(ctx: typer.Context) -> None:
     """Create the catalogue's missing topics; existing ones are kept (a mismatching one fails). Idempotent."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if not kafka_answers(settings.bootstrap):
         _fail(_unreachable(settings))
     try:

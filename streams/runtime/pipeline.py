@@ -1,6 +1,8 @@
 """One batch of input records, end to end: decode, decide, project, persist.
 
-This is the imperative shell around :mod:`processors`; it knows nothing of Faust. The Faust agent in
+This is the imperative shell around :mod:`processors`; it knows nothing of Faust, nor of ClickHouse: the ClickHouse
+sink reads the topics this pipeline reads and writes in a consumer group of its own (:mod:`streams.sink`), so an
+analytics outage never holds a decision back. The Faust agent in
 :mod:`streams.runtime.worker` hands it a batch and acknowledges the batch only after :meth:`BudgetPipeline.handle`
 returns, so Faust never commits an offset whose effects are not durable.
 
@@ -9,10 +11,9 @@ Commit order (each step starts after the previous one is durable):
 1. decode every record; refusals become dead letters (never a log line);
 2. apply the records to the processor chain (:mod:`processors.chain`: budget, eviction planner, envelopes) in
    offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines);
-3. produce decisions, compression jobs, envelopes, cost lines and dead letters to Kafka, project run headroom and
-   decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the batch
-   touched, so a replay that finds its records already applied still does), and flush the ClickHouse sink
-   (ingested events, decisions, envelopes, cost lines, dead letters) — concurrently; wait for all three;
+3. produce decisions, compression jobs, envelopes, cost lines and dead letters to Kafka and project run headroom
+   and decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the
+   batch touched, so a replay that finds its records already applied still does) — concurrently; wait for both;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
@@ -30,23 +31,22 @@ Commit order (each step starts after the previous one is durable):
 6. return, so the agent acknowledges the batch and Faust may commit its offsets.
 
 A crash anywhere before 6 replays the batch from the last commit. Every effect is idempotent under replay:
-ClickHouse rows collapse by event identity, decisions and dead letters carry deterministic ids, table values
-skip records they already hold, Redis values are absolute.
+decisions and dead letters carry deterministic ids, table values skip records they already hold, Redis values
+are absolute.
 
 Overlap: :meth:`BudgetPipeline.prepare` runs steps 1-2, starts the decisions' and dead letters' produce and
 the Redis projection (the first two parts of step 3, so an agent waiting on a decision or reading its
 headroom gets it at once; projections are written one batch after another, in batch order) and *captures*
 the rest of the batch's effects (encoded changelog records): later batches cannot change them.
 :meth:`BudgetPipeline.commit` runs the rest of steps 3-5 for one or more prepared batches as a group, in
-their order: their decisions and Redis projections acknowledged and ClickHouse flushed, then all aggregates,
+their order: their decisions and Redis projections acknowledged, then all aggregates,
 then all run ledgers (each key once, with its last value). The worker keeps deciding batches while earlier
 ones commit, and commits groups strictly one after another, acknowledging a group only after its step 5. So
 offsets still commit only over durable effects, and within a group aggregates still precede run ledgers (an
 aggregate may be ahead of a run ledger, never behind: the crash argument of :mod:`processors.ledger`).
 Effects that may land before an earlier group is done are idempotent and precede their own group's
-changelogs: decisions, dead letters, Redis values and ClickHouse rows (the sink flushes whatever is
-buffered). A group pays ClickHouse's fixed cost per insert (~13 ms of CPU) and a changelog round trip once,
-however many batches it covers.
+changelogs: decisions, dead letters and Redis values. A group pays a changelog round trip once, however many
+batches it covers.
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ from ctxflow.schemas.models import (
     TurnEvent,
     UsageReport,
 )
-from ctxflow.sinks.clickhouse import ClickHouseSink
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.runtime.budget_projection import BudgetProjection
 from ctxflow.streams.runtime.deadletter import dead_letter
+from ctxflow.streams.runtime.decode import decode_record
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
 from ctxflow.streams.topics import COMPRESSION_JOBS, COSTS, DEAD_LETTERS, DECISIONS, ENVELOPES
@@ -101,8 +101,8 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     # Promotions by scope on run envelopes; the memory gate will turn candidates into verdicts in the same chain.
     "memory.candidates": MemoryCandidate,
 }
-#: Records that are also analytics rows in ClickHouse.
-_SUNK = (TurnEvent, UsageReport, RunEvent)
+#: Records of a run whose headroom the batch projects.
+_RUN_RECORDS = (TurnEvent, UsageReport, RunEvent, Summary)  # a summary swapped in changes its run's headroom too
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +152,13 @@ class BatchReport:
     seconds: float = 0.0
     #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
     decided_s: float = 0.0
-    #: Wall seconds per step of the commit order: process, sinks (ClickHouse, decisions, Redis), aggregates, runs.
+    #: Wall seconds per step of the commit order: process, sinks (decisions, Redis), aggregates, runs.
     steps: dict[str, float] = field(default_factory=dict)
 
 
 class BudgetPipeline:
-    """Runs batches through the processor chain and every projection, in the commit order above."""
+    """Runs batches through the processor chain, the decision outlet and the Redis projection, in the commit order
+    above."""
 
     def __init__(
         self,
@@ -165,7 +166,6 @@ class BudgetPipeline:
         codec: Codec,
         chain: ProcessorChain,
         store: TableBudgetStore,
-        sink: ClickHouseSink,
         redis: RedisProjection,
         producer: DecisionOutlet,
         full_topic: Callable[[str], str],
@@ -174,7 +174,6 @@ class BudgetPipeline:
         self._codec = codec
         self._chain = chain
         self._store = store
-        self._sink = sink
         self._producer = producer
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
@@ -220,8 +219,6 @@ class BudgetPipeline:
         outputs += [
             (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
-        for row in (*report.decisions, *report.envelopes, *report.costs, *report.dead_letters):
-            self._sink.add(row)
         # Step 3 begins here for decisions and Redis: an agent waiting on one sees it without waiting for the
         # batch before this one to commit. Harmless before that batch is durable: decision ids are
         # deterministic and a replay projects the same values again.
@@ -245,11 +242,9 @@ class BudgetPipeline:
             report.dead_letters += batch.report.dead_letters
             report.steps["process_s"] += batch.report.steps["process_s"]
         mark = time.perf_counter()
-        # Decisions, Redis and ClickHouse all precede the run ledgers: once a run ledger is durable, a replay
-        # skips its records, so whatever is derived from them must already be written.
-        await asyncio.gather(
-            asyncio.to_thread(self._sink.flush), *(batch.outputs for batch in batches), batches[-1].projection
-        )
+        # Decisions and Redis both precede the run ledgers: once a run ledger is durable, a replay skips its
+        # records, so whatever is derived from them must already be written.
+        await asyncio.gather(*(batch.outputs for batch in batches), batches[-1].projection)
         mark = self._step(report, "sinks_s", mark)
         written = 0
         for phase, records in enumerate(zip(*(batch.changelogs for batch in batches), strict=True)):
@@ -301,23 +296,11 @@ class BudgetPipeline:
             log.error("processor failed; it skipped the record, whose budget effects stand",
                       exc_info=error, extra={"processor": name, "topic": position.topic, "offset": position.offset})
         report.tenants.add(event.tenant_id)  # type: ignore[attr-defined]
-        if isinstance(event, (*_SUNK, Summary)):  # a summary swapped in changes its run's headroom too
+        if isinstance(event, _RUN_RECORDS):
             report.runs[run_key(event.tenant_id, event.run_id)] = event.user_id  # type: ignore[union-attr]
-        if isinstance(event, _SUNK):
-            self._sink.add_encoded(event, record.value, record.offset)  # type: ignore[arg-type]  (decoded: not None)
 
     def _decode(self, record: InputRecord) -> BaseModel:
-        if record.value is None:
-            raise ContractViolation("record has no value (a null value is not a ctxflow record)")
-        event = self._codec.decode(record.value, INPUT_MODELS[record.topic])
-        tenant_id: str = event.tenant_id  # type: ignore[attr-defined]
-        if record.key is not None and record.key.decode(errors="replace") != tenant_id:
-            raise ContractViolation(
-                f"record key {record.key!r} is not its tenant_id {tenant_id!r}: key tenant records by tenant_id "
-                "so one partition owns each tenant",
-                tenant_id=tenant_id,
-            )
-        return event
+        return decode_record(self._codec, record.value, record.key, INPUT_MODELS[record.topic], keyed=True)
 
     def _dead_letter(self, record: InputRecord, error: RejectedRecord, now: datetime) -> DeadLetter:
         return dead_letter(

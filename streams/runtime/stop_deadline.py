@@ -11,11 +11,13 @@ with their parent (``PR_SET_PDEATHSIG``, see :mod:`streams.stack.processes`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +69,16 @@ class StopDeadline:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os._exit(self.exit_code)
+
+
+def stop_on_signals(deadline: StopDeadline, stop: Callable[[], None]) -> None:
+    """On SIGTERM or SIGINT, in the running event loop: log it, arm ``deadline`` and call ``stop``."""
+
+    def on_signal(name: str) -> None:
+        log.info("stopping", extra={"signal": name})
+        deadline.arm(name)
+        stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)

@@ -9,9 +9,12 @@ the last commit, and every effect is idempotent under replay).
 
 Input records reach the agent in bulk through :mod:`streams.runtime.intake`, not through Faust streams.
 
-The worker process also owns the process's only chDB engine (chDB hosts one per process), so it serves
-analyst queries over HTTP at ``POST /query`` on ``127.0.0.1:<web_port>``; ``ctxflow query`` uses it when a
-worker runs and opens chDB itself otherwise.
+The worker never writes ClickHouse itself: the ClickHouse sink is a consumer group of its own (:mod:`streams.sink`),
+so an analytics outage never holds a decision back. By default (``CTXFLOW_SINK=auto``) the worker process hosts
+one, in a thread with its own event loop, when it can hold the backend; an embedded chDB admits one process per
+directory, so a second worker on the embedded stack decides without a sink (and takes it over when the first
+exits). The process holding the sink serves analyst queries at ``POST /query`` on ``127.0.0.1:<web_port>``
+(``ctxflow query`` finds it); ``/health`` reports the sink beside the worker's own partitions.
 """
 
 from __future__ import annotations
@@ -31,26 +34,30 @@ from ctxflow.processors.eviction.planner import pending_jobs
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
-from ctxflow.sinks.clickhouse import ClickHouseSink, ReadOnlyViolation
 from ctxflow.sinks.redis import RedisProjection
-from ctxflow.sinks.table_retention import TableRetention
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
+from ctxflow.streams.runtime.metrics import SinkStatus as SinkProgress
 from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
 from ctxflow.streams.runtime.stop_deadline import StopDeadline
 from ctxflow.streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
+from ctxflow.streams.sink.host import SinkHost
+from ctxflow.streams.sink.web import answer_query, local_query_url
 from faust.types import Message
 from faust.web import Request, Response, View
+from mode import Service
 
 log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings) -> faust.App:
-    """The worker's Faust app: tables, the budget agent and the query endpoint, wired to ``settings``."""
+    """The worker's Faust app: tables, the budget agent, the ClickHouse sink it hosts (per ``settings.sink``) and
+    the web endpoints, wired to ``settings``. Raises :class:`streams.sink.ownership.BackendHeld` when
+    ``settings.sink`` is ``on`` and another process holds the chDB directory."""
     app = BudgetApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -94,8 +101,24 @@ def build_app(settings: Settings) -> faust.App:
         partitions=lambda: app.consumer.health().partitions,  # type: ignore[attr-defined]  (BulkConsumer)
         pending_jobs=lambda: pending_jobs(tables[WORKSETS].values()),
     )
-    sink = ClickHouseSink(settings.chdb_dsn)
-    sink.ensure_schema(TableRetention(settings.clickhouse_retention_days, settings.clickhouse_rollup_retention_days))
+    sink = None
+    if settings.sink != "off":
+        sink = SinkHost(settings, role="worker", query_url=local_query_url(settings.web_port),
+                        take_over=settings.sink == "auto")
+        sink.claim()  # at once: with `on`, a worker that cannot hold the backend does not start
+
+        @app.service
+        class ClickHouseSinkThread(Service):
+            """Runs the worker's sink in its own thread while the app runs."""
+
+            async def on_start(self) -> None:
+                sink.start_thread()
+
+            async def on_stop(self) -> None:
+                await asyncio.to_thread(sink.stop, 5.0)  # within the worker's stop deadline
+
+        metrics.watch_sinks(lambda: _sink_metrics(sink))
+    app.sink = sink  # type: ignore[attr-defined]  (read by /health)
 
     @app.agent(inputs, concurrency=1, name="budget")
     async def budget(stream: faust.StreamT) -> None:
@@ -123,7 +146,6 @@ def build_app(settings: Settings) -> faust.App:
                 idle_timeout_s=settings.run_idle_timeout_s, storage_days=settings.content_storage_days,
             ),
             store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
-            sink=sink,
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
@@ -202,17 +224,12 @@ def build_app(settings: Settings) -> faust.App:
 
     @app.page("/query")
     class QueryView(View):
-        """``POST {"sql": "...", "parameters": {...}}`` -> ``{"columns": [...], "rows": [[...]]}``."""
+        """``POST {"sql": "...", "parameters": {...}}`` -> ``{"columns": [...], "rows": [[...]]}`` when this worker
+        holds the ClickHouse sink (see :func:`streams.sink.web.answer_query`)."""
 
         async def post(self, request: Request) -> Response:
-            body = await request.json()
-            try:
-                result = await asyncio.to_thread(sink.query, body["sql"], body.get("parameters"))
-            except ReadOnlyViolation as error:
-                return self.json({"error": str(error)}, status=403)
-            except Exception as error:
-                return self.json({"error": f"{type(error).__name__}: {error}"}, status=400)
-            return self.json(result.as_json())
+            status, answer = await asyncio.to_thread(answer_query, sink, await request.read())
+            return self.json(answer, status=status)
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -227,8 +244,9 @@ def build_app(settings: Settings) -> faust.App:
         """``status`` (``starting``, ``ready`` or ``degraded``: see :class:`streams.runtime.health.WorkerHealth`),
         the partition numbers this worker owns and processes (empty while it rebalances or recovers its tables),
         per input topic-partition its ``lag``, ``last_commit_age_s``, ``last_fetch_age_s`` and ``state``
-        (``progress``), the stall threshold, and how many changelog records it has read into its tables in bulk
-        since it started. Answered from memory: asking never sends a broker request."""
+        (``progress``), the stall threshold, how many changelog records it has read into its tables in bulk
+        since it started, and its ClickHouse ``sink`` (:meth:`streams.sink.host.SinkHost.health`; ``{"state":
+        "off"}`` with ``CTXFLOW_SINK=off``). Answered from memory: asking never sends a broker request."""
 
         async def get(self, request: Request) -> Response:
             health = app.consumer.health()  # type: ignore[attr-defined]  (BulkConsumer)
@@ -239,9 +257,20 @@ def build_app(settings: Settings) -> faust.App:
                 "status": health.status if assigned else "starting", "partitions": assigned,
                 "progress": [p.as_json() for p in health.partitions if p.topic in inputs],
                 "stall_after_s": settings.stall_after_s, "tables_preloaded": preloaded,
+                "sink": sink.health() if sink is not None else {"state": "off", "healthy": True},
             })
 
     return app
+
+
+def _sink_metrics(host: SinkHost) -> list[SinkProgress]:
+    """The ``ctxflow_sink_*`` series of the ClickHouse sink this worker hosts; none while it holds no backend."""
+    status = host.status()
+    if status is None:
+        return []
+    # Not yet durable in ClickHouse: what waits for a flush and what waits for the workers' verdict.
+    return [SinkProgress("clickhouse", status.rows_written, status.retries, status.buffered + status.held,
+                         status.healthy)]
 
 
 class _BoundedStopWorker(faust.Worker):

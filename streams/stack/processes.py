@@ -18,8 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +160,52 @@ class ManagedProcess:
             self._popen.kill()
             self._popen.wait()
         logger.info("stopped %s pid=%d", self.name, self.pid)
+
+
+class ServiceProcess(ABC):
+    """A ctxflow service in a child process (a sink, a summarizer): ready once :meth:`wait_ready` returns, stopped
+    without leaving anything behind. Subclasses say how readiness shows and how long it may take."""
+
+    #: How long :meth:`start` waits for readiness by default.
+    ready_timeout_s = 60.0
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._process = ManagedProcess(name, argv, log_path, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def exit_code(self) -> int | None:
+        """The exit status once it has exited, else None."""
+        return self._process.exit_code()
+
+    def start(self, ready_timeout_s: float | None = None) -> Self:
+        """Spawn the child and wait until it is ready (stopping it if it never gets there)."""
+        self._process.start()
+        try:
+            self.wait_ready(self.ready_timeout_s if ready_timeout_s is None else ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @abstractmethod
+    def wait_ready(self, timeout_s: float) -> object:
+        """Return once the service works; raise (with its log's tail) when it exited or ``timeout_s`` passed."""
+
+    def kill(self) -> None:
+        """SIGKILL the child (a crash)."""
+        self._process.kill()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM), killing after ``grace_s``: what it had not committed is done again by the
+        next member of its consumer group (every effect is idempotent)."""
+        self._process.stop(grace_s)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,7 +1,8 @@
 """A ``ctxflow worker`` child process: how the demo, the benchmark and the tests run a real worker.
 
 The worker runs in its own process because that is how it is deployed, because fault tests must SIGKILL it,
-and because chDB hosts one engine per process (the worker owns it; queries go through its HTTP endpoint).
+and because chDB hosts one engine per process (a worker holding the ClickHouse sink answers queries through its
+HTTP endpoint).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any, cast
 
 from ctxflow.sinks.clickhouse import QueryResult
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS
 from ctxflow.streams.stack.processes import ManagedProcess, tail
+from ctxflow.streams.stack.progress import GroupBehind, wait_group_committed, wait_sink_caught_up
 from ctxflow.streams.stack.query import run_query
 
 #: The worker's input topics (logical names), as its pipeline decodes them.
@@ -95,13 +96,26 @@ class WorkerProcess:
             time.sleep(0.1)
         raise WorkerNotReady(f"worker not ready after {timeout_s:.0f}s:\n{tail(self.log_path)}")
 
-    def wait_caught_up(self, timeout_s: float = 60.0) -> dict[str, int]:
-        """Wait until the worker's committed offsets reach the end of every input topic.
+    def wait_caught_up(self, timeout_s: float = 60.0, *, sink: bool | None = None) -> dict[str, int]:
+        """Wait until the worker's committed offsets reach the end of every input topic, then (``sink``; by
+        default when this worker runs the ClickHouse sink) until the sink group committed every projected record.
 
         Offsets are committed only after a batch's effects are durable, so afterwards every record produced
-        before this call is in ClickHouse, Redis and the decisions topic. Returns the lag-free end offsets.
+        before this call is in Redis and on the decisions topic, and with the sink in ClickHouse. Returns the
+        lag-free end offsets of the input topics.
         """
-        return asyncio.run(_wait_caught_up(self.settings, timeout_s))
+        ends = asyncio.run(_wait_caught_up(self.settings, timeout_s))
+        if sink is None:
+            try:
+                sink = self.health().get("sink", {}).get("state") in ("starting", "writing", "retrying")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                sink = False  # no worker answers: no sink of its own to wait for
+        if sink:
+            try:
+                wait_sink_caught_up(self.settings, timeout_s)
+            except GroupBehind as error:
+                raise WorkerNotReady(f"the worker's ClickHouse sink: {error}") from error
+        return ends
 
     def query(self, sql: str) -> QueryResult:
         """Run an analyst query through this worker (never opening its chDB from this process)."""
@@ -128,30 +142,11 @@ class WorkerProcess:
 
 
 async def _wait_caught_up(settings: Settings, timeout_s: float) -> dict[str, int]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka import TopicPartition
 
     tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await consumer.start()
-    await admin.start()
     try:
-        ends = await log_end_offsets(consumer, tps)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=tps)
-            lagging = [tp for tp, end in ends.items() if _committed(committed, tp) < end]
-            if not lagging:
-                return {f"{tp.topic}:{tp.partition}": end for tp, end in ends.items()}
-            if time.monotonic() > deadline:
-                raise WorkerNotReady(f"worker still behind after {timeout_s:.0f}s on {sorted(map(str, lagging))}")
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
-        await consumer.stop()
-
-
-def _committed(committed: dict, tp: object) -> int:
-    meta = committed.get(tp)
-    return 0 if meta is None or meta.offset < 0 else meta.offset
+        ends = await wait_group_committed(settings, settings.app_id, tps, timeout_s)
+    except GroupBehind as error:
+        raise WorkerNotReady(f"worker {error}") from error
+    return {f"{tp.topic}:{tp.partition}": end for tp, end in ends.items()}

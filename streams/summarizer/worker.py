@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -332,18 +331,9 @@ def run_summarizer(settings: Settings, summarizer: Summarizer | None = None, *, 
 
 
 async def _serve(settings: Settings, summarizer: Summarizer | None, batch_max: int) -> None:
-    from ctxflow.streams.runtime.stop_deadline import StopDeadline
+    from ctxflow.streams.runtime.stop_deadline import StopDeadline, stop_on_signals
 
     worker = SummarizerWorker(settings, summarizer, batch_max=batch_max)
-    deadline = StopDeadline("the summarizer", "jobs it had not committed are summarized again (same summary ids) "
-                            "by the next summarizer of its group", seconds=STOP_DEADLINE_S)
-
-    def on_signal(name: str) -> None:
-        log.info("stopping", extra={"signal": name})
-        deadline.arm(name)
-        worker.stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    stop_on_signals(StopDeadline("the summarizer", "jobs it had not committed are summarized again (same summary "
+                                 "ids) by the next summarizer of its group", seconds=STOP_DEADLINE_S), worker.stop)
     await worker.run()

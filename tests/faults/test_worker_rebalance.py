@@ -7,9 +7,6 @@ turn exactly once through both hand-overs.
 
 from __future__ import annotations
 
-import uuid
-
-from aiokafka.partitioner import DefaultPartitioner
 from ctxflow.processors.admission import TOTAL
 from ctxflow.schemas.models import ItemKind, Role, Slot
 from ctxflow.streams.config import Settings
@@ -18,22 +15,10 @@ from ctxflow.streams.stack.processes import free_port
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
 from tests.support_deploy import redis_headroom
-from tests.support_kafka import wait_processed, wait_until
+from tests.support_kafka import tenants_on_every_partition, wait_processed, wait_until
 from tests.support_traffic import publish
 
 PER_PARTITION = 2
-
-
-def _tenants_on_every_partition(partitions: int) -> list[str]:
-    """Tenant ids, ``PER_PARTITION`` on each input partition (records are keyed by tenant id)."""
-    place, every = DefaultPartitioner(), list(range(partitions))
-    tag, chosen, index = uuid.uuid4().hex[:6], {p: [] for p in every}, 0
-    while any(len(names) < PER_PARTITION for names in chosen.values()):
-        name, index = f"reb{tag}{index}", index + 1
-        names = chosen[place(name.encode(), every, every)]
-        if len(names) < PER_PARTITION:
-            names.append(name)
-    return [name for names in chosen.values() for name in names]
 
 
 def _turns(runs: list[RunContext], tokens: int) -> list:
@@ -42,15 +27,16 @@ def _turns(runs: list[RunContext], tokens: int) -> list:
 
 def test_partitions_handed_between_workers_keep_every_total(settings: Settings) -> None:
     runs = [RunContext(tenant_id=t, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
-            for t in _tenants_on_every_partition(settings.partitions)]
+            for t in tenants_on_every_partition(settings.partitions, PER_PARTITION)]
     first = WorkerProcess(settings, name="first").start()
     second: WorkerProcess | None = None
     try:
         publish(settings, _turns(runs, 100))
         wait_processed(settings)
 
-        # Its own home: chDB is embedded, one engine per path (deployments share a ClickHouse server instead).
-        elsewhere = {"web_port": free_port(), "home": settings.home / "second"}
+        # The same home, as on one machine's embedded stack: the first worker holds the chDB directory and the
+        # ClickHouse sink; the second decides without one and takes the sink over when the first stops.
+        elsewhere = {"web_port": free_port()}
         second = WorkerProcess(settings.model_copy(update=elsewhere), name="second")
         second.start(ready_timeout_s=120, sole=False)
         split = wait_until(

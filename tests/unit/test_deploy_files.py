@@ -224,3 +224,13 @@ def test_summarizers_run_apart_from_the_workers(services: dict[str, Any]) -> Non
     summarizer = services["summarizer"]
     assert summarizer["command"] == ["summarizer"] and "container_name" not in summarizer
     assert summarizer["depends_on"]["ctxflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_the_clickhouse_sink_runs_apart_from_the_workers(services: dict[str, Any]) -> None:
+    sink, worker = services["sink"], services["worker"]
+    assert sink["command"] == ["sink"] and "container_name" not in sink and "ports" not in sink
+    assert worker["environment"]["CTXFLOW_SINK"] == "off", "the workers leave ClickHouse to the sink service"
+    assert sink["environment"]["CTXFLOW_CLICKHOUSE_DSN"] == worker["environment"]["CTXFLOW_CLICKHOUSE_DSN"]
+    assert sink["environment"].get("CTXFLOW_SINK", "auto") != "off"
+    assert {"kafka", "clickhouse", "ctxflow-init"} <= sink["depends_on"].keys()
+    assert "6067" in " ".join(sink["healthcheck"]["test"])  # the sink's own port (CTXFLOW_SINK_WEB_PORT)
