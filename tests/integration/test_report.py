@@ -31,14 +31,20 @@ from tests.support_browser import screenshot
 from tests.support_traffic import publish
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 @pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def now() -> dt.datetime:
+    """When the dataset is seeded: its events lie a minute and more before it (taken when the module's first
+    test starts, not at import, so ingest lag does not grow with the tests collected before this module)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory, now: dt.datetime) -> Path:
     """A ctxflow home whose chDB holds the analytics dataset."""
     home = tmp_path_factory.mktemp("analytics")
-    seed(home, NOW)
+    seed(home, now)
     return home
 
 
@@ -114,7 +120,7 @@ def test_html_report_opens_offline_and_draws_its_charts(seeded: Path, tmp_path: 
     assert len(colours) > 200, "a nearly uniform screenshot"
 
 
-def test_query_json_encodes_timestamps_decimals_uuids_and_bytes(seeded: Path) -> None:
+def test_query_json_encodes_timestamps_decimals_uuids_and_bytes(seeded: Path, now: dt.datetime) -> None:
     out = ctxflow(seeded, "query", "--json",
                   "SELECT occurred_at, ingested_at, toDate(occurred_at) AS day, toDecimal64(1.25, 2) AS price, "
                   "toUUID('61f0c404-5cb3-11e7-907b-a6006ad3dba0') AS id, unhex('ff00') AS raw, "
@@ -123,9 +129,9 @@ def test_query_json_encodes_timestamps_decimals_uuids_and_bytes(seeded: Path) ->
     body = json.loads(out)
     assert body["columns"] == ["occurred_at", "ingested_at", "day", "price", "id", "raw", "p50", "times"]
     (row,) = body["rows"]
-    at = (NOW - dt.timedelta(minutes=1)).isoformat()
+    at = (now - dt.timedelta(minutes=1)).isoformat()
     assert row == [at, row[1], at[:10], "1.25", "61f0c404-5cb3-11e7-907b-a6006ad3dba0", "ff00", 100, [at]], row
-    assert dt.datetime.fromisoformat(row[1]) >= NOW
+    assert dt.datetime.fromisoformat(row[1]) >= now
 
 
 def test_report_goes_through_a_running_worker_with_its_parameters(settings: Settings, worker: WorkerProcess) -> None:
