@@ -95,7 +95,7 @@ from ctxflow.processors.envelopes.state import (
 from ctxflow.processors.ledger import RUNS as RUNS_STREAM
 from ctxflow.processors.ledger import TURNS as TURNS_STREAM
 from ctxflow.processors.ledger import USAGE as USAGE_STREAM
-from ctxflow.processors.pricing import PriceTable, usage_incomplete, usage_tokens
+from ctxflow.processors.pricing import Cost, PriceTable, usage_incomplete, usage_tokens
 from ctxflow.processors.retention import RetirementIndex
 from ctxflow.processors.types import BudgetStore, Position, run_key, tenant_key, tenant_of_key
 from ctxflow.processors.windows import from_ms, to_ms
@@ -236,9 +236,7 @@ class EnvelopeProcessor:
             cost = self._one_call if calls == 1 else self.prices.tool_cost(calls)
             n[TOOL_CALLS] += calls
             n[TOOLING_MICROS] += cost.micros
-            self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
-                _TOOLING, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, calls, _CALLS,
-                cost.micros, cost.estimated, ms))
+            self._call_line(rs, t, _TOOLING, calls, cost, ms, state, out)
         elif kind is _TOOL_RESULT:
             n[TOOL_RESULTS] += 1
         elif kind in _RETRIEVED:
@@ -247,12 +245,17 @@ class EnvelopeProcessor:
             n[RETRIEVAL_MICROS] += cost.micros
             if kind is _MEMORY:
                 rs.note_memory(t.item_id)
-            self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
-                _RETRIEVAL, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, 1, _CALLS,
-                cost.micros, cost.estimated, ms))
+            self._call_line(rs, t, _RETRIEVAL, 1, cost, ms, state, out)
         if earlier:
             self._count_decisions(rs, t.run_id, earlier)
         return self._applied(key, rs, t, ms, state, out)
+
+    def _call_line(self, rs: RunState, t: TurnEvent, surface: str, calls: int, cost: Cost, ms: int,
+                   state: BudgetStore, out: list[Output]) -> None:
+        """The cost line of a turn priced per call (a tool call, a retrieval)."""
+        self._line(rs, t.tenant_id, t.run_id, state, out, PendingLine(
+            surface, t.event_id, t.event_id, t.user_id, t.session_id, t.agent_id, None, calls, _CALLS,
+            cost.micros, cost.estimated, ms))
 
     def _usage(self, u: UsageReport, ms: int, pos: Position, state: BudgetStore) -> list[Output]:
         if (opened := self._open(u, USAGE, pos, state)) is None:
