@@ -25,6 +25,12 @@ from ctxflow.schemas.models import (
     Decision,
     DecisionKind,
     ItemKind,
+    MemoryCandidate,
+    MemoryRecord,
+    MemoryScope,
+    MemoryStatus,
+    MemoryType,
+    MemoryVerdict,
     PrivacyMode,
     Role,
     RunEvent,
@@ -33,6 +39,7 @@ from ctxflow.schemas.models import (
     Slot,
     TurnEvent,
     UsageReport,
+    Verification,
 )
 from ctxflow.streams.sdk import (
     AnthropicStream,
@@ -57,8 +64,9 @@ from ctxflow.streams.sdk import (
 
 __all__ = [
     "AdmissionRequest", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "BudgetState", "ContextWindow",
-    "CtxflowClient", "CtxflowError", "Decision", "DecisionKind", "DecisionStream", "ItemKind", "OpenAIChatStream",
+    "CtxflowClient", "CtxflowError", "Decision", "DecisionKind", "DecisionStream", "ItemKind", "MemoryCandidate",
+    "MemoryRecord", "MemoryScope", "MemoryStatus", "MemoryType", "MemoryVerdict", "OpenAIChatStream",
     "OpenAIResponsesStream", "PrivacyMode", "PublishFailed", "Role", "RunContext", "RunEvent", "RunPhase",
     "RunStatus", "Slot", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "TurnEvent", "UsageReport",
-    "anthropic_usage", "openai_chat_usage", "openai_responses_usage", "otel_genai_usage",
+    "Verification", "anthropic_usage", "openai_chat_usage", "openai_responses_usage", "otel_genai_usage",
 ]

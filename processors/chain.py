@@ -1,6 +1,6 @@
 """The processor chain: every record through the budget, then each later processor, under one commit protocol.
 
-Order: budget -> eviction planner -> envelopes and costs (-> the memory gate of a later issue, before envelopes).
+Order: budget -> eviction planner -> memory gate -> envelopes and costs.
 Each processor is pure, ``(event, position, state, now, earlier) -> outputs`` over its own tables, and
 unit-tested without Kafka. The chain owns what they share:
 
@@ -122,10 +122,12 @@ class ProcessorChain:
 def default_chain(
     budget: BudgetProcessor, *, idle_timeout_s: float | None = None, storage_days: float | None = None
 ) -> ProcessorChain:
-    """The worker's chain: budget, then the eviction planner, then envelopes and costs (``idle_timeout_s`` and
-    ``storage_days``: :class:`~processors.envelopes.processor.EnvelopeProcessor`'s, its defaults when None)."""
+    """The worker's chain: budget, then the eviction planner, the memory gate, and envelopes and costs
+    (``idle_timeout_s`` and ``storage_days``: :class:`~processors.envelopes.processor.EnvelopeProcessor`'s, its
+    defaults when None)."""
     from ctxflow.processors.envelopes.processor import EnvelopeProcessor
     from ctxflow.processors.eviction.planner import EvictionPlanner
+    from ctxflow.processors.memory.processor import MemoryGateProcessor
 
     envelopes = EnvelopeProcessor(budget, idle_timeout_s=idle_timeout_s, storage_days=storage_days)
-    return ProcessorChain(budget, [EvictionPlanner(budget), envelopes])
+    return ProcessorChain(budget, [EvictionPlanner(budget), MemoryGateProcessor(), envelopes])

@@ -42,6 +42,7 @@ from ctxflow.schemas.models import (
     Invalidation,
     MemoryRecord,
     MemoryStatus,
+    MemoryVerdict,
     PrivacyMode,
     RunEnvelope,
     RunEvent,
@@ -237,12 +238,23 @@ _MEMORY_COLUMNS = _fields(MemoryRecord, {
     "memory_id": _ID, "tenant_id": _ID, "user_id": _OPT, "session_id": _OPT, "scope": _ENUM, "type": _ENUM,
     "status": _ENUM, "version": "UInt64", "content": _OPT, "content_digest": "String", "source_run_id": _OPT,
     "source_candidate_id": _OPT, "created_at": _TS, "updated_at": _TS, "expires_at": f"Nullable({_TS})",
-    "reason": _OPT,
+    "reason": _OPT, "owner_id": _OPT, "subject": _OPT, "attribute": _OPT, "value": _OPT, "verification": _ENUM,
+    "sensitivity": _ENUM, "pii_kinds": "Array(LowCardinality(String))", "retention_policy": _OPT,
+    "policy_version": _OPT, "parent_run_id": _OPT, "produced_by_agent": _OPT, "payload_ref": _OPT,
+    "supersedes": _OPT, "superseded_by": _OPT, "review_state": _ENUM, "merge_count": "UInt64",
+    "bootstrap_loosened": "Bool",
 })
 MEMORY_COLUMN_NAMES = _names(_MEMORY_COLUMNS)
 _INVALIDATION_COLUMNS = _fields(Invalidation, {
     "invalidation_id": _ID, "tenant_id": _ID, "kind": _ENUM, "target_type": _ENUM, "target_id": _ID,
     "source_memory_id": _OPT, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT, "reason": "String",
+    "occurred_at": _TS,
+})
+_VERDICT_COLUMNS = _fields(MemoryVerdict, {
+    "verdict_id": _ID, "tenant_id": _ID, "user_id": _ID, "session_id": _ID, "run_id": _ID, "candidate_id": _ID,
+    "source_event_id": _ID, "outcome": _ENUM, "status": _OPT_ENUM, "rule": _ENUM, "reason": "String",
+    "bootstrap_loosened": "Bool", "memory_id": _OPT, "scope": _ENUM, "type": _ENUM,
+    "pii_kinds": "Array(LowCardinality(String))", "policy_version": _OPT, "parent_run_id": _OPT,
     "occurred_at": _TS,
 })
 _U64 = "UInt64"
@@ -289,6 +301,9 @@ TABLES: tuple[TableSpec, ...] = (
               _dead_letter_row, expires_by="failed_at"),
     TableSpec("memory_records", MemoryRecord, _MEMORY_COLUMNS, ("tenant_id", "memory_id"), _memory_row,
               version="version"),
+    # One row per candidate: the verdict id is the tenant's and candidate's hash, so a redelivery overwrites.
+    TableSpec("memory_verdicts", MemoryVerdict, _VERDICT_COLUMNS, ("tenant_id", "verdict_id"),
+              _plain_row(_names(_VERDICT_COLUMNS)), server_columns=(INGESTED_AT,), expires_by="occurred_at"),
     TableSpec("invalidations", Invalidation, _INVALIDATION_COLUMNS, ("tenant_id", "invalidation_id"),
               _plain_row(_names(_INVALIDATION_COLUMNS)), expires_by="occurred_at"),
     # A run's envelope is re-emitted as it closes and as late events update it: the highest version holds.

@@ -100,6 +100,18 @@ class Settings(BaseSettings):
     #: 400 by default: a year of hours plus a month, for year-over-year dashboards.
     clickhouse_rollup_retention_days: int = Field(default=400, ge=0)
 
+    #: Where memory payloads above the inline limit live, content-addressed: a local directory (``file:///path``,
+    #: or a plain path; ``<home>/payloads`` when unset). Records name them by ``payload_ref``.
+    payload_store: str | None = None
+
+    @property
+    def payload_root(self) -> Path:
+        """The local directory of memory payloads."""
+        store = self.payload_store
+        if store is None:
+            return (self.home / "payloads").resolve()
+        return Path(store.removeprefix("file://")).resolve()
+
     @property
     def chdb_dsn(self) -> str:
         """The ClickHouse DSN in force: the configured one, else chDB under ``home``."""

@@ -52,6 +52,10 @@ MEMORY_RECORDS = TopicSpec(
     "memory.records", "MemoryRecord", "tenant_id:memory_id", "compact", "worker: memory gate",
     "retrieval indexes, ClickHouse sink",
 )
+MEMORY_VERDICTS = TopicSpec(
+    "memory.verdicts", "MemoryVerdict", "tenant_id", "delete", "worker: memory gate",
+    "ClickHouse sink (`memory_verdicts`), operators",
+)
 DECISIONS = TopicSpec(
     "decisions", "Decision", "tenant_id:run_id", "delete", "worker: budget, eviction, memory gate",
     "agent runtimes (SDK subscribe), Redis and ClickHouse sinks",
@@ -80,6 +84,6 @@ DEAD_LETTERS = TopicSpec(
 )
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, DECISIONS, INVALIDATIONS,
-    COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
+    TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, MEMORY_VERDICTS, DECISIONS,
+    INVALIDATIONS, COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
 )

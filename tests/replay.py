@@ -38,6 +38,9 @@ from ctxflow.schemas.models import (
     CompressionJob,
     CostLine,
     Decision,
+    Invalidation,
+    MemoryRecord,
+    MemoryVerdict,
     RunEnvelope,
     RunEvent,
     Summary,
@@ -163,6 +166,8 @@ class Replay:
     #: Run envelopes and cost lines, in the order they were published.
     envelopes: list[RunEnvelope] = field(default_factory=list)
     costs: list[CostLine] = field(default_factory=list)
+    #: Memory records, verdicts and invalidations, in the order they were published.
+    memory: list[BaseModel] = field(default_factory=list)
 
     def final_envelopes(self) -> dict[tuple[str, str], RunEnvelope]:
         """What the ``envelopes`` table keeps: a run's highest version (the last of equals)."""
@@ -207,7 +212,9 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
     jobs: list[CompressionJob] = []
     envelopes: list[RunEnvelope] = []
     costs: list[CostLine] = []
-    sorted_out = {Decision: decisions, CompressionJob: jobs, RunEnvelope: envelopes, CostLine: costs}
+    memory: list[BaseModel] = []
+    sorted_out = {Decision: decisions, CompressionJob: jobs, RunEnvelope: envelopes, CostLine: costs,
+                  MemoryRecord: memory, MemoryVerdict: memory, Invalidation: memory}
     refused = [r for r in log.records() if r.event is None]
     workflows: dict[tuple[str, str], str] = {}
     users: dict[tuple[str, str], str] = {}
@@ -219,8 +226,9 @@ def replay(log: InputLog, tenants: Collection[str] | None = None,
             users[(event.tenant_id, event.run_id)] = event.user_id
         try:
             for output in chain.process(event, Position(record.topic, record.partition, record.offset), state, now):
-                sorted_out[type(output)].append(output)  # type: ignore[index]
+                if type(output) in sorted_out:  # payload writes and review items are the worker's, not published
+                    sorted_out[type(output)].append(output)  # type: ignore[index]
         except Exception as error:  # the worker dead-letters whatever the processor refuses, and goes on
             refused.append(LoggedRecord(record.topic, record.partition, record.offset, record.key, None,
                                         f"{type(error).__name__}: {error}"))
-    return Replay(processor, state, decisions, refused, workflows, users, jobs, envelopes, costs)
+    return Replay(processor, state, decisions, refused, workflows, users, jobs, envelopes, costs, memory)

@@ -1,7 +1,10 @@
 """The memory gate as a processor of the chain: candidates in, verdicts and canonical records out.
 
-Shaped like the chain's processors (:class:`processors.chain.Processor`): ``process(event, pos, state, now)``
-over its own tables, no I/O. Per candidate it
+A processor of the chain (:class:`processors.chain.Processor`), after the eviction planner and before the
+envelopes: ``process(event, pos, state, now, earlier)`` over its own tables, no I/O. The tenant's policy is its
+manifest's ``memory`` section (read from the budget's manifests in the same state); what the gate must know of
+the producing run (its privacy, its parent) the processor learns from the run's own records (table
+``memory_runs``, forgotten when the run retires). Per candidate it
 
 1. replays the stored verdict if the candidate was already judged (at-least-once delivery: a redelivered
    candidate changes nothing and reproduces the same outputs);
@@ -35,16 +38,19 @@ from ctxflow.processors.memory import conflict, lifecycle
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.lifecycle import ReviewAction, ReviewItem
-from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts
+from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts, policy_from_manifest
 from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import RECORDS, TABLES, MemoryTables
-from ctxflow.processors.types import BudgetStore, Position, check_tenant
+from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_key, tenant_key
 from ctxflow.schemas.models import (
     InvalidationKind,
     MemoryCandidate,
     MemoryRecord,
     MemoryStatus,
     MemoryVerdict,
+    PrivacyMode,
+    RunEvent,
+    TurnEvent,
     VerdictOutcome,
     Verification,
 )
@@ -80,27 +86,32 @@ class MemoryGateProcessor:
     name = "memory_gate"
     tables: tuple[TableSpec, ...] = TABLES
 
-    def __init__(
-        self,
-        gate: MemoryGate | None = None,
-        policy_of: Callable[[str], MemoryPolicy] | None = None,
-        run_facts: Callable[[str, str], RunFacts | None] | None = None,
-    ) -> None:
+    def __init__(self, gate: MemoryGate | None = None, policy_of: Callable[[str], MemoryPolicy] | None = None) -> None:
+        """``policy_of`` overrides the manifests' policies (tests, benches)."""
         self.gate = gate or MemoryGate()
-        self.policy_of = policy_of or (lambda _tenant: MemoryPolicy())
-        self.run_facts = run_facts or (lambda _tenant, _run: None)
+        self.policy_of = policy_of
+        #: tenant -> (manifest version, its policy): built once per manifest version.
+        self._policies: dict[str, tuple[int, MemoryPolicy]] = {}
 
-    def process(self, event: Any, pos: Position, state: BudgetStore, now: datetime) -> Sequence[Any]:
-        """Judge a :class:`MemoryCandidate`; other records pass untouched (nothing returned)."""
+    def process(
+        self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
+    ) -> Sequence[Any]:
+        """Judge a :class:`MemoryCandidate`; learn run facts from turns and run events; nothing else."""
+        if isinstance(event, TurnEvent | RunEvent):
+            self._learn_run(event, state)
+            return []
         if not isinstance(event, MemoryCandidate):
             return []
+        # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
+        # reproduce them (and a bootstrap period's end must cut the same candidates off).
+        now = event.occurred_at
         tenant = check_tenant(event.tenant_id)
         tables = MemoryTables(state)
         done = tables.verdict(tenant, event.candidate_id)
         if done is not None:
             return [done]
-        policy = self.policy_of(tenant)
-        run = self.run_facts(tenant, event.run_id) or RunFacts(event.privacy, event.parent_run_id)
+        policy = self._policy(tenant, state)
+        run = self._run_facts(event, tables)
         digest = identity_digest(event.content, event.content_digest)
         decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
         if not decision.accepted:
@@ -108,7 +119,54 @@ class MemoryGateProcessor:
         return self._promote(tables, event, decision, policy, digest, now)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
-        """Memory outlives runs: nothing to forget when a run retires."""
+        """Memory outlives runs; what the processor knew of the retired runs themselves goes."""
+        tables = MemoryTables(state)
+        for key in keys:
+            tables.forget_run(key)
+
+    def forget_index(self) -> None:
+        """No index over the store's values; cached policies are keyed by manifest version and stay valid."""
+
+    def _policy(self, tenant: str, state: BudgetStore) -> MemoryPolicy:
+        if self.policy_of is not None:
+            return self.policy_of(tenant)
+        manifest = state.get_manifest(tenant_key(tenant))
+        version = manifest.version if manifest is not None else 0
+        hit = self._policies.get(tenant)
+        if hit is None or hit[0] != version:
+            if len(self._policies) >= 65_536:
+                self._policies.clear()
+            hit = self._policies[tenant] = (version, policy_from_manifest(manifest))
+        return hit[1]
+
+    @staticmethod
+    def _learn_run(event: TurnEvent | RunEvent, state: BudgetStore) -> None:
+        """Remember a run that handled no-retention content, and a run's parent: a candidate's own fields may
+        claim otherwise (an agent's bug, or a sub-agent laundering its parent's privacy), the run's records
+        decide. Written only when something is learnt, so a turn costs a lookup at most."""
+        no_retention = event.privacy is PrivacyMode.NO_RETENTION
+        parent = event.parent_run_id
+        if not no_retention and parent is None:
+            return
+        tables = MemoryTables(state)
+        key = run_key(event.tenant_id, event.run_id)
+        known = tables.run(key)
+        learnt = RunFacts(
+            PrivacyMode.NO_RETENTION if no_retention or (known and known.privacy is PrivacyMode.NO_RETENTION)
+            else PrivacyMode.RETAINED,
+            parent or (known.parent_run_id if known else None),
+        )
+        if learnt != known:
+            tables.put_run(key, learnt)
+
+    @staticmethod
+    def _run_facts(candidate: MemoryCandidate, tables: MemoryTables) -> RunFacts:
+        known = tables.run(run_key(candidate.tenant_id, candidate.run_id))
+        if known is None:
+            return RunFacts(candidate.privacy, candidate.parent_run_id)
+        privacy = PrivacyMode.NO_RETENTION if PrivacyMode.NO_RETENTION in (known.privacy, candidate.privacy) \
+            else PrivacyMode.RETAINED
+        return RunFacts(privacy, known.parent_run_id or candidate.parent_run_id)
 
     def review(
         self,

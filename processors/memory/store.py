@@ -6,7 +6,9 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
 * ``memory_buckets``: ``tenant:scope:owner`` -> the live memory ids compared for duplicates and conflicts;
 * ``memory_revoked``: ``tenant:identity digest`` -> the tombstone's memory id (blocks the same content);
 * ``memory_verdicts``: ``tenant:candidate_id`` -> :class:`MemoryVerdict` (replayed for a redelivered candidate);
-* ``memory_reviews``: ``tenant:review_id`` -> :class:`ReviewItem` (open questions for a reviewer).
+* ``memory_reviews``: ``tenant:review_id`` -> :class:`ReviewItem` (open questions for a reviewer);
+* ``memory_runs``: ``tenant:run_id`` -> :class:`RunFacts` of a run that handled no-retention content or has a
+  parent (only those: a run without either is what the gate assumes), forgotten when the run retires.
 
 A bucket's records are read under the bucket's own tenant, so no lookup can reach another tenant's records.
 """
@@ -19,16 +21,18 @@ from datetime import datetime
 
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory.lifecycle import ReviewItem
+from ctxflow.processors.memory.policy import RunFacts
 from ctxflow.processors.types import BudgetStore
-from ctxflow.schemas.models import MemoryRecord, MemoryVerdict
+from ctxflow.schemas.models import MemoryRecord, MemoryVerdict, PrivacyMode
 from pydantic import BaseModel
 
-RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS = (
+RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS, RUNS = (
     "memory_records",
     "memory_buckets",
     "memory_revoked",
     "memory_verdicts",
     "memory_reviews",
+    "memory_runs",
 )
 
 
@@ -49,14 +53,29 @@ def _load_review(data: bytes) -> ReviewItem:
     return ReviewItem(**raw)
 
 
+def _dump_run(facts: RunFacts) -> bytes:
+    return json.dumps([facts.privacy.value, facts.parent_run_id]).encode()
+
+
+def _load_run(data: bytes) -> RunFacts:
+    privacy, parent = json.loads(data)
+    return RunFacts(PrivacyMode(privacy), parent)
+
+
 TABLES: tuple[TableSpec, ...] = (
+    _model_table(VERDICTS, MemoryVerdict),
     _model_table(RECORDS, MemoryRecord),
     TableSpec(BUCKETS, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b))),
     TableSpec(REVOKED, lambda v: v.encode(), lambda b: b.decode()),
-    _model_table(VERDICTS, MemoryVerdict),
     TableSpec(REVIEWS, _dump_review, _load_review),
+    TableSpec(RUNS, _dump_run, _load_run),
 )
-"""The changelog forms of the memory tables, for the worker (see :class:`processors.chain.TableSpec`)."""
+"""The changelog forms of the memory tables, for the worker (see :class:`processors.chain.TableSpec`).
+
+The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` is durable
+last: a stored verdict is what makes a redelivered candidate change nothing, so every record, bucket and block
+its judgement wrote must be durable before it (a crash in between replays the candidate, which writes the same
+values again)."""
 
 
 class MemoryTables:
@@ -115,3 +134,16 @@ class MemoryTables:
     def put_review(self, item: ReviewItem) -> None:
         """Open a review item."""
         self.state.put_state(REVIEWS, f"{item.tenant_id}:{item.review_id}", item)
+
+    def run(self, key: str) -> RunFacts | None:
+        """What is known of run ``key`` (``tenant:run_id``), or None (nothing beyond the defaults)."""
+        return self.state.get_state(RUNS, key)
+
+    def put_run(self, key: str, facts: RunFacts) -> None:
+        """Remember what was learnt of a run."""
+        self.state.put_state(RUNS, key, facts)
+
+    def forget_run(self, key: str) -> None:
+        """The run retired (a tombstone on the changelog when something was known of it)."""
+        if self.state.get_state(RUNS, key) is not None:
+            self.state.delete_state(RUNS, key)

@@ -27,7 +27,7 @@ from typing import Literal, Protocol, get_args
 
 from ctxflow.processors.eviction.planner import EVICTION_KINDS
 from ctxflow.schemas.contract import ReasonCode
-from ctxflow.schemas.models import DecisionKind, EvictionStrategy, Slot
+from ctxflow.schemas.models import CompressionJob, DecisionKind, EvictionStrategy, MemoryVerdict, Slot
 from ctxflow.streams.runtime.health import PartitionHealth
 from ctxflow.streams.runtime.pipeline import BatchReport
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -85,6 +85,8 @@ DEAD_LETTERS = _spec("ctxflow_dead_letters_total", "counter", "Input records the
                      "dead-letter topic, by reason code.", "reason_code")
 JOBS = _spec("ctxflow_compression_jobs_total", "counter", "Compression jobs the eviction planner asked the "
              "summarizers for.")
+VERDICTS = _spec("ctxflow_memory_verdicts_total", "counter", "Memory gate verdicts on candidates, by outcome "
+                 "(accepted, merged, rejected) and rule.", "outcome", "rule")
 LATENCY = _spec("ctxflow_decision_latency_seconds", "histogram", "Per decision: seconds from the worker taking the "
                 "batch that holds its record from the intake to handing the batch's decisions to the decision "
                 "outlet (which sends within CTXFLOW_DECISION_LINGER_MS); time in Kafka before is not included.")
@@ -108,8 +110,8 @@ SINK_HEALTHY = _spec("ctxflow_sink_healthy", "gauge", "1 while a sink writes suc
 
 #: Every ctxflow metric the worker serves (the client library adds process_* and python_* ones).
 METRICS: tuple[MetricSpec, ...] = (
-    EVENTS, DECISIONS, EVICTIONS, FREED, DEAD_LETTERS, JOBS, LATENCY, UTILIZATION, BATCH, LAG, COMMIT_AGE, QUEUE,
-    SINK_ROWS, SINK_RETRIES, SINK_LAG, SINK_HEALTHY,
+    EVENTS, DECISIONS, EVICTIONS, FREED, DEAD_LETTERS, JOBS, VERDICTS, LATENCY, UTILIZATION, BATCH, LAG,
+    COMMIT_AGE, QUEUE, SINK_ROWS, SINK_RETRIES, SINK_LAG, SINK_HEALTHY,
 )
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -187,6 +189,7 @@ class WorkerMetrics:
         self.freed: dict[DecisionKind, int] = dict.fromkeys(sorted(EVICTION_KINDS), 0)
         self.dead_letters: dict[str, int] = dict.fromkeys(_REASON_CODES, 0)
         self.jobs = 0
+        self.verdicts: dict[tuple[str, str], int] = {}
         self.latency = WeightedHistogram(LATENCY_BUCKETS)
         self.batch = WeightedHistogram(BATCH_BUCKETS)
         self.utilization: dict[Slot | None, WeightedHistogram] = {}
@@ -214,7 +217,14 @@ class WorkerMetrics:
         for letter in report.dead_letters:
             code = letter.reason_code if letter.reason_code in self.dead_letters else "other"
             self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
-        self.jobs += len(report.jobs)
+        verdicts = self.verdicts
+        for record in report.published:
+            if isinstance(record, CompressionJob):
+                self.jobs += 1
+            elif isinstance(record, MemoryVerdict):
+                # Rules are a closed set of the gate's (processors.memory.gate.Rule): bounded labels.
+                label = (record.outcome.value, record.rule)
+                verdicts[label] = verdicts.get(label, 0) + 1
         if report.decisions:
             self.latency.observe(report.decided_s, len(report.decisions))
         decisions, evictions, freed, utilization = self.decisions, self.evictions, self.freed, self.utilization
@@ -256,6 +266,7 @@ class _Collector:
         yield _filled(FREED, [((kind.value,), n) for kind, n in m.freed.items()])
         yield _filled(DEAD_LETTERS, [((code,), n) for code, n in m.dead_letters.items()])
         yield _filled(JOBS, [((), m.jobs)])
+        yield _filled(VERDICTS, list(m.verdicts.items()))
         yield _histogram(LATENCY, [((), m.latency)])
         yield _histogram(UTILIZATION, [((slot.value if slot else "total",), h) for slot, h in m.utilization.items()])
         yield _histogram(BATCH, [((), m.batch)])

@@ -11,7 +11,9 @@ Commit order (each step starts after the previous one is durable):
 1. decode every record; refusals become dead letters (never a log line);
 2. apply the records to the processor chain (:mod:`processors.chain`: budget, eviction planner, envelopes) in
    offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines);
-3. produce decisions, compression jobs, envelopes, cost lines and dead letters to Kafka and project run headroom
+3. store memory payloads above the inline limit in the payload store (before the records naming them go out);
+   produce decisions, compression jobs, envelopes, cost lines, memory records, verdicts and invalidations, and
+   dead letters to Kafka and project run headroom
    and decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the
    batch touched, so a replay that finds its records already applied still does) — concurrently; wait for both;
 4. persist the aggregate tables' changelogs, await acks;
@@ -58,9 +60,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.manifest import ManifestError
+from ctxflow.processors.memory.lifecycle import ReviewItem
+from ctxflow.processors.memory.processor import PayloadWrite
 from ctxflow.processors.types import InvalidTenantError, Position, run_key
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
@@ -71,7 +76,10 @@ from ctxflow.schemas.models import (
     DeadLetter,
     Decision,
     DecisionKind,
+    Invalidation,
     MemoryCandidate,
+    MemoryRecord,
+    MemoryVerdict,
     RunEnvelope,
     RunEvent,
     Summary,
@@ -79,13 +87,24 @@ from ctxflow.schemas.models import (
     TurnEvent,
     UsageReport,
 )
+from ctxflow.sinks.payloads import PayloadStore
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.runtime.budget_projection import BudgetProjection
 from ctxflow.streams.runtime.deadletter import dead_letter
 from ctxflow.streams.runtime.decode import decode_record
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
-from ctxflow.streams.topics import COMPRESSION_JOBS, COSTS, DEAD_LETTERS, DECISIONS, ENVELOPES
+from ctxflow.streams.topics import (
+    COMPRESSION_JOBS,
+    COSTS,
+    DEAD_LETTERS,
+    DECISIONS,
+    ENVELOPES,
+    INVALIDATIONS,
+    MEMORY_RECORDS,
+    MEMORY_VERDICTS,
+    TopicSpec,
+)
 from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
@@ -98,8 +117,16 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "admissions": AdmissionRequest,
     "manifests": TenantManifest,
     "summaries": Summary,
-    # Promotions by scope on run envelopes; the memory gate will turn candidates into verdicts in the same chain.
     "memory.candidates": MemoryCandidate,
+}
+#: Where each record type the chain publishes goes besides decisions: its topic and its key.
+ROUTES: dict[type[BaseModel], tuple[TopicSpec, Callable[[Any], str]]] = {
+    CompressionJob: (COMPRESSION_JOBS, lambda job: job.tenant_id),
+    RunEnvelope: (ENVELOPES, lambda e: f"{e.tenant_id}:{e.run_id}"),
+    CostLine: (COSTS, lambda c: c.tenant_id),
+    MemoryRecord: (MEMORY_RECORDS, lambda r: f"{r.tenant_id}:{r.memory_id}"),
+    MemoryVerdict: (MEMORY_VERDICTS, lambda v: v.tenant_id),
+    Invalidation: (INVALIDATIONS, lambda i: i.tenant_id),
 }
 #: Records of a run whose headroom the batch projects.
 _RUN_RECORDS = (TurnEvent, UsageReport, RunEvent, Summary)  # a summary swapped in changes its run's headroom too
@@ -143,11 +170,11 @@ class BatchReport:
     tenants: set[str] = field(default_factory=set)
     decisions: list[Decision] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    #: Compression jobs for the summarizer workers.
-    jobs: list[CompressionJob] = field(default_factory=list)
-    #: Run envelopes of runs that closed (or changed once closed), and cost lines.
-    envelopes: list[RunEnvelope] = field(default_factory=list)
-    costs: list[CostLine] = field(default_factory=list)
+    #: Everything else the chain published, in order (compression jobs, run envelopes, cost lines, memory
+    #: records, verdicts, invalidations): routed by type (:data:`ROUTES`).
+    published: list[BaseModel] = field(default_factory=list)
+    #: Memory payloads to store before the records naming them are produced.
+    payloads: list[PayloadWrite] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
     #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
@@ -169,16 +196,17 @@ class BudgetPipeline:
         redis: RedisProjection,
         producer: DecisionOutlet,
         full_topic: Callable[[str], str],
+        payloads: PayloadStore,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._codec = codec
+        self._payloads = payloads
+        self._routes = {model: (full_topic(spec.name), key) for model, (spec, key) in ROUTES.items()}
         self._chain = chain
         self._store = store
         self._producer = producer
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
-        self._jobs_topic = full_topic(COMPRESSION_JOBS.name)
-        self._envelopes_topic, self._costs_topic = full_topic(ENVELOPES.name), full_topic(COSTS.name)
         self._clock = clock
         self._projection = BudgetProjection(redis, chain.budget, store)
         self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
@@ -211,11 +239,14 @@ class BudgetPipeline:
             (self._decisions_topic, None, f"{d.tenant_id}:{d.run_id or '-'}".encode(), encode(d))
             for d in report.decisions
         ]
-        outputs += [(self._jobs_topic, None, job.tenant_id.encode(), encode(job)) for job in report.jobs]
-        outputs += [
-            (self._envelopes_topic, None, f"{e.tenant_id}:{e.run_id}".encode(), encode(e)) for e in report.envelopes
-        ]
-        outputs += [(self._costs_topic, None, c.tenant_id.encode(), encode(c)) for c in report.costs]
+        routes = self._routes
+        for record in report.published:
+            topic, key = routes[type(record)]
+            outputs.append((topic, None, key(record).encode(), encode(record)))
+        for write in report.payloads:
+            # Before any produce: a record naming a payload must never be readable before the payload is.
+            # Synchronous and small (the inline limit is kilobytes; large payloads are rare); an idempotent put.
+            self._payloads.put(write.ref, write.content.encode("utf-8"))
         outputs += [
             (self._dead_letters_topic, None, dl.source_topic.encode(), encode(dl)) for dl in report.dead_letters
         ]
@@ -274,12 +305,10 @@ class BudgetPipeline:
             for output in self._chain.process(event, position, self._store, now):
                 if isinstance(output, Decision):
                     report.decisions.append(output)
-                elif isinstance(output, CostLine):
-                    report.costs.append(output)
-                elif isinstance(output, RunEnvelope):
-                    report.envelopes.append(output)
-                else:
-                    report.jobs.append(output)  # type: ignore[arg-type]  (the chain publishes these four)
+                elif isinstance(output, PayloadWrite):
+                    report.payloads.append(output)
+                elif not isinstance(output, ReviewItem):  # a review item is state (its record says quarantined)
+                    report.published.append(output)
         except RejectedRecord as error:
             report.dead_letters.append(self._dead_letter(record, error, now))
             return

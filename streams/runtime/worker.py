@@ -34,6 +34,7 @@ from ctxflow.processors.eviction.planner import pending_jobs
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
+from ctxflow.sinks.payloads import LocalPayloadStore
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
@@ -149,6 +150,7 @@ def build_app(settings: Settings) -> faust.App:
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
+            payloads=LocalPayloadStore(settings.payload_root),
         )
 
         async def fail(exc: BaseException, records: int) -> None:

@@ -23,6 +23,7 @@ from ctxflow.schemas.models import (
     Slot,
     TurnEvent,
     UsageReport,
+    Verification,
 )
 from ctxflow.schemas.models import content_digest as digest
 from ctxflow.streams.sdk.usage import TokenUsage
@@ -218,12 +219,25 @@ class RunContext:
             planned={Slot(slot): tokens for slot, tokens in planned.items()}, requested_at=at or self.clock(),
         )
 
-    def memory_candidate(self, scope: MemoryScope, type_: MemoryType, content: str, *, confidence: float,
-                         source_item_ids: Iterable[str] = (), at: datetime | None = None) -> MemoryCandidate:
-        """Propose promoting ``content`` to durable memory; the gate decides."""
+    def memory_candidate(
+        self, scope: MemoryScope, type_: MemoryType, content: str, *, confidence: float,
+        source_item_ids: Iterable[str] = (), at: datetime | None = None, subject: str | None = None,
+        attribute: str | None = None, value: str | None = None, verification: Verification = Verification.NONE,
+        verified_by: str | None = None, corroborating_run_ids: Iterable[str] = (), retention_rule: str | None = None,
+        candidate_id: str | None = None,
+    ) -> MemoryCandidate:
+        """Propose promoting ``content`` to durable memory; the worker's memory gate decides (a verdict on
+        ``memory.verdicts``). ``subject``/``attribute``/``value`` make a contradiction precise (a newer value of
+        the same subject's attribute supersedes exactly that record); ``verification`` and ``verified_by`` (an
+        approver or a system of record) or ``corroborating_run_ids`` are what admit a tenant-wide fact;
+        ``retention_rule`` names the tenant rule under which personal data in ``content`` may be kept. A child
+        run's candidates carry its parent and agent as provenance."""
         return MemoryCandidate(
-            event_id=self.id_factory(), **self._ids(), candidate_id=self.id_factory(), scope=scope,
+            event_id=self.id_factory(), **self._ids(), candidate_id=candidate_id or self.id_factory(), scope=scope,
             type=type_, content=content, content_digest=digest(content),
             source_item_ids=list(source_item_ids),
             confidence=confidence, privacy=self.privacy, occurred_at=at or self.clock(),
+            subject=subject, attribute=attribute, value=value, verification=verification, verified_by=verified_by,
+            corroborating_run_ids=list(corroborating_run_ids), retention_rule=retention_rule,
+            parent_run_id=self.parent_run_id, produced_by_agent=self.agent_id if self.parent_run_id else None,
         )
