@@ -195,6 +195,27 @@ class MemoryStatus(StrEnum):
     REVOKED = "revoked"
     #: Replaced by a newer record that contradicts it on the same subject and attribute (MemoryRecord v2).
     SUPERSEDED = "superseded"
+    #: Evicted from the long-term store, kept in the object store (``archive_ref``); ``ctxflow memory rehydrate``
+    #: brings it back as it was (MemoryRecord v3).
+    ARCHIVED = "archived"
+
+
+class ReviewAction(StrEnum):
+    """What a reviewer decides about a quarantined record (``ctxflow memory review``)."""
+
+    REINSTATE = "reinstate"
+    CORRECT = "correct"
+    REVOKE = "revoke"
+
+
+class MemoryCommandKind(StrEnum):
+    """What an operator's :class:`MemoryCommand` does."""
+
+    REVIEW = "review"
+    DELETE = "delete"
+    REHYDRATE = "rehydrate"
+    PIN = "pin"
+    UNPIN = "unpin"
 
 
 class Verification(StrEnum):
@@ -246,6 +267,8 @@ class DecisionKind(StrEnum):
     SWAP = "swap"
     OFFLOAD = "offload"
     RECALL = "recall"
+    #: A memory a live run retrieved was revoked, superseded, quarantined or archived (Decision v4).
+    STALE_CONTEXT = "stale_context"
 
 
 class BudgetState(StrEnum):
@@ -492,6 +515,20 @@ class MemoryGovernance(_Record):
     inline_max_bytes: Annotated[int, Field(ge=1, le=_LONG_MAX)] = 8192
 
 
+class MemoryStore(_Record):
+    """A tenant's long-term memory store: quota and retention (manifest v5; null: no quota, kept until deleted)."""
+
+    #: Most live records the store holds; None: no quota.
+    record_quota: Annotated[int, Field(ge=1, le=_LONG_MAX)] | None = None
+    #: At this share of the quota the store evicts, down to ``evict_to`` (seed 002: 85% -> 70%).
+    evict_at: Share = 0.85
+    evict_to: Share = 0.70
+    #: Days a record of a memory type (key) lives after its last update; absent: forever.
+    retention_days: dict[Id, Annotated[int, Field(ge=0, le=_LONG_MAX)]] = Field(default_factory=dict)
+    #: Days personal data kept under a retention rule (key) lives; absent: its type's retention.
+    rule_retention_days: dict[Id, Annotated[int, Field(ge=0, le=_LONG_MAX)]] = Field(default_factory=dict)
+
+
 class TenantManifest(_Record):
     """A tenant's versioned budget manifest (topic ``manifests``, compacted by tenant_id).
 
@@ -520,6 +557,8 @@ class TenantManifest(_Record):
     eviction: EvictionPolicy | None = None
     #: Memory gate settings (v4); None: :class:`MemoryGovernance`'s defaults.
     memory: MemoryGovernance | None = None
+    #: The long-term memory store's quota and retention (v5); None: no quota, kept until deleted.
+    memory_store: MemoryStore | None = None
 
 
 class MemoryCandidate(_Record):
@@ -558,6 +597,9 @@ class MemoryCandidate(_Record):
     produced_by_agent: Id | None = None
     #: The named retention rule under which personal data in the content may be kept.
     retention_rule: str | None = None
+    # --- v3 ---
+    #: Embedding of the content: the retrieval projection ranks by cosine distance to it.
+    embedding: Embedding | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -612,6 +654,12 @@ class MemoryRecord(_Record):
     merge_count: Count = 0
     #: Admitted only because the tenant's bootstrap period loosened the gate.
     bootstrap_loosened: bool = False
+    # --- v3: retrieval and the long-term store ---
+    embedding: Embedding | None = None
+    #: Never evicted from the long-term store.
+    pinned: bool = False
+    #: Object-store key of the record as it was when evicted (status ``archived``).
+    archive_ref: str | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:
@@ -639,6 +687,15 @@ class SummaryProvenance(_Record):
     summarizer_version: Id
     depth: Annotated[int, Field(ge=1, le=2)]
     fidelity: Float32Fraction
+
+
+class StaleMemory(_Record):
+    """A memory a run retrieved that is no longer served (on ``stale_context`` decisions)."""
+
+    memory_id: Id
+    #: What it became: revoked, superseded, quarantined, archived.
+    status: Id
+    replaced_by: Id | None = None
 
 
 class Decision(_Record):
@@ -680,6 +737,8 @@ class Decision(_Record):
     #: Eviction decisions: expected cost effect on the next call, micro-USD (positive: a cache invalidation).
     cost_effect_micros: Annotated[int, Field(ge=-_LONG_MAX - 1, le=_LONG_MAX)] | None = None
     job_id: Id | None = None
+    #: ``stale_context``: the retrieved memories no longer served, and their replacements.
+    stale: list[StaleMemory] = Field(default_factory=list)
 
 
 class CompressionSource(_Record):
@@ -746,6 +805,37 @@ class Invalidation(_Record):
     run_id: Id | None = None
     reason: str
     occurred_at: Timestamp
+
+
+class MemoryCommand(_Record):
+    """An operator's command on a tenant's memory (topic ``memory.commands``, key ``tenant_id``), applied by the
+    worker's memory processor in log order (``ctxflow memory review|delete|rehydrate|pin``)."""
+
+    command_id: Id
+    tenant_id: TenantId
+    kind: MemoryCommandKind
+    memory_id: Id | None = None
+    #: ``delete``: every record of this user (user scope, or produced in their runs).
+    user_id: Id | None = None
+    action: ReviewAction | None = None
+    corrected_content: str | None = None
+    corrected_value: str | None = None
+    issued_by: Id
+    reason: str | None = None
+    issued_at: Timestamp
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        kind = self.kind
+        if kind is MemoryCommandKind.DELETE:
+            # One record, one user's records, or neither: the whole tenant's memory (an offboarding).
+            if self.memory_id is not None and self.user_id is not None:
+                raise ValueError("a delete names a memory_id or a user_id, not both")
+        elif self.memory_id is None:
+            raise ValueError(f"a {kind.value} command needs a memory_id")
+        if (kind is MemoryCommandKind.REVIEW) != (self.action is not None):
+            raise ValueError("a review command carries an action, and only a review does")
+        return self
 
 
 class MemoryVerdict(_Record):
@@ -935,8 +1025,7 @@ MODEL_SCHEMAS: dict[type[BaseModel], str] = {
     DeadLetter: "DeadLetter",
     RunEnvelope: "RunEnvelope",
     CostLine: "CostLine",
+    MemoryVerdict: "MemoryVerdict",
+    MemoryCommand: "MemoryCommand",
 }
 """Top-level model -> Avro record name (namespace ``ctxflow``); nested records travel inside their parent."""
-
-# Memory governance (issue 15): records added by the memory gate.
-MODEL_SCHEMAS[MemoryVerdict] = "MemoryVerdict"

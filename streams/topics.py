@@ -52,6 +52,10 @@ MEMORY_RECORDS = TopicSpec(
     "memory.records", "MemoryRecord", "tenant_id:memory_id", "compact", "worker: memory gate",
     "retrieval indexes, ClickHouse sink",
 )
+MEMORY_COMMANDS = TopicSpec(
+    "memory.commands", "MemoryCommand", "tenant_id", "delete",
+    "operators (`ctxflow memory review|delete|rehydrate|pin|unpin`)", "worker: memory gate",
+)
 MEMORY_VERDICTS = TopicSpec(
     "memory.verdicts", "MemoryVerdict", "tenant_id", "delete", "worker: memory gate",
     "ClickHouse sink (`memory_verdicts`), operators",
@@ -84,6 +88,6 @@ DEAD_LETTERS = TopicSpec(
 )
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_RECORDS, MEMORY_VERDICTS, DECISIONS,
-    INVALIDATIONS, COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
+    TURNS, USAGE, RUNS, ADMISSIONS, MANIFESTS, MEMORY_CANDIDATES, MEMORY_COMMANDS, MEMORY_RECORDS, MEMORY_VERDICTS,
+    DECISIONS, INVALIDATIONS, COMPRESSION_JOBS, SUMMARIES, ENVELOPES, COSTS, DEAD_LETTERS,
 )

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from hashlib import blake2b
 
-from ctxflow.schemas.models import Invalidation, InvalidationKind, MemoryRecord, MemoryStatus, ReviewState
+from ctxflow.schemas.models import (
+    Invalidation,
+    InvalidationKind,
+    MemoryRecord,
+    MemoryStatus,
+    ReviewState,
+)
 
 ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
     MemoryStatus.PROVISIONAL: frozenset({MemoryStatus.ACTIVE, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
@@ -35,14 +40,6 @@ ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
 
 class IllegalTransition(ValueError):
     """A lifecycle move the state machine does not allow (e.g. reinstating a revoked record)."""
-
-
-class ReviewAction(StrEnum):
-    """What a reviewer decides about a quarantined record (``ctxflow memory review``)."""
-
-    REINSTATE = "reinstate"
-    CORRECT = "correct"
-    REVOKE = "revoke"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory import conflict, lifecycle
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
-from ctxflow.processors.memory.lifecycle import ReviewAction, ReviewItem
+from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts, policy_from_manifest
 from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import RECORDS, TABLES, MemoryTables
@@ -49,6 +49,7 @@ from ctxflow.schemas.models import (
     MemoryStatus,
     MemoryVerdict,
     PrivacyMode,
+    ReviewAction,
     RunEvent,
     TurnEvent,
     VerdictOutcome,

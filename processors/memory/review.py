@@ -13,10 +13,9 @@ from typing import Any
 
 from ctxflow.processors.memory import lifecycle
 from ctxflow.processors.memory.identity import bucket_key, identity_digest, memory_id
-from ctxflow.processors.memory.lifecycle import ReviewAction
 from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.types import check_tenant
-from ctxflow.schemas.models import InvalidationKind, MemoryRecord, ReviewState, content_digest
+from ctxflow.schemas.models import InvalidationKind, MemoryRecord, ReviewAction, ReviewState, content_digest
 
 
 def review(

@@ -78,6 +78,7 @@ from ctxflow.schemas.models import (
     DecisionKind,
     Invalidation,
     MemoryCandidate,
+    MemoryCommand,
     MemoryRecord,
     MemoryVerdict,
     RunEnvelope,
@@ -118,6 +119,7 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "manifests": TenantManifest,
     "summaries": Summary,
     "memory.candidates": MemoryCandidate,
+    "memory.commands": MemoryCommand,
 }
 #: Where each record type the chain publishes goes besides decisions: its topic and its key.
 ROUTES: dict[type[BaseModel], tuple[TopicSpec, Callable[[Any], str]]] = {

@@ -10,6 +10,7 @@ from ctxflow.schemas.models import (
     AdmissionRequest,
     Decision,
     MemoryCandidate,
+    MemoryCommand,
     PrivacyMode,
     RunEvent,
     TenantManifest,
@@ -17,7 +18,17 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.schemas.models import content_digest as digest
-from ctxflow.streams.topics import ADMISSIONS, DECISIONS, MANIFESTS, MEMORY_CANDIDATES, RUNS, TURNS, USAGE, TopicSpec
+from ctxflow.streams.topics import (
+    ADMISSIONS,
+    DECISIONS,
+    MANIFESTS,
+    MEMORY_CANDIDATES,
+    MEMORY_COMMANDS,
+    RUNS,
+    TURNS,
+    USAGE,
+    TopicSpec,
+)
 from pydantic import BaseModel
 
 R = TypeVar("R", bound=BaseModel)
@@ -25,7 +36,8 @@ R = TypeVar("R", bound=BaseModel)
 #: The contract topic of every record type the SDK publishes or reads.
 TOPIC_OF: dict[type[BaseModel], TopicSpec] = {
     TurnEvent: TURNS, UsageReport: USAGE, RunEvent: RUNS, AdmissionRequest: ADMISSIONS,
-    TenantManifest: MANIFESTS, MemoryCandidate: MEMORY_CANDIDATES, Decision: DECISIONS,
+    TenantManifest: MANIFESTS, MemoryCandidate: MEMORY_CANDIDATES, MemoryCommand: MEMORY_COMMANDS,
+    Decision: DECISIONS,
 }
 
 

@@ -216,7 +216,8 @@ def test_models_mirror_the_newest_schemas_field_for_field() -> None:
 
 def test_python_enums_match_avro_symbols() -> None:
     enums = {n: s for n, s in _all_named_types().items() if s["type"] == "enum"}
-    assert len(enums) == 21  # 17, and issue 15's Verification, Sensitivity, ReviewState, VerdictOutcome
+    # 17, and issue 15's Verification, Sensitivity, ReviewState, VerdictOutcome, MemoryCommandKind, ReviewAction
+    assert len(enums) == 23
     for name, schema in enums.items():
         python_enum: type[enum.StrEnum] = getattr(m, name)
         assert [member.value for member in python_enum] == schema["symbols"], name

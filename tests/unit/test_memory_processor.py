@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from ctxflow.processors.memory.lifecycle import IllegalTransition, ReviewAction, ReviewItem, is_retrievable
+from ctxflow.processors.memory.lifecycle import IllegalTransition, ReviewItem, is_retrievable
 from ctxflow.processors.memory.policy import MemoryPolicy
 from ctxflow.processors.memory.processor import RECORDS, MemoryGateProcessor, PayloadWrite
 from ctxflow.processors.types import DictBudgetState, Position
@@ -20,6 +20,7 @@ from ctxflow.schemas.models import (
     MemoryStatus,
     MemoryType,
     MemoryVerdict,
+    ReviewAction,
     ReviewState,
     Sensitivity,
     VerdictOutcome,

@@ -105,6 +105,9 @@ def test_closed_enums_are_exactly_the_ones_where_a_default_would_be_wrong() -> N
         "RunPhase",
         "SpendWindowKind",
         "MemoryScope",
+        # An operator's command of a kind or action this reader does not know is refused, never misapplied.
+        "MemoryCommandKind",
+        "ReviewAction",
     }
     assert enums["PrivacyMode"]["default"] == "no_retention"  # an unknown privacy mode fails closed
 
@@ -208,6 +211,13 @@ RELEASED_FINGERPRINTS = {
     ("MemoryRecord", 2): "133e623478ecdca9",
     ("MemoryVerdict", 1): "c58e62f4e2c49cfa",
     ("TenantManifest", 4): "db94133f0c7b1341",
+    # Memory governance wired (issue 15): embeddings, the long-term store, commands, stale-context notices.
+    ("MemoryCandidate", 3): "bc79e6b70dd19f85",
+    ("MemoryRecord", 3): "d4f8d94d2d1e064a",
+    ("MemoryVerdict", 2): "eadb65d151970e32",
+    ("MemoryCommand", 1): "b8d1a1c64a7a4524",
+    ("TenantManifest", 5): "a2a45280ba0b0b0b",
+    ("Decision", 4): "0affdb3d3ec445e8",
 }
 
 
