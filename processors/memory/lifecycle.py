@@ -34,8 +34,10 @@ ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
     MemoryStatus.QUARANTINED: frozenset({MemoryStatus.ACTIVE, MemoryStatus.REVOKED}),
     MemoryStatus.SUPERSEDED: frozenset({MemoryStatus.REVOKED}),
     MemoryStatus.REVOKED: frozenset(),
+    # An archived record's content lives in the object store; a deletion or an expiry must still reach it.
+    MemoryStatus.ARCHIVED: frozenset({MemoryStatus.REVOKED}),
 }
-"""Which status may follow which. Revoked is final; superseded can only be revoked."""
+"""Which status may follow which. Revoked is final; superseded and archived can only be revoked."""
 
 
 class IllegalTransition(ValueError):
@@ -100,9 +102,12 @@ def supersede(old: MemoryRecord, by: MemoryRecord, now: datetime) -> MemoryRecor
 
 
 def revoke(record: MemoryRecord, now: datetime, reason: str, review: ReviewState | None = None) -> MemoryRecord:
-    """The record as a tombstone: revoked, content and value dropped, digest and provenance kept."""
+    """The record as a tombstone: revoked, content and value dropped, digest and provenance kept. A tombstone
+    is kept for good: it carries no ``expires_at`` (ClickHouse's TTL on it would drop the row)."""
     state = review if review is not None else record.review_state
-    return transition(record, MemoryStatus.REVOKED, now, reason, content=None, value=None, review_state=state)
+    return transition(
+        record, MemoryStatus.REVOKED, now, reason, content=None, value=None, review_state=state, expires_at=None
+    )
 
 
 def reinstate(record: MemoryRecord, now: datetime, reviewer: str) -> MemoryRecord:
@@ -136,18 +141,32 @@ def correct(record: MemoryRecord, corrected: MemoryRecord, now: datetime, review
     return old, new
 
 
-def invalidation(record: MemoryRecord, kind: InvalidationKind, now: datetime, by: str | None) -> Invalidation:
-    """The event telling every projection to stop serving ``record`` (its id is derived: replays overwrite)."""
-    raw = "\x1f".join((record.tenant_id, record.memory_id, str(record.version))).encode("utf-8")
+def invalidation(
+    record: MemoryRecord,
+    kind: InvalidationKind,
+    now: datetime,
+    by: str | None,
+    target_type: str = "memory_record",
+    target_id: str | None = None,
+    *,
+    run_id: str | None = None,
+    reason: str | None = None,
+) -> Invalidation:
+    """The event telling the projections of one derived layer (``target_type``, see
+    :mod:`processors.memory.cascade`) to stop serving ``record`` or what it fed (``target_id``, the record's id
+    by default). Its id is derived from the record's version and the target: replays overwrite."""
+    target = target_id or record.memory_id
+    raw = "\x1f".join((record.tenant_id, record.memory_id, str(record.version), target_type, target)).encode("utf-8")
     return Invalidation(
         invalidation_id="inv-" + blake2b(raw, digest_size=16).hexdigest(),
         tenant_id=record.tenant_id,
         kind=kind,
-        target_type="memory",
-        target_id=record.memory_id,
+        target_type=target_type,
+        target_id=target,
         source_memory_id=by,
         user_id=record.user_id,
         session_id=record.session_id,
-        reason=record.reason or record.status.value,
+        run_id=run_id,
+        reason=reason or record.reason or record.status.value,
         occurred_at=now,
     )

@@ -6,10 +6,12 @@ Both are plain values handed to the gate: the shell builds the policy from the t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from types import MappingProxyType
 
-from ctxflow.schemas.models import PrivacyMode, TenantManifest
+from ctxflow.schemas.models import MemoryRecord, PrivacyMode, TenantManifest
 
 GATE_VERSION = "memory-gate/1"
 """Version of the promotion rules; a record names the version that admitted it."""
@@ -26,6 +28,8 @@ class MemoryPolicy:
     ``retention_rules`` names the rules under which personal data may be kept; a candidate with PII must cite
     one of them. ``trusted_systems`` are the systems of record whose confirmation verifies a tenant fact.
     Until ``bootstrap_until`` the tenant's unverified facts and episodes may enter tenant scope (flagged).
+    ``retention_days`` (by memory type) and ``rule_retention_days`` (by the PII retention rule a record cites)
+    bound how long a record lives (:meth:`expires_at`).
     """
 
     version: str = GATE_VERSION
@@ -35,6 +39,16 @@ class MemoryPolicy:
     min_corroborating_runs: int = 2
     bootstrap_until: datetime | None = None
     inline_max_bytes: int = INLINE_MAX_BYTES
+    retention_days: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    rule_retention_days: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def expires_at(self, record: MemoryRecord) -> datetime | None:
+        """When ``record``, last written at ``updated_at`` (event time), ends its life: the shorter of its type's
+        and its retention rule's lifetimes, counted from that write; None when neither is set (kept until
+        deleted). The shorter, because a record is bound by both: a PII rule of 30 days cuts a 90-day fact short."""
+        days = [d for d in (self.retention_days.get(record.type.value),
+                            self.rule_retention_days.get(record.retention_policy or "")) if d is not None]
+        return record.updated_at + timedelta(days=min(days)) if days else None
 
     def in_bootstrap(self, now: datetime) -> bool:
         """Whether the tenant's bootstrap period (a loosened gate) is running at ``now``."""
@@ -51,8 +65,10 @@ class RunFacts:
 
 def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:
     """The memory policy a tenant's manifest states; the defaults when it has none (or no ``memory`` field)."""
-    if manifest is None or manifest.memory is None:
+    if manifest is None:
         return MemoryPolicy()
+    if manifest.memory is None:
+        return MemoryPolicy(**_retention(manifest))
     memory = manifest.memory
     return MemoryPolicy(
         # Records name the rules and the manifest that admitted them.
@@ -63,4 +79,13 @@ def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:
         min_corroborating_runs=memory.min_corroborating_runs,
         bootstrap_until=memory.bootstrap_until,
         inline_max_bytes=memory.inline_max_bytes,
+        **_retention(manifest),
     )
+
+
+def _retention(manifest: TenantManifest) -> dict[str, Mapping[str, int]]:
+    store = manifest.memory_store
+    if store is None:
+        return {}
+    return {"retention_days": MappingProxyType(dict(store.retention_days)),
+            "rule_retention_days": MappingProxyType(dict(store.rule_retention_days))}

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import conflict, lifecycle
+from ctxflow.processors.memory import cascade, commands, conflict, expiry, lifecycle
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -45,12 +45,14 @@ from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_ke
 from ctxflow.schemas.models import (
     InvalidationKind,
     MemoryCandidate,
+    MemoryCommand,
     MemoryRecord,
     MemoryStatus,
     MemoryVerdict,
     PrivacyMode,
     ReviewAction,
     RunEvent,
+    Summary,
     TurnEvent,
     VerdictOutcome,
     Verification,
@@ -97,12 +99,25 @@ class MemoryGateProcessor:
     def process(
         self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
     ) -> Sequence[Any]:
-        """Judge a :class:`MemoryCandidate`; learn run facts from turns and run events; nothing else."""
+        """Judge a :class:`MemoryCandidate`, apply a :class:`MemoryCommand`, learn run facts from turns and run
+        events and sources from summaries; before any record of a tenant, expire its records whose lifetime the
+        tenant's event-time watermark has passed (:mod:`processors.memory.expiry`)."""
+        tenant_id = getattr(event, "tenant_id", None)
+        if tenant_id is None:
+            return []
+        expired = expiry.sweep(MemoryTables(state), tenant_id, expiry.watermark_ms(event, state))
         if isinstance(event, TurnEvent | RunEvent):
             self._learn_run(event, state)
-            return []
+            return expired
+        if isinstance(event, MemoryCommand):
+            return [*expired, *commands.apply(event, MemoryTables(state))]
+        if isinstance(event, Summary):
+            return [*expired, *self._learn_sources(event, MemoryTables(state))]
         if not isinstance(event, MemoryCandidate):
-            return []
+            return expired
+        return [*expired, *self._judge(event, state)]
+
+    def _judge(self, event: MemoryCandidate, state: BudgetStore) -> list[Any]:
         # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
         # reproduce them (and a bootstrap period's end must cut the same candidates off).
         now = event.occurred_at
@@ -219,7 +234,7 @@ class MemoryGateProcessor:
         for old in retired:
             tables.put_record(old)
             tables.drop_from_bucket(bucket, old.memory_id)
-            out += [old, lifecycle.invalidation(old, InvalidationKind.INVALIDATION, now, hardened.memory_id)]
+            out += [old, *cascade.stop_serving(old, InvalidationKind.INVALIDATION, now, hardened.memory_id)]
         if item is not None:
             tables.put_review(item)
             out.append(item)
@@ -259,6 +274,8 @@ class MemoryGateProcessor:
     ) -> list[Any]:
         bumped = {"merge_count": into.merge_count + 1, "version": into.version + 1}
         merged = into.model_copy(update={**bumped, "updated_at": max(now, into.updated_at)})
+        # Learnt again: its lifetime counts from this write.
+        merged = merged.model_copy(update={"expires_at": policy.expires_at(merged)})
         tables.put_record(merged)
         return [merged, self._verdict(tables, candidate, decision, policy, VerdictOutcome.MERGED, merged, now)]
 
@@ -272,7 +289,7 @@ class MemoryGateProcessor:
         now: datetime,
     ) -> MemoryRecord:
         too_big = len((candidate.content or "").encode("utf-8")) > policy.inline_max_bytes
-        return MemoryRecord(
+        record = MemoryRecord(
             memory_id=candidate_memory_id(candidate),
             tenant_id=candidate.tenant_id,
             user_id=candidate.user_id,
@@ -302,6 +319,25 @@ class MemoryGateProcessor:
             payload_ref=payload_ref(candidate.tenant_id, candidate.content_digest) if too_big else None,
             bootstrap_loosened=decision.bootstrap_loosened,
         )
+        return record.model_copy(update={"expires_at": policy.expires_at(record)})
+
+    @staticmethod
+    def _learn_sources(summary: Summary, tables: MemoryTables) -> list[Any]:
+        """Remember which records a summary used (its sources that are memory ids: a retrieval turn's item id is
+        the memory's), so that a record's tombstone reaches the summary; a summary of a record already deleted
+        (the summarizer lagged behind the deletion) is invalidated at once."""
+        tenant, out = summary.tenant_id, []
+        sources = len(summary.source_ids)
+        for source in dict.fromkeys(summary.source_ids):
+            record = tables.record(tenant, source)
+            if record is None:
+                continue
+            if record.status is MemoryStatus.REVOKED:
+                out.append(cascade.summary_invalidation(record, summary.summary_id, summary.run_id, sources,
+                                                        summary.produced_at))
+            else:
+                tables.add_derived(tenant, source, summary.summary_id, summary.run_id, sources)
+        return out
 
     @staticmethod
     def _verdict(

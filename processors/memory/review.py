@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ctxflow.processors.memory import lifecycle
+from ctxflow.processors.memory import cascade, lifecycle
 from ctxflow.processors.memory.identity import bucket_key, identity_digest, memory_id
 from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.types import check_tenant
-from ctxflow.schemas.models import InvalidationKind, MemoryRecord, ReviewAction, ReviewState, content_digest
+from ctxflow.schemas.models import ReviewAction, ReviewState, content_digest
 
 
 def review(
@@ -45,9 +45,7 @@ def review(
         return [moved]
     if action is ReviewAction.REVOKE:
         state = ReviewState.REVOKED if record.review_state is ReviewState.OPEN else None
-        tomb = lifecycle.revoke(record, now, f"revoked by {reviewer}", state)
-        _tombstone(tables, record, tomb)
-        return [tomb, lifecycle.invalidation(tomb, InvalidationKind.TOMBSTONE, now, None)]
+        return cascade.tombstone(tables, record, now, f"revoked by {reviewer}", review=state)
     if corrected_content is None:
         raise ValueError("a correction needs the corrected content")
     digest = content_digest(corrected_content)
@@ -65,13 +63,7 @@ def review(
         }
     )
     old, new = lifecycle.correct(record, corrected, now, reviewer)
-    _tombstone(tables, record, old)
+    buried = cascade.bury(tables, record, old, now, by=new.memory_id)
     tables.put_record(new)
     tables.add_to_bucket(bucket_key(tenant, new.scope, new.owner_id), new.memory_id)
-    return [old, new, lifecycle.invalidation(old, InvalidationKind.TOMBSTONE, now, new.memory_id)]
-
-
-def _tombstone(tables: MemoryTables, before: MemoryRecord, tomb: MemoryRecord) -> None:
-    tables.put_record(tomb)
-    tables.drop_from_bucket(bucket_key(tomb.tenant_id, tomb.scope, tomb.owner_id), tomb.memory_id)
-    tables.block(tomb.tenant_id, identity_digest(before.content, before.content_digest), tomb.memory_id)
+    return [old, new, *buried]

@@ -8,7 +8,16 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
 * ``memory_verdicts``: ``tenant:candidate_id`` -> :class:`MemoryVerdict` (replayed for a redelivered candidate);
 * ``memory_reviews``: ``tenant:review_id`` -> :class:`ReviewItem` (open questions for a reviewer);
 * ``memory_runs``: ``tenant:run_id`` -> :class:`RunFacts` of a run that handled no-retention content or has a
-  parent (only those: a run without either is what the gate assumes), forgotten when the run retires.
+  parent (only those: a run without either is what the gate assumes), forgotten when the run retires;
+* ``memory_commands``: ``tenant:command_id`` -> how an operator's command ended (``applied`` or the refusal):
+  a redelivered command changes nothing;
+* ``memory_links``: what a deletion must reach, by key suffix: ``tenant:users`` -> the users with records,
+  ``tenant:user:<user_id>`` -> their memory ids (produced in their runs, or owned by them),
+  ``tenant:payload:<ref>`` -> the live records naming a payload (content-addressed: records may share one),
+  ``tenant:derived:<memory_id>`` -> the summaries that used the record as a source (``[summary_id, run_id,
+  sources]``);
+* ``memory_expiry``: ``tenant:due`` -> the expiry buckets (hours of event time) holding records, ascending;
+  ``tenant:due:<bucket>`` -> the memory ids filed under that bucket (:mod:`processors.memory.expiry`).
 
 A bucket's records are read under the bucket's own tenant, so no lookup can reach another tenant's records.
 """
@@ -23,17 +32,30 @@ from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import RunFacts
 from ctxflow.processors.types import BudgetStore
-from ctxflow.schemas.models import MemoryRecord, MemoryVerdict, PrivacyMode
+from ctxflow.schemas.models import MemoryRecord, MemoryStatus, MemoryVerdict, PrivacyMode
 from pydantic import BaseModel
 
-RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS, RUNS = (
+RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS, RUNS, COMMANDS, LINKS, EXPIRY = (
     "memory_records",
     "memory_buckets",
     "memory_revoked",
     "memory_verdicts",
     "memory_reviews",
     "memory_runs",
+    "memory_commands",
+    "memory_links",
+    "memory_expiry",
 )
+
+
+EXPIRY_BUCKET_MS = 3_600_000
+"""Width of an expiry bucket: a record expires at the first record of its tenant after which the tenant's
+event-time watermark passed the end of the hour holding its ``expires_at`` (at most an hour late, never early)."""
+
+
+def expiry_bucket(at: datetime) -> int:
+    """The expiry bucket of an instant (hours since the epoch)."""
+    return int(at.timestamp() * 1000) // EXPIRY_BUCKET_MS
 
 
 def _model_table(name: str, model: type[BaseModel]) -> TableSpec:
@@ -62,20 +84,27 @@ def _load_run(data: bytes) -> RunFacts:
     return RunFacts(PrivacyMode(privacy), parent)
 
 
+def _json_table(name: str) -> TableSpec:
+    return TableSpec(name, lambda v: json.dumps(v).encode(), lambda b: json.loads(b))
+
+
 TABLES: tuple[TableSpec, ...] = (
+    TableSpec(COMMANDS, lambda v: v.encode(), lambda b: b.decode()),
     _model_table(VERDICTS, MemoryVerdict),
     _model_table(RECORDS, MemoryRecord),
     TableSpec(BUCKETS, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b))),
     TableSpec(REVOKED, lambda v: v.encode(), lambda b: b.decode()),
     TableSpec(REVIEWS, _dump_review, _load_review),
     TableSpec(RUNS, _dump_run, _load_run),
+    _json_table(LINKS),
+    _json_table(EXPIRY),
 )
 """The changelog forms of the memory tables, for the worker (see :class:`processors.chain.TableSpec`).
 
-The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` is durable
-last: a stored verdict is what makes a redelivered candidate change nothing, so every record, bucket and block
-its judgement wrote must be durable before it (a crash in between replays the candidate, which writes the same
-values again)."""
+The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` and then
+``memory_commands`` are durable last: a stored verdict (command outcome) is what makes a redelivered candidate
+(command) change nothing, so every record, bucket, link and block its judgement wrote must be durable before it
+(a crash in between replays the candidate or command, which writes the same values again)."""
 
 
 class MemoryTables:
@@ -89,8 +118,103 @@ class MemoryTables:
         return self.state.get_state(RECORDS, f"{tenant_id}:{memory_id}")
 
     def put_record(self, record: MemoryRecord) -> None:
-        """Store ``record`` under its own tenant."""
-        self.state.put_state(RECORDS, f"{record.tenant_id}:{record.memory_id}", record)
+        """Store ``record`` under its own tenant, linked to its user and payload and filed for expiry: whatever
+        writes a record, a deletion and the retention sweep can find it."""
+        tenant = record.tenant_id
+        before = self.record(tenant, record.memory_id)
+        self.state.put_state(RECORDS, f"{tenant}:{record.memory_id}", record)
+        user = record.user_id
+        linked = before is not None and before.user_id == user
+        if user is not None and not linked and self._add_link(f"{tenant}:user:{user}", record.memory_id):
+            self._add_link(f"{tenant}:users", user)
+        if record.status is MemoryStatus.REVOKED:
+            return
+        for ref in (record.payload_ref, record.archive_ref):
+            if ref is not None:
+                self._add_link(f"{tenant}:payload:{ref}", record.memory_id)
+        if record.expires_at is not None and (before is None or before.expires_at != record.expires_at):
+            self._file_expiry(tenant, record.memory_id, expiry_bucket(record.expires_at))
+
+    # ---- links: what a deletion must reach ----------------------------------------------------------------
+    def _add_link(self, key: str, member: str) -> bool:
+        return self._append(LINKS, key, member)
+
+    def users(self, tenant_id: str) -> list[str]:
+        """Every user of the tenant with a record (in the order they got their first)."""
+        return list(self.state.get_state(LINKS, f"{tenant_id}:users") or [])
+
+    def records_of_user(self, tenant_id: str, user_id: str) -> list[str]:
+        """The memory ids produced in ``user_id``'s runs or owned by them, oldest first."""
+        return list(self.state.get_state(LINKS, f"{tenant_id}:user:{user_id}") or [])
+
+    def release_payload(self, tenant_id: str, ref: str, memory_id: str) -> bool:
+        """``memory_id`` no longer needs payload ``ref``; True when no other record of the tenant does (the
+        payload may then be deleted: content-addressed, one payload can back several records)."""
+        key = f"{tenant_id}:payload:{ref}"
+        holders = [m for m in self.state.get_state(LINKS, key) or [] if m != memory_id]
+        if holders:
+            self.state.put_state(LINKS, key, holders)
+            return False
+        self.state.delete_state(LINKS, key)
+        return True
+
+    def add_derived(self, tenant_id: str, memory_id: str, summary_id: str, run_id: str, sources: int) -> None:
+        """Summary ``summary_id`` (of run ``run_id``, over ``sources`` items) used the record as a source."""
+        key = f"{tenant_id}:derived:{memory_id}"
+        entries = self.state.get_state(LINKS, key) or []
+        if all(e[0] != summary_id for e in entries):
+            self.state.put_state(LINKS, key, [*entries, [summary_id, run_id, sources]])
+
+    def take_derived(self, tenant_id: str, memory_id: str) -> list[tuple[str, str, int]]:
+        """The summaries derived from the record (forgotten here: its tombstone invalidates them once)."""
+        key = f"{tenant_id}:derived:{memory_id}"
+        entries = self.state.get_state(LINKS, key)
+        if entries is None:
+            return []
+        self.state.delete_state(LINKS, key)
+        return [(e[0], e[1], e[2]) for e in entries]
+
+    # ---- expiry: records filed by the hour their retention ends ----------------------------------------------
+    def _file_expiry(self, tenant_id: str, memory_id: str, bucket: int) -> None:
+        if self._append(EXPIRY, f"{tenant_id}:due:{bucket}", memory_id):
+            buckets = self.state.get_state(EXPIRY, f"{tenant_id}:due") or []
+            if bucket not in buckets:
+                self.state.put_state(EXPIRY, f"{tenant_id}:due", sorted([*buckets, bucket]))
+
+    def _append(self, table: str, key: str, member: str) -> bool:
+        """Add ``member`` to the list at ``key`` unless it is there; True when added."""
+        members = self.state.get_state(table, key) or []
+        if member in members:
+            return False
+        self.state.put_state(table, key, [*members, member])
+        return True
+
+    def first_expiry_bucket(self, tenant_id: str) -> int | None:
+        """The earliest expiry bucket holding records of the tenant, or None."""
+        buckets = self.state.get_state(EXPIRY, f"{tenant_id}:due")
+        return buckets[0] if buckets else None
+
+    def take_expiry_bucket(self, tenant_id: str, bucket: int) -> list[str]:
+        """Empty the tenant's earliest expiry bucket ``bucket``; returns its memory ids in filing order."""
+        buckets = self.state.get_state(EXPIRY, f"{tenant_id}:due") or []
+        rest = [b for b in buckets if b != bucket]
+        if rest:
+            self.state.put_state(EXPIRY, f"{tenant_id}:due", rest)
+        else:
+            self.state.delete_state(EXPIRY, f"{tenant_id}:due")
+        ids = self.state.get_state(EXPIRY, f"{tenant_id}:due:{bucket}") or []
+        if ids:
+            self.state.delete_state(EXPIRY, f"{tenant_id}:due:{bucket}")
+        return list(ids)
+
+    # ---- commands ----------------------------------------------------------------------------------------
+    def command(self, tenant_id: str, command_id: str) -> str | None:
+        """How command ``command_id`` ended (``applied`` or its refusal), or None when it was never applied."""
+        return self.state.get_state(COMMANDS, f"{tenant_id}:{command_id}")
+
+    def put_command(self, tenant_id: str, command_id: str, outcome: str) -> None:
+        """Remember that a command was applied (or refused), so a redelivery changes nothing."""
+        self.state.put_state(COMMANDS, f"{tenant_id}:{command_id}", outcome)
 
     def bucket(self, bucket: str) -> list[MemoryRecord]:
         """The live records of a bucket (key from :func:`~processors.memory.identity.bucket_key`)."""

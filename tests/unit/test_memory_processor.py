@@ -122,8 +122,9 @@ def test_a_contradiction_supersedes_the_old_value_and_invalidates_it() -> None:
     p, state = processor(), DictBudgetState()
     old = of(MemoryVerdict, p.process(fact("Alice works in CET", "CET"), POS, state, NOW))[0]
     out = p.process(fact("Alice moved to PST", "PST", candidate_id="c-2"), POS, state, NOW)
-    (invalidation,) = of(Invalidation, out)
-    assert (invalidation.target_id, invalidation.kind) == (old.memory_id, InvalidationKind.INVALIDATION)
+    # It keeps its content: its record and any retrieval index stop serving it, nothing is purged.
+    assert [(i.target_type, i.target_id, i.kind) for i in of(Invalidation, out)] == [
+        (layer, old.memory_id, InvalidationKind.INVALIDATION) for layer in ("memory_record", "retrieval_index")]
     assert state.get_state(RECORDS, f"acme:{old.memory_id}").status is MemoryStatus.SUPERSEDED
 
 
@@ -144,10 +145,12 @@ def test_a_weaker_contradiction_is_quarantined_for_review_and_reinstated() -> No
 def test_revocation_leaves_a_tombstone_and_blocks_the_same_content() -> None:
     p, state = processor(), DictBudgetState()
     written = of(MemoryVerdict, p.process(candidate("Prefers answers in French"), POS, state, NOW))[0]
-    tomb, invalidation = p.review("acme", written.memory_id, ReviewAction.REVOKE, "u-1", state, NOW)
+    tomb, *invalidations = p.review("acme", written.memory_id, ReviewAction.REVOKE, "u-1", state, NOW)
     assert (tomb.status, tomb.content, tomb.content_digest) == (
         MemoryStatus.REVOKED, None, candidate("Prefers answers in French").content_digest)
-    assert (invalidation.kind, invalidation.target_id) == (InvalidationKind.TOMBSTONE, written.memory_id)
+    assert [(i.kind, i.target_type, i.target_id) for i in invalidations] == [
+        (InvalidationKind.TOMBSTONE, layer, written.memory_id)
+        for layer in ("memory_record", "retrieval_index", "turn_content")]
     again = p.process(candidate("prefers answers in French", candidate_id="c-2"), POS, state, NOW)
     assert [(v.outcome, v.rule) for v in of(MemoryVerdict, again)] == [(VerdictOutcome.REJECTED, "revoked_digest")]
     reviewed = candidate("Prefers answers in French", candidate_id="c-3",
@@ -163,7 +166,7 @@ def test_a_correction_replaces_a_quarantined_record_with_provenance() -> None:
     p.process(fact("Alice works in CET", "CET"), POS, state, NOW)
     out = p.process(fact("Alice works in PST", "PST", Verification.CORROBORATED, candidate_id="c-2"), POS, state, NOW)
     quarantined = of(MemoryVerdict, out)[0].memory_id
-    old, new, _ = p.review("acme", quarantined, ReviewAction.CORRECT, "ops-lead", state, NOW,
+    old, new, *_ = p.review("acme", quarantined, ReviewAction.CORRECT, "ops-lead", state, NOW,
                            corrected_content="Alice works in MST", corrected_value="MST")
     assert (old.status, old.review_state, old.superseded_by) == (
         MemoryStatus.REVOKED, ReviewState.CORRECTED, new.memory_id)
