@@ -48,10 +48,12 @@ import clickhouse_connect
 from clickhouse_connect.driver import options
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
+from ctxflow.processors.memory.cascade import MEMORY_RECORD, TURN_CONTENT
 from ctxflow.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
-from ctxflow.schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
+from ctxflow.schemas.models import InvalidationKind, PrivacyMode, RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, Logged, TableSpec, spec_of
+from ctxflow.sinks.memory_purge import PurgeWork, purge
 from ctxflow.sinks.migrations import migrate
 from ctxflow.sinks.table_retention import TableRetention
 from pydantic import BaseModel
@@ -158,6 +160,7 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         self._reader_lock = threading.Lock()
         self._encoded: dict[bytes, list[bytes]] = {}  # writer fingerprint -> Avro bodies
         self._plans: dict[bytes, _AvroPlan] = {}  # filled by ensure_schema on chDB
+        self._purges = PurgeWork()  # deleted memories' content to remove after the flush (sinks.memory_purge)
 
     def ensure_schema(self, retention: TableRetention | None = None) -> None:
         """Bring the database to the newest schema (:func:`sinks.migrations.migrate`: safe to call any number of
@@ -190,6 +193,10 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
             return
         with _backpressure_on_transient_errors():
             self._writer.insert(f"`{self.database}`.`{spec.name}`", rows, column_names=spec.column_names)
+        work = _purge_work(batch)
+        if work:
+            with self._lock:
+                self._purges.merge(work)
 
     def add_encoded(self, record: BaseModel, value: bytes, offset: int) -> None:
         """Buffer ``record`` (decoded from ``value``, read at ``offset`` of its topic partition) for its table,
@@ -221,7 +228,24 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         return super().buffered + encoded
 
     def flush(self) -> int:
-        """Write everything buffered (models, then Avro bodies per writer schema); see ``BatchingSink.flush``."""
+        """Write everything buffered (models, then Avro bodies per writer schema), then purge the content of the
+        memories deleted meanwhile (:mod:`sinks.memory_purge`); see ``BatchingSink.flush``. A failed purge is
+        kept and tried again by the next flush, so the offsets of the invalidations are never committed before
+        it held."""
+        written = self._flush_rows()
+        with self._lock:
+            work, self._purges = self._purges, PurgeWork()
+        if work:
+            try:
+                with _backpressure_on_transient_errors():
+                    purge(self._writer, self.database, work)
+            except BaseException:
+                with self._lock:
+                    self._purges.merge(work)
+                raise
+        return written
+
+    def _flush_rows(self) -> int:
         written = super().flush()
         with self._lock:
             pending, self._encoded = self._encoded, {}
@@ -311,6 +335,19 @@ class _AvroPlan:
     spec: TableSpec
     header: bytes
     select: str
+
+
+def _purge_work(batch: Batch[Any]) -> PurgeWork:
+    """What a written batch asks :func:`sinks.memory_purge.purge` to do."""
+    work = PurgeWork()
+    if batch.table == "memory_records":
+        work.inserted = {(r.tenant_id, r.memory_id) for r in batch.records}
+    elif batch.table == "invalidations":
+        work.tombstoned = {
+            (i.tenant_id, i.target_id) for i in batch.records
+            if i.kind is InvalidationKind.TOMBSTONE and i.target_type in (MEMORY_RECORD, TURN_CONTENT)
+        }
+    return work
 
 
 @contextmanager

@@ -10,7 +10,10 @@ Keys (every one starts with a validated tenant id, and expires after ``ttl_s``):
 - ``ctxflow:{tenant}:budget``: JSON ``{"hard": {<gauge>: n}, "users": {<user>: {<gauge>: n}},
   "manifest_version": v}``: the hard limits a run that has used nothing starts from, so the fast check can
   refuse a new run's oversized plan. Read together with the run's key (``MGET``) by :func:`read_admission`.
-- ``ctxflow:{tenant}:decisions:{run_id}``: hash ``decision_id -> decision JSON``.
+- ``ctxflow:{tenant}:decisions:{run_id}``: hash ``decision_id -> decision JSON``. A swap decision carries its
+  summary's text: when a memory the summary used is deleted, :meth:`RedisProjection.withdraw_summaries` removes
+  the decision (the memory was its only source) or drops the text (other sources fed it too). No other key
+  holds memory content.
 
 Writes set absolute values and key decisions by their deterministic id, so the projection is idempotent: a
 batch replayed after a crash rewrites the same fields. The log stays the truth; this is rebuildable from it.
@@ -28,7 +31,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from ctxflow.processors.admission import BudgetLimits, RunHeadroom
 from ctxflow.processors.types import check_tenant
-from ctxflow.schemas.models import Decision
+from ctxflow.schemas.models import Decision, Invalidation, InvalidationKind
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError
@@ -101,6 +104,31 @@ class RedisProjection:
         if keys:
             await self._write(keys=keys, args=args)
         return len(keys)
+
+    async def withdraw_summaries(self, invalidations: Sequence[Invalidation]) -> int:
+        """Apply summary invalidations (a source of the summary was deleted) to the decisions of their runs: a
+        decision whose summary had the deleted record as its only source is removed (kind ``tombstone``); one
+        whose summary other sources fed too keeps its provenance and loses its text (kind ``invalidation``: it
+        must be summarised again). Idempotent; returns the decisions changed."""
+        changed = 0
+        for inv in invalidations:
+            if inv.run_id is None:
+                continue
+            key = decisions_key(inv.tenant_id, inv.run_id)
+            for decision_id, raw in (await self._redis.hgetall(key)).items():
+                decision = Decision.model_validate_json(raw)
+                summary = decision.summary
+                if summary is None or summary.summary_id != inv.target_id:
+                    continue
+                if inv.kind is InvalidationKind.TOMBSTONE:
+                    await self._redis.hdel(key, decision_id)
+                elif summary.text is not None:
+                    withdrawn = decision.model_copy(update={"summary": summary.model_copy(update={"text": None})})
+                    await self._redis.hset(key, decision_id, withdrawn.model_dump_json())
+                else:
+                    continue
+                changed += 1
+        return changed
 
     async def close(self) -> None:
         """Release the connection pool."""

@@ -334,6 +334,7 @@ def soak(
 #: ``ctxflow tenants ...``; they take ``settings_of`` from ``streams.cli.context``.
 SUBCOMMAND_GROUPS: dict[str, str] = {
     "tenants": "ctxflow.streams.cli.tenants:app",
+    "memory": "ctxflow.streams.cli.memory:app",
     "topics": "ctxflow.streams.cli.tenants:topics_app",
 }
 

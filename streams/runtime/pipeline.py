@@ -16,6 +16,8 @@ Commit order (each step starts after the previous one is durable):
    dead letters to Kafka and project run headroom
    and decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the
    batch touched, so a replay that finds its records already applied still does) — concurrently; wait for both;
+   then apply the memory invalidations the worker's own stores hold: delete payloads no live record names any
+   more, withdraw deleted sources' summaries from the Redis decisions;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
@@ -64,6 +66,8 @@ from typing import Any
 
 from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.manifest import ManifestError
+from ctxflow.processors.memory.cascade import SUMMARY, PayloadDelete
+from ctxflow.processors.memory.commands import CommandRefused
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.processor import PayloadWrite
 from ctxflow.processors.types import InvalidTenantError, Position, run_key
@@ -177,6 +181,10 @@ class BatchReport:
     published: list[BaseModel] = field(default_factory=list)
     #: Memory payloads to store before the records naming them are produced.
     payloads: list[PayloadWrite] = field(default_factory=list)
+    #: Memory payloads to delete once the tombstones that released them are produced.
+    payload_deletes: list[PayloadDelete] = field(default_factory=list)
+    #: Summary invalidations for the Redis projection (the decisions carrying those summaries).
+    summaries_withdrawn: list[Invalidation] = field(default_factory=list)
     changelog_records: int = 0
     seconds: float = 0.0
     #: Seconds from taking the batch to handing its decisions to the decision outlet (its decision latency).
@@ -210,6 +218,7 @@ class BudgetPipeline:
         self._full_topic = full_topic
         self._decisions_topic, self._dead_letters_topic = full_topic(DECISIONS.name), full_topic(DEAD_LETTERS.name)
         self._clock = clock
+        self._redis = redis
         self._projection = BudgetProjection(redis, chain.budget, store)
         self._recoveries = store.recoveries  # the retirement index is rebuilt after every table recovery
 
@@ -278,6 +287,8 @@ class BudgetPipeline:
         # Decisions and Redis both precede the run ledgers: once a run ledger is durable, a replay skips its
         # records, so whatever is derived from them must already be written.
         await asyncio.gather(*(batch.outputs for batch in batches), batches[-1].projection)
+        for batch in batches:
+            await self._apply_invalidations(batch.report)
         mark = self._step(report, "sinks_s", mark)
         written = 0
         for phase, records in enumerate(zip(*(batch.changelogs for batch in batches), strict=True)):
@@ -292,6 +303,15 @@ class BudgetPipeline:
                 "dead-lettered records", extra={"count": len(report.dead_letters), "batch": report.records}
             )
         return report
+
+    async def _apply_invalidations(self, report: BatchReport) -> None:
+        """The worker's own projections of deleted memory: payloads no live record names any more, and summaries
+        in the Redis decisions (after the tombstones and invalidations are produced and the decisions carrying
+        those summaries projected; a replay repeats both, idempotently)."""
+        for delete in report.payload_deletes:
+            self._payloads.delete(delete.ref)
+        if report.summaries_withdrawn:
+            await self._redis.withdraw_summaries(report.summaries_withdrawn)
 
     @staticmethod
     def _step(report: BatchReport, name: str, since: float) -> float:
@@ -309,8 +329,15 @@ class BudgetPipeline:
                     report.decisions.append(output)
                 elif isinstance(output, PayloadWrite):
                     report.payloads.append(output)
+                elif isinstance(output, PayloadDelete):
+                    report.payload_deletes.append(output)
+                elif isinstance(output, CommandRefused):
+                    refusal = ContractViolation(output.reason, tenant_id=output.tenant_id)
+                    report.dead_letters.append(self._dead_letter(record, refusal, now))
                 elif not isinstance(output, ReviewItem):  # a review item is state (its record says quarantined)
                     report.published.append(output)
+                    if isinstance(output, Invalidation) and output.target_type == SUMMARY:
+                        report.summaries_withdrawn.append(output)
         except RejectedRecord as error:
             report.dead_letters.append(self._dead_letter(record, error, now))
             return

@@ -163,6 +163,19 @@ class CtxflowClient:
         check_manifest(manifest)
         await self.publish(manifest)
 
+    async def send_now(self, record: BaseModel) -> tuple[TopicPartition, int]:
+        """Send one record at once and wait for the broker's acknowledgement; returns where it landed
+        (partition and offset): an operator's command waits for the worker's commit past that offset."""
+        if self._producer is None:
+            raise CtxflowError("client is not started: use `async with CtxflowClient(...)` or await start()")
+        spec = TOPIC_OF.get(type(record))
+        if spec is None:
+            raise TypeError(f"{type(record).__name__} is not a record agents publish")
+        topic = self.topic(spec)
+        await self.partitions(topic)  # refuses a missing topic instead of letting the broker create it
+        meta = await self._producer.send_and_wait(topic, self.codec.encode(record), key=record_key(spec, record))
+        return TopicPartition(topic, meta.partition), meta.offset
+
     async def send_raw(self, topic: str, key: bytes | None, value: bytes, *, urgent: bool = False) -> None:
         """Queue encoded bytes (tools, poison demos, benchmarks); waits while ``max_in_flight`` are unacknowledged.
         ``urgent`` sends it, and everything queued before it, now instead of after ``linger_ms`` (as
