@@ -16,8 +16,12 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    ``active``, superseding exactly the records that contradict it on subject and attribute, or
    ``quarantined`` with a :class:`~processors.memory.lifecycle.ReviewItem` when it contradicts a record with
    stronger verification or one already under review;
-5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per record that stops being
-   retrievable.
+5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per derived layer of each record
+   that stops being retrievable (:mod:`processors.memory.cascade`).
+
+It also applies operators' :class:`MemoryCommand` records (:mod:`processors.memory.commands`: review, delete),
+links summaries to the records among their sources, and, before any record of a tenant, expires the tenant's
+records whose retention the tenant's event-time watermark has passed (:mod:`processors.memory.expiry`).
 
 Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
 no candidate can read or change another tenant's records (property-tested with tenant ids differing only in

@@ -168,7 +168,8 @@ def test_a_newer_value_supersedes_exactly_the_record_it_contradicts(world: World
     assert (seats.status.value, seats.superseded_by) == ("superseded", seats_now.memory_id)
     assert (seats_now.status.value, seats_now.supersedes) == ("active", seats.memory_id)
     assert region.status.value == "active" and region.superseded_by is None  # another attribute: untouched
-    assert [(i.target_id, i.kind.value) for i in world.invalidations] == [(seats.memory_id, "invalidation")]
+    assert [(i.target_type, i.target_id, i.kind.value) for i in world.invalidations] == [
+        (layer, seats.memory_id, "invalidation") for layer in ("memory_record", "retrieval_index")]
     statuses = dict(world.worker.query(
         f"SELECT memory_id, status FROM memory_records FINAL WHERE tenant_id = '{TENANT}'").rows)
     assert statuses == {r.memory_id: r.status.value for r in latest.values()}
