@@ -17,7 +17,10 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    ``quarantined`` with a :class:`~processors.memory.lifecycle.ReviewItem` when it contradicts a record with
    stronger verification or one already under review;
 5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per record that stops being
-   retrievable.
+   retrievable;
+6. after every step, tells each live run holding a memory the step's outputs stop serving: a ``stale_context``
+   :class:`Decision` (:mod:`processors.memory.holders`, which also learns the holdings from turns of kind
+   ``memory`` and counts each memory's reads).
 
 Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
 no candidate can read or change another tenant's records (property-tested with tenant ids differing only in
@@ -34,7 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import conflict, lifecycle
+from ctxflow.processors.memory import conflict, holders, lifecycle
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -85,7 +88,7 @@ class MemoryGateProcessor:
     """Memory governance over the chain's state protocol (see the module docstring)."""
 
     name = "memory_gate"
-    tables: tuple[TableSpec, ...] = TABLES
+    tables: tuple[TableSpec, ...] = (*TABLES, *holders.TABLES)
 
     def __init__(self, gate: MemoryGate | None = None, policy_of: Callable[[str], MemoryPolicy] | None = None) -> None:
         """``policy_of`` overrides the manifests' policies (tests, benches)."""
@@ -97,10 +100,20 @@ class MemoryGateProcessor:
     def process(
         self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
     ) -> Sequence[Any]:
-        """Judge a :class:`MemoryCandidate`; learn run facts from turns and run events; nothing else."""
+        """Judge a :class:`MemoryCandidate`; learn run facts from turns and run events, and which runs hold
+        which memory from turns of kind ``memory``; then tell every live run holding a memory these outputs stop
+        serving (:func:`processors.memory.holders.notices`: one post-step, whatever produced the outputs)."""
         if isinstance(event, TurnEvent | RunEvent):
             self._learn_run(event, state)
+            if isinstance(event, TurnEvent):
+                holders.observe(event, state)
             return []
+        outputs = self._judge(event, state)
+        if not outputs:
+            return outputs
+        return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
+
+    def _judge(self, event: Any, state: BudgetStore) -> list[Any]:
         if not isinstance(event, MemoryCandidate):
             return []
         # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
@@ -120,10 +133,12 @@ class MemoryGateProcessor:
         return self._promote(tables, event, decision, policy, digest, now)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
-        """Memory outlives runs; what the processor knew of the retired runs themselves goes."""
+        """Memory outlives runs; what the processor knew of the retired runs themselves (facts, holdings) goes."""
         tables = MemoryTables(state)
+        keys = list(keys)
         for key in keys:
             tables.forget_run(key)
+        holders.forget_runs(keys, state)
 
     def forget_index(self) -> None:
         """No index over the store's values; cached policies are keyed by manifest version and stay valid."""
@@ -180,7 +195,8 @@ class MemoryGateProcessor:
         **correction: str | None,
     ) -> list[Any]:
         """A reviewer's decision (:func:`processors.memory.review.review`) on this processor's state."""
-        return review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        out = review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        return [*out, *holders.notices(out, state, None)]
 
     def _promote(
         self,
@@ -301,6 +317,7 @@ class MemoryGateProcessor:
             produced_by_agent=candidate.produced_by_agent,
             payload_ref=payload_ref(candidate.tenant_id, candidate.content_digest) if too_big else None,
             bootstrap_loosened=decision.bootstrap_loosened,
+            embedding=candidate.embedding,
         )
 
     @staticmethod
