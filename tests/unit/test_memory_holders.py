@@ -113,15 +113,21 @@ def test_reads_are_counted_once_per_turn_with_the_last_event_time() -> None:
 
 
 _TENANTS = ("acme", "ACME", "Acme")
-_OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("fact"), st.sampled_from(_TENANTS), st.sampled_from(ZONES)),
-        st.tuples(st.just("recall"), st.sampled_from(_TENANTS), st.sampled_from(_TENANTS), st.sampled_from(ZONES),
-                  st.sampled_from(("r-1", "r-2"))),
-        st.tuples(st.just("retire"), st.sampled_from(_TENANTS), st.sampled_from(("r-1", "r-2"))),
-    ),
-    max_size=25,
-)
+_TENANT, _ZONE, _RUN = st.sampled_from(_TENANTS), st.sampled_from(ZONES), st.sampled_from(("r-1", "r-2"))
+_FACT = st.tuples(st.just("fact"), _TENANT, _ZONE)
+_RECALL = st.tuples(st.just("recall"), _TENANT, _TENANT, _ZONE, _RUN)
+_RETIRE = st.tuples(st.just("retire"), _TENANT, _RUN)
+
+
+@st.composite
+def _stale_story(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    """A fact, a recall of it (by a run of any of the tenants), a contradiction: the path to a notice."""
+    tenant, old, new = draw(_TENANT), draw(_ZONE), draw(_ZONE)
+    return [("fact", tenant, old), ("recall", draw(_TENANT), tenant, old, draw(_RUN)), ("fact", tenant, new)]
+
+
+_OPS = st.lists(st.one_of(_stale_story(), st.lists(st.one_of(_FACT, _RECALL, _RETIRE), max_size=3)),
+                max_size=8).map(lambda blocks: [op for block in blocks for op in block])
 
 
 def _events(ops: list[tuple[Any, ...]]) -> list[tuple[str, Any]]:
