@@ -167,3 +167,10 @@ def test_no_holding_or_notice_crosses_tenants(ops: list[tuple[Any, ...]]) -> Non
     for tenant in _TENANTS:
         alone = _play([e for e in events if e[0] == tenant])
         assert [o for t, o in together if t == tenant] == [o for _, o in alone]
+
+
+def test_the_holdings_tables_survive_their_changelog_form() -> None:
+    values = {holders.HOLDERS: ("r-1", "r-2"), holders.HELD: holders.HeldRun("u-1", "s-1", {"mem-1": 4}),
+              holders.ACCESS: holders.MemoryAccess(3, NOW)}
+    for spec in holders.TABLES:
+        assert spec.load(spec.dump(values[spec.name])) == values[spec.name]
