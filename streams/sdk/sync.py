@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ctxflow.schemas.models import MemoryScope, TenantManifest
+from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk.client import CtxflowClient
 from ctxflow.streams.sdk.recall import DEFAULT_SCOPES, RecallHit
 from ctxflow.streams.sdk.run_context import RunContext
@@ -23,6 +24,14 @@ class SyncCtxflowClient:
     def __init__(self, bootstrap: str, **kw: Any) -> None:
         self._runner = asyncio.Runner()
         self.client = CtxflowClient(bootstrap, **kw)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw: Any) -> SyncCtxflowClient:
+        """A facade over :meth:`CtxflowClient.from_settings` (the deployment's broker, prefix, and where queries
+        go for :meth:`recall`)."""
+        facade = cls(settings.bootstrap, **kw)
+        facade.client = CtxflowClient.from_settings(settings, **kw)
+        return facade
 
     def __enter__(self) -> SyncCtxflowClient:
         try:

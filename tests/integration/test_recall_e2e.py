@@ -29,7 +29,7 @@ from ctxflow.schemas.models import (
     Verification,
 )
 from ctxflow.streams.config import Settings
-from ctxflow.streams.sdk import ContextWindow, CtxflowClient, RunContext
+from ctxflow.streams.sdk import ContextWindow, CtxflowClient, RunContext, SyncCtxflowClient
 from ctxflow.streams.sdk.recall import RecallHit
 from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
@@ -131,7 +131,8 @@ def test_the_runs_holding_a_superseded_fact_are_told_its_replacement(world: Worl
 
 def test_recall_returns_the_new_fact_and_not_the_old(world: World) -> None:
     assert [h.text for h in world.after] == ["Acme upgraded to 75 seats"]
-    (other,) = recall(world.settings, run(OTHER, "run-a"), "seats", publish=False)
+    with SyncCtxflowClient.from_settings(world.settings) as client:  # the blocking twin, same path
+        (other,) = client.recall(run(OTHER, "run-a"), "seats", publish=False)
     assert other.text == "Acme's plan has 50 seats"  # the other tenant's fact stands
 
 
