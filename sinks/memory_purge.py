@@ -9,6 +9,8 @@ only hidden):
   keeps the older versions, content included, until a merge that may never come). Checked for the ids of every
   inserted record too, so an older version that arrives after its tombstone (a sink replaying its topic) is
   purged by the flush that brings it back;
+- from ``memory_index`` (the retrieval index), the rows of a revoked memory older than its tombstone: text,
+  terms and embedding (a ``FINAL`` read hides them already; the bytes stay until a cleanup merge otherwise);
 - from ``turns``, the content of the turns that retrieved the memory: ``item_id`` is the memory id, or a turn
   of kind ``memory`` whose content has the memory's digest (its text retrieved under another item id). The rows
   stay, with their digests, tokens and ids (analytics keep counting them).
@@ -80,6 +82,17 @@ def purge(client: Client, database: str, work: PurgeWork) -> int:
             f"ALTER TABLE `{database}`.memory_records DELETE WHERE status != 'revoked' AND "
             f"(tenant_id, memory_id, toString(version)) IN ({_pairs(stale)})", settings=_SYNC)
         mutations += 1
+    tombs = {pair: v for pair, v in newest_tomb.items() if pair in ids}
+    if tombs:
+        indexed = client.query(
+            f"SELECT tenant_id, memory_id, version FROM `{database}`.memory_index "
+            f"WHERE (tenant_id, memory_id) IN ({_pairs(tombs)})").result_rows
+        # The index's own tombstone row (is_deleted, no text) stays: it hides the key from a FINAL read.
+        older = [(t, m, str(v)) for t, m, v in indexed if v < tombs[(t, m)]]
+        if older:
+            client.command(f"ALTER TABLE `{database}`.memory_index DELETE WHERE "
+                           f"(tenant_id, memory_id, toString(version)) IN ({_pairs(older)})", settings=_SYNC)
+            mutations += 1
     if work.tombstoned:
         by_digest = [(t, digests[(t, m)]) for t, m in work.tombstoned if (t, m) in digests]
         where = f"(tenant_id, item_id) IN ({_pairs(work.tombstoned)})"

@@ -17,7 +17,10 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    ``quarantined`` with a :class:`~processors.memory.lifecycle.ReviewItem` when it contradicts a record with
    stronger verification or one already under review;
 5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per derived layer of each record
-   that stops being retrievable (:mod:`processors.memory.cascade`).
+   that stops being retrievable (:mod:`processors.memory.cascade`);
+6. after every step, tells each live run holding a memory the step's outputs stop serving: a ``stale_context``
+   :class:`Decision` (:mod:`processors.memory.holders`, which also learns the holdings from turns of kind
+   ``memory`` and counts each memory's reads).
 
 It also applies operators' :class:`MemoryCommand` records (:mod:`processors.memory.commands`: review, delete),
 links summaries to the records among their sources, and, before any record of a tenant, expires the tenant's
@@ -38,7 +41,7 @@ from datetime import datetime
 from typing import Any
 
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import cascade, commands, conflict, expiry, lifecycle
+from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -91,7 +94,7 @@ class MemoryGateProcessor:
     """Memory governance over the chain's state protocol (see the module docstring)."""
 
     name = "memory_gate"
-    tables: tuple[TableSpec, ...] = TABLES
+    tables: tuple[TableSpec, ...] = (*TABLES, *holders.TABLES)
 
     def __init__(self, gate: MemoryGate | None = None, policy_of: Callable[[str], MemoryPolicy] | None = None) -> None:
         """``policy_of`` overrides the manifests' policies (tests, benches)."""
@@ -104,22 +107,27 @@ class MemoryGateProcessor:
         self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
     ) -> Sequence[Any]:
         """Judge a :class:`MemoryCandidate`, apply a :class:`MemoryCommand`, learn run facts from turns and run
-        events and sources from summaries; before any record of a tenant, expire its records whose lifetime the
-        tenant's event-time watermark has passed (:mod:`processors.memory.expiry`)."""
+        events, which runs hold which memory from turns of kind ``memory``, and sources from summaries; before any
+        record of a tenant, expire its records whose lifetime the tenant's event-time watermark has passed
+        (:mod:`processors.memory.expiry`); then tell every live run holding a memory these outputs stop serving
+        (:func:`processors.memory.holders.notices`: one post-step, whatever produced the outputs)."""
         tenant_id = getattr(event, "tenant_id", None)
         if tenant_id is None:
             return []
-        expired = expiry.sweep(MemoryTables(state), tenant_id, expiry.watermark_ms(event, state))
+        outputs = expiry.sweep(MemoryTables(state), tenant_id, expiry.watermark_ms(event, state))
         if isinstance(event, TurnEvent | RunEvent):
             self._learn_run(event, state)
-            return expired
-        if isinstance(event, MemoryCommand):
-            return [*expired, *commands.apply(event, MemoryTables(state))]
-        if isinstance(event, Summary):
-            return [*expired, *self._learn_sources(event, MemoryTables(state))]
-        if not isinstance(event, MemoryCandidate):
-            return expired
-        return [*expired, *self._judge(event, state)]
+            if isinstance(event, TurnEvent):
+                holders.observe(event, state)
+        elif isinstance(event, MemoryCommand):
+            outputs += commands.apply(event, MemoryTables(state))
+        elif isinstance(event, Summary):
+            outputs += self._learn_sources(event, MemoryTables(state))
+        elif isinstance(event, MemoryCandidate):
+            outputs += self._judge(event, state)
+        if not outputs:
+            return outputs
+        return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
 
     def _judge(self, event: MemoryCandidate, state: BudgetStore) -> list[Any]:
         # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
@@ -139,10 +147,12 @@ class MemoryGateProcessor:
         return self._promote(tables, event, decision, policy, digest, now)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
-        """Memory outlives runs; what the processor knew of the retired runs themselves goes."""
+        """Memory outlives runs; what the processor knew of the retired runs themselves (facts, holdings) goes."""
         tables = MemoryTables(state)
+        keys = list(keys)
         for key in keys:
             tables.forget_run(key)
+        holders.forget_runs(keys, state)
 
     def forget_index(self) -> None:
         """No index over the store's values; cached policies are keyed by manifest version and stay valid."""
@@ -199,7 +209,8 @@ class MemoryGateProcessor:
         **correction: str | None,
     ) -> list[Any]:
         """A reviewer's decision (:func:`processors.memory.review.review`) on this processor's state."""
-        return review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        out = review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        return [*out, *holders.notices(out, state, None)]
 
     def _promote(
         self,
@@ -322,6 +333,7 @@ class MemoryGateProcessor:
             produced_by_agent=candidate.produced_by_agent,
             payload_ref=payload_ref(candidate.tenant_id, candidate.content_digest) if too_big else None,
             bootstrap_loosened=decision.bootstrap_loosened,
+            embedding=candidate.embedding,
         )
         return record.model_copy(update={"expires_at": policy.expires_at(record)})
 

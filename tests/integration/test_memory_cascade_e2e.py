@@ -6,7 +6,8 @@ id), and used by two summaries: one over it alone, one over it and another item;
 those summaries sit in the run's Redis decisions as the planner projects them. A second memory of the same user
 must survive. Then the real CLI deletes the first memory, and every projection ctxflow maintains is searched for
 a canary phrase of its content: ClickHouse tables (``memory_records`` read without FINAL, so older versions
-count), Redis keys, payload files, the latest record on ``memory.records``. A quarantined fact makes the round
+count, and the retrieval index ``memory_index``), Redis keys, payload files, the latest record on
+``memory.records``. A quarantined fact makes the round
 trip through ``ctxflow memory review``; a refused command and a stopped worker each get a clear error.
 """
 
@@ -61,9 +62,10 @@ TENANT = "cascade-e2e"
 CANARY = "canary-7f3a-blue-heron"
 DOOMED = f"Ada's notes on the {CANARY} migration.\n" + "\n".join(
     f"step {i}: move shard {i:04d} after the {CANARY} freeze" for i in range(400))
+SMALL = f"Ada keeps the {CANARY} runbook in the blue binder"  # inline: indexed with its text
 KEPT = "Prefers answers in French"
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
-PROJECTED = ("memory_records", "turns", "decisions", "invalidations", "memory_verdicts", "dead_letters",
+PROJECTED = ("memory_records", "memory_index", "turns", "decisions", "invalidations", "memory_verdicts", "dead_letters",
              "envelopes", "costs")
 
 
@@ -152,6 +154,7 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     candidates = [
         run.memory_candidate(MemoryScope.USER, MemoryType.EPISODE, DOOMED, confidence=0.9, at=at(1)),
         run.memory_candidate(MemoryScope.USER, MemoryType.PREFERENCE, KEPT, confidence=0.9, at=at(2)),
+        run.memory_candidate(MemoryScope.USER, MemoryType.EPISODE, SMALL, confidence=0.9, at=at(2.5)),
         run.memory_candidate(content="Alice works in CET", value="CET", at=at(3),
                              verification=Verification.HUMAN_APPROVED, **fact),
         run.memory_candidate(content="Alice works in PST", value="PST", at=at(4),
@@ -163,8 +166,8 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         publish(settings, candidates)
         wait_processed(settings)
         verdicts = {v.candidate_id: v for v in _decoded(settings, "memory.verdicts", MemoryVerdict)}
-        doomed, kept, _, quarantined = (verdicts[c.candidate_id].memory_id for c in candidates)
-        assert doomed and kept and quarantined
+        doomed, kept, small, _, quarantined = (verdicts[c.candidate_id].memory_id for c in candidates)
+        assert doomed and kept and small and quarantined
         # A run retrieves the memory; the summarizer uses it in two summaries; the planner's swap decisions
         # carrying them are in the run's Redis decisions.
         asyncio.run(_project_swaps(settings))
@@ -178,8 +181,10 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         wait_processed(settings)
         assert CANARY in str(_redis_values(settings)) and CANARY in str(worker.query(
             f"SELECT content FROM turns WHERE tenant_id = '{TENANT}'").rows)  # the canary is everywhere first
+        assert CANARY in str(worker.query(f"SELECT text FROM memory_index WHERE tenant_id = '{TENANT}'").rows)
         deleted = ctxflow(settings, "memory", "delete", "--tenant", TENANT, "--id", doomed, "--by", "dpo",
                           "--reason", "erasure request", "--yes")
+        ok(ctxflow(settings, "memory", "delete", "--tenant", TENANT, "--id", small, "--yes"))
         review_list = ok(ctxflow(settings, "memory", "review", "--tenant", TENANT))
         reviewed = ctxflow(settings, "memory", "review", "--tenant", TENANT, "--id", quarantined, "--reinstate",
                            "--by", "lead")
