@@ -161,6 +161,7 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         self._encoded: dict[bytes, list[bytes]] = {}  # writer fingerprint -> Avro bodies
         self._plans: dict[bytes, _AvroPlan] = {}  # filled by ensure_schema on chDB
         self._purges = PurgeWork()  # deleted memories' content to remove after the flush (sinks.memory_purge)
+        self._purge_requested: set[tuple[str, ...]] = set()  # rows whose removal is registered already
 
     def ensure_schema(self, retention: TableRetention | None = None) -> None:
         """Bring the database to the newest schema (:func:`sinks.migrations.migrate`: safe to call any number of
@@ -241,7 +242,7 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         if work:
             try:
                 with _backpressure_on_transient_errors():
-                    purge(self._writer, self.database, work)
+                    purge(self._writer, self.database, work, self._purge_requested)
             except BaseException:
                 with self._lock:
                     self._purges.merge(work)

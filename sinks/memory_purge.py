@@ -2,8 +2,8 @@
 
 The ClickHouse sink hands this module what each flush wrote: the tombstone invalidations (``memory_record`` and
 ``turn_content`` targets, :mod:`processors.memory.cascade`) and the ids of the memory records it inserted. After
-the flush, :func:`purge` removes, with synchronous mutations (parts are rewritten, so the bytes are gone, not
-only hidden):
+the flush, :func:`purge` registers mutations that remove (parts are rewritten, so the bytes are gone, not only
+hidden; ClickHouse applies them in the background, durably, usually within a second):
 
 - from ``memory_records``, every row of a revoked memory older than its newest tombstone (ReplacingMergeTree
   keeps the older versions, content included, until a merge that may never come). Checked for the ids of every
@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 
-_SYNC = {"mutations_sync": 2}
+_ASYNC = {"mutations_sync": 0}
+"""Mutations are registered, not awaited: ClickHouse persists a registered mutation in the table's mutation log
+and applies it in the background, after a crash or restart too. Awaiting it would hold the sink's flush (and its
+offsets) for as long as the table's merges are busy or stopped (``SYSTEM STOP MERGES`` stops mutations too)."""
 
 
 @dataclass(slots=True)
@@ -56,11 +59,22 @@ def _pairs(pairs: Iterable[tuple[str, ...]]) -> str:
     return ", ".join("(" + ", ".join(_lit(v) for v in pair) + ")" for pair in sorted(pairs))
 
 
-def purge(client: Client, database: str, work: PurgeWork) -> int:
-    """Apply ``work`` (see the module docstring); returns the mutations run (0 when nothing held content)."""
+def purge(client: Client, database: str, work: PurgeWork, registered: set[tuple[str, ...]] | None = None) -> int:
+    """Apply ``work`` (see the module docstring); returns the mutations registered (0 when nothing held content).
+
+    ``registered`` (kept by the caller across flushes) holds the rows whose removal this process asked for while
+    their table still has mutations pending: until ClickHouse applied them the rows are still read, and are not
+    asked for twice."""
+    registered = set() if registered is None else registered
     ids = work.tombstoned | work.inserted
     if not ids:
         return 0
+    if registered:
+        pending = {t for (t,) in client.query(
+            f"SELECT DISTINCT table FROM system.mutations WHERE database = {_lit(database)} AND NOT is_done"
+        ).result_rows}
+        # Applied mutations removed their rows: a row read again was written again (a replay) and goes again.
+        registered.difference_update({r for r in registered if r[0] not in pending})
     rows = client.query(
         f"SELECT tenant_id, memory_id, version, status, content_digest FROM `{database}`.memory_records "
         f"WHERE (tenant_id, memory_id) IN ({_pairs(ids)})"
@@ -75,12 +89,14 @@ def purge(client: Client, database: str, work: PurgeWork) -> int:
     # life of the same memory, approved again by a human, only comes after its tombstone).
     for pair in work.tombstoned:
         newest_tomb.setdefault(pair, 2**63 - 1)
-    stale = [(t, m, str(v)) for t, m, v, status, _ in rows if status != "revoked" and v < newest_tomb.get((t, m), 0)]
+    stale = [(t, m, str(v)) for t, m, v, status, _ in rows if status != "revoked"
+             and v < newest_tomb.get((t, m), 0) and ("memory_records", t, m, str(v)) not in registered]
+    registered.update(("memory_records", *row) for row in stale)
     mutations = 0
     if stale:
         client.command(
             f"ALTER TABLE `{database}`.memory_records DELETE WHERE status != 'revoked' AND "
-            f"(tenant_id, memory_id, toString(version)) IN ({_pairs(stale)})", settings=_SYNC)
+            f"(tenant_id, memory_id, toString(version)) IN ({_pairs(stale)})", settings=_ASYNC)
         mutations += 1
     tombs = {pair: v for pair, v in newest_tomb.items() if pair in ids}
     if tombs:
@@ -88,10 +104,12 @@ def purge(client: Client, database: str, work: PurgeWork) -> int:
             f"SELECT tenant_id, memory_id, version FROM `{database}`.memory_index "
             f"WHERE (tenant_id, memory_id) IN ({_pairs(tombs)})").result_rows
         # The index's own tombstone row (is_deleted, no text) stays: it hides the key from a FINAL read.
-        older = [(t, m, str(v)) for t, m, v in indexed if v < tombs[(t, m)]]
+        older = [(t, m, str(v)) for t, m, v in indexed
+                 if v < tombs[(t, m)] and ("memory_index", t, m, str(v)) not in registered]
+        registered.update(("memory_index", *row) for row in older)
         if older:
             client.command(f"ALTER TABLE `{database}`.memory_index DELETE WHERE "
-                           f"(tenant_id, memory_id, toString(version)) IN ({_pairs(older)})", settings=_SYNC)
+                           f"(tenant_id, memory_id, toString(version)) IN ({_pairs(older)})", settings=_ASYNC)
             mutations += 1
     if work.tombstoned:
         by_digest = [(t, digests[(t, m)]) for t, m in work.tombstoned if (t, m) in digests]
@@ -101,6 +119,6 @@ def purge(client: Client, database: str, work: PurgeWork) -> int:
         where += " AND content IS NOT NULL"
         held = client.query(f"SELECT count() FROM `{database}`.turns WHERE {where}").result_rows[0][0]
         if held:
-            client.command(f"ALTER TABLE `{database}`.turns UPDATE content = NULL WHERE {where}", settings=_SYNC)
+            client.command(f"ALTER TABLE `{database}`.turns UPDATE content = NULL WHERE {where}", settings=_ASYNC)
             mutations += 1
     return mutations

@@ -1,10 +1,13 @@
-"""What every ``ctxflow`` command starts from: this invocation's Settings, and topics that match the catalogue.
+"""What every ``ctxflow`` command starts from: this invocation's Settings, topics that match the catalogue, what to
+say when the broker does not answer, and who an operator is.
 
 Its own module, beneath ``streams.cli.main`` and every module that registers a command there, so that those
 modules can use it without importing ``main`` (which imports them).
 """
 
 from __future__ import annotations
+
+import getpass
 
 import typer
 from aiokafka.errors import KafkaError
@@ -33,3 +36,17 @@ def ensure_topics_or_exit(settings: Settings, command: str, console: Console) ->
         console.print(f"ctxflow {command} cannot start: the broker at {settings.bootstrap} did not answer ({err!r}); "
                       "check that it runs (`ctxflow up`) and CTXFLOW_BOOTSTRAP.", style="red")
         raise typer.Exit(1) from err
+
+
+def unreachable(settings: Settings) -> str:
+    """What to do when the broker does not answer."""
+    return (f"cannot reach the Kafka broker at {settings.bootstrap}: start a stack with `ctxflow up`, or point "
+            "CTXFLOW_BOOTSTRAP (or --bootstrap) at a running broker")
+
+
+def operator_name() -> str:
+    """Who an operator's change is recorded as when no --by is given."""
+    try:
+        return f"ctxflow-cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name in some containers
+        return "ctxflow-cli"

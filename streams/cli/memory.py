@@ -17,8 +17,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from aiokafka.errors import KafkaError
 from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryStatus, ReviewAction
-from ctxflow.streams.cli.context import settings_of
-from ctxflow.streams.cli.tenants import _operator, _unreachable, console, errors
+from ctxflow.streams.cli.context import operator_name, settings_of, unreachable
+from ctxflow.streams.cli.tenants import console, errors
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import CtxflowError, TopicMissing
 from ctxflow.streams.stack.embedded import kafka_answers
@@ -146,14 +146,14 @@ def _command(tenant: str, kind: MemoryCommandKind, by: str | None, reason: str |
              ) -> MemoryCommand:
     try:
         return MemoryCommand(command_id=f"cmd-{uuid.uuid4().hex}", tenant_id=tenant, kind=kind,
-                             issued_by=by or _operator(), reason=reason, issued_at=datetime.now(UTC), **fields)
+                             issued_by=by or operator_name(), reason=reason, issued_at=datetime.now(UTC), **fields)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
 
 
 def _submit(settings: Settings, command: MemoryCommand, wait: bool, timeout: float) -> None:
     if not kafka_answers(settings.bootstrap):
-        _fail(_unreachable(settings))
+        _fail(unreachable(settings))
     try:
         with console.status(f"publishing {command.kind.value} command {command.command_id}") as status:
             outcome = asyncio.run(submit(settings, command, wait_s=timeout if wait else None,
@@ -163,7 +163,7 @@ def _submit(settings: Settings, command: MemoryCommand, wait: bool, timeout: flo
     except TopicMissing as error:
         _fail(str(error))
     except (KafkaError, CtxflowError, OSError, TimeoutError) as error:
-        _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
+        _fail(f"{unreachable(settings)} ({type(error).__name__}: {error})")
     if outcome is None:
         console.print(f"published {command.kind.value} command {command.command_id}; not waiting for the worker")
         return

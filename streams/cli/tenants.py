@@ -15,7 +15,6 @@ whole log, as ``set`` does, and show what the worker enforces (as ``CtxflowClien
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 import sys
 from collections.abc import Coroutine
@@ -29,7 +28,7 @@ from aiokafka.errors import KafkaError
 from ctxflow.schemas.codec import Codec, RejectedRecord
 from ctxflow.schemas.models import TenantManifest
 from ctxflow.streams.cli.budget_view import budget_json, budget_tables
-from ctxflow.streams.cli.context import settings_of
+from ctxflow.streams.cli.context import operator_name, settings_of, unreachable
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.sdk import CtxflowClient, CtxflowError, TopicMissing
@@ -68,22 +67,17 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _unreachable(settings: Settings) -> str:
-    return (f"cannot reach the Kafka broker at {settings.bootstrap}: start a stack with `ctxflow up`, or point "
-            "CTXFLOW_BOOTSTRAP (or --bootstrap) at a running broker")
-
-
 def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
     """Run broker work; an unreachable broker or a missing topic becomes a message saying what to run."""
     if not kafka_answers(settings.bootstrap):
         work.close()
-        _fail(_unreachable(settings))
+        _fail(unreachable(settings))
     try:
         return asyncio.run(work)
     except TopicMissing as error:
         _fail(str(error))
     except (KafkaError, CtxflowError, OSError, TimeoutError) as error:
-        _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
+        _fail(f"{unreachable(settings)} ({type(error).__name__}: {error})")
 
 
 async def read_manifest_log(settings: Settings, timeout_s: float = 15.0) -> ManifestLog:
@@ -138,13 +132,6 @@ async def _publish(settings: Settings, draft: TenantManifest, requested: int | N
     return manifest
 
 
-def _operator() -> str:
-    try:
-        return f"ctxflow-cli:{getpass.getuser()}"
-    except (OSError, KeyError):  # no login name in some containers
-        return "ctxflow-cli"
-
-
 @app.command("set")
 def set_manifest(
     ctx: typer.Context,
@@ -163,7 +150,7 @@ def set_manifest(
         raise typer.BadParameter(f"{version!r}: use auto or a positive integer", param_hint="--version")
     requested = None if version == "auto" else int(version) if version else draft.requested_version
     try:
-        manifest = _run(settings, _publish(settings, draft.manifest, requested, by or _operator()))
+        manifest = _run(settings, _publish(settings, draft.manifest, requested, by or operator_name()))
     except StaleVersion as error:
         _fail(f"{error}; nothing was published")
     except VersionRace as error:
@@ -220,13 +207,13 @@ def create_topics(ctx: typer.Context) -> None:
     """Create the catalogue's missing topics; existing ones are kept (a mismatching one fails). Idempotent."""
     settings = settings_of(ctx)
     if not kafka_answers(settings.bootstrap):
-        _fail(_unreachable(settings))
+        _fail(unreachable(settings))
     try:
         facts = ensure_topics(settings)
     except TopicMismatch as error:
         _fail(f"{error}: delete those topics or use another CTXFLOW_TOPIC_PREFIX")
     except (KafkaError, OSError, TimeoutError) as error:
-        _fail(f"{_unreachable(settings)} ({type(error).__name__}: {error})")
+        _fail(f"{unreachable(settings)} ({type(error).__name__}: {error})")
     table = Table("topic", "partitions", "cleanup.policy")
     for name, fact in sorted(facts.items()):
         table.add_row(name, str(fact.partitions), fact.cleanup_policy or "?")

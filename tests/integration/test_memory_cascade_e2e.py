@@ -54,7 +54,7 @@ from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
 from tests.support_deploy import fresh_settings
-from tests.support_kafka import read_topics, wait_processed
+from tests.support_kafka import read_topics, wait_processed, wait_until
 from tests.support_traffic import publish, send_raw
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -193,11 +193,17 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         redis_after = _redis_values(settings)
         w = World(settings, worker, doomed, kept, quarantined, deleted, reviewed, review_list, refused, redis_after,
                   [p.read_bytes() for p in Path(settings.payload_root).rglob("*") if p.is_file()], {})
-        w.retrieved_turn = worker.query(f"SELECT content, content_digest FROM turns WHERE tenant_id = '{TENANT}' "
-                                        f"AND item_id = '{doomed}'").rows
+        # The purge is a mutation ClickHouse applies in the background, usually within a second.
+        w.retrieved_turn = wait_until(
+            lambda: worker.query(f"SELECT content, content_digest FROM turns WHERE tenant_id = '{TENANT}' AND "
+                                 f"item_id = '{doomed}'").rows, lambda rows: bool(rows) and rows[0][0] is None, 30,
+            "the retrieved turn's content purged")
     # The worker has released chDB: read every table as stored, older versions and unmerged rows included.
     client = connect(settings.chdb_dsn)
     try:
+        # The purges are mutations ClickHouse applies in the background (resumed when chDB opens here).
+        wait_until(lambda: client.query("SELECT count() FROM system.mutations WHERE database = 'ctxflow' AND "
+                                        "NOT is_done").result_rows[0][0], lambda n: n == 0, 60, "purges applied")
         w.raw_tables = {t: client.query(f"SELECT * FROM ctxflow.{t} WHERE tenant_id = '{TENANT}'").result_rows
                         for t in PROJECTED}
     finally:
