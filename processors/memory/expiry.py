@@ -50,6 +50,15 @@ def watermark_ms(event: Event | Any, state: BudgetStore) -> int | None:
     return min(seen) if seen else None
 
 
+def sweep_before(event: Event | Any, state: BudgetStore) -> list[Any]:
+    """:func:`sweep` of ``event``'s tenant at the watermark ``event`` makes; the watermark is only computed when
+    the tenant has a record filed for expiry (most records of most tenants cost one lookup)."""
+    tables = MemoryTables(state)
+    if tables.first_expiry_bucket(event.tenant_id) is None:
+        return []
+    return sweep(tables, event.tenant_id, watermark_ms(event, state))
+
+
 def sweep(tables: MemoryTables, tenant_id: str, low_ms: int | None) -> list[Any]:
     """Expire the tenant's records whose expiry hour ended by ``low_ms``: their tombstones and cascades, in
     bucket order and, within a bucket, in the order the records were filed."""

@@ -114,7 +114,7 @@ class MemoryGateProcessor:
         tenant_id = getattr(event, "tenant_id", None)
         if tenant_id is None:
             return []
-        outputs = expiry.sweep(MemoryTables(state), tenant_id, expiry.watermark_ms(event, state))
+        outputs = expiry.sweep_before(event, state)
         if isinstance(event, TurnEvent | RunEvent):
             self._learn_run(event, state)
             if isinstance(event, TurnEvent):
