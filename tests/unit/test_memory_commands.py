@@ -211,3 +211,17 @@ def test_payload_of_a_big_record_is_written_before_and_deleted_after() -> None:
     record = of(MemoryRecord, written)[-1]
     out = p.process(command(memory_id=record.memory_id), POS, state, NOW)
     assert of(PayloadDelete, out) == [PayloadDelete("acme", write.ref)]
+
+
+def test_a_tenants_deletion_never_reaches_a_tenant_whose_id_differs_only_in_case() -> None:
+    p, state = processor(), DictBudgetState()
+    ours = promote(p, state, "Prefers answers in French")
+    theirs = [promote(p, state, "Prefers answers in French", tenant_id=t) for t in ("ACME", "Acme")]
+    out = p.process(command(user_id="u-1"), POS, state, NOW) + p.process(command(), POS, state, NOW)
+    assert {(o.tenant_id, o.memory_id) for o in of(MemoryRecord, out)} == {("acme", ours.memory_id)}
+    assert {o.tenant_id for o in of(Invalidation, out)} == {"acme"}
+    for record in theirs:
+        assert state.get_state("memory_records", f"{record.tenant_id}:{record.memory_id}").status is (
+            MemoryStatus.ACTIVE)
+    refused = p.process(command(memory_id=theirs[0].memory_id), POS, state, NOW)
+    assert isinstance(refused[0], CommandRefused)  # another tenant's id is unknown here
