@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import conflict, lifecycle
+from ctxflow.processors.memory import conflict, lifecycle, quota, store_commands
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
+from ctxflow.processors.memory.late_privacy import revoke_run_records
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts, policy_from_manifest
 from ctxflow.processors.memory.review import review
@@ -45,6 +47,7 @@ from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_ke
 from ctxflow.schemas.models import (
     InvalidationKind,
     MemoryCandidate,
+    MemoryCommand,
     MemoryRecord,
     MemoryStatus,
     MemoryVerdict,
@@ -87,20 +90,29 @@ class MemoryGateProcessor:
     name = "memory_gate"
     tables: tuple[TableSpec, ...] = TABLES
 
-    def __init__(self, gate: MemoryGate | None = None, policy_of: Callable[[str], MemoryPolicy] | None = None) -> None:
-        """``policy_of`` overrides the manifests' policies (tests, benches)."""
+    def __init__(
+        self,
+        gate: MemoryGate | None = None,
+        policy_of: Callable[[str], MemoryPolicy] | None = None,
+        access_of: quota.AccessOf = quota.no_access,
+    ) -> None:
+        """``policy_of`` overrides the manifests' policies (tests, benches); ``access_of`` tells the long-term
+        store's eviction how often and when a record was retrieved (:mod:`processors.memory.quota`)."""
         self.gate = gate or MemoryGate()
         self.policy_of = policy_of
+        self.access_of = access_of
         #: tenant -> (manifest version, its policy): built once per manifest version.
         self._policies: dict[str, tuple[int, MemoryPolicy]] = {}
 
     def process(
         self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
     ) -> Sequence[Any]:
-        """Judge a :class:`MemoryCandidate`; learn run facts from turns and run events; nothing else."""
+        """Judge a :class:`MemoryCandidate`; apply a store command; learn run facts from turns and run events."""
         if isinstance(event, TurnEvent | RunEvent):
-            self._learn_run(event, state)
-            return []
+            return self._learn_run(event, state)
+        if isinstance(event, MemoryCommand) and event.kind in store_commands.KINDS:
+            out = store_commands.apply(MemoryTables(state), event)
+            return [*out, *self._enforce_quota(event.tenant_id, state, event.issued_at)]
         if not isinstance(event, MemoryCandidate):
             return []
         # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
@@ -111,13 +123,20 @@ class MemoryGateProcessor:
         done = tables.verdict(tenant, event.candidate_id)
         if done is not None:
             return [done]
+        learnt = self._learn_run(event, state) if event.privacy is PrivacyMode.NO_RETENTION else []
         policy = self._policy(tenant, state)
         run = self._run_facts(event, tables)
         digest = identity_digest(event.content, event.content_digest)
         decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
         if not decision.accepted:
-            return [self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
-        return self._promote(tables, event, decision, policy, digest, now)
+            return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
+        promoted = self._promote(tables, event, decision, policy, digest, now)
+        return [*learnt, *promoted, *self._enforce_quota(tenant, state, now)]
+
+    def _enforce_quota(self, tenant: str, state: BudgetStore, now: datetime) -> list[Any]:
+        """The tenant's long-term store evicted to its target when a write filled it (:mod:`.quota`)."""
+        limits = quota.quota_of(state.get_manifest(tenant_key(tenant)))
+        return quota.enforce(MemoryTables(state), tenant, limits, now, self.access_of)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
         """Memory outlives runs; what the processor knew of the retired runs themselves goes."""
@@ -141,14 +160,17 @@ class MemoryGateProcessor:
         return hit[1]
 
     @staticmethod
-    def _learn_run(event: TurnEvent | RunEvent, state: BudgetStore) -> None:
-        """Remember a run that handled no-retention content, and a run's parent: a candidate's own fields may
-        claim otherwise (an agent's bug, or a sub-agent laundering its parent's privacy), the run's records
-        decide. Written only when something is learnt, so a turn costs a lookup at most."""
-        no_retention = event.privacy is PrivacyMode.NO_RETENTION
+    def _learn_run(event: TurnEvent | RunEvent | MemoryCandidate, state: BudgetStore) -> list[Any]:
+        """Remember a run that handled no-retention content (its own records say so, or delegation holds it to a
+        no-retention parent), and a run's parent: a candidate's own fields may claim otherwise (an agent's bug,
+        or a sub-agent laundering its parent's privacy), the run's records decide. Written only when something
+        is learnt, so a turn costs a lookup at most. Learning late that a run is no-retention revokes what its
+        candidates already put in memory (:mod:`.late_privacy`)."""
+        no_retention = event.privacy is PrivacyMode.NO_RETENTION or (
+            isinstance(event, RunEvent) and delegation.no_retention(state, event.tenant_id, event.run_id))
         parent = event.parent_run_id
         if not no_retention and parent is None:
-            return
+            return []
         tables = MemoryTables(state)
         key = run_key(event.tenant_id, event.run_id)
         known = tables.run(key)
@@ -157,8 +179,12 @@ class MemoryGateProcessor:
             else PrivacyMode.RETAINED,
             parent or (known.parent_run_id if known else None),
         )
-        if learnt != known:
-            tables.put_run(key, learnt)
+        if learnt == known:
+            return []
+        tables.put_run(key, learnt)
+        if no_retention and (known is None or known.privacy is not PrivacyMode.NO_RETENTION):
+            return revoke_run_records(tables, event.tenant_id, key, event.run_id, event.occurred_at)
+        return []
 
     @staticmethod
     def _run_facts(candidate: MemoryCandidate, tables: MemoryTables) -> RunFacts:
@@ -208,6 +234,7 @@ class MemoryGateProcessor:
             out.append(PayloadWrite(tenant, fresh.payload_ref, candidate.content or ""))
             fresh = fresh.model_copy(update={"content": None})
         out.append(fresh)
+        tables.add_run_record(run_key(tenant, candidate.run_id), mid)
         if existing is not None:
             # The same content back after supersession, or after a revocation a human has now reviewed: a new
             # life of the same identity (its version continues).

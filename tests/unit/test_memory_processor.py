@@ -251,7 +251,9 @@ def test_a_no_retention_candidate_leaves_only_a_metadata_verdict() -> None:
     (verdict,) = p.process(candidate(text, privacy=PrivacyMode.NO_RETENTION), POS, state, NOW)
     assert (verdict.outcome, verdict.rule, verdict.memory_id) == (VerdictOutcome.REJECTED, "no_retention_run", None)
     assert text not in Codec().encode(verdict).decode("latin-1")
-    assert set(state.tables) == {"memory_verdicts"}
+    # Metadata only: the verdict, and that the run is no-retention (so its earlier records are revoked).
+    assert set(state.tables) == {"memory_verdicts", "memory_runs"}
+    assert text not in repr(state.tables["memory_runs"])
 
 
 def test_a_bootstrap_loosened_fact_is_flagged_on_record_and_verdict() -> None:
