@@ -335,6 +335,8 @@ def soak(
 SUBCOMMAND_GROUPS: dict[str, str] = {
     "tenants": "ctxflow.streams.cli.tenants:app",
     "topics": "ctxflow.streams.cli.tenants:topics_app",
+    # rehydrate, pin, unpin; the module that adds review and delete registers these with memory_store.register.
+    "memory": "ctxflow.streams.cli.memory_store:app",
 }
 
 #: Commands owned by other modules, registered the same way: ``{"simulate": "module:function"}``.
