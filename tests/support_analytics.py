@@ -1,9 +1,9 @@
 """A small analytics dataset with known answers, written into a chDB home the way the worker writes it.
 
 Two tenants: acme (history and retrieved turns, every eviction kind, a swap at fidelity 0.8, six memory
-candidates) and globex (a little history, one faithful swap, one active memory). Every timestamp sits a fixed
-distance before ``now``, so the report's default range (the last days) covers all of it. Written by a
-subprocess (``python -m tests.support_analytics HOME NOW``): chDB holds one engine per process, and the
+records and six gate verdicts) and globex (a little history, one faithful swap, one active memory). Every
+timestamp sits a fixed distance before ``now``, so the report's default range (the last days) covers all of
+it. Written by a subprocess (``python -m tests.support_analytics HOME NOW``): chDB holds one engine per process, and the
 tests then read the home from other processes as a user would.
 """
 
@@ -20,6 +20,7 @@ from ctxflow.schemas.models import (
     Decision,
     ItemDecision,
     MemoryRecord,
+    MemoryVerdict,
     RunEnvelope,
     RunEvent,
     SummaryProvenance,
@@ -104,6 +105,26 @@ def _memories(now: dt.datetime) -> list[MemoryRecord]:
             for i, (tenant, status) in enumerate(statuses)]
 
 
+#: acme's candidates by what the gate decided (verdict outcome, or the accepted record's status).
+ACME_VERDICTS = {"active": 3, "quarantined": 1, "merged": 1, "rejected": 1}
+
+
+def _verdicts(now: dt.datetime) -> list[MemoryVerdict]:
+    outcomes = [("acme", o) for o, n in ACME_VERDICTS.items() for _ in range(n)] + [("globex", "active")]
+    at = now - dt.timedelta(hours=2)
+    made = []
+    for i, (tenant, outcome) in enumerate(outcomes):
+        accepted = outcome in ("active", "quarantined")
+        made.append(MemoryVerdict(
+            verdict_id=f"verdict-{i}", tenant_id=tenant, user_id="u1", session_id="s1", run_id="r1",
+            candidate_id=f"candidate-{i}", source_event_id=f"e-{i}",
+            outcome="accepted" if accepted else outcome, status=outcome if accepted else None,
+            rule="user_memory" if outcome != "rejected" else "secret_detected", reason="seeded",
+            memory_id=None if outcome == "rejected" else f"memory-{i}", scope="user", type="preference",
+            occurred_at=at))
+    return made
+
+
 def _runs_and_usage(now: dt.datetime) -> list[BaseModel]:
     at = now - dt.timedelta(hours=1)
     root, child = "acme-run-1", "acme-run-2"
@@ -155,8 +176,8 @@ def records(now: dt.datetime) -> list[BaseModel]:
     letter = DeadLetter(dead_letter_id="letter-1", source_topic="turns", source_partition=0, source_offset=7,
                         tenant_id="acme", reason_code="undecodable", reason="not Avro",
                         failed_at=now - dt.timedelta(minutes=10))
-    return [*_turns(now), *_decisions(now), *_memories(now), *_runs_and_usage(now), *_envelopes_and_costs(now),
-            letter]
+    return [*_turns(now), *_decisions(now), *_memories(now), *_verdicts(now), *_runs_and_usage(now),
+            *_envelopes_and_costs(now), letter]
 
 
 def seed(home: Path, now: dt.datetime) -> None:

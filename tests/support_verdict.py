@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from ctxflow.processors.admission import TOTAL, BudgetLimits, RunHeadroom
 from ctxflow.processors.manifest import SLOTS
 from ctxflow.processors.types import run_key
-from ctxflow.schemas.models import RunEvent, TurnEvent, UsageReport
+from ctxflow.schemas.models import MemoryRecord, MemoryVerdict, RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.redis import limits_key, read_headroom
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.workload import GroundTruth
@@ -185,6 +185,28 @@ def envelope_problems(worker: WorkerProcess, oracle: Replay) -> list[str]:
     want_lines = {i: tuple(getattr(c, col) for col in columns) for i, c in oracle.final_costs().items()}
     problems += [f"cost line {i}: ClickHouse {lines.get(i)} != replay {want_lines.get(i)}"
                  for i in sorted(lines.keys() | want_lines.keys()) if lines.get(i) != want_lines.get(i)]
+    return problems
+
+
+def memory_problems(worker: WorkerProcess, oracle: Replay) -> list[str]:
+    """ClickHouse holds exactly the crash-free replay's memory verdicts (one per candidate) and records (the newest
+    version of each memory id): same outcomes, rules, statuses and merge counts."""
+    columns = ("verdict_id", "outcome", "rule", "status", "memory_id")
+    live = {r[0]: tuple(r) for r in worker.query(f"SELECT {', '.join(columns)} FROM memory_verdicts FINAL").rows}
+    want = {v.verdict_id: (v.verdict_id, v.outcome.value, v.rule, v.status.value if v.status else None, v.memory_id)
+            for v in oracle.memory if isinstance(v, MemoryVerdict)}
+    problems = [f"verdict {key}: ClickHouse {live.get(key)} != replay {want.get(key)}"
+                for key in sorted(live.keys() | want.keys()) if live.get(key) != want.get(key)]
+    kept: dict[str, MemoryRecord] = {}
+    for record in oracle.memory:
+        if isinstance(record, MemoryRecord):
+            kept[f"{record.tenant_id}:{record.memory_id}"] = record
+    rows = worker.query("SELECT tenant_id, memory_id, status, version, merge_count FROM memory_records FINAL").rows
+    live_records = {f"{r[0]}:{r[1]}": tuple(r[2:]) for r in rows}
+    want_records = {k: (r.status.value, r.version, r.merge_count) for k, r in kept.items()}
+    problems += [f"record {key}: ClickHouse {live_records.get(key)} != replay {want_records.get(key)}"
+                 for key in sorted(live_records.keys() | want_records.keys())
+                 if live_records.get(key) != want_records.get(key)]
     return problems
 
 

@@ -4,7 +4,7 @@
 times :meth:`MemoryGate.judge` over a seeded mix of candidates shaped like agent output: preferences and facts
 with numbers, ids and dates; emails and phone numbers (PII); a few secrets; some multi-line episodes. CPU time
 (``time.process_time``) of this process only, so other work on the machine does not count. It also reports the
-whole processor (gate, identity, merge, hardening, state) on the same mix. Not wired into ``ctxflow bench`` yet.
+whole processor (gate, identity, merge, hardening, state) on the same mix. ``ctxflow bench`` runs it as phase (e'').
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ctxflow.schemas import content_digest
 from ctxflow.schemas.models import MemoryCandidate, MemoryScope, MemoryType, Verification
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
+GOAL_CANDIDATES_PER_CPU_S = 2_000
 
 _TEMPLATES = [
     (MemoryScope.USER, MemoryType.PREFERENCE, "Prefers {lang} answers, {style} tone, dark mode in the editor"),

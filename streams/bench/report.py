@@ -30,6 +30,10 @@ RETENTION_GOALS: tuple[tuple[str, str, float, str], ...] = (
 SINK_GOALS: tuple[tuple[str, str, float, str], ...] = (
     ("sink_rows_per_s", ">=", 200_000, "ClickHouse sink alone, rows/s into chDB"),
 )
+#: Goal of the memory gate (issue 15): candidates per CPU second with secret and PII detection on.
+MEMORY_GOALS: tuple[tuple[str, str, float, str], ...] = (
+    ("memory_gate_candidates_per_cpu_s", ">=", 2_000, "memory gate, candidates/CPU s, detectors on"),
+)
 #: Goal of the eviction planner's table: 100,000 active runs of 40 live items each.
 EVICTION_GOALS: tuple[tuple[str, str, float, str], ...] = (
     ("eviction_bytes_per_item", "<=", 160, "RSS bytes per live item in the planner's table"),
@@ -64,6 +68,8 @@ class BenchResults:
     #: Phase (b'): the ClickHouse sink alone, rows per wall second and per CPU second of its process.
     sink_rows_per_s: float = 0.0
     sink_rows_per_cpu_s: float = 0.0
+    #: Phase (e''): candidates per CPU second through the memory gate, secret and PII detection on.
+    memory_gate_candidates_per_cpu_s: float = 0.0
 
     def to_json(self) -> str:
         """The results as one JSON object, details flattened in (they never shadow a headline field)."""
@@ -81,7 +87,8 @@ class BenchResults:
 def verdicts(results: BenchResults) -> list[tuple[str, str, str, bool]]:
     """``(metric, measured, target, met)`` for every target, core floor, bounded-state, eviction and sink goal."""
     rows = []
-    for name, op, bound, label in (*TARGETS, *CORE_FLOORS, *RETENTION_GOALS, *EVICTION_GOALS, *SINK_GOALS):
+    for name, op, bound, label in (*TARGETS, *CORE_FLOORS, *RETENTION_GOALS, *EVICTION_GOALS, *SINK_GOALS,
+                                   *MEMORY_GOALS):
         value = float(getattr(results, name))
         met = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
         shown = f"{value:,.3f}" if bound < 10 else f"{value:,.1f}"

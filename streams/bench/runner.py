@@ -8,7 +8,8 @@ it, each with a fresh worker and topics -> (d) session memory and SIGKILL recove
 ``runs_for_memory`` active runs, fresh worker -> (d') ``retired_runs`` finished runs spread over hundreds of
 retention windows: RSS and restart time against the same worker empty (``streams.bench.retention``) -> (e) the
 budget core alone, in process -> (e') the eviction planner's table, its CPU per eviction decision and the
-summarizer, in process (``streams.bench.eviction``).
+summarizer, in process (``streams.bench.eviction``) -> (e'') the memory gate with secret and PII detection on, in
+process (``streams.bench.memory_gate``).
 
 The benchmark's deployment is one worker process, so its topics have one partition each
 (``BenchConfig.partitions``): that worker reads every partition anyway, and the embedded broker's fetch costs
@@ -32,6 +33,8 @@ from ctxflow.streams.bench.core import measure_core
 from ctxflow.streams.bench.corpus import TurnCorpus, publish
 from ctxflow.streams.bench.eviction import GOAL_BYTES_PER_ITEM, ITEMS_PER_RUN, measure_eviction
 from ctxflow.streams.bench.latency import LatencyResult, measure_latency
+from ctxflow.streams.bench.memory_gate import GOAL_CANDIDATES_PER_CPU_S
+from ctxflow.streams.bench.memory_gate import measure as measure_memory_gate
 from ctxflow.streams.bench.report import BenchResults, cpu_probe_ms, git_sha, machine
 from ctxflow.streams.bench.retention import measure_retention
 from ctxflow.streams.bench.sessions import measure_sessions
@@ -63,18 +66,20 @@ class BenchConfig:
     #: holds ``runs_for_memory`` runs.
     planner_runs: int = 320
     summarizer_jobs: int = 300
+    #: Candidates of phase (e''), the memory gate.
+    memory_candidates: int = 5_000
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
         return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000, retired_runs=20_000,
-                   planner_runs=96, summarizer_jobs=60)
+                   planner_runs=96, summarizer_jobs=60, memory_candidates=2_000)
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         """The smallest run that still goes through every phase: for the test suite, not for figures."""
         return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500, retired_runs=2_000,
-                   planner_runs=16, summarizer_jobs=4)
+                   planner_runs=16, summarizer_jobs=4, memory_candidates=200)
 
 
 def _fresh(base: Settings, home: Path, name: str) -> Settings:
@@ -260,6 +265,15 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
                 "summarizer_tokens_per_item": round(summarizer.tokens_per_item),
                 "summarizer_mean_fidelity": round(summarizer.fidelity, 3), "eviction_phase_s": round(ev.seconds, 1)}
     say(f"  phase (e') took {ev.seconds:.1f}s")
+
+    details["cpu_probe_ms"]["memory_gate"] = cpu_probe_ms()
+    say(f"(e'') memory gate in process: {config.memory_candidates:,} candidates, secret and PII detection on "
+        f"(goal >= {GOAL_CANDIDATES_PER_CPU_S:,} per CPU second)")
+    gate = measure_memory_gate(config.memory_candidates)
+    details |= {"memory_gate_candidates": gate["candidates"], "memory_gate_rules": gate["rules"],
+                "memory_processor_candidates_per_cpu_s": gate["processor_candidates_per_cpu_second"]}
+    say(f"  gate {gate['gate_candidates_per_cpu_second']:,} candidates/CPU s; whole processor "
+        f"{gate['processor_candidates_per_cpu_second']:,}")
     return BenchResults(
         events=len(records), raw_ceiling_eps=round(raw_eps), pipeline_eps=round(run.eps),
         ratio=round(run.eps / raw_eps, 3), p50_latency_ms=round(latency.p50_ms, 1),
@@ -271,4 +285,5 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         planner_p99_us=round(planner.p99_us, 1), planner_chain_eps=round(planner.chain_eps),
         summarizer_items_per_cpu_s=round(summarizer.items_per_cpu_s),
         sink_rows_per_s=round(sink.rows_per_s), sink_rows_per_cpu_s=round(sink.rows_per_cpu_s),
+        memory_gate_candidates_per_cpu_s=float(gate["gate_candidates_per_cpu_second"]),
     )

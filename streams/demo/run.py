@@ -33,6 +33,7 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import BudgetState, Decision, DecisionKind
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.harness import CommittedLag, FairClient, HomeInUse, claim_home, private_settings
+from ctxflow.streams.demo.memory_scene import MemoryScene
 from ctxflow.streams.demo.report import DemoReport, print_analyst_report
 from ctxflow.streams.demo.workload import DriveProgress, Workload, drive
 from ctxflow.streams.logs import LogfmtFormatter
@@ -46,6 +47,7 @@ from ctxflow.streams.stack.summarizer_process import SummarizerNotReady, Summari
 from ctxflow.streams.stack.worker_process import WorkerNotReady, WorkerProcess
 from ctxflow.streams.summarizer.worker import summarizer_group
 from ctxflow.streams.topics import COMPRESSION_JOBS, DEAD_LETTERS, DECISIONS
+from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -255,6 +257,14 @@ async def _publish(settings: Settings, children: dict[str, int], workload: Workl
         console.line()  # in a pipe Live prints its last frame without a line end
 
 
+async def _publish_records(settings: Settings, records: list[BaseModel]) -> None:
+    """Publish a scripted act's records in order (one tenant: one partition, so the worker reads them in order)."""
+    async with CtxflowClient(settings.bootstrap, topic_prefix=settings.topic_prefix,
+                             registry_url=settings.schema_registry_url) as client:
+        for record in records:
+            await client.publish(record)
+
+
 async def _drive_and_catch_up(settings: Settings, children: dict[str, int], workload: Workload, progress: _Progress,
                               live: Live, catch_up_s: float) -> DriveProgress:
     async with FairClient.from_settings(settings) as client, asyncio.TaskGroup() as group:
@@ -360,10 +370,14 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
                     _run_cancellable(_summarized(settings, timeout_s=30.0))
                     worker.wait_caught_up(timeout_s=30.0)  # authoritative: every published effect is durable
                     end_to_end_s = time.monotonic() - publish_began
+                    memory = MemoryScene(workload.start)
+                    _run_cancellable(_publish_records(settings, memory.records()))
+                    worker.wait_caught_up(timeout_s=30.0)
                 finally:
                     summarizer.stop(_SUMMARIZER_GRACE_S)
                 report = DemoReport(worker, workload, console, shown_home, progress.kept)
                 healthy = report.print_all()
+                healthy &= memory.print_report(worker, console)
         console.print(f"stopped: {', '.join(f'{n} pid {p}' for n, p in started.items())}; "
                       f"still running: {[n for n, p in started.items() if pid_alive(p)] or 'none'}")
         _check_chdb_left(settings, console, report.turns)

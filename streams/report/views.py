@@ -87,14 +87,15 @@ _CONTEXT_GAUGE = "(slot IS NOT NULL OR kind = 'admission' OR position(reason, 't
 
 
 def promotion_outcomes(scope: Scope) -> str:
-    """One row per memory candidate and where the memory gate left it (``tenant_id``, ``candidate_id``,
-    ``outcome``: provisional, active, quarantined or revoked, ``decided_at``).
+    """One row per memory candidate and what the memory gate decided (``tenant_id``, ``candidate_id``,
+    ``outcome``: active, quarantined or provisional for an accepted candidate, else merged or rejected; ``rule``;
+    ``decided_at``), from the gate's verdicts.
 
-    The one place promotion and quarantine rates come from: today a record's current status; once the gate's
-    verdicts are projected, this reads them instead and every view and panel follows.
+    The one place promotion and quarantine rates come from.
     """
-    return ("SELECT tenant_id, memory_id AS candidate_id, toString(status) AS outcome, updated_at AS decided_at "
-            f"FROM memory_records FINAL WHERE {scope.window('created_at')} AND {scope.tenants('tenant_id')}")
+    return ("SELECT tenant_id, candidate_id, if(outcome = 'accepted', ifNull(status, 'provisional'), outcome) "
+            "AS outcome, rule, occurred_at AS decided_at "
+            f"FROM memory_verdicts FINAL WHERE {scope.window('occurred_at')} AND {scope.tenants('tenant_id')}")
 
 
 def _ingest_lags(scope: Scope) -> str:
@@ -248,15 +249,16 @@ COMPRESSION = View(
 
 PROMOTION = View(
     "promotion", "Memory promotion and quarantine",
-    "Memory candidates created in range by where the gate left them; the rates are shares of all candidates.",
+    "Memory candidates judged in range by the gate's verdict: promoted (active), quarantined for review, merged "
+    "into an existing record, or rejected (by rule); the rates are shares of all candidates.",
     lambda s: "SELECT tenant_id, count() AS candidates, countIf(outcome = 'active') AS promoted, "
-              "countIf(outcome = 'quarantined') AS quarantined, countIf(outcome = 'provisional') AS pending, "
-              "countIf(outcome = 'revoked') AS revoked, promoted / candidates AS promotion_rate, "
+              "countIf(outcome = 'quarantined') AS quarantined, countIf(outcome = 'merged') AS merged, "
+              "countIf(outcome = 'rejected') AS rejected, promoted / candidates AS promotion_rate, "
               f"quarantined / candidates AS quarantine_rate FROM ({promotion_outcomes(s)}) "
               "GROUP BY tenant_id ORDER BY candidates DESC, tenant_id",
     (Column("tenant_id", "tenant"), Column("candidates", "candidates", Format.COUNT),
      Column("promoted", "promoted", Format.COUNT), Column("quarantined", "quarantined", Format.COUNT),
-     Column("pending", "pending", Format.COUNT), Column("revoked", "revoked", Format.COUNT),
+     Column("merged", "merged", Format.COUNT), Column("rejected", "rejected", Format.COUNT),
      Column("promotion_rate", "promotion rate", Format.SHARE),
      Column("quarantine_rate", "quarantine rate", Format.SHARE)),
     Chart("bar", "tenant_id", ("promotion_rate", "quarantine_rate"), Format.SHARE),

@@ -1,5 +1,5 @@
-"""kill -9 mid-stream: totals, projections, decisions, envelopes and cost lines come out exactly as if the worker
-never crashed.
+"""kill -9 mid-stream: totals, projections, decisions, envelopes, cost lines and memory verdicts and records come
+out exactly as if the worker never crashed.
 
 Producers keep publishing a realistic workload (five tenants, one of them runaway, SDK-style re-sends) while
 the worker is SIGKILLed three times at different moments and restarted on the same settings. The oracle is
@@ -22,6 +22,7 @@ from ctxflow.schemas.models import (
     DecisionKind,
     HardLimitBehaviour,
     ItemKind,
+    MemoryVerdict,
     Role,
     Slot,
     SlotCaps,
@@ -52,6 +53,7 @@ from tests.support_verdict import (
     decision_problems,
     distinct,
     envelope_problems,
+    memory_problems,
     redis_problems,
     summary,
     table_problems,
@@ -105,6 +107,7 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
         # must not disturb; no summarizer runs here, so no swaps).
         assert DecisionKind.SPEND_EXHAUSTED in decided and {DecisionKind.OFFLOAD, DecisionKind.MASK} <= decided
         assert oracle.final_envelopes() and oracle.final_costs()  # runs closed: the envelope check is not vacuous
+        assert any(isinstance(m, MemoryVerdict) for m in oracle.memory)  # the memory gate judged candidates
         replay_done = time.monotonic()
         sections = {
             # The token tables (what a restart recovers), exact per tenant, run and slot.
@@ -119,6 +122,8 @@ def test_sigkill_mid_stream_three_times_loses_and_doubles_nothing(settings: Sett
             "decisions": decision_problems(settings, worker, oracle),
             # Run envelopes and cost lines: the crash-free run's, with the same ids, once each.
             "envelopes and costs": envelope_problems(worker, oracle),
+            # The memory gate's verdicts and records: the crash-free run's, once each.
+            "memory": memory_problems(worker, oracle),
         }
         assert not any(sections.values()), summary(sections)
     finally:

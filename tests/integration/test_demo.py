@@ -114,4 +114,11 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     assert html and out.rstrip().splitlines()[-1] == html[0], "the demo ends with the HTML report's path"
     page = Path(html[1]).read_text()
     assert page.count("<svg") >= 2 and "Eviction rate per slot" in page
-    assert time.monotonic() - began < 60
+    # The memory act: verdicts as expected, a contradiction superseding exactly one record, the secret nowhere.
+    assert "Memory governance (northwind)" in out and "secret_detected" in flat and "policy_not_promotable" in flat
+    assert re.search(r"seats = 50 is superseded by the upgrade \(exactly that record\)", out), out
+    assert "the deploy key is in 0 memory rows" in out
+    verdicts = dict(_query(tmp_path, env, "SELECT outcome, count() FROM memory_verdicts FINAL WHERE tenant_id = "
+                                          "'northwind' GROUP BY outcome"))
+    assert verdicts == {"accepted": 6, "merged": 1, "rejected": 2}, verdicts
+    assert time.monotonic() - began < 90  # about a minute on a quiet machine; the bound catches a hang, not speed
