@@ -21,9 +21,10 @@ from typing import Annotated
 
 import typer
 from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryRecord, MemoryStatus
-from ctxflow.sinks.payloads import CorruptPayload, LocalPayloadStore, PayloadStore
+from ctxflow.sinks.payloads import CorruptPayload, PayloadStore
 from ctxflow.streams.cli.context import settings_of
 from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.payloads import open_payload_store
 from ctxflow.streams.sdk import CtxflowClient, CtxflowError
 from ctxflow.streams.stack.query import QueryFailed, run_query
 from rich.console import Console
@@ -43,7 +44,7 @@ class ArchiveError(Exception):
 
 def payload_store(settings: Settings) -> PayloadStore:
     """The deployment's payload store (where archives and large payloads live)."""
-    return LocalPayloadStore(settings.payload_root)
+    return open_payload_store(settings)
 
 
 def archived_record(settings: Settings, store: PayloadStore, tenant_id: str, memory_id: str) -> MemoryRecord:
