@@ -51,7 +51,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from ctxflow.schemas.codec import SINGLE_OBJECT_MAGIC, SchemaVersion, kept_schemas
 from ctxflow.schemas.models import PrivacyMode, RunEvent, TurnEvent, UsageReport
 from ctxflow.sinks.base import Batch, BatchingSink, SinkBackpressure
-from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL, TABLE_BY_NAME, Logged, TableSpec, spec_of
+from ctxflow.sinks.clickhouse_ddl import FEEDS, TABLE_BY_MODEL, TABLE_BY_NAME, Logged, TableSpec, spec_of
 from ctxflow.sinks.migrations import migrate
 from ctxflow.sinks.table_retention import TableRetention
 from pydantic import BaseModel
@@ -185,11 +185,14 @@ class ClickHouseSink(BatchingSink[BaseModel | Logged[Any]]):
         about 15 ms for the INFILE round trip and a new part, dominates), so batch size is what matters.
         """
         spec = TABLE_BY_NAME[batch.table]
-        rows = [spec.row(record) for record in batch.records]
-        if not rows:
-            return
-        with _backpressure_on_transient_errors():
-            self._writer.insert(f"`{self.database}`.`{spec.name}`", rows, column_names=spec.column_names)
+        # The tables fed by the same records (the memory index) in the same write: a failure retries the batch
+        # into both, harmless as both collapse copies.
+        for table in (spec, *FEEDS[spec.name]):
+            rows = [table.row(record) for record in batch.records]
+            if not rows:
+                return
+            with _backpressure_on_transient_errors():
+                self._writer.insert(f"`{self.database}`.`{table.name}`", rows, column_names=table.column_names)
 
     def add_encoded(self, record: BaseModel, value: bytes, offset: int) -> None:
         """Buffer ``record`` (decoded from ``value``, read at ``offset`` of its topic partition) for its table,

@@ -24,12 +24,18 @@ meet the first.
 ``ingested_at`` is filled by ClickHouse at insert (outside the row mapping): when the row reached the projection.
 
 Privacy: a turn with ``privacy=no_retention`` is stored without content (NULL); its digest, counts and ids
-stay. Embeddings are never stored (an embedding of content is content); only their dimension count is.
+stay. A turn's embedding is never stored (an embedding of content is content); only its dimension count is.
 A revoked memory record loses its content in the projection.
+
+Memory records feed two tables: ``memory_records`` (every version, for analysts) and ``memory_index`` (what
+agents recall from: ``ReplacingMergeTree(version, is_deleted)``, where a record that left ``active`` is a deleted
+row, so a ``FINAL`` read serves active records only). Embeddings are stored there, and only there: an active
+record's embedding is what recall ranks by, and it leaves with the record.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -60,6 +66,7 @@ _OPT = "Nullable(String)"
 _ENUM = "LowCardinality(String)"  # not Enum8: a new Avro symbol must not break inserts
 _OPT_ENUM = "LowCardinality(Nullable(String))"
 _TS = "DateTime64(3, 'UTC')"
+_WORD = re.compile(r"\w+")
 #: Filled by ClickHouse when the row is inserted; never part of a row.
 INGESTED_AT = ("ingested_at", f"{_TS} DEFAULT now64(3)")
 #: A logged table's version column: the copy read first (lowest offset) is the greatest.
@@ -94,6 +101,19 @@ class TableSpec:
     logged: bool = False
     server_columns: tuple[tuple[str, str], ...] = ()
     expires_by: str | None = None
+    #: ``ReplacingMergeTree(version, is_deleted)``: the column (UInt8) marking a row whose key must no longer be
+    #: read; ``FINAL`` hides a key whose newest row is marked (the row stays until a cleanup merge).
+    is_deleted: str | None = None
+    #: The table whose records also feed this one (written in the same ``write``): a second projection of one
+    #: record type, never the table ``spec_of`` names for it.
+    fed_by: str | None = None
+
+    @property
+    def engine(self) -> str:
+        """The table engine with its parameters."""
+        if self.version is None:
+            return "ReplacingMergeTree"
+        return f"ReplacingMergeTree({self.version}{f', {self.is_deleted}' if self.is_deleted else ''})"
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -118,10 +138,9 @@ class TableSpec:
     def create_sql(self, database: str) -> str:
         """Idempotent ``CREATE TABLE`` in ``database``; the sorting key starts with tenant_id."""
         cols = ",\n  ".join(f"`{name}` {ch_type}" for name, ch_type in (*self.columns, *self.server_columns))
-        engine = f"ReplacingMergeTree({self.version})" if self.version else "ReplacingMergeTree"
         return (
             f"CREATE TABLE IF NOT EXISTS `{database}`.`{self.name}` (\n  {cols}\n)\n"
-            f"ENGINE = {engine}\nORDER BY ({', '.join(self.order_by)})\n"
+            f"ENGINE = {self.engine}\nORDER BY ({', '.join(self.order_by)})\n"
             "SETTINGS non_replicated_deduplication_window = 1000"
         )
 
@@ -245,6 +264,32 @@ _MEMORY_COLUMNS = _fields(MemoryRecord, {
     "bootstrap_loosened": "Bool", "pinned": "Bool", "archive_ref": _OPT,
 })
 MEMORY_COLUMN_NAMES = _names(_MEMORY_COLUMNS)
+_INDEX_COLUMNS = (
+    ("tenant_id", _ID), ("memory_id", _ID), ("version", "UInt64"), ("is_deleted", "UInt8"), ("scope", _ENUM),
+    ("type", _ENUM), ("owner_id", _ID), ("text", _OPT), ("subject", _OPT), ("attribute", _OPT), ("value", _OPT),
+    ("payload_ref", _OPT), ("content_digest", "String"), ("terms", "Array(String)"),
+    ("embedding", "Array(Float32)"), ("updated_at", _TS), ("expires_at", f"Nullable({_TS})"),
+)
+INDEX_COLUMN_NAMES = _names(_INDEX_COLUMNS)
+
+
+def index_terms(*texts: str | None) -> list[str]:
+    """The distinct lower-cased word tokens of ``texts``: what a record is indexed under and a query looks for
+    (one tokenizer for both, Unicode-aware)."""
+    return list(dict.fromkeys(_WORD.findall(" ".join(t for t in texts if t).casefold())))
+
+
+def _index_row(record: MemoryRecord) -> Row:
+    """A record as the retrieval index holds it: an active record's text (inline content; a record whose content
+    is in the payload store is indexed by its subject, attribute, value and embedding), terms and embedding; any
+    other status a deleted row without them, which hides every earlier version of the key."""
+    live = record.status is MemoryStatus.ACTIVE
+    text = record.content if live else None
+    terms = index_terms(text, record.subject, record.attribute, record.value) if live else []
+    return (record.tenant_id, record.memory_id, record.version, 0 if live else 1, record.scope, record.type,
+            record.owner_id or "", text, record.subject, record.attribute, record.value, record.payload_ref,
+            record.content_digest, terms, (record.embedding or []) if live else [], record.updated_at,
+            record.expires_at)
 _INVALIDATION_COLUMNS = _fields(Invalidation, {
     "invalidation_id": _ID, "tenant_id": _ID, "kind": _ENUM, "target_type": _ENUM, "target_id": _ID,
     "source_memory_id": _OPT, "user_id": _OPT, "session_id": _OPT, "run_id": _OPT, "reason": "String",
@@ -301,6 +346,9 @@ TABLES: tuple[TableSpec, ...] = (
               _dead_letter_row, expires_by="failed_at"),
     TableSpec("memory_records", MemoryRecord, _MEMORY_COLUMNS, ("tenant_id", "memory_id"), _memory_row,
               version="version"),
+    # What agents recall from: active records only (a record that leaves active is a deleted row).
+    TableSpec("memory_index", MemoryRecord, _INDEX_COLUMNS, ("tenant_id", "memory_id"), _index_row,
+              version="version", is_deleted="is_deleted", fed_by="memory_records"),
     # One row per candidate: the verdict id is the tenant's and candidate's hash, so a redelivery overwrites.
     TableSpec("memory_verdicts", MemoryVerdict, _VERDICT_COLUMNS, ("tenant_id", "verdict_id"),
               _plain_row(_names(_VERDICT_COLUMNS)), server_columns=(INGESTED_AT,), expires_by="occurred_at"),
@@ -316,5 +364,9 @@ TABLES: tuple[TableSpec, ...] = (
 )
 """Every projected table (migrations create them; ``ensure_schema`` adds the spec columns a table lacks)."""
 
-TABLE_BY_MODEL: dict[type[BaseModel], TableSpec] = {spec.model: spec for spec in TABLES}
+TABLE_BY_MODEL: dict[type[BaseModel], TableSpec] = {spec.model: spec for spec in TABLES if spec.fed_by is None}
 TABLE_BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in TABLES}
+#: Table -> the tables its records also feed (:attr:`TableSpec.fed_by`).
+FEEDS: dict[str, tuple[TableSpec, ...]] = {
+    name: tuple(spec for spec in TABLES if spec.fed_by == name) for name in TABLE_BY_NAME
+}

@@ -303,6 +303,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "envelopes and costs tables", _envelopes_and_costs),
     Migration(7, "hourly cost per tenant", _hourly_cost),
     Migration(8, "memory verdicts table", create_tables("memory_verdicts")),
+    Migration(9, "memory retrieval index", create_tables("memory_index")),
 )
 """Every migration, in version order (versions are 1, 2, 3, ... without gaps)."""
 

@@ -17,7 +17,10 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    ``quarantined`` with a :class:`~processors.memory.lifecycle.ReviewItem` when it contradicts a record with
    stronger verification or one already under review;
 5. emits one :class:`MemoryVerdict` per candidate, and an :class:`Invalidation` per record that stops being
-   retrievable.
+   retrievable;
+6. after every step, tells each live run holding a memory the step's outputs stop serving: a ``stale_context``
+   :class:`Decision` (:mod:`processors.memory.holders`, which also learns the holdings from turns of kind
+   ``memory`` and counts each memory's reads).
 
 Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
 no candidate can read or change another tenant's records (property-tested with tenant ids differing only in
@@ -35,7 +38,7 @@ from typing import Any
 
 from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import conflict, lifecycle, quota, store_commands
+from ctxflow.processors.memory import conflict, holders, lifecycle, quota, store_commands
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.late_privacy import revoke_run_records
@@ -88,13 +91,13 @@ class MemoryGateProcessor:
     """Memory governance over the chain's state protocol (see the module docstring)."""
 
     name = "memory_gate"
-    tables: tuple[TableSpec, ...] = TABLES
+    tables: tuple[TableSpec, ...] = (*TABLES, *holders.TABLES)
 
     def __init__(
         self,
         gate: MemoryGate | None = None,
         policy_of: Callable[[str], MemoryPolicy] | None = None,
-        access_of: quota.AccessOf = quota.no_access,
+        access_of: quota.AccessOf = quota.recorded_access,
     ) -> None:
         """``policy_of`` overrides the manifests' policies (tests, benches); ``access_of`` tells the long-term
         store's eviction how often and when a record was retrieved (:mod:`processors.memory.quota`)."""
@@ -107,9 +110,21 @@ class MemoryGateProcessor:
     def process(
         self, event: Any, pos: Position, state: BudgetStore, now: datetime, earlier: Sequence[Any] = ()
     ) -> Sequence[Any]:
-        """Judge a :class:`MemoryCandidate`; apply a store command; learn run facts from turns and run events."""
+        """Judge a :class:`MemoryCandidate`; apply a store command; learn run facts from turns and run events, and
+        which runs hold which memory from turns of kind ``memory``; then tell every live run holding a memory these
+        outputs stop serving (:func:`processors.memory.holders.notices`: one post-step, whatever produced the
+        outputs: supersession, review, store eviction, a run learnt to be no-retention late)."""
         if isinstance(event, TurnEvent | RunEvent):
-            return self._learn_run(event, state)
+            outputs = self._learn_run(event, state)
+            if isinstance(event, TurnEvent):
+                holders.observe(event, state)
+        else:
+            outputs = self._judge(event, state)
+        if not outputs:
+            return outputs
+        return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
+
+    def _judge(self, event: Any, state: BudgetStore) -> list[Any]:
         if isinstance(event, MemoryCommand) and event.kind in store_commands.KINDS:
             out = store_commands.apply(MemoryTables(state), event)
             return [*out, *self._enforce_quota(event.tenant_id, state, event.issued_at)]
@@ -139,10 +154,12 @@ class MemoryGateProcessor:
         return quota.enforce(MemoryTables(state), tenant, limits, now, self.access_of)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
-        """Memory outlives runs; what the processor knew of the retired runs themselves goes."""
+        """Memory outlives runs; what the processor knew of the retired runs themselves (facts, holdings) goes."""
         tables = MemoryTables(state)
+        keys = list(keys)
         for key in keys:
             tables.forget_run(key)
+        holders.forget_runs(keys, state)
 
     def forget_index(self) -> None:
         """No index over the store's values; cached policies are keyed by manifest version and stay valid."""
@@ -206,7 +223,8 @@ class MemoryGateProcessor:
         **correction: str | None,
     ) -> list[Any]:
         """A reviewer's decision (:func:`processors.memory.review.review`) on this processor's state."""
-        return review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        out = review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        return [*out, *holders.notices(out, state, None)]
 
     def _promote(
         self,
@@ -328,6 +346,7 @@ class MemoryGateProcessor:
             produced_by_agent=candidate.produced_by_agent,
             payload_ref=payload_ref(candidate.tenant_id, candidate.content_digest) if too_big else None,
             bootstrap_loosened=decision.bootstrap_loosened,
+            embedding=candidate.embedding,
         )
 
     @staticmethod

@@ -12,7 +12,8 @@ weighs, each in [0, 1]:
 
 * recency (0.35): ``0.5 ** (days since the last update or access / 30)``, in event time (the write that
   triggered the round), so a replay ranks the same way;
-* access frequency (0.25): ``n / (n + 3)`` of the record's retrievals (``access_of``; none known: 0);
+* access frequency (0.25): ``n / (n + 3)`` of the record's reads into runs' contexts (``access_of``; by default
+  the counts :mod:`processors.memory.holders` keeps from turns of kind ``memory``; none known: 0);
 * importance (0.30): its type (fact 1, preference 0.8, episode 0.5, anything else 0.3) x 0.5 + its
   verification's strength (none 0 .. human approved 1) x 0.3 + ``min(merge_count, 10) / 10`` x 0.2;
 * token cost (-0.10): ``bytes / (bytes + 4096)`` of its content: of two otherwise equal records the larger goes.
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ctxflow.processors.memory import lifecycle
+from ctxflow.processors.memory import holders, lifecycle
 from ctxflow.processors.memory.identity import bucket_key
 from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.schemas.models import (
@@ -71,9 +72,10 @@ class Access:
 AccessOf = Callable[[MemoryTables, MemoryRecord], Access]
 
 
-def no_access(tables: MemoryTables, record: MemoryRecord) -> Access:
-    """The default: no retrievals known, so recency is the last update's."""
-    return Access()
+def recorded_access(tables: MemoryTables, record: MemoryRecord) -> Access:
+    """The default: the reads the processor counted from runs' ``memory`` turns (:mod:`.holders`); none: zero."""
+    known = holders.access_of(tables.state, record.tenant_id, record.memory_id)
+    return Access(known.count, known.last_access_at) if known is not None else Access()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,7 @@ def enforce(
     tenant_id: str,
     quota: StoreQuota | None,
     now: datetime,
-    access_of: AccessOf = no_access,
+    access_of: AccessOf = recorded_access,
 ) -> list[Any]:
     """Evict the tenant's store down to its target if its live count reached the threshold; else nothing.
 

@@ -34,6 +34,11 @@ GenAI usage, streamed or not, into the contract's disjoint token kinds; ``ctx.us
     report = ctx.usage_from(openai_chat_usage(completion), latency_ms=820)
     await client.publish_usage(report)
 
+Recall: ``await client.recall(ctx, "query", k=5, embedding=None)`` returns the run's best active memories
+(:mod:`streams.sdk.recall`: its tenant only; tenant scope, its user's, its session's) and reports each as a
+retrieval turn, so a memory that later goes stale reaches the run as a ``stale_context`` decision, which
+:meth:`ContextWindow.apply` acts on.
+
 Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content``; its ``content_digest``
 is kept (computed here when missing) and a turn's ``token_count``, when the caller gave none, is counted here
 from the content before it goes (with the model's encoding), so the budget counts it all the same. A run
@@ -47,6 +52,7 @@ from ctxflow.streams.sdk.client import CtxflowClient
 from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
+from ctxflow.streams.sdk.recall import RecallHit
 from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
 from ctxflow.streams.sdk.run_context import Delegation, RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
@@ -64,6 +70,6 @@ from ctxflow.streams.sdk.usage import (
 __all__ = [
     "TOPIC_OF", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient",
     "CtxflowError", "DecisionStream", "Delegation", "OpenAIChatStream", "OpenAIResponsesStream", "PublishFailed",
-    "RunContext", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage", "openai_chat_usage",
-    "openai_responses_usage", "otel_genai_usage", "record_key", "redact",
+    "RecallHit", "RunContext", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage",
+    "openai_chat_usage", "openai_responses_usage", "otel_genai_usage", "record_key", "redact",
 ]

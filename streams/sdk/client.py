@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -17,6 +17,7 @@ from ctxflow.schemas.codec import Codec, RejectedRecord
 from ctxflow.schemas.models import (
     AdmissionRequest,
     MemoryCandidate,
+    MemoryScope,
     PrivacyMode,
     RunEvent,
     RunStatus,
@@ -29,6 +30,7 @@ from ctxflow.streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowE
 from ctxflow.streams.sdk.linger import send_lingering_now
 from ctxflow.streams.sdk.manifest_files import latest_per_tenant
 from ctxflow.streams.sdk.readers import DecisionStream, TopicReader
+from ctxflow.streams.sdk.recall import DEFAULT_SCOPES, RecallHit, find, retrieval_turn
 from ctxflow.streams.sdk.records import TOPIC_OF, R, record_key, redact
 from ctxflow.streams.sdk.run_context import RunContext
 from ctxflow.streams.topics import MANIFESTS, TopicSpec
@@ -228,6 +230,21 @@ class CtxflowClient:
             while len(self._private_runs) > _PRIVATE_RUNS_REMEMBERED:
                 self._private_runs.popitem(last=False)
         return redact(record)
+
+    async def recall(self, ctx: RunContext, query: str, *, scopes: Iterable[MemoryScope] = DEFAULT_SCOPES,
+                     k: int = 5, embedding: Sequence[float] | None = None, publish: bool = True) -> list[RecallHit]:
+        """The run's ``k`` best active memories for ``query`` (:mod:`streams.sdk.recall`): the run's tenant only,
+        tenant-scope memories, its user's and its session's, ranked by cosine distance to ``embedding`` when given,
+        else lexically. With ``publish`` each hit is reported as a retrieval turn (kind ``memory``, slot
+        ``retrieved``, item id = memory id), so the budget counts it and the worker can tell the run when it goes
+        stale (a ``stale_context`` decision). Raises :class:`~streams.stack.query.QueryFailed` when no process
+        answers queries (see ``ctxflow query``)."""
+        hits = await asyncio.to_thread(find, self.settings, ctx, query, scopes=tuple(scopes), k=k,
+                                       embedding=embedding)
+        if publish:
+            for hit in hits:
+                await self.publish_turn(retrieval_turn(ctx, hit))
+        return hits
 
     @contextlib.asynccontextmanager
     async def run(self, ctx: RunContext) -> AsyncIterator[RunContext]:

@@ -32,6 +32,12 @@ What each decision kind does to the list:
   decision is not recorded as applied, so the agent may summarize the sources itself and call
   ``apply(decision, summary_text=...)``, or skip the swap (the planner already counts the summary's tokens
   instead of the sources', so skipping leaves the agent's context larger than ctxflow believes).
+- ``stale_context``: a memory the run recalled (item id = memory id, as :meth:`CtxflowClient.recall` reports it)
+  was revoked, superseded, quarantined or archived. Its items are *dropped* (from the list and the offloaded
+  store), not marked: a stale memory left in the prompt keeps acting as truth, and a marker the model reads is
+  no safer than its absence. What went stale, with its new status and replacement, is kept in
+  :attr:`ContextWindow.stale` (also for ids the window did not hold), so the agent can recall the replacement
+  (``decision.stale[i].replaced_by``) and tell the model what changed.
 - ``compress`` (a summary was requested) and every other kind: no change.
 
 Redelivery: decisions are delivered at least once (after a worker crash a decision can come again with the
@@ -49,7 +55,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctxflow.processors.eviction.planner import mask_placeholder
-from ctxflow.schemas.models import Decision, DecisionKind
+from ctxflow.schemas.models import Decision, DecisionKind, StaleMemory
 
 #: The content prefix of a summary message, so the model reads it as a digest, not as something just said.
 SUMMARY_PREFIX = "[summary of earlier context] "
@@ -76,6 +82,7 @@ class ContextWindow:
         self._ids: set[str] = set()  # the ids in _items
         self._offloaded: dict[str, Message] = {}
         self._applied: set[str] = set()
+        self._stale: dict[str, StaleMemory] = {}
 
     # ---- building ---------------------------------------------------------------------------------------------
     def add(self, message: Mapping[str, Any], item_id: str) -> None:
@@ -112,6 +119,10 @@ class ContextWindow:
             changed = self._recall(ids)
         elif kind is DecisionKind.MASK:
             changed = self._mask(decision)
+        elif kind is DecisionKind.STALE_CONTEXT:
+            for stale in decision.stale:
+                self._stale[stale.memory_id] = stale
+            changed = self._evict({stale.memory_id for stale in decision.stale})
         elif kind is DecisionKind.SWAP:
             text = decision.summary.text if decision.summary is not None else None
             if decision.summary is not None and text is None and summary_text is None:
@@ -241,6 +252,12 @@ class ContextWindow:
     def offloaded(self) -> dict[str, Message]:
         """Offloaded items by id (copies), in the order they were offloaded; a ``recall`` brings them back."""
         return copy.deepcopy(self._offloaded)
+
+    @property
+    def stale(self) -> dict[str, StaleMemory]:
+        """Memories ``stale_context`` decisions named, by id: their new status and ``replaced_by`` (the memory
+        to recall instead, when there is one), in the order they were reported."""
+        return dict(self._stale)
 
     def _holds(self, item_id: str) -> bool:
         return item_id in self._ids or item_id in self._offloaded

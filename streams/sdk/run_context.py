@@ -224,13 +224,14 @@ class RunContext:
         source_item_ids: Iterable[str] = (), at: datetime | None = None, subject: str | None = None,
         attribute: str | None = None, value: str | None = None, verification: Verification = Verification.NONE,
         verified_by: str | None = None, corroborating_run_ids: Iterable[str] = (), retention_rule: str | None = None,
-        candidate_id: str | None = None,
+        candidate_id: str | None = None, embedding: list[float] | None = None,
     ) -> MemoryCandidate:
         """Propose promoting ``content`` to durable memory; the worker's memory gate decides (a verdict on
         ``memory.verdicts``). ``subject``/``attribute``/``value`` make a contradiction precise (a newer value of
         the same subject's attribute supersedes exactly that record); ``verification`` and ``verified_by`` (an
         approver or a system of record) or ``corroborating_run_ids`` are what admit a tenant-wide fact;
-        ``retention_rule`` names the tenant rule under which personal data in ``content`` may be kept. A child
+        ``retention_rule`` names the tenant rule under which personal data in ``content`` may be kept;
+        ``embedding`` (the agent's vector of ``content``) goes onto the record, and recall ranks by it. A child
         run's candidates carry its parent and agent as provenance."""
         return MemoryCandidate(
             event_id=self.id_factory(), **self._ids(), candidate_id=candidate_id or self.id_factory(), scope=scope,
@@ -240,4 +241,5 @@ class RunContext:
             subject=subject, attribute=attribute, value=value, verification=verification, verified_by=verified_by,
             corroborating_run_ids=list(corroborating_run_ids), retention_rule=retention_rule,
             parent_run_id=self.parent_run_id, produced_by_agent=self.agent_id if self.parent_run_id else None,
+            embedding=embedding,
         )

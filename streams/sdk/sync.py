@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ctxflow.schemas.models import TenantManifest
+from ctxflow.schemas.models import MemoryScope, TenantManifest
+from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk.client import CtxflowClient
+from ctxflow.streams.sdk.recall import DEFAULT_SCOPES, RecallHit
+from ctxflow.streams.sdk.run_context import RunContext
 from pydantic import BaseModel
 
 
@@ -20,6 +24,14 @@ class SyncCtxflowClient:
     def __init__(self, bootstrap: str, **kw: Any) -> None:
         self._runner = asyncio.Runner()
         self.client = CtxflowClient(bootstrap, **kw)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw: Any) -> SyncCtxflowClient:
+        """A facade over :meth:`CtxflowClient.from_settings` (the deployment's broker, prefix, and where queries
+        go for :meth:`recall`)."""
+        facade = cls(settings.bootstrap, **kw)
+        facade.client = CtxflowClient.from_settings(settings, **kw)
+        return facade
 
     def __enter__(self) -> SyncCtxflowClient:
         try:
@@ -44,6 +56,12 @@ class SyncCtxflowClient:
     def flush(self, timeout_s: float | None = None) -> None:
         """:meth:`CtxflowClient.flush`: blocks until every record is acknowledged, raises on failures."""
         self._runner.run(self.client.flush(timeout_s))
+
+    def recall(self, ctx: RunContext, query: str, *, scopes: Iterable[MemoryScope] = DEFAULT_SCOPES, k: int = 5,
+               embedding: Sequence[float] | None = None, publish: bool = True) -> list[RecallHit]:
+        """:meth:`CtxflowClient.recall`, blocking."""
+        return self._runner.run(self.client.recall(ctx, query, scopes=scopes, k=k, embedding=embedding,
+                                                   publish=publish))
 
     def latest_manifest(self, tenant_id: str) -> TenantManifest | None:
         """:meth:`CtxflowClient.latest_manifest`."""

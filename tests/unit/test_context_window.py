@@ -19,6 +19,7 @@ from ctxflow.schemas.models import (
     DecisionKind,
     ItemAction,
     ItemDecision,
+    StaleMemory,
     SummaryProvenance,
     content_digest,
 )
@@ -412,3 +413,22 @@ def test_random_conversations_and_decisions_keep_the_list_sendable_and_idempoten
             twice.apply(step)
             twice.apply(step)
     assert (twice.items(), twice.offloaded) == final
+
+
+def test_a_stale_memory_leaves_the_window_and_its_replacement_is_named() -> None:
+    window = ContextWindow(run_id="run-1")
+    window.add({"role": "system", "content": "policy"}, item_id="sys")
+    window.add({"role": "user", "content": "How many seats?"}, item_id="q")
+    window.add({"role": "tool", "content": "Acme has 50 seats"}, item_id="mem-old")
+    window.add({"role": "tool", "content": "Acme is in eu-west-1"}, item_id="mem-region")
+    stale = [StaleMemory(memory_id="mem-old", status="superseded", replaced_by="mem-new"),
+             StaleMemory(memory_id="mem-gone", status="revoked")]
+    notice = Decision(decision_id="stale-1", tenant_id="acme", run_id="run-1", kind=DecisionKind.STALE_CONTEXT,
+                      reason="no longer served", decided_at=T0, stale=stale)
+    assert window.apply(notice)
+    assert window.item_ids() == ["sys", "q", "mem-region"]
+    assert window.stale == {"mem-old": stale[0], "mem-gone": stale[1]}
+    assert not window.apply(notice)  # redelivered: nothing more
+    other = notice.model_copy(update={"decision_id": "stale-2", "run_id": "run-2"})
+    window.add({"role": "tool", "content": "Acme has 50 seats"}, item_id="mem-old")  # recalled again
+    assert not window.apply(other) and "mem-old" in window.item_ids()  # another run's notice

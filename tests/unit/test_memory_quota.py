@@ -14,15 +14,21 @@ from ctxflow.processors.memory.quota import Access, StoreQuota, score, victims
 from ctxflow.processors.memory.store import LIVE_COUNTS, MemoryTables
 from ctxflow.processors.types import DictBudgetState, Position, tenant_key
 from ctxflow.schemas.models import (
+    Decision,
+    DecisionKind,
     Invalidation,
+    ItemKind,
     MemoryCommand,
     MemoryCommandKind,
     MemoryRecord,
     MemoryStatus,
     MemoryStore,
     MemoryVerdict,
+    Role,
+    Slot,
     SlotCaps,
     TenantManifest,
+    TurnEvent,
     VerdictOutcome,
 )
 from hypothesis import HealthCheck, given, settings
@@ -208,3 +214,27 @@ def test_a_round_brings_the_count_to_the_target() -> None:
         p.process(note(i), POS, state, NOW)
         counts.append(len(live(state)))
     assert counts[-1] == 14 and max(counts) == 16
+
+
+def _read(memory_id: str, run_id: str, seq: int, at: datetime) -> TurnEvent:
+    """A turn of kind memory: run ``run_id`` read ``memory_id`` into its context (the SDK's recall)."""
+    return TurnEvent(event_id=f"t-{run_id}-{seq}", tenant_id="acme", user_id="u-1", session_id="s-1", run_id=run_id,
+                     agent_id="a", seq=seq, model="gpt-4o", role=Role.TOOL, kind=ItemKind.MEMORY,
+                     slot=Slot.RETRIEVED, item_id=memory_id, content_digest="0" * 64, token_count=5, occurred_at=at)
+
+
+def test_reads_keep_a_record_and_a_run_holding_an_evicted_one_is_told() -> None:
+    p, state = processor(), with_quota(DictBudgetState(), "acme", 10)
+    long_ago = NOW - timedelta(days=200)
+    old = of(MemoryVerdict, p.process(note(99).model_copy(update={"occurred_at": long_ago}), POS, state, NOW))
+    p.process(_read(old[0].memory_id, "r-holder", 0, long_ago), POS, state, NOW)  # read once, long ago
+    ids = [of(MemoryVerdict, p.process(note(i), POS, state, NOW))[0].memory_id for i in range(7)]
+    for seq in range(3):  # the oldest note, read three times since
+        p.process(_read(ids[0], "r-reader", seq, NOW + timedelta(minutes=5)), POS, state, NOW)
+    out = p.process(note(7), POS, state, NOW)
+    evicted = [r.memory_id for r in of(MemoryRecord, out) if r.status is MemoryStatus.ARCHIVED]
+    # The old one despite its read, and an unread note (which one: size weighs more than minutes of age).
+    assert evicted[0] == old[0].memory_id and evicted[1] in ids[1:] and len(evicted) == 2
+    (notice,) = [d for d in of(Decision, out) if d.kind is DecisionKind.STALE_CONTEXT]
+    assert (notice.run_id, [(s.memory_id, s.status) for s in notice.stale]) == (
+        "r-holder", [(old[0].memory_id, "archived")])
