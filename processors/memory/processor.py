@@ -22,6 +22,12 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    :class:`Decision` (:mod:`processors.memory.holders`, which also learns the holdings from turns of kind
    ``memory`` and counts each memory's reads).
 
+After an accepted candidate (and a ``rehydrate``), the tenant's long-term store is evicted to its quota's target
+when the write filled it (:mod:`processors.memory.quota`: archived first, pinned never). ``rehydrate``, ``pin``
+and ``unpin`` commands are :mod:`processors.memory.store_commands`'. A run learnt to be no-retention after its
+candidates were accepted (its turns, run events, a no-retention candidate, or delegation under a no-retention
+parent: :mod:`processors.delegation`) has the records they created revoked (:mod:`processors.memory.late_privacy`).
+
 Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
 no candidate can read or change another tenant's records (property-tested with tenant ids differing only in
 case and shared user, session and run ids).
