@@ -118,13 +118,14 @@ def archive(record: MemoryRecord, now: datetime, reason: str, archive_ref: str) 
 
 def rehydrate(record: MemoryRecord, now: datetime, by: str, content: str | None) -> MemoryRecord:
     """An archived record back as it was: ``active``, its content restored (``content`` must hash to the
-    record's ``content_digest``; None for a record whose content lives at its ``payload_ref``)."""
+    record's ``content_digest``; None for a record whose content lives at its ``payload_ref``). Anything else is an
+    :class:`IllegalTransition`: a wrong or forged archive cannot come back."""
     if record.status is not MemoryStatus.ARCHIVED:
         raise IllegalTransition(f"{record.memory_id}: only an archived record is rehydrated")
     if (content is None) != (record.payload_ref is not None):
-        raise ValueError(f"{record.memory_id}: rehydration needs the archived content (and only inline content)")
+        raise IllegalTransition(f"{record.memory_id}: rehydration needs the archived content (and only inline content)")
     if content is not None and content_digest(content) != record.content_digest:
-        raise ValueError(f"{record.memory_id}: the content does not hash to the record's content_digest")
+        raise IllegalTransition(f"{record.memory_id}: the content does not hash to the record's content_digest")
     return transition(record, MemoryStatus.ACTIVE, now, f"rehydrated by {by}", content=content, archive_ref=None)
 
 

@@ -11,7 +11,9 @@
 
 Idempotent: a command whose effect already holds (rehydrating an active record, pinning a pinned one) changes
 nothing and returns nothing, so a redelivered command changes nothing. A command on a record the tenant does not
-have raises ``KeyError``, on a record in the wrong state ``IllegalTransition`` (the chain logs it and skips it).
+have raises ``KeyError``; on a record in the wrong state, or a rehydration whose content does not match the record,
+``IllegalTransition``: what the command dispatch of ``review``/``delete`` refuses as well (a dead letter naming the
+reason, once that dispatch is on main; until then the chain logs the failure and skips the command).
 """
 
 from __future__ import annotations
