@@ -7,8 +7,8 @@ read, so the processor stays pure and a replay of the log needs no object store:
 bytes against their content address), checks it is this tenant's record, and publishes the command with the
 archived content; the processor checks that content against the digest of the record it holds.
 
-:func:`register` adds the commands to a ``memory`` group, so the module that owns the group (with ``review`` and
-``delete``) can register them too; until then :data:`app` is that group.
+:func:`register` adds the commands to the ``memory`` group, whichever module owns it (``GROUP_MEMBERS`` in
+:mod:`streams.cli.main`).
 """
 
 from __future__ import annotations
@@ -122,6 +122,3 @@ def register(group: typer.Typer) -> None:
     for command in (rehydrate, pin, unpin):
         group.command(name=command.__name__)(command)
 
-
-app = typer.Typer(help="A tenant's durable memory.", no_args_is_help=True, add_completion=False)
-register(app)
