@@ -246,6 +246,11 @@ class MemoryGateProcessor:
         owner = owner_of(candidate.scope, candidate.user_id, candidate.session_id)
         bucket = bucket_key(tenant, candidate.scope, owner)
         existing = tables.record(tenant, mid)
+        if existing is not None and existing.source_candidate_id == candidate.candidate_id:
+            # This candidate's own record, written before a crash that lost its verdict (the verdict table is
+            # persisted last): the judgement happened; give its verdict again, never count it as a merge.
+            outcome = VerdictOutcome.ACCEPTED
+            return [existing, self._verdict(tables, candidate, decision, policy, outcome, existing, now)]
         if existing is not None and existing.status in conflict.LIVE:
             return self._merge(tables, candidate, decision, policy, existing, now)
         fresh = self._record(candidate, decision, policy, owner, existing, now)
