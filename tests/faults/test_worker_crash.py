@@ -14,8 +14,10 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import pytest
 from ctxflow.processors.admission import TOTAL
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
@@ -31,10 +33,17 @@ from ctxflow.schemas.models import (
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.workload import Workload
 from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
 from tests.replay import read_input_log, replay
-from tests.support_deploy import drop_other_redis_clients, redis_decisions, redis_headroom, redis_writes_paused
+from tests.support_deploy import (
+    drop_other_redis_clients,
+    fresh_settings,
+    redis_decisions,
+    redis_headroom,
+    redis_writes_paused,
+)
 from tests.support_kafka import (
     changelog_keys,
     committed_offsets,
@@ -209,25 +218,37 @@ def _crash_while_redis_stalls(settings: Settings) -> tuple[WorkerProcess, RunCon
     return worker, ctx
 
 
-def test_redis_headroom_survives_a_crash_before_the_projection(settings: Settings) -> None:
+@pytest.fixture(scope="module")
+def crashed_while_redis_stalled(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Settings, RunContext]]:
+    """One crash during a Redis stall and its restart, shared by the tests below: each checks a different part
+    of what the restarted worker must have projected (the crash and restart are the costly part, ~20 s)."""
+    settings = fresh_settings(stack, tmp_path_factory.mktemp("crash-redis-stall") / "home")
     worker, ctx = _crash_while_redis_stalls(settings)
     try:
-        headroom = redis_headroom(settings, ctx.tenant_id, ctx.run_id)
-        assert headroom is not None and headroom.used[TOTAL] == 120
+        yield settings, ctx
     finally:
         worker.stop()
 
 
-def test_redis_decisions_survive_a_crash_before_the_projection(settings: Settings) -> None:
-    worker, ctx = _crash_while_redis_stalls(settings)
-    try:
-        published = {d.decision_id for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
-        assert {DecisionKind.BUDGET_STATE, DecisionKind.REJECTION} <= {
-            d.kind for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
-        projected = {d.decision_id for d in redis_decisions(settings, ctx.tenant_id, ctx.run_id)}
-        assert published <= projected
-    finally:
-        worker.stop()
+def test_redis_headroom_survives_a_crash_before_the_projection(
+    crashed_while_redis_stalled: tuple[Settings, RunContext],
+) -> None:
+    settings, ctx = crashed_while_redis_stalled
+    headroom = redis_headroom(settings, ctx.tenant_id, ctx.run_id)
+    assert headroom is not None and headroom.used[TOTAL] == 120
+
+
+def test_redis_decisions_survive_a_crash_before_the_projection(
+    crashed_while_redis_stalled: tuple[Settings, RunContext],
+) -> None:
+    settings, ctx = crashed_while_redis_stalled
+    published = {d.decision_id for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
+    assert {DecisionKind.BUDGET_STATE, DecisionKind.REJECTION} <= {
+        d.kind for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
+    projected = {d.decision_id for d in redis_decisions(settings, ctx.tenant_id, ctx.run_id)}
+    assert published <= projected
 
 
 def test_a_restart_recovers_every_token_table_value(settings: Settings) -> None:
