@@ -1,6 +1,6 @@
 """The processor chain: every record through the budget, then each later processor, under one commit protocol.
 
-Order: budget -> eviction planner -> memory gate -> envelopes and costs.
+Order: budget -> eviction planner -> delegation rules -> memory gate -> envelopes and costs.
 Each processor is pure, ``(event, position, state, now, earlier) -> outputs`` over its own tables, and
 unit-tested without Kafka. The chain owns what they share:
 
@@ -122,12 +122,16 @@ class ProcessorChain:
 def default_chain(
     budget: BudgetProcessor, *, idle_timeout_s: float | None = None, storage_days: float | None = None
 ) -> ProcessorChain:
-    """The worker's chain: budget, then the eviction planner, the memory gate, and envelopes and costs
+    """The worker's chain: budget, then the eviction planner, the delegation rules, the memory gate, and envelopes
+    and costs
     (``idle_timeout_s`` and ``storage_days``: :class:`~processors.envelopes.processor.EnvelopeProcessor`'s, its
     defaults when None)."""
+    from ctxflow.processors.delegation import DelegationProcessor
     from ctxflow.processors.envelopes.processor import EnvelopeProcessor
     from ctxflow.processors.eviction.planner import EvictionPlanner
     from ctxflow.processors.memory.processor import MemoryGateProcessor
 
     envelopes = EnvelopeProcessor(budget, idle_timeout_s=idle_timeout_s, storage_days=storage_days)
-    return ProcessorChain(budget, [EvictionPlanner(budget), MemoryGateProcessor(), envelopes])
+    return ProcessorChain(
+        budget, [EvictionPlanner(budget), DelegationProcessor(), MemoryGateProcessor(), envelopes]
+    )

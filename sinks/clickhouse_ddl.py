@@ -261,7 +261,7 @@ _MEMORY_COLUMNS = _fields(MemoryRecord, {
     "sensitivity": _ENUM, "pii_kinds": "Array(LowCardinality(String))", "retention_policy": _OPT,
     "policy_version": _OPT, "parent_run_id": _OPT, "produced_by_agent": _OPT, "payload_ref": _OPT,
     "supersedes": _OPT, "superseded_by": _OPT, "review_state": _ENUM, "merge_count": "UInt64",
-    "bootstrap_loosened": "Bool",
+    "bootstrap_loosened": "Bool", "pinned": "Bool", "archive_ref": _OPT,
 })
 MEMORY_COLUMN_NAMES = _names(_MEMORY_COLUMNS)
 _INDEX_COLUMNS = (

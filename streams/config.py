@@ -100,13 +100,20 @@ class Settings(BaseSettings):
     #: 400 by default: a year of hours plus a month, for year-over-year dashboards.
     clickhouse_rollup_retention_days: int = Field(default=400, ge=0)
 
-    #: Where memory payloads above the inline limit live, content-addressed: a local directory (``file:///path``,
-    #: or a plain path; ``<home>/payloads`` when unset). Records name them by ``payload_ref``.
+    #: Where memory payloads above the inline limit and evicted records' archives live, content-addressed: a local
+    #: directory (``file:///path``, or a plain path; ``<home>/payloads`` when unset) or an S3-compatible bucket
+    #: (``s3://bucket/prefix``: streams.runtime.payloads). Records name them by ``payload_ref`` / ``archive_ref``.
     payload_store: str | None = None
+    #: S3-compatible endpoint URL (MinIO, Ceph, ...); None: AWS S3 by region.
+    payload_s3_endpoint: str | None = None
+    payload_s3_region: str | None = None
+    #: Credentials; None: boto3's usual chain (AWS_* environment, profile, instance role).
+    payload_s3_access_key_id: str | None = None
+    payload_s3_secret_access_key: str | None = None
 
     @property
     def payload_root(self) -> Path:
-        """The local directory of memory payloads."""
+        """The local directory of memory payloads (meaningless when the store is ``s3://``)."""
         store = self.payload_store
         if store is None:
             return (self.home / "payloads").resolve()

@@ -86,7 +86,8 @@ def bury(
         tables.block(tenant, identity_digest(before.content, before.content_digest), tomb.memory_id)
     kind = InvalidationKind.TOMBSTONE
     out: list[Any] = [*stop_serving(tomb, kind, now, by), lifecycle.invalidation(tomb, kind, now, by, TURN_CONTENT)]
-    for ref in dict.fromkeys(r for r in (before.payload_ref, before.archive_ref) if r is not None):
+    named = (before.payload_ref, before.archive_ref, *tables.take_refs(tenant, tomb.memory_id))
+    for ref in dict.fromkeys(r for r in named if r is not None):
         if tables.release_payload(tenant, ref, tomb.memory_id):
             out += [lifecycle.invalidation(tomb, kind, now, by, PAYLOAD, ref), PayloadDelete(tenant, ref)]
     for summary_id, run_id, sources in tables.take_derived(tenant, tomb.memory_id):

@@ -13,12 +13,12 @@ first time went out before the outcome was made durable: :mod:`processors.memory
   its invalidation cascade (:mod:`processors.memory.cascade`). Deleting a record that is already a tombstone
   sends its invalidations again: harmless (sinks apply them idempotently), and it purges a projection that
   re-acquired the content since.
-- ``rehydrate``, ``pin``, ``unpin``: not applied yet; refused.
+- ``rehydrate``, ``pin``, ``unpin``: the long-term store's (:mod:`processors.memory.store_commands`).
 
-A command that cannot be applied (a refused kind, an unknown record, a transition the lifecycle forbids, a
-correction without content) is never dropped silently: it yields a :class:`CommandRefused`, which the worker
-turns into a dead letter of the command naming the reason. Commands that do not decode (an unknown kind, a
-review without an action) are dead-lettered by the codec before they get here.
+A command that cannot be applied (an unknown record, a transition the lifecycle forbids, a correction without
+content, a rehydration whose content does not match the record) is never dropped silently: it yields a
+:class:`CommandRefused`, which the worker turns into a dead letter of the command naming the reason. Commands that
+do not decode (an unknown kind, a review without an action) are dead-lettered by the codec before they get here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ctxflow.processors.memory import cascade
+from ctxflow.processors.memory import cascade, store_commands
 from ctxflow.processors.memory.lifecycle import IllegalTransition
 from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import MemoryTables
@@ -73,7 +73,9 @@ def _dispatch(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
         return _review(command, tables)
     if kind is MemoryCommandKind.DELETE:
         return _delete(command, tables)
-    raise Refusal(f"{kind.value} is not applied by this worker yet; nothing changed")
+    if kind in store_commands.KINDS:
+        return store_commands.apply(tables, command)
+    raise Refusal(f"{kind.value} is not applied by this worker; nothing changed")
 
 
 def _review(command: MemoryCommand, tables: MemoryTables) -> list[Any]:

@@ -26,18 +26,21 @@ from ctxflow.schemas.models import (
     MemoryRecord,
     MemoryStatus,
     ReviewState,
+    content_digest,
 )
 
 ALLOWED: dict[MemoryStatus, frozenset[MemoryStatus]] = {
     MemoryStatus.PROVISIONAL: frozenset({MemoryStatus.ACTIVE, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
-    MemoryStatus.ACTIVE: frozenset({MemoryStatus.SUPERSEDED, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED}),
+    MemoryStatus.ACTIVE: frozenset(
+        {MemoryStatus.SUPERSEDED, MemoryStatus.QUARANTINED, MemoryStatus.REVOKED, MemoryStatus.ARCHIVED}
+    ),
     MemoryStatus.QUARANTINED: frozenset({MemoryStatus.ACTIVE, MemoryStatus.REVOKED}),
     MemoryStatus.SUPERSEDED: frozenset({MemoryStatus.REVOKED}),
+    MemoryStatus.ARCHIVED: frozenset({MemoryStatus.ACTIVE, MemoryStatus.REVOKED}),
     MemoryStatus.REVOKED: frozenset(),
-    # An archived record's content lives in the object store; a deletion or an expiry must still reach it.
-    MemoryStatus.ARCHIVED: frozenset({MemoryStatus.REVOKED}),
 }
-"""Which status may follow which. Revoked is final; superseded and archived can only be revoked."""
+"""Which status may follow which. Revoked is final; superseded can only be revoked; only an active record is
+archived (evicted from the long-term store), and an archived one comes back active (rehydrated) or is revoked."""
 
 
 class IllegalTransition(ValueError):
@@ -108,6 +111,25 @@ def revoke(record: MemoryRecord, now: datetime, reason: str, review: ReviewState
     return transition(
         record, MemoryStatus.REVOKED, now, reason, content=None, value=None, review_state=state, expires_at=None
     )
+
+
+def archive(record: MemoryRecord, now: datetime, reason: str, archive_ref: str) -> MemoryRecord:
+    """An active record evicted from the long-term store: ``archived``, its content only in the archive at
+    ``archive_ref`` (the record as it was, stored before this one is published)."""
+    return transition(record, MemoryStatus.ARCHIVED, now, reason, content=None, archive_ref=archive_ref)
+
+
+def rehydrate(record: MemoryRecord, now: datetime, by: str, content: str | None) -> MemoryRecord:
+    """An archived record back as it was: ``active``, its content restored (``content`` must hash to the
+    record's ``content_digest``; None for a record whose content lives at its ``payload_ref``). Anything else is an
+    :class:`IllegalTransition`: a wrong or forged archive cannot come back."""
+    if record.status is not MemoryStatus.ARCHIVED:
+        raise IllegalTransition(f"{record.memory_id}: only an archived record is rehydrated")
+    if (content is None) != (record.payload_ref is not None):
+        raise IllegalTransition(f"{record.memory_id}: rehydration needs the archived content (and only inline content)")
+    if content is not None and content_digest(content) != record.content_digest:
+        raise IllegalTransition(f"{record.memory_id}: the content does not hash to the record's content_digest")
+    return transition(record, MemoryStatus.ACTIVE, now, f"rehydrated by {by}", content=content, archive_ref=None)
 
 
 def reinstate(record: MemoryRecord, now: datetime, reviewer: str) -> MemoryRecord:

@@ -22,9 +22,14 @@ the producing run (its privacy, its parent) the processor learns from the run's 
    :class:`Decision` (:mod:`processors.memory.holders`, which also learns the holdings from turns of kind
    ``memory`` and counts each memory's reads).
 
-It also applies operators' :class:`MemoryCommand` records (:mod:`processors.memory.commands`: review, delete),
-links summaries to the records among their sources, and, before any record of a tenant, expires the tenant's
-records whose retention the tenant's event-time watermark has passed (:mod:`processors.memory.expiry`).
+It also applies operators' :class:`MemoryCommand` records (:mod:`processors.memory.commands`: review, delete;
+``rehydrate``, ``pin`` and ``unpin`` are :mod:`processors.memory.store_commands`'), links summaries to the
+records among their sources, and, before any record of a tenant, expires the tenant's records whose retention the
+tenant's event-time watermark has passed (:mod:`processors.memory.expiry`). After an accepted candidate (and a
+``rehydrate``), the tenant's long-term store is evicted to its quota's target when the write filled it
+(:mod:`processors.memory.quota`: archived first, pinned never). A run learnt to be no-retention after its
+candidates were accepted (its turns, run events, a no-retention candidate, or delegation under a no-retention
+parent: :mod:`processors.delegation`) has the records they created revoked (:mod:`processors.memory.late_privacy`).
 
 Every state key starts with the candidate's tenant id and ``:``, and a bucket holds one tenant, scope and owner:
 no candidate can read or change another tenant's records (property-tested with tenant ids differing only in
@@ -40,10 +45,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle
+from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle, quota
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
+from ctxflow.processors.memory.late_privacy import revoke_run_records
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts, policy_from_manifest
 from ctxflow.processors.memory.review import review
@@ -53,6 +60,7 @@ from ctxflow.schemas.models import (
     InvalidationKind,
     MemoryCandidate,
     MemoryCommand,
+    MemoryCommandKind,
     MemoryRecord,
     MemoryStatus,
     MemoryVerdict,
@@ -96,10 +104,17 @@ class MemoryGateProcessor:
     name = "memory_gate"
     tables: tuple[TableSpec, ...] = (*TABLES, *holders.TABLES)
 
-    def __init__(self, gate: MemoryGate | None = None, policy_of: Callable[[str], MemoryPolicy] | None = None) -> None:
-        """``policy_of`` overrides the manifests' policies (tests, benches)."""
+    def __init__(
+        self,
+        gate: MemoryGate | None = None,
+        policy_of: Callable[[str], MemoryPolicy] | None = None,
+        access_of: quota.AccessOf = quota.recorded_access,
+    ) -> None:
+        """``policy_of`` overrides the manifests' policies (tests, benches); ``access_of`` tells the long-term
+        store's eviction how often and when a record was retrieved (:mod:`processors.memory.quota`)."""
         self.gate = gate or MemoryGate()
         self.policy_of = policy_of
+        self.access_of = access_of
         #: tenant -> (manifest version, its policy): built once per manifest version.
         self._policies: dict[str, tuple[int, MemoryPolicy]] = {}
 
@@ -110,17 +125,18 @@ class MemoryGateProcessor:
         events, which runs hold which memory from turns of kind ``memory``, and sources from summaries; before any
         record of a tenant, expire its records whose lifetime the tenant's event-time watermark has passed
         (:mod:`processors.memory.expiry`); then tell every live run holding a memory these outputs stop serving
-        (:func:`processors.memory.holders.notices`: one post-step, whatever produced the outputs)."""
+        (:func:`processors.memory.holders.notices`: one post-step, whatever produced the outputs: supersession,
+        review, deletion, expiry, store eviction, a run learnt to be no-retention late)."""
         tenant_id = getattr(event, "tenant_id", None)
         if tenant_id is None:
             return []
         outputs = expiry.sweep_before(event, state)
         if isinstance(event, TurnEvent | RunEvent):
-            self._learn_run(event, state)
+            outputs += self._learn_run(event, state)
             if isinstance(event, TurnEvent):
                 holders.observe(event, state)
         elif isinstance(event, MemoryCommand):
-            outputs += commands.apply(event, MemoryTables(state))
+            outputs += self._command(event, state)
         elif isinstance(event, Summary):
             outputs += self._learn_sources(event, MemoryTables(state))
         elif isinstance(event, MemoryCandidate):
@@ -128,6 +144,12 @@ class MemoryGateProcessor:
         if not outputs:
             return outputs
         return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
+
+    def _command(self, command: MemoryCommand, state: BudgetStore) -> list[Any]:
+        out = commands.apply(command, MemoryTables(state))
+        if command.kind is MemoryCommandKind.REHYDRATE and any(isinstance(o, MemoryRecord) for o in out):
+            out += self._enforce_quota(command.tenant_id, state, command.issued_at)
+        return out
 
     def _judge(self, event: MemoryCandidate, state: BudgetStore) -> list[Any]:
         # The candidate's own time, not the worker's clock: records and verdicts carry it, and a replay must
@@ -138,13 +160,20 @@ class MemoryGateProcessor:
         done = tables.verdict(tenant, event.candidate_id)
         if done is not None:
             return [done]
+        learnt = self._learn_run(event, state) if event.privacy is PrivacyMode.NO_RETENTION else []
         policy = self._policy(tenant, state)
         run = self._run_facts(event, tables)
         digest = identity_digest(event.content, event.content_digest)
         decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
         if not decision.accepted:
-            return [self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
-        return self._promote(tables, event, decision, policy, digest, now)
+            return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
+        promoted = self._promote(tables, event, decision, policy, digest, now)
+        return [*learnt, *promoted, *self._enforce_quota(tenant, state, now)]
+
+    def _enforce_quota(self, tenant: str, state: BudgetStore, now: datetime) -> list[Any]:
+        """The tenant's long-term store evicted to its target when a write filled it (:mod:`.quota`)."""
+        limits = quota.quota_of(state.get_manifest(tenant_key(tenant)))
+        return quota.enforce(MemoryTables(state), tenant, limits, now, self.access_of)
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
         """Memory outlives runs; what the processor knew of the retired runs themselves (facts, holdings) goes."""
@@ -170,14 +199,17 @@ class MemoryGateProcessor:
         return hit[1]
 
     @staticmethod
-    def _learn_run(event: TurnEvent | RunEvent, state: BudgetStore) -> None:
-        """Remember a run that handled no-retention content, and a run's parent: a candidate's own fields may
-        claim otherwise (an agent's bug, or a sub-agent laundering its parent's privacy), the run's records
-        decide. Written only when something is learnt, so a turn costs a lookup at most."""
-        no_retention = event.privacy is PrivacyMode.NO_RETENTION
+    def _learn_run(event: TurnEvent | RunEvent | MemoryCandidate, state: BudgetStore) -> list[Any]:
+        """Remember a run that handled no-retention content (its own records say so, or delegation holds it to a
+        no-retention parent), and a run's parent: a candidate's own fields may claim otherwise (an agent's bug,
+        or a sub-agent laundering its parent's privacy), the run's records decide. Written only when something
+        is learnt, so a turn costs a lookup at most. Learning late that a run is no-retention revokes what its
+        candidates already put in memory (:mod:`.late_privacy`)."""
+        no_retention = event.privacy is PrivacyMode.NO_RETENTION or (
+            isinstance(event, RunEvent) and delegation.no_retention(state, event.tenant_id, event.run_id))
         parent = event.parent_run_id
         if not no_retention and parent is None:
-            return
+            return []
         tables = MemoryTables(state)
         key = run_key(event.tenant_id, event.run_id)
         known = tables.run(key)
@@ -186,8 +218,12 @@ class MemoryGateProcessor:
             else PrivacyMode.RETAINED,
             parent or (known.parent_run_id if known else None),
         )
-        if learnt != known:
-            tables.put_run(key, learnt)
+        if learnt == known:
+            return []
+        tables.put_run(key, learnt)
+        if no_retention and (known is None or known.privacy is not PrivacyMode.NO_RETENTION):
+            return revoke_run_records(tables, event.tenant_id, key, event.run_id, event.occurred_at)
+        return []
 
     @staticmethod
     def _run_facts(candidate: MemoryCandidate, tables: MemoryTables) -> RunFacts:
@@ -226,6 +262,11 @@ class MemoryGateProcessor:
         owner = owner_of(candidate.scope, candidate.user_id, candidate.session_id)
         bucket = bucket_key(tenant, candidate.scope, owner)
         existing = tables.record(tenant, mid)
+        if existing is not None and existing.source_candidate_id == candidate.candidate_id:
+            # This candidate's own record, written before a crash that lost its verdict (the verdict table is
+            # persisted last): the judgement happened; give its verdict again, never count it as a merge.
+            outcome = VerdictOutcome.ACCEPTED
+            return [existing, self._verdict(tables, candidate, decision, policy, outcome, existing, now)]
         if existing is not None and existing.status in conflict.LIVE:
             return self._merge(tables, candidate, decision, policy, existing, now)
         fresh = self._record(candidate, decision, policy, owner, existing, now)
@@ -238,6 +279,7 @@ class MemoryGateProcessor:
             out.append(PayloadWrite(tenant, fresh.payload_ref, candidate.content or ""))
             fresh = fresh.model_copy(update={"content": None})
         out.append(fresh)
+        tables.add_run_record(run_key(tenant, candidate.run_id), mid)
         if existing is not None:
             # The same content back after supersession, or after a revocation a human has now reviewed: a new
             # life of the same identity (its version continues).

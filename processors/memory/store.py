@@ -14,10 +14,21 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
 * ``memory_links``: what a deletion must reach, by key suffix: ``tenant:users`` -> the users with records,
   ``tenant:user:<user_id>`` -> their memory ids (produced in their runs, or owned by them),
   ``tenant:payload:<ref>`` -> the live records naming a payload (content-addressed: records may share one),
+  ``tenant:refs:<memory_id>`` -> every payload and archive ref the record named,
   ``tenant:derived:<memory_id>`` -> the summaries that used the record as a source (``[summary_id, run_id,
   sources]``);
 * ``memory_expiry``: ``tenant:due`` -> the expiry buckets (hours of event time) holding records, ascending;
-  ``tenant:due:<bucket>`` -> the memory ids filed under that bucket (:mod:`processors.memory.expiry`).
+  ``tenant:due:<bucket>`` -> the memory ids filed under that bucket (:mod:`processors.memory.expiry`);
+* ``memory_run_records``: ``tenant:run_id`` -> the memory ids the run's candidates created (revoked if the run
+  turns out to be no-retention after they were accepted), forgotten when the run retires;
+* ``memory_live_pages``: ``tenant:pNN`` -> the tenant's active memory ids hashed to page NN (:data:`PAGES` pages):
+  what the long-term store's eviction ranks, read only when it evicts;
+* ``memory_live_counts``: ``tenant:`` -> how many active records the tenant holds: the O(1) quota check.
+
+The live pages and counts follow every record written through :meth:`MemoryTables.put_record` (a status change
+into or out of ``active``), so no transition elsewhere can forget them. A count moves only when its page did,
+so a replayed write counts once; a crash between the two tables can leave the count one off, which the next
+eviction round, recounting its pages, corrects (:mod:`processors.memory.quota`).
 
 A bucket's records are read under the bucket's own tenant, so no lookup can reach another tenant's records.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import datetime
+from hashlib import blake2b
 
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -46,6 +58,19 @@ RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS, RUNS, COMMANDS, LINKS, EXPIRY = (
     "memory_links",
     "memory_expiry",
 )
+RUN_RECORDS, LIVE_PAGES, LIVE_COUNTS = "memory_run_records", "memory_live_pages", "memory_live_counts"
+PAGES = 64
+"""Pages of a tenant's live ids: a write rewrites one page (a 64th of the tenant's live ids), eviction reads all."""
+
+
+def _ids_table(name: str) -> TableSpec:
+    return TableSpec(name, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b)))
+
+
+def page_key(tenant_id: str, memory_id: str) -> str:
+    """The live page holding ``memory_id`` (a stable hash: the same page in every process and replay)."""
+    page = int.from_bytes(blake2b(memory_id.encode(), digest_size=2).digest(), "big") % PAGES
+    return f"{tenant_id}:p{page:02d}"
 
 
 EXPIRY_BUCKET_MS = 3_600_000
@@ -92,10 +117,13 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec(COMMANDS, lambda v: v.encode(), lambda b: b.decode()),
     _model_table(VERDICTS, MemoryVerdict),
     _model_table(RECORDS, MemoryRecord),
-    TableSpec(BUCKETS, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b))),
+    _ids_table(BUCKETS),
     TableSpec(REVOKED, lambda v: v.encode(), lambda b: b.decode()),
     TableSpec(REVIEWS, _dump_review, _load_review),
     TableSpec(RUNS, _dump_run, _load_run),
+    _ids_table(LIVE_PAGES),
+    TableSpec(LIVE_COUNTS, lambda v: str(v).encode(), lambda b: int(b)),
+    _ids_table(RUN_RECORDS),
     _json_table(LINKS),
     _json_table(EXPIRY),
 )
@@ -104,7 +132,10 @@ TABLES: tuple[TableSpec, ...] = (
 The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` and then
 ``memory_commands`` are durable last: a stored verdict (command outcome) is what makes a redelivered candidate
 (command) change nothing, so every record, bucket, link and block its judgement wrote must be durable before it
-(a crash in between replays the candidate or command, which writes the same values again)."""
+(a crash in between replays the candidate or command, which writes the same values again). The live pages are
+durable before the records: a replayed write then finds its id already paged and counts nothing twice; the
+counts before the pages, so a crash between them leaves a count one too high (an early recount), never too low
+(a late eviction)."""
 
 
 class MemoryTables:
@@ -118,11 +149,15 @@ class MemoryTables:
         return self.state.get_state(RECORDS, f"{tenant_id}:{memory_id}")
 
     def put_record(self, record: MemoryRecord) -> None:
-        """Store ``record`` under its own tenant, linked to its user and payload and filed for expiry: whatever
-        writes a record, a deletion and the retention sweep can find it."""
+        """Store ``record`` under its own tenant; its tenant's live pages and count follow its status, and it is
+        linked to its user and payload and filed for expiry: whatever writes a record, the long-term store's
+        eviction, a deletion and the retention sweep can find it."""
         tenant = record.tenant_id
         before = self.record(tenant, record.memory_id)
         self.state.put_state(RECORDS, f"{tenant}:{record.memory_id}", record)
+        was = before is not None and before.status is MemoryStatus.ACTIVE
+        if was != (record.status is MemoryStatus.ACTIVE):
+            self._page(tenant, record.memory_id, live=not was)
         user = record.user_id
         linked = before is not None and before.user_id == user
         if user is not None and not linked and self._add_link(f"{tenant}:user:{user}", record.memory_id):
@@ -130,8 +165,10 @@ class MemoryTables:
         if record.status is MemoryStatus.REVOKED:
             return
         for ref in (record.payload_ref, record.archive_ref):
-            if ref is not None:
-                self._add_link(f"{tenant}:payload:{ref}", record.memory_id)
+            if ref is not None and self._add_link(f"{tenant}:payload:{ref}", record.memory_id):
+                # Every ref the record ever named: a rehydrated record no longer names its archive, which still
+                # holds its content until the record is deleted.
+                self._add_link(f"{tenant}:refs:{record.memory_id}", ref)
         if record.expires_at is not None and (before is None or before.expires_at != record.expires_at):
             self._file_expiry(tenant, record.memory_id, expiry_bucket(record.expires_at))
 
@@ -146,6 +183,15 @@ class MemoryTables:
     def records_of_user(self, tenant_id: str, user_id: str) -> list[str]:
         """The memory ids produced in ``user_id``'s runs or owned by them, oldest first."""
         return list(self.state.get_state(LINKS, f"{tenant_id}:user:{user_id}") or [])
+
+    def take_refs(self, tenant_id: str, memory_id: str) -> list[str]:
+        """Every payload and archive ref the record ever named (forgotten here: its tombstone releases them)."""
+        key = f"{tenant_id}:refs:{memory_id}"
+        refs = self.state.get_state(LINKS, key)
+        if refs is None:
+            return []
+        self.state.delete_state(LINKS, key)
+        return list(refs)
 
     def release_payload(self, tenant_id: str, ref: str, memory_id: str) -> bool:
         """``memory_id`` no longer needs payload ``ref``; True when no other record of the tenant does (the
@@ -216,6 +262,37 @@ class MemoryTables:
         """Remember that a command was applied (or refused), so a redelivery changes nothing."""
         self.state.put_state(COMMANDS, f"{tenant_id}:{command_id}", outcome)
 
+    def _page(self, tenant_id: str, memory_id: str, *, live: bool) -> None:
+        key = page_key(tenant_id, memory_id)
+        ids = tuple(self.state.get_state(LIVE_PAGES, key) or ())
+        if (memory_id in ids) == live:
+            return  # already so (a replayed write): the count already holds it
+        self.state.put_state(LIVE_PAGES, key, (*ids, memory_id) if live else tuple(i for i in ids if i != memory_id))
+        self.set_live_count(tenant_id, self.live_count(tenant_id) + (1 if live else -1))
+
+    def live_count(self, tenant_id: str) -> int:
+        """How many active records the tenant holds (O(1))."""
+        return self.state.get_state(LIVE_COUNTS, f"{tenant_id}:") or 0
+
+    def set_live_count(self, tenant_id: str, count: int) -> None:
+        """Correct the tenant's count (an eviction round recounted its pages)."""
+        self.state.put_state(LIVE_COUNTS, f"{tenant_id}:", max(count, 0))
+
+    def live_ids(self, tenant_id: str) -> list[str]:
+        """Every active memory id of the tenant, sorted (reads all its pages: for an eviction round only)."""
+        pages = (self.state.get_state(LIVE_PAGES, f"{tenant_id}:p{page:02d}") or () for page in range(PAGES))
+        return sorted(mid for page in pages for mid in page)
+
+    def run_records(self, key: str) -> tuple[str, ...]:
+        """The memory ids run ``key`` (``tenant:run_id``) created."""
+        return tuple(self.state.get_state(RUN_RECORDS, key) or ())
+
+    def add_run_record(self, key: str, memory_id: str) -> None:
+        """Remember that run ``key`` created ``memory_id``."""
+        ids = self.run_records(key)
+        if memory_id not in ids:
+            self.state.put_state(RUN_RECORDS, key, (*ids, memory_id))
+
     def bucket(self, bucket: str) -> list[MemoryRecord]:
         """The live records of a bucket (key from :func:`~processors.memory.identity.bucket_key`)."""
         tenant = bucket.split(":", 1)[0]
@@ -269,5 +346,6 @@ class MemoryTables:
 
     def forget_run(self, key: str) -> None:
         """The run retired (a tombstone on the changelog when something was known of it)."""
-        if self.state.get_state(RUNS, key) is not None:
-            self.state.delete_state(RUNS, key)
+        for table in (RUNS, RUN_RECORDS):
+            if self.state.get_state(table, key) is not None:
+                self.state.delete_state(table, key)

@@ -4,8 +4,8 @@ Writes N active memory records (default 100,000) of T tenants (default 100), a s
 session scopes with 64-dimension embeddings, through the ClickHouse sink's own write path into a fresh chDB
 directory, serves ``POST /query`` from this process as a worker does (:func:`streams.sink.web.answer_query`), and
 times the SDK's :func:`streams.sdk.recall.find` (SQL, HTTP, JSON, the visibility check) for random runs: lexical
-queries and embedding queries, ``k = 5``. Prints one JSON line (p50, p99, max per kind, in ms). Not part of
-``make bench``.
+queries and embedding queries, ``k = 5``. Prints one JSON line (p50, p99, max per kind, in ms). ``ctxflow bench``
+runs it as phase (e''').
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ it, each with a fresh worker and topics -> (d) session memory and SIGKILL recove
 retention windows: RSS and restart time against the same worker empty (``streams.bench.retention``) -> (e) the
 budget core alone, in process -> (e') the eviction planner's table, its CPU per eviction decision and the
 summarizer, in process (``streams.bench.eviction``) -> (e'') the memory gate with secret and PII detection on, in
-process (``streams.bench.memory_gate``).
+process (``streams.bench.memory_gate``) -> (e''') recall over the retrieval index, in a process of its own (chDB
+admits one data directory per process) (``streams.bench.recall``).
 
 The benchmark's deployment is one worker process, so its topics have one partition each
 (``BenchConfig.partitions``): that worker reads every partition anyway, and the embedded broker's fetch costs
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -68,18 +72,22 @@ class BenchConfig:
     summarizer_jobs: int = 300
     #: Candidates of phase (e''), the memory gate.
     memory_candidates: int = 5_000
+    #: Active memory records of phase (e'''), over 100 tenants (the issue's goal is stated for 100,000).
+    recall_records: int = 100_000
 
     @classmethod
     def quick(cls) -> BenchConfig:
         """A smoke run (about a minute): small corpus, 10k runs, short latency window."""
         return cls(events=20_000, runs_for_memory=10_000, latency_s=4.0, core_rate_runs=5_000, retired_runs=20_000,
-                   planner_runs=96, summarizer_jobs=60, memory_candidates=2_000)
+                   planner_runs=96, summarizer_jobs=60, memory_candidates=2_000,
+                   recall_records=20_000)
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         """The smallest run that still goes through every phase: for the test suite, not for figures."""
         return cls(events=2_000, runs_for_memory=1_000, latency_s=2.0, core_rate_runs=500, retired_runs=2_000,
-                   planner_runs=16, summarizer_jobs=4, memory_candidates=200)
+                   planner_runs=16, summarizer_jobs=4, memory_candidates=200,
+                   recall_records=1_000)
 
 
 def _fresh(base: Settings, home: Path, name: str) -> Settings:
@@ -274,6 +282,12 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
                 "memory_processor_candidates_per_cpu_s": gate["processor_candidates_per_cpu_second"]}
     say(f"  gate {gate['gate_candidates_per_cpu_second']:,} candidates/CPU s; whole processor "
         f"{gate['processor_candidates_per_cpu_second']:,}")
+
+    say(f"(e''') recall: {config.recall_records:,} active records of 100 tenants, lexical and vector queries, k=5")
+    recall = _recall(config.recall_records)
+    details |= {f"recall_{k}": v for k, v in recall.items() if k != "bench"}
+    say(f"  p99 lexical {recall['lexical_p99_ms']} ms, vector {recall['vector_p99_ms']} ms "
+        f"(records written in {recall['write_s']} s)")
     return BenchResults(
         events=len(records), raw_ceiling_eps=round(raw_eps), pipeline_eps=round(run.eps),
         ratio=round(run.eps / raw_eps, 3), p50_latency_ms=round(latency.p50_ms, 1),
@@ -286,4 +300,14 @@ def _phases(base: Settings, home: Path, config: BenchConfig, say: Say, details: 
         summarizer_items_per_cpu_s=round(summarizer.items_per_cpu_s),
         sink_rows_per_s=round(sink.rows_per_s), sink_rows_per_cpu_s=round(sink.rows_per_cpu_s),
         memory_gate_candidates_per_cpu_s=float(gate["gate_candidates_per_cpu_second"]),
+        recall_p99_ms=max(float(recall["lexical_p99_ms"]), float(recall["vector_p99_ms"])),
     )
+
+
+def _recall(records: int) -> dict[str, Any]:
+    """Phase (e'''): ``streams.bench.recall`` in a child process (chDB: one data directory per process)."""
+    done = subprocess.run([sys.executable, "-m", "ctxflow.streams.bench.recall", "--records", str(records),
+                           "--tenants", "100"], capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"recall bench failed: {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -2,7 +2,8 @@
 
 Global options build one ``Settings`` (flags override ``CTXFLOW_*`` environment, which overrides defaults)
 and every command reads it with ``settings_of(ctx)``. Adding a command is one decorated function here, or a
-``typer.Typer`` in another module named in ``SUBCOMMAND_GROUPS`` at the bottom of this file.
+``typer.Typer`` in another module named in ``SUBCOMMAND_GROUPS`` at the bottom of this file, or commands another
+module adds to a group (``GROUP_MEMBERS``).
 """
 
 from __future__ import annotations
@@ -354,6 +355,20 @@ for _name, _target in SUBCOMMAND_GROUPS.items():
 for _name, _target in SUBCOMMANDS.items():
     _module, _, _attr = _target.partition(":")
     app.command(name=_name)(getattr(importlib.import_module(_module), _attr))
+
+#: Commands that join a group whichever module owns it (``{"memory": "module:register"}``, ``register(group)``
+#: adding them); a group no module owns yet is created bare.
+GROUP_MEMBERS: dict[str, str] = {
+    "memory": "ctxflow.streams.cli.memory_store:register",  # rehydrate, pin, unpin
+}
+
+for _name, _target in GROUP_MEMBERS.items():
+    _group = next((g.typer_instance for g in app.registered_groups if g.name == _name), None)
+    if _group is None:
+        _group = typer.Typer(help=f"ctxflow {_name} commands.", no_args_is_help=True, add_completion=False)
+        app.add_typer(_group, name=_name)
+    _module, _, _attr = _target.partition(":")
+    getattr(importlib.import_module(_module), _attr)(_group)
 
 
 def main() -> None:

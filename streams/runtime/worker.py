@@ -34,7 +34,6 @@ from ctxflow.processors.eviction.planner import pending_jobs
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
-from ctxflow.sinks.payloads import LocalPayloadStore
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
@@ -42,6 +41,7 @@ from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
 from ctxflow.streams.runtime.metrics import SinkStatus as SinkProgress
 from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
+from ctxflow.streams.runtime.payloads import open_payload_store
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
 from ctxflow.streams.runtime.stop_deadline import StopDeadline
@@ -150,7 +150,7 @@ def build_app(settings: Settings) -> faust.App:
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
-            payloads=LocalPayloadStore(settings.payload_root),
+            payloads=open_payload_store(settings),
         )
 
         async def fail(exc: BaseException, records: int) -> None:

@@ -27,8 +27,8 @@ from typing import Any
 
 from ctxflow.schemas.models import ContextLayer, ItemKind, MemoryScope, MemoryType, Role, Slot, TurnEvent
 from ctxflow.sinks.clickhouse_ddl import index_terms
-from ctxflow.sinks.payloads import LocalPayloadStore
 from ctxflow.streams.config import Settings
+from ctxflow.streams.runtime.payloads import open_payload_store
 from ctxflow.streams.sdk.run_context import RunContext
 from ctxflow.streams.stack.query import run_query
 
@@ -121,10 +121,10 @@ def find(settings: Settings, ctx: RunContext, query: str, *, scopes: Iterable[Me
 
 
 def _payload_text(settings: Settings, ref: str) -> str | None:
-    """A payload-store record's content, when this process can read the store (the local directory)."""
+    """A payload-store record's content, when this process can read the store (a local directory or a bucket)."""
     try:
-        return LocalPayloadStore(settings.payload_root).get(ref).decode("utf-8")
-    except (KeyError, OSError, ValueError):
+        return open_payload_store(settings).get(ref).decode("utf-8")
+    except Exception:  # absent, damaged, unreachable, not permitted (S3 errors are botocore's): no text, a hit still
         return None
 
 

@@ -21,6 +21,7 @@ from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.processes import free_port, pid_alive, tail
 from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
+from tests.support_kafka import committed_records, wait_until
 from tests.support_traffic import publish
 
 STOP_PROMISE_S = 10.0
@@ -105,7 +106,11 @@ def test_demo_stops_within_10s_when_its_broker_hangs(tmp_path: Path) -> None:
             lines.append(line)
         pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", lines[-1])}
         assert set(pids) == {"broker", "redis", "worker"}, lines[-1]
-        time.sleep(2.0)  # traffic flows
+        # Traffic flows: the demo's worker (its default app id and topics) has committed records it was sent.
+        bootstrap = re.search(r"\(broker (\S+),", "".join(lines))
+        assert bootstrap, "".join(lines)
+        flowing = Settings(home=tmp_path / "home", bootstrap=bootstrap[1])
+        wait_until(lambda: committed_records(flowing), lambda n: n > 0, timeout_s=30, what="the demo's traffic")
         os.kill(pids["broker"], signal.SIGSTOP)
         time.sleep(1.0)
         took = stop_time(demo, signal.SIGTERM)

@@ -14,8 +14,11 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pytest
 from ctxflow.processors.admission import TOTAL
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
@@ -32,10 +35,17 @@ from ctxflow.schemas.models import (
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.workload import Workload
 from ctxflow.streams.sdk import RunContext
+from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
 from tests.replay import read_input_log, replay
-from tests.support_deploy import drop_other_redis_clients, redis_decisions, redis_headroom, redis_writes_paused
+from tests.support_deploy import (
+    drop_other_redis_clients,
+    fresh_settings,
+    redis_decisions,
+    redis_headroom,
+    redis_writes_paused,
+)
 from tests.support_kafka import (
     changelog_keys,
     committed_offsets,
@@ -214,44 +224,58 @@ def _crash_while_redis_stalls(settings: Settings) -> tuple[WorkerProcess, RunCon
     return worker, ctx
 
 
-def test_redis_headroom_survives_a_crash_before_the_projection(settings: Settings) -> None:
+@dataclass
+class Deployment:
+    """The module's shared deployment: its settings, the worker running now, and the run the crash caught."""
+
+    settings: Settings
+    worker: WorkerProcess
+    ctx: RunContext
+
+
+@pytest.fixture(scope="module")
+def restarted(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One crash during a Redis stall and its restart, shared by the tests below (a crash and a restart are the
+    costly part, ~20 s): each checks its own part of what the restarted worker holds, on runs of its own."""
+    settings = fresh_settings(stack, tmp_path_factory.mktemp("crash-redis-stall") / "home")
     worker, ctx = _crash_while_redis_stalls(settings)
+    deployment = Deployment(settings, worker, ctx)
     try:
-        headroom = redis_headroom(settings, ctx.tenant_id, ctx.run_id)
-        assert headroom is not None and headroom.used[TOTAL] == 120
+        yield deployment
     finally:
-        worker.stop()
+        deployment.worker.stop()  # whichever worker runs last
 
 
-def test_redis_decisions_survive_a_crash_before_the_projection(settings: Settings) -> None:
-    worker, ctx = _crash_while_redis_stalls(settings)
-    try:
-        published = {d.decision_id for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
-        assert {DecisionKind.BUDGET_STATE, DecisionKind.REJECTION} <= {
-            d.kind for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
-        projected = {d.decision_id for d in redis_decisions(settings, ctx.tenant_id, ctx.run_id)}
-        assert published <= projected
-    finally:
-        worker.stop()
+def test_redis_headroom_survives_a_crash_before_the_projection(restarted: Deployment) -> None:
+    headroom = redis_headroom(restarted.settings, restarted.ctx.tenant_id, restarted.ctx.run_id)
+    assert headroom is not None and headroom.used[TOTAL] == 120
 
 
-def test_a_restart_recovers_every_token_table_value(settings: Settings) -> None:
+def test_redis_decisions_survive_a_crash_before_the_projection(restarted: Deployment) -> None:
+    settings, ctx = restarted.settings, restarted.ctx
+    published = {d.decision_id for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
+    assert {DecisionKind.BUDGET_STATE, DecisionKind.REJECTION} <= {
+        d.kind for d in decisions_on_topic(settings) if d.run_id == ctx.run_id}
+    projected = {d.decision_id for d in redis_decisions(settings, ctx.tenant_id, ctx.run_id)}
+    assert published <= projected
+
+
+def test_a_restart_recovers_every_token_table_value(restarted: Deployment) -> None:
     """Regression: the embedded broker reports a partition's end as its last record *batch*'s base offset + 1,
-    and Faust's table recovery stops there; a changelog whose last batch held several records lost them."""
+    and Faust's table recovery stops there; a changelog whose last batch held several records lost them.
+
+    On the module's deployment (a worker start spared): its runs are the last records of every changelog."""
+    settings = restarted.settings
     tenant = f"restart{uuid.uuid4().hex[:8]}"
     runs = [RunContext(tenant_id=tenant, user_id="user", session_id="session", agent_id="agent", model="gpt-4o")
             for _ in range(6)]
-    worker = WorkerProcess(settings).start()
-    try:
-        publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "first", token_count=100) for r in runs])
-        wait_processed(settings)
-        worker.stop()  # a clean restart, not even a crash
-        worker = WorkerProcess(settings).start()
-        # Recovered by the bulk preload (streams.runtime.recovery): at least each run's ledger came back that way.
-        assert worker.health()["tables_preloaded"] >= len(runs)
-        publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "second", token_count=1) for r in runs])
-        wait_processed(settings)
-        totals = [(h.used[TOTAL] if (h := redis_headroom(settings, tenant, r.run_id)) else None) for r in runs]
-        assert totals == [101] * len(runs)
-    finally:
-        worker.stop()
+    publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "first", token_count=100) for r in runs])
+    wait_processed(settings)
+    restarted.worker.stop()  # a clean restart, not even a crash
+    restarted.worker = WorkerProcess(settings).start()
+    # Recovered by the bulk preload (streams.runtime.recovery): at least each run's ledger came back that way.
+    assert restarted.worker.health()["tables_preloaded"] >= len(runs)
+    publish(settings, [r.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "second", token_count=1) for r in runs])
+    wait_processed(settings)
+    totals = [(h.used[TOTAL] if (h := redis_headroom(settings, tenant, r.run_id)) else None) for r in runs]
+    assert totals == [101] * len(runs)

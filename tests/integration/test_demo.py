@@ -93,7 +93,8 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     assert _processes_mentioning(str(tmp_path)) == []
 
     # The chDB it left answers `ctxflow query` from another process, with the numbers the demo reported.
-    turns = _query(tmp_path, env, "SELECT count() FROM turns")[0][0]
+    # One query for both figures checked against the report (each `ctxflow query` opens the chDB anew, ~2 s).
+    turns, history = _query(tmp_path, env, "SELECT count(), countIf(slot = 'history') FROM turns")[0]
     assert turns > 0 and f"{turns:,} turns readable without a worker" in out
     decided = {row[0]: row[1:] for row in _query(tmp_path, env, (
         "SELECT tenant_id, countIf(kind = 'swap'), countIf(kind = 'offload'), countIf(kind = 'recall'), "
@@ -107,7 +108,6 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
 
     # It ends with the compact analyst report, read from that chDB, and the path of the full one as HTML.
     assert re.search(r"ctxflow report: all tenants, \d{4}-\d\d-\d\d \d\d:\d\d to .* UTC", out), out
-    history = _query(tmp_path, env, "SELECT count() FROM turns WHERE slot = 'history'")[0][0]
     assert "Eviction rate per slot" in out and f"│ history │ {history:,} │" in flat, out
     assert "Context utilization percentiles" in out
     html = re.search(r"HTML report: (\S+)", out)

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import ItemKind, Role, Slot
@@ -20,9 +22,11 @@ from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.sdk import CtxflowClient, RunContext
 from ctxflow.streams.sdk.manifest_files import load_manifest
 from ctxflow.streams.stack.admin import ensure_topics
+from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.processes import free_port
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
+from tests.support_deploy import fresh_settings
 from tests.support_kafka import broker_topics, send_one_batch
 
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
@@ -35,6 +39,15 @@ def ctxflow(settings: Settings, *args: str, cwd: Path) -> subprocess.CompletedPr
     env |= {"CTXFLOW_BOOTSTRAP": settings.bootstrap, "CTXFLOW_TOPIC_PREFIX": settings.topic_prefix,
             "CTXFLOW_PARTITIONS": str(settings.partitions)}
     return subprocess.run([str(CTXFLOW), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, WorkerProcess]]:
+    """One deployment with a worker for the tests that need the worker to act on a manifest (a worker costs
+    several seconds to start); they use tenants of their own."""
+    settings = fresh_settings(stack, tmp_path_factory.mktemp("tenants-cli") / "home")
+    with WorkerProcess(settings) as worker:
+        yield settings, worker
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -163,7 +176,8 @@ def test_topics_create_is_idempotent_and_tenants_need_it(settings: Settings, tmp
     assert "no tenant manifests" in ok(ctxflow(fresh, "tenants", "list", cwd=tmp_path))
 
 
-def test_the_worker_enforces_a_lowered_total_cap(settings: Settings, worker: WorkerProcess, tmp_path: Path) -> None:
+def test_the_worker_enforces_a_lowered_total_cap(served: tuple[Settings, WorkerProcess], tmp_path: Path) -> None:
+    settings, worker = served
     for tenant in ("shrink", "steady"):
         ok(ctxflow(settings, "tenants", "set", str(write(tmp_path / f"{tenant}.json", small_manifest(tenant, 10_000))),
                    cwd=tmp_path))
@@ -190,8 +204,9 @@ def test_the_worker_enforces_a_lowered_total_cap(settings: Settings, worker: Wor
 
 
 def test_a_user_defined_tier_gets_the_qos_its_manifest_gives(
-    settings: Settings, worker: WorkerProcess, tmp_path: Path
+    served: tuple[Settings, WorkerProcess], tmp_path: Path
 ) -> None:
+    settings, worker = served
     gold = small_manifest("goldco", 600) | {"tier": "gold", "qos": {"grace": 1.5, "evict_to": 0.8}}
     typo = small_manifest("typoco", 600) | {"tier": "enterprize"}
     for document in (gold, typo):

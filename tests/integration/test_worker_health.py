@@ -41,7 +41,7 @@ def test_a_quiet_then_busy_worker_reports_its_progress_and_logs_no_error(
     # last commit (before the quiet spell), or the worker would cry stall at the first record.
     settings = settings.model_copy(update={"stall_after_s": 5.0})
     with WorkerProcess(settings) as worker:
-        quiet_until = time.monotonic() + 12
+        quiet_until = time.monotonic() + settings.stall_after_s + 3  # past the threshold, by more than a check's period
         # A partition whose first fetch has not been answered yet has no known lag (state ok); within a few
         # fetches every partition of the empty topics is idle.
         health = wait_until(worker.health, lambda h: {p["state"] for p in h["progress"]} == {"idle"}, 10,

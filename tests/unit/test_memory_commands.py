@@ -150,8 +150,8 @@ def test_commands_that_cannot_be_applied_are_refused_with_a_reason_once() -> Non
     p, state = processor(), DictBudgetState()
     record = promote(p, state, "Prefers answers in French")
     cases = {
-        command(MemoryCommandKind.PIN, memory_id=record.memory_id): "pin is not applied by this worker yet",
-        command(MemoryCommandKind.REHYDRATE, memory_id=record.memory_id): "rehydrate is not applied",
+        command(MemoryCommandKind.PIN, memory_id="mem-unknown"): "acme has no memory mem-unknown",
+        command(MemoryCommandKind.REHYDRATE, memory_id="mem-gone"): "acme has no memory mem-gone",
         command(memory_id="mem-unknown"): "tenant acme has no memory mem-unknown",
         command(MemoryCommandKind.REVIEW, memory_id=record.memory_id, action=ReviewAction.REINSTATE):
             "only a quarantined record is reinstated",

@@ -72,6 +72,17 @@ def test_a_redelivered_candidate_changes_nothing_and_repeats_its_verdict() -> No
     assert {k: dict(v) for k, v in state.tables.items()} == snapshot
 
 
+def test_a_candidate_replayed_after_a_crash_that_lost_only_its_verdict_is_accepted_again_not_merged() -> None:
+    # The worker persists the verdict table last: a crash in between leaves the record without its verdict.
+    p, state = processor(), DictBudgetState()
+    c = candidate("Prefers answers in French")
+    first = of(MemoryVerdict, p.process(c, POS, state, NOW))[0]
+    state.delete_state("memory_verdicts", f"{c.tenant_id}:{c.candidate_id}")
+    (again,) = of(MemoryVerdict, p.process(c, POS, state, NOW))
+    assert again == first
+    assert state.get_state(RECORDS, f"{c.tenant_id}:{first.memory_id}").merge_count == 0
+
+
 def test_promoting_the_same_thing_twice_is_a_recorded_merge() -> None:
     p, state = processor(), DictBudgetState()
     written = of(MemoryVerdict, p.process(candidate("Prefers answers in French"), POS, state, NOW))[0]
@@ -254,7 +265,9 @@ def test_a_no_retention_candidate_leaves_only_a_metadata_verdict() -> None:
     (verdict,) = p.process(candidate(text, privacy=PrivacyMode.NO_RETENTION), POS, state, NOW)
     assert (verdict.outcome, verdict.rule, verdict.memory_id) == (VerdictOutcome.REJECTED, "no_retention_run", None)
     assert text not in Codec().encode(verdict).decode("latin-1")
-    assert set(state.tables) == {"memory_verdicts"}
+    # Metadata only: the verdict, and that the run is no-retention (so its earlier records are revoked).
+    assert set(state.tables) == {"memory_verdicts", "memory_runs"}
+    assert text not in repr(state.tables["memory_runs"])
 
 
 def test_a_bootstrap_loosened_fact_is_flagged_on_record_and_verdict() -> None:
