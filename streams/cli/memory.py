@@ -1,7 +1,8 @@
 """``ctxflow memory list|show|review|delete``: what a tenant's memory holds, and operators' decisions on it.
 
 ``list`` and ``show`` read ClickHouse's ``memory_records`` (de-duplicated: the latest version of each record)
-through the path ``ctxflow query`` uses. ``review`` and ``delete`` publish a :class:`MemoryCommand` on
+through the path ``ctxflow query`` uses. ``review`` and ``delete`` (and ``rehydrate``, ``pin``, ``unpin``:
+:mod:`streams.cli.memory_store`) publish a :class:`MemoryCommand` on
 ``memory.commands`` and, unless ``--no-wait``, wait until the worker has applied it
 (:mod:`streams.stack.memory_ops`): they print the records it wrote, or the reason it refused the command, and
 exit 1 when it refused or no worker applied it in time.
@@ -26,7 +27,8 @@ from ctxflow.streams.stack.memory_ops import Outcome, WorkerNotApplying, submit
 from ctxflow.streams.stack.query import QueryFailed, run_query
 from rich.table import Table
 
-app = typer.Typer(help="A tenant's governed memory: list, show, review, delete.", no_args_is_help=True,
+app = typer.Typer(help="A tenant's governed memory: list, show, review, delete, rehydrate, pin, unpin.",
+                  no_args_is_help=True,
                   add_completion=False)
 
 _LIST_COLUMNS = ("memory_id", "scope", "type", "status", "version", "user_id", "subject", "attribute",
@@ -113,9 +115,9 @@ def review_record(
         raise typer.BadParameter("an action needs the record's --id")
     if value is not None and correct is None:
         raise typer.BadParameter("--value goes with --correct")
-    command = _command(tenant, MemoryCommandKind.REVIEW, by, reason, memory_id=memory_id, action=actions[0],
+    command = new_command(tenant, MemoryCommandKind.REVIEW, by, reason, memory_id=memory_id, action=actions[0],
                        corrected_content=correct, corrected_value=value)
-    _submit(settings, command, wait, timeout)
+    submit_command(settings, command, wait, timeout)
 
 
 @app.command("delete")
@@ -138,12 +140,13 @@ def delete_records(
             else "EVERY memory record")
     if not yes and not typer.confirm(f"Delete {what} of tenant {tenant}? This cannot be undone", default=False):
         _fail("nothing was deleted")
-    command = _command(tenant, MemoryCommandKind.DELETE, by, reason, memory_id=memory_id, user_id=user)
-    _submit(settings_of(ctx), command, wait, timeout)
+    command = new_command(tenant, MemoryCommandKind.DELETE, by, reason, memory_id=memory_id, user_id=user)
+    submit_command(settings_of(ctx), command, wait, timeout)
 
 
-def _command(tenant: str, kind: MemoryCommandKind, by: str | None, reason: str | None, **fields: Any
-             ) -> MemoryCommand:
+def new_command(tenant: str, kind: MemoryCommandKind, by: str | None, reason: str | None, **fields: Any
+                ) -> MemoryCommand:
+    """An operator's command, issued now by ``by`` (default: this login); a malformed one is a usage error."""
     try:
         return MemoryCommand(command_id=f"cmd-{uuid.uuid4().hex}", tenant_id=tenant, kind=kind,
                              issued_by=by or operator_name(), reason=reason, issued_at=datetime.now(UTC), **fields)
@@ -151,7 +154,9 @@ def _command(tenant: str, kind: MemoryCommandKind, by: str | None, reason: str |
         raise typer.BadParameter(str(error)) from error
 
 
-def _submit(settings: Settings, command: MemoryCommand, wait: bool, timeout: float) -> None:
+def submit_command(settings: Settings, command: MemoryCommand, wait: bool, timeout: float) -> None:
+    """Publish ``command``; with ``wait``, report what the worker did (exit 1 when it refused or did not apply it
+    within ``timeout`` seconds)."""
     if not kafka_answers(settings.bootstrap):
         _fail(unreachable(settings))
     try:

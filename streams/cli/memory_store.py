@@ -1,7 +1,9 @@
 """``ctxflow memory rehydrate|pin|unpin``: operators' commands on a tenant's long-term store.
 
-Each publishes one :class:`MemoryCommand` on ``memory.commands``; the worker's memory processor applies it in log
-order with the tenant's candidates (:mod:`processors.memory.store_commands`). ``rehydrate`` is where the archive is
+Each publishes one :class:`MemoryCommand` on ``memory.commands`` and, as ``review`` and ``delete`` do
+(:func:`streams.cli.memory.submit_command`), waits until the worker has applied it, or says why it refused it; the
+worker's memory processor applies it in log order with the tenant's candidates
+(:mod:`processors.memory.store_commands`). ``rehydrate`` is where the archive is
 read, so the processor stays pure and a replay of the log needs no object store: this command finds the record's
 ``archive_ref`` (ClickHouse ``memory_records``), reads the archive from the payload store (whose read checks the
 bytes against their content address), checks it is this tenant's record, and publishes the command with the
@@ -13,23 +15,18 @@ archived content; the processor checks that content against the digest of the re
 
 from __future__ import annotations
 
-import asyncio
-import getpass
-import uuid
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
-from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryRecord, MemoryStatus
+from ctxflow.schemas.models import MemoryCommandKind, MemoryRecord, MemoryStatus
 from ctxflow.sinks.payloads import CorruptPayload, PayloadStore
 from ctxflow.streams.cli.context import settings_of
+from ctxflow.streams.cli.memory import Timeout, Wait, new_command, submit_command
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.payloads import open_payload_store
-from ctxflow.streams.sdk import CtxflowClient, CtxflowError
 from ctxflow.streams.stack.query import QueryFailed, run_query
 from rich.console import Console
 
-console = Console(soft_wrap=True, markup=False, highlight=False)
 errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant whose memory it is.")]
@@ -73,27 +70,8 @@ def archived_record(settings: Settings, store: PayloadStore, tenant_id: str, mem
     return record
 
 
-def _publish(settings: Settings, command: MemoryCommand) -> None:
-    async def send() -> None:
-        async with CtxflowClient.from_settings(settings) as client:
-            await client.publish(command)
-
-    try:
-        asyncio.run(send())
-    except (CtxflowError, OSError) as error:
-        errors.print(f"could not publish the command: {error}", style="red")
-        raise typer.Exit(1) from error
-
-
-def _command(kind: MemoryCommandKind, tenant: str, memory_id: str, by: str | None, reason: str | None,
-             content: str | None = None) -> MemoryCommand:
-    return MemoryCommand(
-        command_id=f"cmd-{uuid.uuid4()}", tenant_id=tenant, kind=kind, memory_id=memory_id,
-        corrected_content=content, issued_by=by or getpass.getuser(), reason=reason, issued_at=datetime.now(UTC),
-    )
-
-
-def rehydrate(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None) -> None:
+def rehydrate(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None,
+              wait: Wait = True, timeout: Timeout = 60.0) -> None:
     """Bring an archived (evicted) record back as it was: active, same id, version + 1."""
     settings = settings_of(ctx)
     try:
@@ -101,20 +79,23 @@ def rehydrate(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = 
     except (ArchiveError, QueryFailed) as error:
         errors.print(f"cannot rehydrate: {error}", style="red")
         raise typer.Exit(1) from error
-    _publish(settings, _command(MemoryCommandKind.REHYDRATE, tenant, memory_id, by, reason, record.content))
-    console.print(f"rehydrate of {memory_id} ({tenant}) published; the worker restores version {record.version + 2}")
+    command = new_command(tenant, MemoryCommandKind.REHYDRATE, by, reason, memory_id=memory_id,
+                          corrected_content=record.content)
+    submit_command(settings, command, wait, timeout)
 
 
-def pin(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None) -> None:
+def pin(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None,
+        wait: Wait = True, timeout: Timeout = 60.0) -> None:
     """Pin a record: never evicted from the long-term store."""
-    _publish(settings_of(ctx), _command(MemoryCommandKind.PIN, tenant, memory_id, by, reason))
-    console.print(f"pin of {memory_id} ({tenant}) published")
+    submit_command(settings_of(ctx), new_command(tenant, MemoryCommandKind.PIN, by, reason, memory_id=memory_id),
+                   wait, timeout)
 
 
-def unpin(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None) -> None:
+def unpin(ctx: typer.Context, tenant: Tenant, memory_id: MemoryId, by: By = None, reason: Reason = None,
+          wait: Wait = True, timeout: Timeout = 60.0) -> None:
     """Unpin a record: evictable again when the store fills."""
-    _publish(settings_of(ctx), _command(MemoryCommandKind.UNPIN, tenant, memory_id, by, reason))
-    console.print(f"unpin of {memory_id} ({tenant}) published")
+    submit_command(settings_of(ctx), new_command(tenant, MemoryCommandKind.UNPIN, by, reason, memory_id=memory_id),
+                   wait, timeout)
 
 
 def register(group: typer.Typer) -> None:

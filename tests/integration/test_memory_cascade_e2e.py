@@ -14,7 +14,6 @@ trip through ``ctxflow memory review``; a refused command and a stopped worker e
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from ctxflow.sinks.redis import RedisProjection, decisions_key
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import RunContext
 from ctxflow.streams.stack.embedded import EmbeddedStack
-from ctxflow.streams.stack.worker_process import WorkerProcess
+from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
 from tests.support_deploy import fresh_settings
 from tests.support_kafka import read_topics, wait_processed, wait_until
@@ -74,13 +73,9 @@ def at(seconds: float) -> datetime:
 
 
 def ctxflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI, told only where the deployment is."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXFLOW_")}
-    env |= {"CTXFLOW_BOOTSTRAP": settings.bootstrap, "CTXFLOW_TOPIC_PREFIX": settings.topic_prefix,
-            "CTXFLOW_PARTITIONS": str(settings.partitions), "CTXFLOW_APP_ID": settings.app_id,
-            "CTXFLOW_WEB_PORT": str(settings.web_port), "CTXFLOW_HOME": str(settings.home),
-            "CTXFLOW_REDIS_URL": settings.redis_url}
-    return subprocess.run([str(CTXFLOW), *args], env=env, capture_output=True, text=True, timeout=180)
+    """The real CLI, in the deployment's environment."""
+    return subprocess.run([str(CTXFLOW), *args], env=settings_env(settings), capture_output=True, text=True,
+                          timeout=180)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -165,7 +165,7 @@ def test_a_full_store_evicts_its_oldest_records_to_seven_live_archived_first(wor
         assert was.content == world.notes[ids.index(mid)].content  # the content, kept in the archive only
     rows = world.worker.query(
         f"SELECT count(), min(reason), max(reason) FROM invalidations FINAL WHERE tenant_id = '{STORE}' "
-        "AND startsWith(reason, 'store_quota') GROUP BY tenant_id").rows
+        "AND startsWith(reason, 'store_quota') AND target_type = 'memory_record' GROUP BY tenant_id").rows
     assert [tuple(r[:1]) for r in rows] == [(4,)]
     assert rows[0][1] == rows[0][2] == "store_quota: evicted 2 of 9 live records (quota 10, evict at 9, down to 7)"
     counted = dict(world.worker.query(
