@@ -352,8 +352,10 @@ TABLES: tuple[TableSpec, ...] = (
     # One row per candidate: the verdict id is the tenant's and candidate's hash, so a redelivery overwrites.
     TableSpec("memory_verdicts", MemoryVerdict, _VERDICT_COLUMNS, ("tenant_id", "verdict_id"),
               _plain_row(_names(_VERDICT_COLUMNS)), server_columns=(INGESTED_AT,), expires_by="occurred_at"),
+    # ingested_at: an invalidation carries its record's event time, which a replay of old events puts far in the
+    # past; kept from its arrival, it is not dropped by the TTL as it is written (sinks.table_retention).
     TableSpec("invalidations", Invalidation, _INVALIDATION_COLUMNS, ("tenant_id", "invalidation_id"),
-              _plain_row(_names(_INVALIDATION_COLUMNS)), expires_by="occurred_at"),
+              _plain_row(_names(_INVALIDATION_COLUMNS)), server_columns=(INGESTED_AT,), expires_by="occurred_at"),
     # A run's envelope is re-emitted as it closes and as late events update it: the highest version holds.
     TableSpec("envelopes", RunEnvelope, _ENVELOPE_COLUMNS, ("tenant_id", "run_id"),
               _plain_row(_names(_ENVELOPE_COLUMNS)), version="envelope_version", server_columns=(INGESTED_AT,),

@@ -304,6 +304,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "hourly cost per tenant", _hourly_cost),
     Migration(8, "memory verdicts table", create_tables("memory_verdicts")),
     Migration(9, "memory retrieval index", create_tables("memory_index")),
+    Migration(10, "invalidations record when they were ingested",
+              lambda db: _stamp_ingestion(db, "invalidations", "occurred_at")),
 )
 """Every migration, in version order (versions are 1, 2, 3, ... without gaps)."""
 

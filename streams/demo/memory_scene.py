@@ -5,23 +5,36 @@ read and the other tenants' numbers stay those of the budget act. In event-time 
 a preference (promoted), the same preference again (merged), a deploy key (rejected: a secret, stored nowhere), a
 refund policy (rejected: policy is never promoted from a run), billing facts confirmed by the tenant's system of
 record (promoted), a newer seat count (supersedes exactly the old count; the region fact about the same account is
-untouched), and an unverified plan tier contradicting a human-approved one (quarantined for review). Every
-expectation printed is read back from ClickHouse through the worker.
+untouched), and an unverified plan tier contradicting a human-approved one (quarantined for review). A concurrent
+run of the tenant's billing agent has recalled the old seat count: when the upgrade supersedes it, that run gets a
+stale-context notice naming the replacement. Then a reviewer revokes the unverified tier, and the user's
+preference is deleted: the cascade leaves its text in no projection. The act is played in three phases, each
+durable before the next (topics are read in no set order between them: the recall must be read before the
+upgrade, the commands after what they act on). Every figure printed is read back from ClickHouse through the
+worker.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ctxflow.processors.memory.identity import candidate_memory_id
 from ctxflow.schemas.models import (
+    ItemKind,
     MemoryCandidate,
+    MemoryCommand,
+    MemoryCommandKind,
     MemoryGovernance,
     MemoryScope,
     MemoryType,
+    ReviewAction,
+    Role,
     RunEvent,
+    Slot,
     SlotCaps,
     TenantManifest,
     Verification,
@@ -57,7 +70,11 @@ class MemoryScene:
         self.support = RunContext(
             tenant_id=MEMORY_TENANT, user_id="dana", session_id="nw-s1", agent_id="support", model="gpt-4o",
             run_id="nw-support-1", id_factory=lambda: f"nw-{next(counter)}")
+        self.billing = RunContext(
+            tenant_id=MEMORY_TENANT, user_id="dana", session_id="nw-s2", agent_id="billing", model="gpt-4o",
+            run_id="nw-billing-2", id_factory=lambda: f"nw-b-{next(counter)}")
         self.proposals = list(self._proposals())
+        self.by_label = {p.label: p for p in self.proposals}
 
     def at(self, seconds: float) -> datetime:
         return self.start + timedelta(seconds=seconds)
@@ -101,10 +118,31 @@ class MemoryScene:
             subject="northwind", attribute="tier", value="pro", verification=Verification.CORROBORATED,
             corroborating_run_ids=["nw-billing-7", "nw-sales-3"], at=at(10)), "quarantined")
 
-    def records(self) -> list[BaseModel]:
-        """Everything the act publishes, in order: the manifest, the run's start, the candidates."""
-        started: RunEvent = self.support.started(at=self.at(1))
-        return [self.manifest(), started, *(p.candidate for p in self.proposals)]
+    def memory_id(self, label: str) -> str:
+        """The id the gate gives a proposal's record (identity is deterministic)."""
+        return candidate_memory_id(self.by_label[label].candidate)
+
+    def phases(self) -> list[list[BaseModel]]:
+        """What the act publishes, phase by phase (each made durable before the next is published)."""
+        first, later = self.proposals[:7], self.proposals[7:]
+        old_seats = self.by_label["seats = 50"].candidate
+        recalled = self.billing.turn(Role.TOOL, ItemKind.MEMORY, Slot.RETRIEVED, old_seats.content or "",
+                                     item_id=self.memory_id("seats = 50"), at=self.at(8.5))
+        preference = self.by_label["preference"].candidate
+        remembered = self.support.turn(Role.TOOL, ItemKind.MEMORY, Slot.RETRIEVED, preference.content or "",
+                                       item_id=self.memory_id("preference"), at=self.at(8.6))
+        started: list[RunEvent] = [self.support.started(at=self.at(1)), self.billing.started(at=self.at(1.5))]
+        review = MemoryCommand(
+            command_id="nw-cmd-review", tenant_id=MEMORY_TENANT, kind=MemoryCommandKind.REVIEW,
+            memory_id=self.memory_id("plan tier = pro (unverified)"), action=ReviewAction.REVOKE,
+            issued_by="ana@northwind", reason="the contract still says enterprise", issued_at=self.at(20))
+        delete = MemoryCommand(
+            command_id="nw-cmd-delete", tenant_id=MEMORY_TENANT, kind=MemoryCommandKind.DELETE,
+            memory_id=self.memory_id("preference"), issued_by="dana", reason="user asked to forget it",
+            issued_at=self.at(21))
+        return [[self.manifest(), *started, *(p.candidate for p in first), recalled, remembered],
+                [*(p.candidate for p in later)],
+                [review, delete]]
 
     def print_report(self, worker: WorkerProcess, console: Console) -> bool:
         """The act's verdicts and records, read from ClickHouse; False if one differs from what was expected."""
@@ -138,4 +176,44 @@ class MemoryScene:
             "SELECT count() FROM memory_records WHERE positionUTF8(ifNull(content, ''), "
             f"'{DEPLOY_KEY}') > 0").rows[0][0]
         console.print(f"the deploy key is in {leaked} memory rows (rejected by detect-secrets before any write)")
-        return ok and leaked == 0
+        ok &= leaked == 0
+        ok &= self._notice(worker, console)
+        ok &= self._review(records, console)
+        return ok & self._deleted(worker, records, console)
+
+    def _notice(self, worker: WorkerProcess, console: Console) -> bool:
+        rows = worker.query(
+            f"SELECT reason FROM decisions FINAL WHERE tenant_id = '{MEMORY_TENANT}' AND kind = 'stale_context' "
+            f"AND run_id = '{self.billing.run_id}'").rows
+        told = any(self.memory_id("seats = 75 (upgrade)") in r[0] for r in rows)
+        console.print(f"stale-context notice to the concurrent run {self.billing.run_id}, which had recalled the old "
+                      f"seat count: {rows[0][0] if rows else 'none'}" + ("" if told else " (CHECK)"))
+        return told
+
+    def _review(self, records: dict[str, tuple[Any, ...]], console: Console) -> bool:
+        tier = records.get(self.memory_id("plan tier = pro (unverified)"), ("-",))
+        console.print(f"review: ana revoked the quarantined 'plan tier = pro': now {tier[0]} (a tombstone; the same "
+                      "content cannot come back without review)")
+        return tier[0] == "revoked"
+
+    def _deleted(self, worker: WorkerProcess, records: dict[str, tuple[Any, ...]], console: Console) -> bool:
+        """Where the deleted preference's text still is: ClickHouse's purges are background mutations, so a few
+        seconds are allowed for them (a count that stays above zero is a failure)."""
+        text = "prefers answers in German"
+        held = "positionCaseInsensitiveUTF8(ifNull({column}, ''), '" + text + "') > 0"
+        sql = (f"SELECT (SELECT count() FROM memory_records WHERE {held.format(column='content')}), "
+               f"(SELECT count() FROM memory_index WHERE {held.format(column='text')}), "
+               f"(SELECT count() FROM turns WHERE {held.format(column='content')})")
+        deadline = time.monotonic() + 15.0
+        found = tuple(worker.query(sql).rows[0])
+        while any(found) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = tuple(worker.query(sql).rows[0])
+        layers = dict(worker.query(
+            f"SELECT target_type, count() FROM invalidations WHERE tenant_id = '{MEMORY_TENANT}' AND "
+            f"target_id = '{self.memory_id('preference')}' GROUP BY target_type").rows)
+        status = records.get(self.memory_id("preference"), ("-",))[0]
+        console.print(f"deleted dana's preference: record {status}; invalidations by layer "
+                      f"{dict(sorted(layers.items()))}; its text is in {found[0]} memory_records rows, {found[1]} "
+                      f"retrieval-index rows and {found[2]} retrieved turns")
+        return status == "revoked" and not any(found)

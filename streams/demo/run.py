@@ -371,8 +371,9 @@ def run_demo(settings: Settings, *, duration_s: float = DEFAULT_DURATION_S, rate
                     worker.wait_caught_up(timeout_s=30.0)  # authoritative: every published effect is durable
                     end_to_end_s = time.monotonic() - publish_began
                     memory = MemoryScene(workload.start)
-                    _run_cancellable(_publish_records(settings, memory.records()))
-                    worker.wait_caught_up(timeout_s=30.0)
+                    for phase in memory.phases():
+                        _run_cancellable(_publish_records(settings, phase))
+                        worker.wait_caught_up(timeout_s=30.0)
                 finally:
                     summarizer.stop(_SUMMARIZER_GRACE_S)
                 report = DemoReport(worker, workload, console, shown_home, progress.kept)

@@ -121,4 +121,9 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     verdicts = dict(_query(tmp_path, env, "SELECT outcome, count() FROM memory_verdicts FINAL WHERE tenant_id = "
                                           "'northwind' GROUP BY outcome"))
     assert verdicts == {"accepted": 6, "merged": 1, "rejected": 2}, verdicts
+    assert re.search(r"stale-context notice to the concurrent run nw-billing-2, which had recalled the old seat "
+                     r"count: no longer served", flat), out
+    assert "review: ana revoked the quarantined 'plan tier = pro': now revoked" in flat, out
+    assert re.search(r"deleted dana's preference: record revoked; .* its text is in 0 memory_records rows, 0 "
+                     r"retrieval-index rows and 0 retrieved turns", flat), out
     assert time.monotonic() - began < 90  # about a minute on a quiet machine; the bound catches a hang, not speed
