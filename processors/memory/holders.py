@@ -90,11 +90,13 @@ def _load_access(data: bytes) -> MemoryAccess:
 
 
 TABLES: tuple[TableSpec, ...] = (
-    TableSpec(HOLDERS, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b))),
     TableSpec(HELD, _dump_held, _load_held),
+    TableSpec(HOLDERS, lambda v: json.dumps(list(v)).encode(), lambda b: tuple(json.loads(b))),
     TableSpec(ACCESS, _dump_access, _load_access),
 )
-"""The changelog forms of the holdings tables (:class:`processors.chain.TableSpec`)."""
+"""The changelog forms of the holdings tables (:class:`processors.chain.TableSpec`). Persisted last listed first:
+``memory_held`` is what makes a redelivered turn change nothing, so it is durable after the holders and reads it
+recorded (a crash in between replays the turn, which records them again)."""
 
 
 def access_of(state: BudgetStore, tenant_id: str, memory_id: str) -> MemoryAccess | None:
@@ -102,16 +104,17 @@ def access_of(state: BudgetStore, tenant_id: str, memory_id: str) -> MemoryAcces
     return state.get_state(ACCESS, f"{tenant_id}:{memory_id}")
 
 
-def observe(turn: TurnEvent, state: BudgetStore) -> None:
-    """Learn from a turn of kind ``memory`` that its run holds the memory ``item_id``; count the read."""
+def observe(turn: TurnEvent, state: BudgetStore) -> bool:
+    """Learn from a turn of kind ``memory`` that its run holds the memory ``item_id``; count the read. True when
+    the turn was a new read (not a redelivery)."""
     if turn.kind is not ItemKind.MEMORY:
-        return
+        return False
     tenant = check_tenant(turn.tenant_id)
     run_key, memory_id = f"{tenant}:{turn.run_id}", turn.item_id
     held = state.get_state(HELD, run_key) or HeldRun(turn.user_id, turn.session_id)
     seen = held.seqs.get(memory_id)
     if seen is not None and turn.seq <= seen:
-        return  # a redelivered (or reordered) turn: counted already
+        return False  # a redelivered (or reordered) turn: counted already
     held = HeldRun(held.user_id, held.session_id, {**held.seqs, memory_id: turn.seq})
     state.put_state(HELD, run_key, held)
     holder_key = f"{tenant}:{memory_id}"
@@ -122,6 +125,7 @@ def observe(turn: TurnEvent, state: BudgetStore) -> None:
     count = known.count + 1 if known else 1
     last = max(known.last_access_at, turn.occurred_at) if known else turn.occurred_at
     state.put_state(ACCESS, holder_key, MemoryAccess(count, last))
+    return True
 
 
 def forget_runs(keys: Iterable[str], state: BudgetStore) -> None:

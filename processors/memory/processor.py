@@ -133,8 +133,12 @@ class MemoryGateProcessor:
         outputs = expiry.sweep_before(event, state)
         if isinstance(event, TurnEvent | RunEvent):
             outputs += self._learn_run(event, state)
-            if isinstance(event, TurnEvent):
-                holders.observe(event, state)
+            if isinstance(event, TurnEvent) and holders.observe(event, state):
+                # A run retrieving a memory that already stopped being served (its turn read after the
+                # supersession or revocation: topics have no order between them) is told at once.
+                held = MemoryTables(state).record(event.tenant_id, event.item_id)
+                if held is not None and held.status is not MemoryStatus.ACTIVE:
+                    return [*outputs, *holders.notices([*outputs, held], state, event.event_id)]
         elif isinstance(event, MemoryCommand):
             outputs += self._command(event, state)
         elif isinstance(event, Summary):
@@ -264,7 +268,12 @@ class MemoryGateProcessor:
         existing = tables.record(tenant, mid)
         if existing is not None and existing.source_candidate_id == candidate.candidate_id:
             # This candidate's own record, written before a crash that lost its verdict (the verdict table is
-            # persisted last): the judgement happened; give its verdict again, never count it as a merge.
+            # persisted last): the judgement happened; give its verdict again, never count it as a merge. The
+            # bucket is persisted after the records, so it may lag them: bring it to what the records say.
+            if existing.status in conflict.LIVE:
+                tables.add_to_bucket(bucket, mid)
+            for gone in [r for r in tables.bucket(bucket) if r.status not in conflict.LIVE]:
+                tables.drop_from_bucket(bucket, gone.memory_id)
             outcome = VerdictOutcome.ACCEPTED
             return [existing, self._verdict(tables, candidate, decision, policy, outcome, existing, now)]
         if existing is not None and existing.status in conflict.LIVE:

@@ -116,8 +116,8 @@ def _json_table(name: str) -> TableSpec:
 TABLES: tuple[TableSpec, ...] = (
     TableSpec(COMMANDS, lambda v: v.encode(), lambda b: b.decode()),
     _model_table(VERDICTS, MemoryVerdict),
-    _model_table(RECORDS, MemoryRecord),
     _ids_table(BUCKETS),
+    _model_table(RECORDS, MemoryRecord),
     TableSpec(REVOKED, lambda v: v.encode(), lambda b: b.decode()),
     TableSpec(REVIEWS, _dump_review, _load_review),
     TableSpec(RUNS, _dump_run, _load_run),
@@ -132,7 +132,10 @@ TABLES: tuple[TableSpec, ...] = (
 The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` and then
 ``memory_commands`` are durable last: a stored verdict (command outcome) is what makes a redelivered candidate
 (command) change nothing, so every record, bucket, link and block its judgement wrote must be durable before it
-(a crash in between replays the candidate or command, which writes the same values again). The live pages are
+(a crash in between replays the candidate or command, which writes the same values again). The buckets are
+durable after the records: a replayed candidate that finds its own record repairs its bucket
+(:meth:`~processors.memory.processor.MemoryGateProcessor` ``_promote``), while buckets ahead of their records would
+hide a record the replay must supersede. The live pages are
 durable before the records: a replayed write then finds its id already paged and counts nothing twice; the
 counts before the pages, so a crash between them leaves a count one too high (an early recount), never too low
 (a late eviction)."""

@@ -63,6 +63,21 @@ def stale_decisions(outputs: list[Any]) -> list[Decision]:
     return [o for o in outputs if isinstance(o, Decision) and o.kind is DecisionKind.STALE_CONTEXT]
 
 
+def test_a_run_retrieving_a_memory_read_after_it_went_stale_is_told_at_once() -> None:
+    # Turns and candidates are separate topics, read in no set order: the retrieval may come after the
+    # supersession. Its run is told when its turn is read; a redelivery of the turn repeats the same decision (same
+    # id: a subscriber applies it once), and retrieving the replacement tells nothing.
+    p, state = processor(), DictBudgetState()
+    old = active_id(list(p.process(zone("CET", n=1), POS, state, NOW)))
+    new = active_id(list(p.process(zone("PST", n=2), POS, state, NOW)))
+    notices = stale_decisions(list(p.process(recall(old, "r-late", 3), POS, state, NOW)))
+    assert [(d.run_id, d.stale) for d in notices] == [
+        ("r-late", [StaleMemory(memory_id=old, status="superseded", replaced_by=new)])]
+    again = stale_decisions(list(p.process(recall(old, "r-late", 3), POS, state, NOW)))
+    assert [d.decision_id for d in again] in ([], [notices[0].decision_id])
+    assert stale_decisions(list(p.process(recall(new, "r-late", 4), POS, state, NOW))) == []
+
+
 def test_a_superseded_memory_notifies_every_live_run_holding_it_with_its_replacement() -> None:
     p, state = processor(), DictBudgetState()
     old = active_id(list(p.process(zone("CET", n=1), POS, state, NOW)))

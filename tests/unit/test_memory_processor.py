@@ -83,6 +83,25 @@ def test_a_candidate_replayed_after_a_crash_that_lost_only_its_verdict_is_accept
     assert state.get_state(RECORDS, f"{c.tenant_id}:{first.memory_id}").merge_count == 0
 
 
+def test_a_supersession_replayed_after_a_crash_between_records_and_buckets_leaves_the_bucket_right() -> None:
+    # Records are durable before buckets, buckets before verdicts: a crash after the records leaves the bucket as
+    # it was before the candidate. The replay must bring it up to date, or the next contradiction would miss the
+    # record it has to supersede.
+    p, state = processor(), DictBudgetState()
+    first = of(MemoryVerdict, p.process(fact("Alice works in CET", "CET", candidate_id="c-1"), POS, state, NOW))[0]
+    buckets_before = dict(state.tables.get("memory_buckets", {}))
+    second_candidate = fact("Alice works in PST", "PST", candidate_id="c-2")
+    second = of(MemoryVerdict, p.process(second_candidate, POS, state, NOW))[0]
+    state.tables["memory_buckets"] = dict(buckets_before)
+    state.delete_state("memory_verdicts", f"acme:{second_candidate.candidate_id}")
+    assert of(MemoryVerdict, p.process(second_candidate, POS, state, NOW)) == [second]
+    third = of(MemoryVerdict, p.process(fact("Alice works in UTC", "UTC", candidate_id="c-3"), POS, state, NOW))[0]
+    records = state.tables[RECORDS]
+    assert records[f"acme:{first.memory_id}"].status is MemoryStatus.SUPERSEDED
+    assert records[f"acme:{second.memory_id}"].superseded_by == third.memory_id
+    assert [r.memory_id for r in records.values() if r.status is MemoryStatus.ACTIVE] == [third.memory_id]
+
+
 def test_promoting_the_same_thing_twice_is_a_recorded_merge() -> None:
     p, state = processor(), DictBudgetState()
     written = of(MemoryVerdict, p.process(candidate("Prefers answers in French"), POS, state, NOW))[0]
