@@ -20,6 +20,7 @@ partitions it no longer owns after every recovery), so a partition that comes ba
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -153,7 +154,8 @@ async def _start_from_snapshots(consumer: AIOKafkaConsumer, files: SnapshotFiles
         return
     firsts = await consumer.beginning_offsets(fresh)
     for kafka_tp in fresh:
-        snapshot = files.load(kafka_tp.topic, kafka_tp.partition)
+        # Off the event loop: a large file takes a while to check and parse, and the group heartbeats meanwhile.
+        snapshot = await asyncio.to_thread(files.load, kafka_tp.topic, kafka_tp.partition)
         if snapshot is None:
             continue
         after = snapshot.offset + 1

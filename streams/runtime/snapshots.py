@@ -256,15 +256,20 @@ class TableSnapshots:
         enough = self.positions.written >= max(RECORDS_PER_LIVE_KEY * live_keys, MIN_RECORDS)
         return enough and (idle or self._clock() - self._last >= BUSY_INTERVAL_S)
 
-    async def take(self, held: list[HeldValues]) -> None:
-        """Write ``held`` (every value of every table at a moment nothing decided is uncommitted: the caller
-        keeps it so until this returns) as the snapshots of the partitions with a known position."""
+    async def take(self, collect: Callable[[], list[HeldValues] | None]) -> None:
+        """Snapshot what ``collect`` returns (every value of every table, or None when they are ahead of the
+        changelogs) for the partitions with a known position. The caller keeps nothing decided uncommitted
+        until this returns: the values are encoded on the snapshot thread, from the objects themselves."""
+        began = time.perf_counter()
+        held = collect()  # with the positions, before any await: both describe the same moment
+        if held is None:
+            return
         offsets = self.positions.last_offsets()
+        collected_s = time.perf_counter() - began
         by_partition: dict[Partition, list[HeldValues]] = {key: [] for key in offsets}
         for values in held:
             if (values.topic, values.partition) in by_partition:
                 by_partition[(values.topic, values.partition)].append(values)
-        began = time.perf_counter()
         written = self.positions.written
         self.positions.written = 0
         self._last = self._clock()
@@ -285,4 +290,5 @@ class TableSnapshots:
         self.taken += 1
         log.info("table snapshot written", extra={
             "partitions": len(by_partition), "keys": sum(len(v.items) for v in held), "bytes": size,
-            "records_since_last": written, "seconds": round(time.perf_counter() - began, 3)})
+            "records_since_last": written, "collect_s": round(collected_s, 4),
+            "seconds": round(time.perf_counter() - began, 3)})

@@ -225,9 +225,7 @@ def build_app(settings: Settings) -> faust.App:
                         await room.wait()
                     if committing.done() or not app.flow_control.is_active():
                         continue
-                    held = store.held_values()
-                    if held is not None:
-                        await snapshots.take(held)
+                    await snapshots.take(store.held_values)
 
         committing = asyncio.create_task(commit_groups())
         snapshotting = asyncio.create_task(take_snapshots(snapshots)) if snapshots else None

@@ -4,7 +4,8 @@ A worker runs finished runs that retire (values and tombstones on every changelo
 once it has caught up; it stops, a worker with snapshots disabled runs more of them and is SIGKILLed, so the
 snapshot is a stale base with a long changelog tail after it. Recovering with the snapshot (base plus tail)
 must give the same tables, value for value, as recovering from offset 0; so must a corrupt snapshot and one of
-another deployment (another topic prefix), both of which are ignored. A worker restarted on the snapshots
+another deployment (another topic prefix), both of which are ignored, and one past its log's end, which is
+discarded. A worker restarted on the snapshots
 reads fewer changelog records and goes on deciding.
 """
 
@@ -19,6 +20,7 @@ import pytest
 from ctxflow.schemas.models import RunEvent, TurnEvent, UsageReport
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.recovery import PreloadedTable, preload
+from ctxflow.streams.runtime.snapshots import Deployment, SnapshotFiles
 from ctxflow.streams.runtime.worker import build_app
 from ctxflow.streams.stack.worker_process import WorkerProcess
 from faust.types import TP
@@ -102,7 +104,6 @@ def test_recovery_from_snapshots_equals_recovery_from_offset_zero(
     assert from_zero["budget-runs"] and len(from_zero["budget-runs"]) < 100  # most runs retired
     with_snapshots, read_with_snapshots = recovered(settings)
     assert with_snapshots == from_zero
-    print("READ", read_with_snapshots, read_from_zero, {k: len(v) for k, v in from_zero.items()}, len(stale))
     assert read_with_snapshots < read_from_zero
 
     # A corrupt snapshot is ignored (a log line), and recovery still exact.
@@ -120,6 +121,16 @@ def test_recovery_from_snapshots_equals_recovery_from_offset_zero(
     with caplog.at_level(logging.WARNING, logger="ctxflow.streams.runtime.snapshots"):
         assert recovered(foreign)[0] == from_zero
     assert any("another deployment" in str(getattr(r, "reason", "")) for r in caplog.records)
+
+    # A snapshot past its log's end (the topic recreated, the state reset) is discarded.
+    files = SnapshotFiles(settings.home / "state" / settings.app_id,
+                          Deployment(settings.app_id, settings.topic_prefix, settings.partitions))
+    topic, partition = f"{settings.app_id}-budget-runs-changelog", 0
+    files.save(topic, partition, 10**9, [(b"acme:run9999", b"[]")])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctxflow.streams.runtime.snapshots"):
+        assert recovered(settings)[0] == from_zero
+    assert [r for r in caplog.records if r.getMessage() == "table snapshot discarded"]
 
     # A worker restarted on the snapshots reads fewer records than from offset 0, and goes on.
     restarted = WorkerProcess(settings, name="worker-restarted").start()
