@@ -84,6 +84,11 @@ class PreloadingTableManager(TableManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
     ) -> None:
+        snapshots: TableSnapshots | None = getattr(self.app, "snapshots", None)
+        if snapshots is not None:
+            # Partitions may be leaving (their keys are dropped after the recovery): no periodic snapshot until a
+            # preload of the current generation says again which partitions the tables hold, and up to where.
+            snapshots.positions.seed({})
         if generation_id == self.app.consumer_generation_id:
             changelogs = self._changelogs
             actives = {tp for tp in self.app.assignor.assigned_actives() if tp.topic in changelogs}
