@@ -262,17 +262,21 @@ class TableSnapshots:
         until this returns: the values are encoded on the snapshot thread, from the objects themselves."""
         began = time.perf_counter()
         held = collect()  # with the positions, before any await: both describe the same moment
-        if held is None:
-            return
         offsets = self.positions.last_offsets()
         collected_s = time.perf_counter() - began
+        written = self.positions.written
+        # Counted as taken either way: a refusal that lasted would otherwise pause deciding after every commit.
+        self.positions.written = 0
+        self._last = self._clock()
+        if held is None:
+            log.info("table snapshot skipped: the tables hold values not captured for their changelogs")
+            return
+        if not offsets:  # no partition whose position is known (a rebalance is under way)
+            return
         by_partition: dict[Partition, list[HeldValues]] = {key: [] for key in offsets}
         for values in held:
             if (values.topic, values.partition) in by_partition:
                 by_partition[(values.topic, values.partition)].append(values)
-        written = self.positions.written
-        self.positions.written = 0
-        self._last = self._clock()
         files = self.files
 
         def save_all() -> int:
