@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     #: The ClickHouse sinks' consumer group; ``<app_id>-sink`` when unset. A new group writes the topics again from
     #: their first offsets (rows collapse by identity), e.g. into a new ClickHouse.
     sink_group: str | None = None
+    #: Whether the worker keeps local snapshots of its tables under ``<home>/state/<app_id>`` so that a restart
+    #: reads only the changelog records written after them (:mod:`streams.runtime.snapshots`). They never
+    #: change what a worker recovers; deleting them is always safe.
+    table_snapshots: bool = True
     #: Largest batch a worker agent takes from the stream before processing it.
     batch_max: int = Field(default=2000, ge=1)
     #: Shortest time between two commits of decided batches, in seconds. Decisions go out as soon as a batch

@@ -20,15 +20,25 @@ partitions it no longer owns after every recovery), so a partition that comes ba
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import time
+from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.runtime.snapshots import (
+    MIN_RECORDS,
+    RECORDS_PER_LIVE_KEY,
+    Snapshot,
+    SnapshotFiles,
+    TableSnapshots,
+)
 from ctxflow.streams.runtime.transport import ShortFetchApp
 from faust.tables import TableManager
 from faust.types import TP
@@ -74,6 +84,11 @@ class PreloadingTableManager(TableManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
     ) -> None:
+        snapshots: TableSnapshots | None = getattr(self.app, "snapshots", None)
+        if snapshots is not None:
+            # Partitions may be leaving (their keys are dropped after the recovery): no periodic snapshot until a
+            # preload of the current generation says again which partitions the tables hold, and up to where.
+            snapshots.positions.seed({})
         if generation_id == self.app.consumer_generation_id:
             changelogs = self._changelogs
             actives = {tp for tp in self.app.assignor.assigned_actives() if tp.topic in changelogs}
@@ -99,14 +114,17 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
     )
     await consumer.start()
     applied = 0
+    snapshots: TableSnapshots | None = getattr(app, "snapshots", None)
     try:
         wanted = {TopicPartition(tp.topic, tp.partition): tp for tp in partitions}
         ends = await log_end_offsets(consumer, list(wanted))
-        starts = {kafka_tp: partitions[tp].preloaded.get(tp, -1) + 1 for kafka_tp, tp in wanted.items()}
+        pending = {kafka_tp: _Latest(partitions[tp], tp) for kafka_tp, tp in wanted.items()}
+        if snapshots is not None:
+            await _start_from_snapshots(consumer, snapshots.files, pending, ends)
+        starts = {kafka_tp: latest.start() for kafka_tp, latest in pending.items()}
         remaining = {kafka_tp for kafka_tp in wanted if starts[kafka_tp] < ends[kafka_tp]}
         for kafka_tp in remaining:
             consumer.seek(kafka_tp, starts[kafka_tp])
-        pending = {kafka_tp: _Latest(partitions[tp], tp) for kafka_tp, tp in wanted.items()}
         while remaining:
             fetched = await consumer.getmany(*remaining, timeout_ms=500, max_records=_MAX_RECORDS)
             for kafka_tp, records in fetched.items():
@@ -120,6 +138,10 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
         await consumer.stop()
     for latest in pending.values():
         latest.apply()
+    if snapshots is not None:
+        # The tables now hold exactly each partition's log up to its end: this worker's writes continue from there.
+        snapshots.positions.seed({(kafka_tp.topic, kafka_tp.partition): end for kafka_tp, end in ends.items()})
+        _snapshot_what_was_read(snapshots.files, pending.values())
     del pending
     _release_freed_memory()
     log.info(
@@ -127,6 +149,44 @@ async def preload(app: ShortFetchApp, tables: dict[TP, Any]) -> int:
         extra={"records": applied, "partitions": len(partitions), "seconds": round(time.perf_counter() - began, 2)},
     )
     return applied
+
+
+async def _start_from_snapshots(consumer: AIOKafkaConsumer, files: SnapshotFiles,
+                                pending: dict[TopicPartition, _Latest], ends: dict[TopicPartition, int]) -> None:
+    """Seed each partition read from scratch with its snapshot, when it has one that still fits its log."""
+    fresh = [kafka_tp for kafka_tp, latest in pending.items() if latest.fresh]
+    if not fresh:
+        return
+    firsts = await consumer.beginning_offsets(fresh)
+    for kafka_tp in fresh:
+        # Off the event loop: a large file takes a while to check and parse, and the group heartbeats meanwhile.
+        snapshot = await asyncio.to_thread(files.load, kafka_tp.topic, kafka_tp.partition)
+        if snapshot is None:
+            continue
+        after = snapshot.offset + 1
+        if firsts[kafka_tp] > after or ends[kafka_tp] < after:
+            files.discard(kafka_tp.topic, kafka_tp.partition,
+                          f"its log now spans offsets {firsts[kafka_tp]}-{ends[kafka_tp]}, the snapshot ends at "
+                          f"{snapshot.offset}: recreated or reset")
+            continue
+        pending[kafka_tp].seed(snapshot)
+
+
+def _snapshot_what_was_read(files: SnapshotFiles, read: Iterable[_Latest]) -> None:
+    """Save, on the snapshot thread, the live set of each partition that was read from scratch through many
+    records: the next restart reads from where this one stopped."""
+    for latest in read:
+        if latest.fresh and latest.last is not None and latest.read >= max(
+                RECORDS_PER_LIVE_KEY * len(latest.values), MIN_RECORDS):
+            topic, partition, offset, values = latest.tp.topic, latest.tp.partition, latest.last, latest.values
+            future = files.submit(lambda t=topic, p=partition, o=offset, v=values: files.save(t, p, o, v.items()))
+            future.add_done_callback(_log_failure)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    if (error := future.exception()) is not None:
+        log.error("table snapshot after the preload failed; the next restart reads the changelogs as before",
+                  exc_info=error)
 
 
 class _Latest:
@@ -141,7 +201,19 @@ class _Latest:
         self.table, self.tp = table, tp
         self.values: dict[bytes, bytes] = {}
         self.deleted: set[bytes] = set()
-        self.last: int | None = None
+        self.last: int | None = table.preloaded.get(tp)
+        #: Read from scratch: the table holds nothing of this partition (never preloaded, or since revoked).
+        self.fresh = self.last is None
+        #: Records read from the log (not from a snapshot).
+        self.read = 0
+
+    def seed(self, snapshot: Snapshot) -> None:
+        """Start from ``snapshot`` (this partition's live values as of its offset) instead of offset 0."""
+        self.values, self.last = snapshot.values, snapshot.offset
+
+    def start(self) -> int:
+        """The first offset to read."""
+        return 0 if self.last is None else self.last + 1
 
     def collect(self, records: list[Any], end: int) -> int:
         """Take ``records`` (one fetch, in offset order) up to ``end``; returns how many."""
@@ -159,6 +231,7 @@ class _Latest:
                     self.deleted.add(record.key)
             else:
                 values[record.key] = record.value
+        self.read += taken
         return taken
 
     def apply(self) -> None:

@@ -39,6 +39,7 @@ from ctxflow.processors.retention import Watermark
 from ctxflow.processors.types import StaticCount
 from ctxflow.processors.windows import SpendLedger
 from ctxflow.schemas.models import TenantManifest
+from ctxflow.streams.runtime.snapshots import HeldValues
 from faust.serializers.codecs import Codec
 
 _DUMP = json.JSONEncoder(separators=(",", ":")).encode
@@ -119,9 +120,13 @@ class BatchProducer:
     every other producer of ctxflow topics).
     """
 
-    def __init__(self, producer: AIOKafkaProducer, *, last_record_alone: bool = False) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, last_record_alone: bool = False,
+                 on_acked: Callable[[str, int, int, int], None] | None = None) -> None:
         self._producer = producer
         self._last_alone = last_record_alone
+        #: Told ``(topic, partition, base offset, records)`` of every acknowledged batch, in the order shipped
+        #: (:class:`streams.runtime.snapshots.ChangelogPositions`).
+        self._on_acked = on_acked
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
 
@@ -132,7 +137,7 @@ class BatchProducer:
             if partition is None:
                 partition = await self._partition_of(topic, key)
             groups.setdefault((topic, partition), []).append((key, value))
-        pending: list[asyncio.Future[Any]] = []
+        pending: list[tuple[asyncio.Future[Any], int]] = []
         for (topic, partition), items in groups.items():
             if not self._last_alone:
                 pending += await self._ship(topic, partition, items)
@@ -145,20 +150,27 @@ class BatchProducer:
                 if chunk:
                     pending += await self._ship(topic, partition, chunk)
         if pending:
-            await asyncio.gather(*pending)
+            await asyncio.gather(*(future for future, _ in pending))
+            if self._on_acked is not None:
+                for future, count in pending:
+                    meta = future.result()
+                    self._on_acked(meta.topic, meta.partition, meta.offset, count)
         return sum(len(items) for items in groups.values())
 
     async def _ship(self, topic: str, partition: int, items: list[tuple[bytes | None, bytes | None]]
-                    ) -> list[asyncio.Future[Any]]:
+                    ) -> list[tuple[asyncio.Future[Any], int]]:
+        """Ship ``items`` as one or more batches; returns each batch's future with its record count."""
         producer, futures = self._producer, []
         batch: BatchBuilder = producer.create_batch()
+        count = 0
         for key, value in items:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it, start another
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
+                futures.append((await producer.send_batch(batch, topic, partition=partition), count))
+                batch, count = producer.create_batch(), 0
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     raise ValueError(f"a record of {len(value or b'')} bytes exceeds the producer's batch size")
-        futures.append(await producer.send_batch(batch, topic, partition=partition))
+            count += 1
+        futures.append((await producer.send_batch(batch, topic, partition=partition), count))
         return futures
 
     async def _partition_of(self, topic: str, key: bytes | None) -> int:
@@ -297,6 +309,28 @@ class TableBudgetStore:
         """The run ledgers written (and not retired) since the last :meth:`capture_changelogs` (for projections)."""
         data = self._data["runs"]
         return [(key, data[key]) for key in self._dirty["runs"] if key in data]
+
+    def live_keys(self) -> int:
+        """How many values the tables hold."""
+        return sum(len(data) for data in self._data.values())
+
+    def held_values(self) -> list[HeldValues] | None:
+        """Every held value by table and changelog partition (a shallow copy, for a snapshot), or None while
+        some value is written and not yet captured: the tables are then ahead of what any changelog can hold."""
+        if any(self._dirty.values()):
+            return None
+        held: dict[tuple[str, int], HeldValues] = {}
+        for name, data in self._data.items():
+            topic, partitions, dumps = self._changelogs[name], self._key_partition[name], self._codecs[name].dumps
+            for key, value in data.items():
+                partition = partitions.get(key)
+                if partition is None:  # not from any changelog partition this worker knows: no snapshot now
+                    return None
+                values = held.get((topic, partition))
+                if values is None:
+                    values = held[(topic, partition)] = HeldValues(topic, partition, [], dumps)
+                values.items.append((key, value))
+        return list(held.values())
 
     def capture_changelogs(self) -> tuple[list[OutRecord], ...]:
         """Encode every dirty value now (aggregates, run ledgers, each chain processor's table with later processors

@@ -44,6 +44,7 @@ from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.payloads import open_payload_store
 from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
+from ctxflow.streams.runtime.snapshots import Deployment, SnapshotFiles, TableSnapshots
 from ctxflow.streams.runtime.stop_deadline import StopDeadline
 from ctxflow.streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 from ctxflow.streams.sink.host import SinkHost
@@ -88,6 +89,11 @@ def build_app(settings: Settings) -> faust.App:
         recovery_consistency_check=False,
     )
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+    snapshots = None
+    if settings.table_snapshots:
+        deployment = Deployment(settings.app_id, settings.topic_prefix, settings.partitions)
+        snapshots = TableSnapshots(SnapshotFiles(settings.home / "state" / settings.app_id, deployment))
+    app.snapshots = snapshots  # read by the preload (streams.runtime.recovery)
     app.stall_after_s = settings.stall_after_s
     chain_tables = default_chain(BudgetProcessor(TokenCounter())).tables
     tables = declare_tables(app, settings.partitions, chain_tables)
@@ -140,13 +146,15 @@ def build_app(settings: Settings) -> faust.App:
             await kafka.start()
         counter = TokenCounter()
         counter.preload()
+        store = TableBudgetStore(tables, BatchProducer(
+            producers[1], last_record_alone=True, on_acked=snapshots.positions.acked if snapshots else None))
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
             chain=default_chain(
                 BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
                 idle_timeout_s=settings.run_idle_timeout_s, storage_days=settings.content_storage_days,
             ),
-            store=TableBudgetStore(tables, BatchProducer(producers[1], last_record_alone=True)),
+            store=store,
             redis=redis,
             producer=DecisionOutlet(BatchProducer(producers[0]), settings.decision_linger_ms / 1000),
             full_topic=settings.topic,
@@ -167,6 +175,9 @@ def build_app(settings: Settings) -> faust.App:
         room, enough = asyncio.Event(), asyncio.Event()
         in_queue = [0]  # records decided and not yet committed
         group_records = 2 * settings.batch_max
+        # Held while a batch is decided: a table snapshot holds it to keep the tables still (see take_snapshots).
+        deciding = asyncio.Lock()
+        committed = asyncio.Event()
 
         async def commit_groups() -> None:
             loop, due = asyncio.get_running_loop(), 0.0
@@ -191,6 +202,7 @@ def build_app(settings: Settings) -> faust.App:
                     consumer.ack_all(messages)
                     in_queue[0] -= len(messages)
                 room.set()
+                committed.set()
                 log.debug(
                     "batch", extra={"records": report.records, "batches": len(group),
                                     "decisions": len(report.decisions), "dead_letters": len(report.dead_letters),
@@ -198,14 +210,33 @@ def build_app(settings: Settings) -> faust.App:
                                     **report.steps},
                 )
 
+        async def take_snapshots(snapshots: TableSnapshots) -> None:
+            # Only when nothing decided is uncommitted: every table value is then one its changelog holds, at
+            # the offsets this worker's acknowledged writes reached. Deciding waits meanwhile (the values are
+            # encoded on the snapshot thread); the event loop does not.
+            while True:
+                await committed.wait()
+                committed.clear()
+                if not snapshots.due(store.live_keys(), idle=in_queue[0] == 0):
+                    continue
+                async with deciding:
+                    while in_queue[0] and not committing.done():
+                        room.clear()
+                        await room.wait()
+                    if committing.done() or not app.flow_control.is_active():
+                        continue
+                    await snapshots.take(store.held_values)
+
         committing = asyncio.create_task(commit_groups())
+        snapshotting = asyncio.create_task(take_snapshots(snapshots)) if snapshots else None
         try:
             while True:
                 messages = []
                 try:
                     messages = await app.intake.take(settings.batch_max)
                     records = [InputRecord(logical[m.topic], m.partition, m.offset, m.key, m.value) for m in messages]
-                    prepared = await pipeline.prepare(records)
+                    async with deciding:
+                        prepared = await pipeline.prepare(records)
                 except Exception as exc:
                     await fail(exc, len(messages))
                     raise
@@ -220,6 +251,8 @@ def build_app(settings: Settings) -> faust.App:
                     await room.wait()
         finally:
             committing.cancel()  # batches not acknowledged yet are replayed after a restart
+            if snapshotting is not None:
+                snapshotting.cancel()
             await redis.close()
             for kafka in producers:
                 await kafka.stop()
