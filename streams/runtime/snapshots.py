@@ -28,8 +28,10 @@ They are written at two points, both provably consistent with the durable change
 
 Periodic snapshots are rate-limited: only once the changelog records written since the last one exceed
 ``RECORDS_PER_LIVE_KEY`` times the live keys (so encoding the live set costs at most a quarter of what
-encoding the writes cost), and, while batches keep arriving, at most every ``BUSY_INTERVAL_S``; a worker
-that has caught up takes one at once.
+encoding the writes cost), and only when the worker has caught up (nothing decided is waiting for a commit):
+deciding waits while the live set is copied and encoded (seconds for a hundred thousand live keys), so a worker
+under sustained load never pauses for one; it takes one at its first quiet moment, and a restart before that
+reads the tail since the last one (or the whole changelog, as without snapshots).
 """
 
 from __future__ import annotations
@@ -59,8 +61,6 @@ _DIGEST = 32  # SHA-256
 RECORDS_PER_LIVE_KEY = 4
 #: And never fewer than this many (a worker holding almost nothing would snapshot after every batch).
 MIN_RECORDS = 1_000
-#: Shortest time between two snapshots while batches keep arriving (one waits for the commits to drain).
-BUSY_INTERVAL_S = 30.0
 
 #: ``(changelog topic, partition)``
 Partition = tuple[str, int]
@@ -252,9 +252,9 @@ class TableSnapshots:
         self.taken = 0
 
     def due(self, live_keys: int, *, idle: bool) -> bool:
-        """Whether to take one now: enough written since the last, and either idle or not taken for a while."""
-        enough = self.positions.written >= max(RECORDS_PER_LIVE_KEY * live_keys, MIN_RECORDS)
-        return enough and (idle or self._clock() - self._last >= BUSY_INTERVAL_S)
+        """Whether to take one now: enough written since the last, and the worker idle (see the module docstring:
+        a snapshot pauses deciding, which a busy worker must not do)."""
+        return idle and self.positions.written >= max(RECORDS_PER_LIVE_KEY * live_keys, MIN_RECORDS)
 
     async def take(self, collect: Callable[[], list[HeldValues] | None]) -> None:
         """Snapshot what ``collect`` returns (every value of every table, or None when they are ahead of the
