@@ -2,6 +2,8 @@
 
 Rules, in the order they are checked (the first that refuses decides; ``Rule`` names go on the verdict):
 
+0. ``not_the_runs_user``: the candidate names another user than its run holds (checked by the processor, which
+   knows the run from its start event: a refused delegation holds a child to its parent's user). Never loosened.
 1. ``global_write_locked``: nothing is written to global scope at runtime. Never loosened.
 2. ``policy_not_promotable``: a policy is never promoted from a run. Never loosened.
 3. ``no_retention_run``: a candidate or run in no-retention mode never promotes. Never loosened.
@@ -62,6 +64,10 @@ class Rule(StrEnum):
     TENANT_VERIFIED_FACT = "tenant_verified_fact"
     TENANT_APPROVED_EPISODE = "tenant_approved_episode"
     BOOTSTRAP_LOOSENED = "bootstrap_loosened"
+    #: The candidate names another user than the run that produced it holds (its own, or its parent's after a
+    #: refused delegation): one user's run never writes another user's memory. Checked by the processor, which
+    #: knows the run. Never loosened.
+    NOT_THE_RUNS_USER = "not_the_runs_user"
 
 
 USER_TYPES = frozenset({MemoryType.PREFERENCE, MemoryType.EPISODE})

@@ -48,7 +48,7 @@ from typing import Any
 from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle, quota
-from ctxflow.processors.memory.gate import GateDecision, MemoryGate
+from ctxflow.processors.memory.gate import GateDecision, MemoryGate, Rule
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.late_privacy import revoke_run_records
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -168,7 +168,12 @@ class MemoryGateProcessor:
         policy = self._policy(tenant, state)
         run = self._run_facts(event, tables)
         digest = identity_digest(event.content, event.content_digest)
-        decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
+        held = delegation.lineage(state, tenant, event.run_id)
+        if held is not None and held.user_id != event.user_id:
+            decision = GateDecision(False, Rule.NOT_THE_RUNS_USER,
+                                    f"the run {event.run_id} holds user {held.user_id}, the candidate names another")
+        else:
+            decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
         if not decision.accepted:
             return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
         promoted = self._promote(tables, event, decision, policy, digest, now)

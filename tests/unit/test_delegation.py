@@ -80,6 +80,23 @@ def test_each_violation_is_a_rejection_naming_its_rule_for_the_child_run() -> No
     assert feed(procs, state, started("r-gc", "r-other-user")) == []
 
 
+def test_a_run_never_writes_another_users_memory_not_even_a_child_refused_for_naming_one() -> None:
+    procs, state = chain(), DictBudgetState()
+    feed(procs, state, started("r-root"))
+    feed(procs, state, started("r-other-user", "r-root", user="u-2"))  # refused, held to u-1
+    stolen = candidate("Prefers answers in French", run_id="r-other-user", user_id="u-2", parent_run_id="r-root")
+    (verdict,) = [o for o in feed(procs, state, stolen) if isinstance(o, MemoryVerdict)]
+    assert (verdict.outcome, verdict.rule) == (VerdictOutcome.REJECTED, "not_the_runs_user")
+    assert not [o for o in feed(procs, state, stolen) if isinstance(o, MemoryRecord)]
+    # A root run's candidate naming a user other than its run's is refused the same way.
+    forged = candidate("Prefers dark mode", run_id="r-root", user_id="u-3", candidate_id="c-forged")
+    (verdict,) = [o for o in feed(procs, state, forged) if isinstance(o, MemoryVerdict)]
+    assert verdict.rule == "not_the_runs_user"
+    own = candidate("Prefers dark mode", run_id="r-root", user_id="u-1", candidate_id="c-own")
+    (verdict,) = [o for o in feed(procs, state, own) if isinstance(o, MemoryVerdict)]
+    assert verdict.outcome is VerdictOutcome.ACCEPTED
+
+
 def test_a_retained_child_of_a_no_retention_parent_is_rejected_and_its_candidates_refused() -> None:
     procs, state = chain(), DictBudgetState()
     feed(procs, state, started("r-root", privacy=PrivacyMode.NO_RETENTION))
