@@ -2,8 +2,8 @@
 
 Rules, in the order they are checked (the first that refuses decides; ``Rule`` names go on the verdict):
 
-0. ``not_the_runs_user``: the candidate names another user than its run holds (checked by the processor, which
-   knows the run from its start event: a refused delegation holds a child to its parent's user). Never loosened.
+0. ``not_the_runs_user``: the candidate names another user than its run holds (``RunFacts.user_id``, from the
+   run's start event: a refused delegation holds a child to its parent's user). Never loosened.
 1. ``global_write_locked``: nothing is written to global scope at runtime. Never loosened.
 2. ``policy_not_promotable``: a policy is never promoted from a run. Never loosened.
 3. ``no_retention_run``: a candidate or run in no-retention mode never promotes. Never loosened.
@@ -65,8 +65,7 @@ class Rule(StrEnum):
     TENANT_APPROVED_EPISODE = "tenant_approved_episode"
     BOOTSTRAP_LOOSENED = "bootstrap_loosened"
     #: The candidate names another user than the run that produced it holds (its own, or its parent's after a
-    #: refused delegation): one user's run never writes another user's memory. Checked by the processor, which
-    #: knows the run. Never loosened.
+    #: refused delegation): one user's run never writes another user's memory. Never loosened.
     NOT_THE_RUNS_USER = "not_the_runs_user"
 
 
@@ -111,6 +110,8 @@ def verified(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts) ->
 
 
 def _structural(candidate: MemoryCandidate, run: RunFacts) -> GateDecision | None:
+    if run.user_id is not None and run.user_id != candidate.user_id:
+        return _refuse(Rule.NOT_THE_RUNS_USER, f"the run {candidate.run_id} holds another user than the candidate")
     if candidate.scope is MemoryScope.GLOBAL:
         return _refuse(Rule.GLOBAL_WRITE_LOCKED, "global scope is write-locked at runtime")
     if candidate.type is MemoryType.POLICY:

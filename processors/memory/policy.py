@@ -61,6 +61,8 @@ class RunFacts:
 
     privacy: PrivacyMode = PrivacyMode.RETAINED
     parent_run_id: str | None = None
+    #: The user the run holds (its start event's, or its parent's after a refused delegation); None: unknown.
+    user_id: str | None = None
 
 
 def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:

@@ -41,14 +41,14 @@ Its tables are in :mod:`processors.memory.store`; reviewers' decisions in :mod:`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle, quota
-from ctxflow.processors.memory.gate import GateDecision, MemoryGate, Rule
+from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.late_privacy import revoke_run_records
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -166,14 +166,10 @@ class MemoryGateProcessor:
             return [done]
         learnt = self._learn_run(event, state) if event.privacy is PrivacyMode.NO_RETENTION else []
         policy = self._policy(tenant, state)
-        run = self._run_facts(event, tables)
-        digest = identity_digest(event.content, event.content_digest)
         held = delegation.lineage(state, tenant, event.run_id)
-        if held is not None and held.user_id != event.user_id:
-            decision = GateDecision(False, Rule.NOT_THE_RUNS_USER,
-                                    f"the run {event.run_id} holds user {held.user_id}, the candidate names another")
-        else:
-            decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
+        run = replace(self._run_facts(event, tables), user_id=held.user_id if held is not None else None)
+        digest = identity_digest(event.content, event.content_digest)
+        decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
         if not decision.accepted:
             return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
         promoted = self._promote(tables, event, decision, policy, digest, now)

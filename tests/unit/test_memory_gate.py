@@ -61,6 +61,13 @@ def test_no_retention_candidates_and_runs_never_promote() -> None:
     assert (d.accepted, d.rule) == (False, Rule.NO_RETENTION_RUN)
 
 
+def test_a_candidate_naming_another_user_than_its_run_holds_never_promotes() -> None:
+    d = judge(candidate(user_id="u-2"), run=RunFacts(user_id="u-1"))
+    assert (d.accepted, d.rule) == (False, Rule.NOT_THE_RUNS_USER)
+    assert judge(candidate(user_id="u-1"), run=RunFacts(user_id="u-1")).accepted
+    assert judge(candidate(user_id="u-2")).accepted  # a run the worker has not seen start: its own claim stands
+
+
 def test_a_secret_is_rejected_and_the_reason_does_not_quote_it() -> None:
     key = "AKIAZ3MSJV4WWNKWW5FG"
     d = judge(candidate(f"Deploys use access key {key}"))
