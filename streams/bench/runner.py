@@ -111,6 +111,10 @@ def run_bench(settings: Settings, config: BenchConfig, say: Say) -> BenchResults
         stack_settings = settings.model_copy(update={
             "home": home / "stack", "bootstrap": f"127.0.0.1:{free_port()}",
             "redis_url": f"redis://127.0.0.1:{free_port()}/0", "clickhouse_dsn": None, "schema_registry_url": None,
+            # Workers as a deployment runs them (compose/): they decide, and the ClickHouse sink runs apart, in
+            # its own process, measured alone in phase (b'). Hosted in the worker, its thread takes the GIL from
+            # deciding and its chDB adds hundreds of MiB to the worker's RSS, which phases (d) and (d') measure.
+            "sink": "off",
         })
         with EmbeddedStack(stack_settings) as stack:
             results = _phases(stack.settings, home, config, say, details, sha, compare_partitions=settings.partitions)

@@ -314,6 +314,10 @@ class TableBudgetStore:
         """How many values the tables hold."""
         return sum(len(data) for data in self._data.values())
 
+    def keys_by_table(self) -> dict[str, int]:
+        """How many values each table holds."""
+        return {name: len(data) for name, data in self._data.items()}
+
     def held_values(self) -> list[HeldValues] | None:
         """Every held value by table and changelog partition (a shallow copy, for a snapshot), or None while
         some value is written and not yet captured: the tables are then ahead of what any changelog can hold."""

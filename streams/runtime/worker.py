@@ -148,6 +148,7 @@ def build_app(settings: Settings) -> faust.App:
         counter.preload()
         store = TableBudgetStore(tables, BatchProducer(
             producers[1], last_record_alone=True, on_acked=snapshots.positions.acked if snapshots else None))
+        app.table_store = store  # type: ignore[attr-defined]  (read by /health)
         pipeline = BudgetPipeline(
             codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
             chain=default_chain(
@@ -280,18 +281,24 @@ def build_app(settings: Settings) -> faust.App:
         the partition numbers this worker owns and processes (empty while it rebalances or recovers its tables),
         per input topic-partition its ``lag``, ``last_commit_age_s``, ``last_fetch_age_s`` and ``state``
         (``progress``), the stall threshold, how many changelog records it has read into its tables in bulk
-        since it started, and its ClickHouse ``sink`` (:meth:`streams.sink.host.SinkHost.health`; ``{"state":
-        "off"}`` with ``CTXFLOW_SINK=off``). Answered from memory: asking never sends a broker request."""
+        since it started, the values each of its tables holds now (``table_keys``), its table ``snapshots``
+        (how many it has written, and whether one is due once it is idle), and its ClickHouse ``sink``
+        (:meth:`streams.sink.host.SinkHost.health`; ``{"state": "off"}`` with ``CTXFLOW_SINK=off``). Answered
+        from memory: asking never sends a broker request."""
 
         async def get(self, request: Request) -> Response:
             health = app.consumer.health()  # type: ignore[attr-defined]  (BulkConsumer)
             inputs = app.intake.topics
             assigned = sorted({p.partition for p in health.partitions if p.topic in inputs})
             preloaded = app.tables.preloaded_records  # type: ignore[attr-defined]  (PreloadingTableManager)
+            table_store = getattr(app, "table_store", None)  # set once the agent has started
             return self.json({
                 "status": health.status if assigned else "starting", "partitions": assigned,
                 "progress": [p.as_json() for p in health.partitions if p.topic in inputs],
                 "stall_after_s": settings.stall_after_s, "tables_preloaded": preloaded,
+                "table_keys": table_store.keys_by_table() if table_store is not None else {},
+                "snapshots": {"taken": snapshots.taken, "due": table_store is not None and snapshots.due(
+                    table_store.live_keys(), idle=True)} if snapshots else {"state": "off"},
                 "sink": sink.health() if sink is not None else {"state": "off", "healthy": True},
             })
 
