@@ -11,11 +11,13 @@ of the run's user; session-scope records of the run's session) and again on the 
 bug cannot hand a run another tenant's or another user's memory.
 
 Ranking: with an ``embedding``, cosine distance (``cosineDistance``) to the records' embeddings of the same
-dimension (records without one are not candidates); otherwise lexical: the number of the query's distinct word
-tokens the record's text, subject, attribute and value hold (tokens from one Python tokenizer,
-:func:`~sinks.clickhouse_ddl.index_terms`, at index and query time, matched with ``arrayIntersect``; at least one
-must match), ties broken by ``ngramDistanceCaseInsensitiveUTF8`` to the whole query (closer first), then by id.
-Both read only the tenant's rows (the table is ordered by tenant first), and need no index to build.
+dimension (records without one are not candidates); otherwise lexical: the query's distinct word tokens that
+the record's text, subject, attribute and value hold (tokens from one Python tokenizer,
+:func:`~sinks.clickhouse_ddl.index_terms`, at index and query time; at least one must match), each weighing its
+inverse document frequency ``log((n + 1) / (df + 0.5))`` over the ``n`` records the run may see, ``df`` of which
+hold it, so "the customer" counts for little and "invoices" for much; ties broken by
+``ngramDistanceCaseInsensitiveUTF8`` to the whole query (closer first), then by id. Both read only the tenant's
+rows (the table is ordered by tenant first), and need no index to build.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ _COLUMNS = ("tenant_id", "memory_id", "scope", "type", "owner_id", "text", "subj
 
 @dataclass(frozen=True, slots=True)
 class RecallHit:
-    """One active memory a recall returned. ``score``: cosine distance (embedding) or the number of query terms
-    matched (lexical). ``text`` is the record's content; for a record whose content lives in the payload store
-    it is read from there, and None when that store is not reachable from this process."""
+    """One active memory a recall returned. ``score``: cosine distance (embedding), or the sum of the matched
+    query terms' weights, each its rarity among the records the run may see (lexical). ``text`` is the record's
+    content; for a record whose content lives in the payload store it is read from there, and None when that
+    store is not reachable from this process."""
 
     memory_id: str
     scope: MemoryScope
@@ -80,7 +83,14 @@ def recall_query(ctx: RunContext, query: str, scopes: Iterable[MemoryScope], k: 
                "ORDER BY score ASC, memory_id LIMIT {k:UInt32}")
     else:
         params["terms"] = index_terms(query)
-        sql = (f"SELECT {columns}, length(arrayIntersect(terms, {{terms:Array(String)}})) AS score "
+        # Each query term weighs its inverse document frequency among the records this run may see (n records,
+        # df of them holding the term): a word most of them hold ranks little, a rare one much.
+        sql = (f"WITH ifNull((SELECT count() FROM memory_index WHERE {visible}), 0) AS n, "
+               "(SELECT arrayResize(sumForEach(arrayMap(t -> toUInt64(has(terms, t)), {terms:Array(String)})), "
+               f"length({{terms:Array(String)}}), toUInt64(0)) FROM memory_index WHERE {visible}) AS df, "
+               "arrayMap(d -> log((n + 1) / (d + 0.5)), df) AS idf "
+               f"SELECT {columns}, arraySum(arrayMap((t, w) -> if(has(terms, t), w, 0), "
+               "{terms:Array(String)}, idf)) AS score "
                f"FROM memory_index WHERE {visible} AND hasAny(terms, {{terms:Array(String)}}) "
                "ORDER BY score DESC, ngramDistanceCaseInsensitiveUTF8(ifNull(text, ''), {query:String}) ASC, "
                "memory_id LIMIT {k:UInt32}")

@@ -91,6 +91,22 @@ def test_lexical_and_vector_ranking(sink: ClickHouseSink) -> None:
     assert [m for m, _ in ranked] == ["m-seats", "m-billing"] and ranked[0][1] < ranked[1][1]
 
 
+def test_a_rare_query_word_outranks_words_every_record_holds(sink: ClickHouseSink) -> None:
+    texts = {
+        "m-plan": "The customer is on the Team plan with support",
+        "m-office": "The customer is based in Berlin with a team",
+        "m-billing": "The customer is billed yearly with a discount",
+        "m-invoices": "The customer prefers invoices in EUR",
+    }
+    for mid, text in texts.items():
+        sink.add(record("rare", MemoryScope.TENANT, None, MemoryStatus.ACTIVE, text, mid=mid))
+    sink.flush()
+    # Four query words in each of three records, three in the last; but "invoices" is the one that says which.
+    ranked = recall(sink, ctx("rare", "u-1", "s-1"), "is the customer with invoices")
+    assert ranked[0][0] == "m-invoices" and len(ranked) == 4
+    assert ranked[0][1] > ranked[1][1] > 0
+
+
 @pytest.mark.parametrize("status", [MemoryStatus.REVOKED, MemoryStatus.ARCHIVED, MemoryStatus.SUPERSEDED])
 def test_a_record_that_leaves_active_disappears_from_the_index(sink: ClickHouseSink, admin: Client,
                                                               status: MemoryStatus) -> None:
