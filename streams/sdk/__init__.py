@@ -34,10 +34,10 @@ GenAI usage, streamed or not, into the contract's disjoint token kinds; ``ctx.us
     report = ctx.usage_from(openai_chat_usage(completion), latency_ms=820)
     await client.publish_usage(report)
 
-Recall: ``await client.recall(ctx, "query", k=5, embedding=None)`` returns the run's best active memories
-(:mod:`streams.sdk.recall`: its tenant only; tenant scope, its user's, its session's) and reports each as a
-retrieval turn, so a memory that later goes stale reaches the run as a ``stale_context`` decision, which
-:meth:`ContextWindow.apply` acts on.
+Recall: ``await client.recall(ctx, "query", k=5, embedding=None, window=window)`` returns the run's best active
+memories (:mod:`streams.sdk.recall`: its tenant only; tenant scope, its user's, its session's), adds those the
+window does not hold yet, and reports each of those as a retrieval turn, so a memory that later goes stale
+reaches the run as a ``stale_context`` decision, which :meth:`ContextWindow.apply` acts on.
 
 Privacy: a record whose run is ``no_retention`` leaves the SDK without ``content``; its ``content_digest``
 is kept (computed here when missing) and a turn's ``token_count``, when the caller gave none, is counted here

@@ -26,6 +26,7 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.streams.config import Settings
+from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import CHECK_BROKER, BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.linger import send_lingering_now
 from ctxflow.streams.sdk.manifest_files import latest_per_tenant
@@ -245,17 +246,23 @@ class CtxflowClient:
         return redact(record)
 
     async def recall(self, ctx: RunContext, query: str, *, scopes: Iterable[MemoryScope] = DEFAULT_SCOPES,
-                     k: int = 5, embedding: Sequence[float] | None = None, publish: bool = True) -> list[RecallHit]:
+                     k: int = 5, embedding: Sequence[float] | None = None, publish: bool = True,
+                     window: ContextWindow | None = None) -> list[RecallHit]:
         """The run's ``k`` best active memories for ``query`` (:mod:`streams.sdk.recall`): the run's tenant only,
         tenant-scope memories, its user's and its session's, ranked by cosine distance to ``embedding`` when given,
         else lexically. With ``publish`` each hit is reported as a retrieval turn (kind ``memory``, slot
         ``retrieved``, item id = memory id), so the budget counts it and the worker can tell the run when it goes
-        stale (a ``stale_context`` decision). Raises :class:`~streams.stack.query.QueryFailed` when no process
-        answers queries (see ``ctxflow query``)."""
+        stale (a ``stale_context`` decision). With ``window``, each hit is added to it
+        (:meth:`ContextWindow.add_memory`) and reported only when the window did not hold it yet: a memory
+        recalled again is neither shown twice nor counted twice (a hit whose text this process cannot read is
+        left out of both). Raises :class:`~streams.stack.query.QueryFailed` when no process answers queries (see
+        ``ctxflow query``)."""
         hits = await asyncio.to_thread(find, self.settings, ctx, query, scopes=tuple(scopes), k=k,
                                        embedding=embedding)
-        if publish:
-            for hit in hits:
+        for hit in hits:
+            if window is not None and (hit.text is None or not window.add_memory(hit.memory_id, hit.text)):
+                continue
+            if publish:
                 await self.publish_turn(retrieval_turn(ctx, hit))
         return hits
 

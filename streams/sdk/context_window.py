@@ -59,6 +59,8 @@ from ctxflow.schemas.models import Decision, DecisionKind, StaleMemory
 
 #: The content prefix of a summary message, so the model reads it as a digest, not as something just said.
 SUMMARY_PREFIX = "[summary of earlier context] "
+#: The content prefix of a recalled memory's message (:meth:`ContextWindow.add_memory`).
+MEMORY_PREFIX = "[recalled memory] "
 
 _SYSTEM_ROLES = frozenset(("system", "developer"))
 #: Keys that keep an assistant message worth sending once its tool calls are gone.
@@ -93,10 +95,24 @@ class ContextWindow:
             raise ValueError("a message is a mapping with a string 'role'")
         if not item_id:
             raise ValueError("item_id must be a non-empty string")
-        if self._holds(item_id):
+        if self.holds(item_id):
             raise ValueError(f"item {item_id!r} is already in the window (or offloaded)")
         self._items.append((item_id, copy.deepcopy(dict(message))))
         self._ids.add(item_id)
+
+    def add_memory(self, memory_id: str, text: str) -> bool:
+        """Append a recalled memory (item id = its memory id, as :meth:`CtxflowClient.recall` reports it) unless
+        the window already holds it; True when added. The message has role ``assistant`` and content
+        :data:`MEMORY_PREFIX` + ``text``, for the reasons a summary has (see the module docstring): a ``tool``
+        message answers a tool call, and one without its call is dropped from :meth:`messages`."""
+        if self.holds(memory_id):
+            return False
+        self.add({"role": "assistant", "content": MEMORY_PREFIX + text}, item_id=memory_id)
+        return True
+
+    def holds(self, item_id: str) -> bool:
+        """Whether item ``item_id`` is in the window (in the list, or offloaded)."""
+        return item_id in self._ids or item_id in self._offloaded
 
     # ---- decisions --------------------------------------------------------------------------------------------
     def apply(self, decision: Decision, summary_text: str | None = None) -> bool:
@@ -258,9 +274,6 @@ class ContextWindow:
         """Memories ``stale_context`` decisions named, by id: their new status and ``replaced_by`` (the memory
         to recall instead, when there is one), in the order they were reported."""
         return dict(self._stale)
-
-    def _holds(self, item_id: str) -> bool:
-        return item_id in self._ids or item_id in self._offloaded
 
     def _keep(self, items: list[tuple[str, Message]]) -> None:
         self._items = items

@@ -9,6 +9,7 @@ from typing import Any
 from ctxflow.schemas.models import MemoryScope, TenantManifest
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk.client import CtxflowClient
+from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.recall import DEFAULT_SCOPES, RecallHit
 from ctxflow.streams.sdk.run_context import RunContext
 from pydantic import BaseModel
@@ -58,10 +59,11 @@ class SyncCtxflowClient:
         self._runner.run(self.client.flush(timeout_s))
 
     def recall(self, ctx: RunContext, query: str, *, scopes: Iterable[MemoryScope] = DEFAULT_SCOPES, k: int = 5,
-               embedding: Sequence[float] | None = None, publish: bool = True) -> list[RecallHit]:
+               embedding: Sequence[float] | None = None, publish: bool = True,
+               window: ContextWindow | None = None) -> list[RecallHit]:
         """:meth:`CtxflowClient.recall`, blocking."""
         return self._runner.run(self.client.recall(ctx, query, scopes=scopes, k=k, embedding=embedding,
-                                                   publish=publish))
+                                                   publish=publish, window=window))
 
     def latest_manifest(self, tenant_id: str) -> TenantManifest | None:
         """:meth:`CtxflowClient.latest_manifest`."""

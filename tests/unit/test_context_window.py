@@ -23,7 +23,7 @@ from ctxflow.schemas.models import (
     SummaryProvenance,
     content_digest,
 )
-from ctxflow.streams.sdk.context_window import SUMMARY_PREFIX, ContextWindow, mask_placeholder
+from ctxflow.streams.sdk.context_window import MEMORY_PREFIX, SUMMARY_PREFIX, ContextWindow, mask_placeholder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,6 +109,19 @@ def assert_sendable(messages: list[dict[str, Any]]) -> None:
 
 
 # ---- each kind --------------------------------------------------------------------------------------------------
+def test_a_recalled_memory_reaches_the_model_once_however_often_it_is_recalled() -> None:
+    window = ContextWindow()
+    window.add({"role": "user", "content": "How many seats does Acme have?"}, item_id="u-1")
+    assert window.add_memory("mem-seats", "Acme's plan has 75 seats")
+    assert not window.add_memory("mem-seats", "Acme's plan has 75 seats")  # a second recall of it
+    assert window.messages() == [
+        {"role": "user", "content": "How many seats does Acme have?"},
+        # Not a tool message: one without its call would be dropped, and the model would never read it.
+        {"role": "assistant", "content": MEMORY_PREFIX + "Acme's plan has 75 seats"},
+    ]
+    assert window.holds("mem-seats") and not window.holds("mem-other")
+
+
 def test_evict_removes_items_for_good() -> None:
     window = conversation()
     assert window.apply(decide(DecisionKind.EVICT, ["a1", "t1"]))
