@@ -5,8 +5,10 @@ SDK's ``recall`` publishes one per hit). The memory processor learns holdings fr
 step, looks at its own outputs: a memory that stops being served (an :class:`Invalidation` of a memory, or a
 :class:`MemoryRecord` whose status is one a run can no longer be served: revoked, superseded, quarantined,
 archived) gets every live run holding it a ``stale_context`` :class:`Decision` naming it, its new status and its
-replacement. One post-step over the outputs, so whatever retires a record (supersession, review, deletion,
-retention expiry, store eviction) is covered without knowing about notices. The run's holding of it is then
+replacement; a summary that quoted a deleted record gets the run it was made for one naming the summary
+(``revoked``, or ``withdrawn`` when other sources fed it too), so no live prompt keeps the deleted text. One
+post-step over the outputs, so whatever retires a record (supersession, review, deletion, retention expiry,
+store eviction) is covered without knowing about notices. The run's holding of it is then
 dropped: the run was told, and a later transition of the same record (superseded, then revoked) tells it nothing
 new.
 
@@ -33,13 +35,14 @@ from hashlib import blake2b
 from typing import Any
 
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.memory.cascade import MEMORY_RECORD
+from ctxflow.processors.memory.cascade import MEMORY_RECORD, SUMMARY
 from ctxflow.processors.memory.store import RECORDS
 from ctxflow.processors.types import BudgetStore, check_tenant
 from ctxflow.schemas.models import (
     Decision,
     DecisionKind,
     Invalidation,
+    InvalidationKind,
     ItemKind,
     MemoryRecord,
     MemoryStatus,
@@ -187,15 +190,33 @@ def _stale_in(outputs: Sequence[Any], state: BudgetStore) -> list[_Stale]:
     return list(found.values())
 
 
+#: The ``status`` a stale-context notice gives a summary whose sources included a deleted record: ``revoked``
+#: when that record was its only source, ``withdrawn`` when others fed it too (their facts stand, its text goes).
+SUMMARY_STATUS = {InvalidationKind.TOMBSTONE: MemoryStatus.REVOKED.value, InvalidationKind.INVALIDATION: "withdrawn"}
+
+
+def _stale_summaries(outputs: Sequence[Any]) -> list[tuple[str, _Stale]]:
+    """``(run id, stale)`` for each summary ``outputs`` invalidate: its text quoted a deleted record, so the run it
+    was made for must stop reading it (the summary's id is the item id its swap put in the run's context)."""
+    return [
+        (o.run_id, _Stale(o.tenant_id, StaleMemory(memory_id=o.target_id, status=SUMMARY_STATUS[o.kind]),
+                          o.invalidation_id, o.occurred_at))
+        for o in outputs
+        if isinstance(o, Invalidation) and o.target_type == SUMMARY and o.run_id and o.kind in SUMMARY_STATUS
+    ]
+
+
 def notices(outputs: Sequence[Any], state: BudgetStore, source_event_id: str | None) -> list[Decision]:
     """One ``stale_context`` decision per live run holding a memory ``outputs`` stop serving (see the module
-    docstring), in run order; the holdings it names are dropped. An invalidation's status and replacement are
-    read from the memory's current record."""
+    docstring), or holding a summary that quoted a deleted one, in run order; the holdings it names are dropped.
+    An invalidation's status and replacement are read from the memory's current record."""
     per_run: dict[tuple[str, str], list[_Stale]] = {}
     for stale in _stale_in(outputs, state):
         holder_key = f"{stale.tenant_id}:{stale.memory.memory_id}"
         for run_id in state.get_state(HOLDERS, holder_key) or ():
             per_run.setdefault((stale.tenant_id, run_id), []).append(stale)
+    for run_id, stale in _stale_summaries(outputs):
+        per_run.setdefault((stale.tenant_id, run_id), []).append(stale)
     decisions = []
     for (tenant, run_id), items in sorted(per_run.items()):
         run_key = f"{tenant}:{run_id}"

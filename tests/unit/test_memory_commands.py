@@ -13,6 +13,8 @@ from ctxflow.processors.memory.policy import MemoryPolicy
 from ctxflow.processors.memory.processor import MemoryGateProcessor, PayloadWrite
 from ctxflow.processors.types import DictBudgetState, Position
 from ctxflow.schemas.models import (
+    Decision,
+    DecisionKind,
     Invalidation,
     InvalidationKind,
     MemoryCommand,
@@ -126,6 +128,10 @@ def test_a_summary_of_only_the_deleted_record_is_removed_one_of_several_sources_
     summaries = {i.target_id: (i.kind, i.run_id) for i in of(Invalidation, out) if i.target_type == "summary"}
     assert summaries == {"sum-alone": (InvalidationKind.TOMBSTONE, "r-9"),
                          "sum-shared": (InvalidationKind.INVALIDATION, "r-9")}
+    # The run they were made for is told to stop reading both: their text quoted the deleted record.
+    (notice,) = [d for d in of(Decision, out) if d.kind is DecisionKind.STALE_CONTEXT]
+    assert notice.run_id == "r-9"
+    assert {(m.memory_id, m.status) for m in notice.stale} == {("sum-alone", "revoked"), ("sum-shared", "withdrawn")}
     # A summary of it produced after the deletion (the summarizer lagged) is invalidated on arrival.
     late = p.process(summary("sum-late", [gone.memory_id]), POS, state, NOW)
     assert [(i.target_type, i.target_id) for i in of(Invalidation, late)] == [("summary", "sum-late")]
