@@ -216,6 +216,9 @@ class MemoryCommandKind(StrEnum):
     REHYDRATE = "rehydrate"
     PIN = "pin"
     UNPIN = "unpin"
+    #: v2: apply retention as of ``issued_at`` (the tenant's records whose lifetime ended become tombstones), for a
+    #: tenant whose own records no longer move its event-time clock (:mod:`processors.memory.expiry`).
+    EXPIRE = "expire"
 
 
 class Verification(StrEnum):
@@ -809,7 +812,8 @@ class Invalidation(_Record):
 
 class MemoryCommand(_Record):
     """An operator's command on a tenant's memory (topic ``memory.commands``, key ``tenant_id``), applied by the
-    worker's memory processor in log order (``ctxflow memory review|delete|rehydrate|pin``)."""
+    worker's memory processor in log order (``ctxflow memory review|delete|rehydrate|pin|unpin|expire``; the worker
+    sends ``expire`` itself for tenants that have gone quiet)."""
 
     command_id: Id
     tenant_id: TenantId
@@ -831,6 +835,9 @@ class MemoryCommand(_Record):
             # One record, one user's records, or neither: the whole tenant's memory (an offboarding).
             if self.memory_id is not None and self.user_id is not None:
                 raise ValueError("a delete names a memory_id or a user_id, not both")
+        elif kind is MemoryCommandKind.EXPIRE:
+            if self.memory_id is not None or self.user_id is not None:
+                raise ValueError("an expire command applies to the tenant's whole memory: no memory_id or user_id")
         elif self.memory_id is None:
             raise ValueError(f"a {kind.value} command needs a memory_id")
         if (kind is MemoryCommandKind.REVIEW) != (self.action is not None):

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     #: killed) as ``abandoned``, with an estimated consumption (processors.envelopes). Measured against the
     #: tenant's event-time watermark, so a replay closes the same runs at the same instants.
     run_idle_timeout_s: float = Field(default=30 * 60, gt=0)
+    #: Seconds of wall time between two checks for tenants whose memory records reached the end of their
+    #: retention while the tenant sent nothing (its own records move its clock otherwise): the worker sends each an
+    #: ``expire`` command (processors.memory.expiry). 0 turns the check off.
+    expiry_sweep_s: float = Field(default=300.0, ge=0)
     #: Days the projections are taken to keep a run's retained content, to price its storage (an estimate).
     content_storage_days: int = Field(default=30, ge=0)
 

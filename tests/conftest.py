@@ -63,7 +63,9 @@ def loopback_settings(home: Path, **overrides: Any) -> Settings:
         redis_port = free_port()
     # Four partitions, not the default one: tests exercise tenants spread over partitions, rebalances and
     # per-partition ownership, which one partition would never show.
-    fields: dict[str, Any] = {"partitions": 4, **overrides}
+    # No wall-clock retention sweeps (tests stamp their records in the past, and a sweep would expire them
+    # whenever a deployment happened to live long enough): the test of that sweep turns it on.
+    fields: dict[str, Any] = {"partitions": 4, "expiry_sweep_s": 0, **overrides}
     return Settings(home=home, bootstrap=f"127.0.0.1:{kafka_port}", redis_url=f"redis://127.0.0.1:{redis_port}/0",
                     **fields)
 

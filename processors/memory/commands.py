@@ -14,6 +14,8 @@ first time went out before the outcome was made durable: :mod:`processors.memory
   sends its invalidations again: harmless (sinks apply them idempotently), and it purges a projection that
   re-acquired the content since.
 - ``rehydrate``, ``pin``, ``unpin``: the long-term store's (:mod:`processors.memory.store_commands`).
+- ``expire``: retention applied as of ``issued_at`` (:func:`processors.memory.expiry.sweep`), for a tenant whose
+  own records no longer move its event-time clock; the worker sends it (:func:`processors.memory.expiry.due`).
 
 A command that cannot be applied (an unknown record, a transition the lifecycle forbids, a correction without
 content, a rehydration whose content does not match the record) is never dropped silently: it yields a
@@ -27,11 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ctxflow.processors.memory import cascade, store_commands
+from ctxflow.processors.memory import cascade, expiry, store_commands
 from ctxflow.processors.memory.lifecycle import IllegalTransition
 from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.types import check_tenant
+from ctxflow.processors.windows import to_ms
 from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryStatus, ReviewAction
 
 APPLIED = "applied"
@@ -75,6 +78,8 @@ def _dispatch(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
         return _delete(command, tables)
     if kind in store_commands.KINDS:
         return store_commands.apply(tables, command)
+    if kind is MemoryCommandKind.EXPIRE:
+        return expiry.sweep(tables, command.tenant_id, to_ms(command.issued_at))
     raise Refusal(f"{kind.value} is not applied by this worker; nothing changed")
 
 

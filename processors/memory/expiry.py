@@ -15,12 +15,20 @@ that is not a tombstone yet becomes one (reason ``expired``), with its invalidat
 the same order expires the same records at the same records; a record rewritten since it was filed (a merge
 moved its ``expires_at``) is skipped here and found again under its new hour.
 
+A tenant that goes quiet stops its own clock, and its records would outlive their retention. So the worker, on
+its wall clock, sends an ``expire`` :class:`MemoryCommand` for each tenant whose earliest expiry hour has ended
+(:func:`due`): it goes through the log like any command, so its effect is replayed exactly. Applied, it sweeps
+the tenant as of the command's ``issued_at``; a second one for the same hour (another worker's, after a
+rebalance) finds nothing left to expire.
+
 An expiry does not block the digest (a revocation and a deletion do): the same fact learnt again later is a new
 collection, with a new lifetime.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from ctxflow.processors.budget import Event
@@ -29,7 +37,7 @@ from ctxflow.processors.memory import cascade
 from ctxflow.processors.memory.store import EXPIRY_BUCKET_MS, MemoryTables, expiry_bucket
 from ctxflow.processors.types import BudgetStore, tenant_key
 from ctxflow.processors.windows import to_ms
-from ctxflow.schemas.models import MemoryStatus, RunEvent, TurnEvent, UsageReport
+from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryStatus, RunEvent, TurnEvent, UsageReport
 
 EXPIRED = "expired"
 """The reason an expired record's tombstone carries."""
@@ -74,3 +82,20 @@ def sweep(tables: MemoryTables, tenant_id: str, low_ms: int | None) -> list[Any]
                 continue  # rewritten since with a later lifetime: filed under that hour too
             out += cascade.tombstone(tables, record, record.expires_at, EXPIRED, block=False)
     return out
+
+
+def due(expiry_entries: Iterable[tuple[str, Any]], now: datetime) -> list[MemoryCommand]:
+    """The ``expire`` commands to send at wall-clock ``now``: one per tenant whose earliest expiry hour ended by
+    then, given the ``memory_expiry`` table's ``(key, value)`` pairs."""
+    now_ms = to_ms(now)
+    commands = []
+    for key, buckets in expiry_entries:
+        tenant, _, rest = key.partition(":")
+        if rest != "due" or not buckets or (buckets[0] + 1) * EXPIRY_BUCKET_MS > now_ms:
+            continue
+        commands.append(MemoryCommand(
+            command_id=f"expire-{buckets[0]}-{now_ms}", tenant_id=tenant, kind=MemoryCommandKind.EXPIRE,
+            issued_by="ctxflow-worker", reason="retention: the tenant's own records no longer move its clock",
+            issued_at=now,
+        ))
+    return commands

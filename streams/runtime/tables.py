@@ -314,6 +314,10 @@ class TableBudgetStore:
         """How many values the tables hold."""
         return sum(len(data) for data in self._data.values())
 
+    def items(self, table: str) -> list[tuple[str, object]]:
+        """Every ``(key, value)`` one table holds now (a copy: the caller may await while reading it)."""
+        return list(self._data[table].items())
+
     def keys_by_table(self) -> dict[str, int]:
         """How many values each table holds."""
         return {name: len(data) for name, data in self._data.items()}

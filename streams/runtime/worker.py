@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -31,6 +32,8 @@ from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import default_chain
 from ctxflow.processors.eviction.planner import TABLE as WORKSETS
 from ctxflow.processors.eviction.planner import pending_jobs
+from ctxflow.processors.memory import expiry
+from ctxflow.processors.memory.store import EXPIRY
 from ctxflow.processors.retention import Retention
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.codec import Codec
@@ -49,6 +52,7 @@ from ctxflow.streams.runtime.stop_deadline import StopDeadline
 from ctxflow.streams.runtime.tables import BatchProducer, TableBudgetStore, declare_tables
 from ctxflow.streams.sink.host import SinkHost
 from ctxflow.streams.sink.web import answer_query, local_query_url
+from ctxflow.streams.topics import MEMORY_COMMANDS
 from faust.types import Message
 from faust.web import Request, Response, View
 from mode import Service
@@ -149,8 +153,9 @@ def build_app(settings: Settings) -> faust.App:
         store = TableBudgetStore(tables, BatchProducer(
             producers[1], last_record_alone=True, on_acked=snapshots.positions.acked if snapshots else None))
         app.table_store = store  # type: ignore[attr-defined]  (read by /health)
+        codec = Codec(settings.schema_registry_url, settings.max_content_bytes)
         pipeline = BudgetPipeline(
-            codec=Codec(settings.schema_registry_url, settings.max_content_bytes),
+            codec=codec,
             chain=default_chain(
                 BudgetProcessor(counter, retention=Retention.of_seconds(settings.run_retention_s)),
                 idle_timeout_s=settings.run_idle_timeout_s, storage_days=settings.content_storage_days,
@@ -228,8 +233,19 @@ def build_app(settings: Settings) -> faust.App:
                         continue
                     await snapshots.take(store.held_values)
 
+        async def send_expiry_commands() -> None:
+            # A tenant that went quiet no longer moves its own event-time clock, so nothing would expire its
+            # records; these commands go through the log like an operator's, so their effect replays exactly.
+            topic = settings.topic(MEMORY_COMMANDS.name)
+            while True:
+                await asyncio.sleep(settings.expiry_sweep_s)
+                for command in expiry.due(store.items(EXPIRY), datetime.now(UTC)):
+                    await producers[0].send_and_wait(topic, key=command.tenant_id.encode(), value=codec.encode(command))
+                    log.info("retention sweep sent", extra={"tenant": command.tenant_id, "as_of": command.issued_at})
+
         committing = asyncio.create_task(commit_groups())
         snapshotting = asyncio.create_task(take_snapshots(snapshots)) if snapshots else None
+        sweeping = asyncio.create_task(send_expiry_commands()) if settings.expiry_sweep_s else None
         try:
             while True:
                 messages = []
@@ -254,6 +270,8 @@ def build_app(settings: Settings) -> faust.App:
             committing.cancel()  # batches not acknowledged yet are replayed after a restart
             if snapshotting is not None:
                 snapshotting.cancel()
+            if sweeping is not None:
+                sweeping.cancel()
             await redis.close()
             for kafka in producers:
                 await kafka.stop()

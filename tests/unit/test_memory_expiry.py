@@ -8,6 +8,7 @@ from typing import Any
 
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import ProcessorChain
+from ctxflow.processors.memory import expiry
 from ctxflow.processors.memory.expiry import EXPIRED
 from ctxflow.processors.memory.processor import MemoryGateProcessor
 from ctxflow.processors.tokens import TokenCounter
@@ -15,6 +16,7 @@ from ctxflow.processors.types import DictBudgetState, Position
 from ctxflow.schemas.contract import RejectedRecord
 from ctxflow.schemas.models import (
     Invalidation,
+    MemoryCommandKind,
     MemoryGovernance,
     MemoryRecord,
     MemoryStatus,
@@ -98,6 +100,23 @@ def test_another_tenants_clock_never_expires_this_tenants_records() -> None:
     w.feed(candidate("Prefers answers in French"))
     assert expired(w.clock(NOW + 400 * DAY, 0, tenant="other")) == []
     assert len(expired(w.clock(NOW + 31 * DAY, 0))) == 1
+
+
+def test_a_quiet_tenants_records_expire_through_the_workers_expire_command_once() -> None:
+    w, other = World(), World("beta")
+    pref = [o for o in w.feed(candidate("Prefers answers in French")) if isinstance(o, MemoryRecord)][-1]
+    [o for o in other.feed(candidate("Prefers dark mode", tenant_id="beta")) if isinstance(o, MemoryRecord)]
+    # acme sends nothing more: its clock stands at NOW. The worker's wall clock says which tenants are due.
+    entries = [*w.state.tables["memory_expiry"].items(), *other.state.tables["memory_expiry"].items()]
+    assert expiry.due(entries, NOW + 30 * DAY) == []  # the expiry hour has not ended yet
+    (sweep,) = [c for c in expiry.due(entries, NOW + 31 * DAY) if c.tenant_id == "acme"]
+    assert sweep.kind is MemoryCommandKind.EXPIRE and sweep.issued_at == NOW + 31 * DAY
+    assert expired(w.feed(sweep)) == [pref.memory_id]
+    # Through the log like an operator's command: a redelivery, or another worker's for the same hour, does
+    # nothing more; and the tenant is no longer due.
+    assert expired(w.feed(sweep)) == []
+    assert expired(w.feed(sweep.model_copy(update={"command_id": "expire-again"}))) == []
+    assert [c.tenant_id for c in expiry.due(w.state.tables["memory_expiry"].items(), NOW + 31 * DAY)] == []
 
 
 _TEXTS = ["Prefers answers in French", "Prefers dark mode", "Likes short replies", "Call me on bob@example.com",

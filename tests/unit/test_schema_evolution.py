@@ -13,8 +13,17 @@ from typing import Any
 
 import fastavro
 import pytest
-from ctxflow.schemas import MODEL_SCHEMAS, Codec, UnknownSchema, content_digest, kept_schemas
-from ctxflow.schemas.models import ContextLayer, ItemKind, PrivacyMode, Role, Slot, TurnEvent
+from ctxflow.schemas import MODEL_SCHEMAS, Codec, RejectedRecord, UnknownSchema, content_digest, kept_schemas
+from ctxflow.schemas.models import (
+    ContextLayer,
+    ItemKind,
+    MemoryCommand,
+    MemoryCommandKind,
+    PrivacyMode,
+    Role,
+    Slot,
+    TurnEvent,
+)
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -74,6 +83,11 @@ def _strip(schema: Any) -> Any:
     return schema
 
 
+#: Closed enums that may grow all the same: a record carrying a symbol an older reader does not know is refused by
+#: that reader (dead-lettered), which is what an operator's command of an unknown kind must come to.
+REFUSED_WHEN_UNKNOWN = frozenset({"MemoryCommandKind", "ReviewAction"})
+
+
 @pytest.mark.parametrize("name", sorted(kept_schemas()))
 def test_consecutive_versions_follow_the_evolution_rules(name: str) -> None:
     versions = [json.loads(v.text) for v in kept_schemas()[name]]
@@ -92,7 +106,7 @@ def test_consecutive_versions_follow_the_evolution_rules(name: str) -> None:
             assert set(old_enum["symbols"]) <= set(new_enums[enum_name]["symbols"]), (
                 f"{enum_name} lost symbols"
             )
-            assert not added_symbols or "default" in old_enum, (
+            assert not added_symbols or "default" in old_enum or enum_name in REFUSED_WHEN_UNKNOWN, (
                 f"{enum_name} grew but old readers have no default"
             )
 
@@ -218,7 +232,20 @@ RELEASED_FINGERPRINTS = {
     ("MemoryCommand", 1): "b8d1a1c64a7a4524",
     ("TenantManifest", 5): "a2a45280ba0b0b0b",
     ("Decision", 4): "0affdb3d3ec445e8",
+    # A quiet tenant's records expire: the worker's expire command.
+    ("MemoryCommand", 2): "e771b962a53b1946",
 }
+
+
+def test_an_older_worker_refuses_a_command_kind_it_does_not_know_and_reads_the_rest() -> None:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    expire = MemoryCommand(command_id="c-1", tenant_id="acme", kind=MemoryCommandKind.EXPIRE, issued_by="w",
+                           issued_at=at)
+    with pytest.raises(RejectedRecord):
+        Codec(reader_versions={"MemoryCommand": 1}).decode(Codec().encode(expire), MemoryCommand)
+    pin = expire.model_copy(update={"kind": MemoryCommandKind.PIN, "memory_id": "mem-1"})
+    assert Codec(reader_versions={"MemoryCommand": 1}).decode(Codec().encode(pin), MemoryCommand) == pin
+    assert Codec().decode(Codec(writer_versions={"MemoryCommand": 1}).encode(pin), MemoryCommand) == pin
 
 
 def test_released_schema_versions_are_never_edited_in_place() -> None:
