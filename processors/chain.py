@@ -133,5 +133,6 @@ def default_chain(
 
     envelopes = EnvelopeProcessor(budget, idle_timeout_s=idle_timeout_s, storage_days=storage_days)
     return ProcessorChain(
-        budget, [EvictionPlanner(budget), DelegationProcessor(), MemoryGateProcessor(), envelopes]
+        budget,
+        [EvictionPlanner(budget), DelegationProcessor(), MemoryGateProcessor(retention=budget.retention), envelopes],
     )

@@ -2,7 +2,8 @@
 
 A :class:`MemoryCommand` is applied once: its outcome is stored under ``tenant:command_id``
 (``memory_commands``), and a redelivered command changes nothing and publishes nothing (what it published the
-first time went out before the outcome was made durable: :mod:`processors.memory.store`). Its time is its own
+first time went out before the outcome was made durable: :mod:`processors.memory.store`). Outcomes retire after
+the dedup window, and a command later than it is refused (:mod:`processors.memory.dedup`). Its time is its own
 ``issued_at``, never the worker's clock, so a replay reproduces every record and invalidation it produced.
 
 - ``review``: a reviewer's decision on one record (:func:`processors.memory.review.review`): reinstate, correct,
@@ -35,7 +36,7 @@ from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.types import check_tenant
 from ctxflow.processors.windows import to_ms
-from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryStatus, ReviewAction
+from ctxflow.schemas.models import MemoryCommand, MemoryCommandKind, MemoryRecord, MemoryStatus, ReviewAction
 
 APPLIED = "applied"
 """The stored outcome of a command that was applied."""
@@ -55,9 +56,21 @@ class Refusal(ValueError):
 
 
 def apply(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
-    """Apply ``command`` once; returns the records and invalidations to publish, or a :class:`CommandRefused`."""
+    """Apply ``command`` once; returns the records and invalidations to publish, or a :class:`CommandRefused`.
+
+    A command on one record remembers the version it left each record it wrote at (``memory_applied``, durable
+    before the records): replayed after a crash that lost its outcome but not its records, it finds them held
+    and is not applied again (a review is not refused for the transition it made itself)."""
     tenant = check_tenant(command.tenant_id)
     if tables.command(tenant, command.command_id) is not None:
+        return []
+    written = tables.applied(tenant, "command", command.command_id)
+    if written is not None and tables.holds(tenant, written):
+        for memory_id, _version in written:
+            record = tables.record(tenant, memory_id)
+            assert record is not None
+            tables.repair(record)
+        tables.put_command(tenant, command.command_id, APPLIED)
         return []
     try:
         out = _dispatch(command, tables)
@@ -66,6 +79,10 @@ def apply(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
         refusal = CommandRefused(tenant, command.command_id, f"{command.kind.value} command refused: {reason}")
         tables.put_command(tenant, command.command_id, refusal.reason)
         return [refusal]
+    if command.memory_id is not None:
+        versions = {o.memory_id: o.version for o in out if isinstance(o, MemoryRecord)}
+        if versions:
+            tables.put_applied(tenant, "command", command.command_id, [[m, v] for m, v in versions.items()])
     tables.put_command(tenant, command.command_id, APPLIED)
     return out
 

@@ -76,7 +76,10 @@ def sweep(tables: MemoryTables, tenant_id: str, low_ms: int | None) -> list[Any]
     while (bucket := tables.first_expiry_bucket(tenant_id)) is not None and (bucket + 1) * EXPIRY_BUCKET_MS <= low_ms:
         for memory_id in tables.take_expiry_bucket(tenant_id, bucket):
             record = tables.record(tenant_id, memory_id)
-            if record is None or record.status is MemoryStatus.REVOKED or record.expires_at is None:
+            if record is not None and record.status is MemoryStatus.REVOKED:
+                tables.repair(record)  # a replay: the tombstone is durable, its bucket may not be
+                continue
+            if record is None or record.expires_at is None:
                 continue
             if expiry_bucket(record.expires_at) != bucket:
                 continue  # rewritten since with a later lifetime: filed under that hour too

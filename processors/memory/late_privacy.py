@@ -31,7 +31,10 @@ def revoke_run_records(tables: MemoryTables, tenant_id: str, run_key: str, run_i
     reason = f"{rule}: run {run_id} turned out to be no-retention after its candidates were accepted"
     for memory_id in tables.run_records(run_key):
         record = tables.record(tenant_id, memory_id)
-        if record is None or record.status is MemoryStatus.REVOKED:
+        if record is not None and record.status is MemoryStatus.REVOKED:
+            tables.repair(record)  # a replay: the tombstone is durable, its bucket may not be
+            continue
+        if record is None:
             continue
         out += cascade.tombstone(tables, record, now, reason, block=False)
     return out

@@ -6,8 +6,10 @@ manifest's ``memory`` section (read from the budget's manifests in the same stat
 the producing run (its privacy, its parent) the processor learns from the run's own records (table
 ``memory_runs``, forgotten when the run retires). Per candidate it
 
-1. replays the stored verdict if the candidate was already judged (at-least-once delivery: a redelivered
-   candidate changes nothing and reproduces the same outputs);
+1. refuses a candidate later than its tenant's dedup window (:mod:`processors.memory.dedup`: the worker
+   dead-letters it), replays the stored verdict if the candidate was already judged (at-least-once delivery: a
+   redelivered candidate changes nothing and reproduces the same outputs), or the verdict a crash lost if the
+   records already hold what the candidate wrote (``memory_applied``, :mod:`processors.memory.store`);
 2. asks the gate (:mod:`processors.memory.gate`); a refusal is a ``rejected`` verdict naming the rule;
 3. merges into an existing live record with the same identity (exact duplicate) or a near-duplicate in the
    same bucket (:mod:`processors.memory.conflict`): a ``merged`` verdict, the record's ``merge_count`` + 1;
@@ -48,6 +50,7 @@ from typing import Any
 from ctxflow.processors import delegation
 from ctxflow.processors.chain import TableSpec
 from ctxflow.processors.memory import cascade, commands, conflict, expiry, holders, lifecycle, quota
+from ctxflow.processors.memory.dedup import CANDIDATES, COMMANDS, DedupWindow
 from ctxflow.processors.memory.gate import GateDecision, MemoryGate
 from ctxflow.processors.memory.identity import bucket_key, candidate_memory_id, identity_digest, owner_of, verdict_id
 from ctxflow.processors.memory.late_privacy import revoke_run_records
@@ -55,6 +58,7 @@ from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import MemoryPolicy, RunFacts, policy_from_manifest
 from ctxflow.processors.memory.review import review
 from ctxflow.processors.memory.store import RECORDS, TABLES, MemoryTables
+from ctxflow.processors.retention import DEFAULT_RETENTION, Retention
 from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_key, tenant_key
 from ctxflow.schemas.models import (
     InvalidationKind,
@@ -109,10 +113,14 @@ class MemoryGateProcessor:
         gate: MemoryGate | None = None,
         policy_of: Callable[[str], MemoryPolicy] | None = None,
         access_of: quota.AccessOf = quota.recorded_access,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         """``policy_of`` overrides the manifests' policies (tests, benches); ``access_of`` tells the long-term
-        store's eviction how often and when a record was retrieved (:mod:`processors.memory.quota`)."""
+        store's eviction how often and when a record was retrieved (:mod:`processors.memory.quota`);
+        ``retention`` is the dedup window of candidates and commands (:mod:`processors.memory.dedup`), the
+        budget's run retention."""
         self.gate = gate or MemoryGate()
+        self.dedup = DedupWindow(retention)
         self.policy_of = policy_of
         self.access_of = access_of
         #: tenant -> (manifest version, its policy): built once per manifest version.
@@ -150,7 +158,14 @@ class MemoryGateProcessor:
         return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
 
     def _command(self, command: MemoryCommand, state: BudgetStore) -> list[Any]:
-        out = commands.apply(command, MemoryTables(state))
+        tenant, tables = check_tenant(command.tenant_id), MemoryTables(state)
+        late = self.dedup.late(state, tenant, COMMANDS, command.issued_at, command.command_id)
+        if late is not None:
+            return [late]
+        self.dedup.note(state, tenant, COMMANDS, command.issued_at, command.command_id,
+                        lambda retired: tables.forget_command(tenant, retired),
+                        seen=tables.command(tenant, command.command_id) is not None)
+        out = commands.apply(command, tables)
         if command.kind is MemoryCommandKind.REHYDRATE and any(isinstance(o, MemoryRecord) for o in out):
             out += self._enforce_quota(command.tenant_id, state, command.issued_at)
         return out
@@ -160,10 +175,18 @@ class MemoryGateProcessor:
         # reproduce them (and a bootstrap period's end must cut the same candidates off).
         now = event.occurred_at
         tenant = check_tenant(event.tenant_id)
+        late = self.dedup.late(state, tenant, CANDIDATES, event.occurred_at, event.candidate_id)
+        if late is not None:
+            return [late]
         tables = MemoryTables(state)
         done = tables.verdict(tenant, event.candidate_id)
+        self.dedup.note(state, tenant, CANDIDATES, event.occurred_at, event.candidate_id,
+                        lambda retired: tables.forget_verdict(tenant, retired), seen=done is not None)
         if done is not None:
             return [done]
+        again = self._already_applied(tables, event)
+        if again is not None:
+            return [again]
         learnt = self._learn_run(event, state) if event.privacy is PrivacyMode.NO_RETENTION else []
         policy = self._policy(tenant, state)
         held = delegation.lineage(state, tenant, event.run_id)
@@ -174,6 +197,25 @@ class MemoryGateProcessor:
             return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
         promoted = self._promote(tables, event, decision, policy, digest, now)
         return [*learnt, *promoted, *self._enforce_quota(tenant, state, now)]
+
+    @staticmethod
+    def _already_applied(tables: MemoryTables, candidate: MemoryCandidate) -> MemoryVerdict | None:
+        """The verdict of a candidate whose write the records already hold, though its verdict was not durable (a
+        crash between the records and the verdicts): given again, the write not repeated (a merge counted once).
+        What is persisted after the records is brought up to the record (:meth:`MemoryTables.repair`)."""
+        tenant = candidate.tenant_id
+        written = tables.applied(tenant, "candidate", candidate.candidate_id)
+        if written is None or not tables.holds(tenant, [written]):
+            return None  # not applied, or the records are as the first run found them: judge it again
+        record = tables.record(tenant, written[0])
+        assert record is not None
+        tables.repair(record)
+        bucket = bucket_key(tenant, record.scope, record.owner_id)
+        for gone in [r for r in tables.bucket(bucket) if r.status not in conflict.LIVE]:
+            tables.drop_from_bucket(bucket, gone.memory_id)
+        verdict = MemoryVerdict.model_validate(written[2])
+        tables.put_verdict(verdict)
+        return verdict
 
     def _enforce_quota(self, tenant: str, state: BudgetStore, now: datetime) -> list[Any]:
         """The tenant's long-term store evicted to its target when a write filled it (:mod:`.quota`)."""
@@ -441,5 +483,9 @@ class MemoryGateProcessor:
             parent_run_id=candidate.parent_run_id,
             occurred_at=now,
         )
+        if record is not None:
+            # Ahead of the records (``memory_applied``): what a replay compares with them (_already_applied).
+            tables.put_applied(candidate.tenant_id, "candidate", candidate.candidate_id,
+                               [record.memory_id, record.version, verdict.model_dump(mode="json")])
         tables.put_verdict(verdict)
         return verdict

@@ -23,12 +23,20 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
   turns out to be no-retention after they were accepted), forgotten when the run retires;
 * ``memory_live_pages``: ``tenant:pNN`` -> the tenant's active memory ids hashed to page NN (:data:`PAGES` pages):
   what the long-term store's eviction ranks, read only when it evicts;
-* ``memory_live_counts``: ``tenant:`` -> how many active records the tenant holds: the O(1) quota check.
+* ``memory_live_counts`` / ``memory_live_drops``: ``tenant:`` -> how many times a record of the tenant became
+  active / stopped being active: their difference is how many active records it holds, the O(1) quota check;
+* ``memory_applied``: what a judgement or a command on one record did, durable *before* the records, so that a
+  replay after a crash can tell whether the records already hold it: ``tenant:candidate:<candidate_id>`` ->
+  ``[memory_id, version, status]`` of the record an accepted or merged candidate wrote (the version it left the
+  record at, the status its verdict named); ``tenant:command:<command_id>`` -> ``[[memory_id, version], ...]`` of
+  the records a command on one record wrote. Retired with the verdicts and command outcomes;
+* ``memory_dedup``: the dedup window of candidates and commands (:mod:`processors.memory.dedup`): per tenant the
+  largest event time of each stream, and the ids filed by the window bucket of their event time.
 
 The live pages and counts follow every record written through :meth:`MemoryTables.put_record` (a status change
 into or out of ``active``), so no transition elsewhere can forget them. A count moves only when its page did,
-so a replayed write counts once; a crash between the two tables can leave the count one off, which the next
-eviction round, recounting its pages, corrects (:mod:`processors.memory.quota`).
+so a replayed write counts once; a crash between a counter and the pages can leave the count one too high, which
+the next eviction round, recounting its pages, corrects (:mod:`processors.memory.quota`).
 
 A bucket's records are read under the bucket's own tenant, so no lookup can reach another tenant's records.
 """
@@ -41,6 +49,8 @@ from datetime import datetime
 from hashlib import blake2b
 
 from ctxflow.processors.chain import TableSpec
+from ctxflow.processors.memory.conflict import LIVE
+from ctxflow.processors.memory.identity import bucket_key
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.policy import RunFacts
 from ctxflow.processors.types import BudgetStore
@@ -59,6 +69,7 @@ RECORDS, BUCKETS, REVOKED, VERDICTS, REVIEWS, RUNS, COMMANDS, LINKS, EXPIRY = (
     "memory_expiry",
 )
 RUN_RECORDS, LIVE_PAGES, LIVE_COUNTS = "memory_run_records", "memory_live_pages", "memory_live_counts"
+APPLIED, DEDUP, LIVE_DROPS = "memory_applied", "memory_dedup", "memory_live_drops"
 PAGES = 64
 """Pages of a tenant's live ids: a write rewrites one page (a 64th of the tenant's live ids), eviction reads all."""
 
@@ -114,31 +125,47 @@ def _json_table(name: str) -> TableSpec:
 
 
 TABLES: tuple[TableSpec, ...] = (
+    _json_table(DEDUP),
     TableSpec(COMMANDS, lambda v: v.encode(), lambda b: b.decode()),
     _model_table(VERDICTS, MemoryVerdict),
+    _json_table(EXPIRY),
+    TableSpec(RUNS, _dump_run, _load_run),
     _ids_table(BUCKETS),
     _model_table(RECORDS, MemoryRecord),
+    _json_table(APPLIED),
     TableSpec(REVOKED, lambda v: v.encode(), lambda b: b.decode()),
     TableSpec(REVIEWS, _dump_review, _load_review),
-    TableSpec(RUNS, _dump_run, _load_run),
+    TableSpec(LIVE_DROPS, lambda v: str(v).encode(), lambda b: int(b)),
     _ids_table(LIVE_PAGES),
     TableSpec(LIVE_COUNTS, lambda v: str(v).encode(), lambda b: int(b)),
     _ids_table(RUN_RECORDS),
     _json_table(LINKS),
-    _json_table(EXPIRY),
 )
 """The changelog forms of the memory tables, for the worker (see :class:`processors.chain.TableSpec`).
 
-The worker persists a processor's tables one at a time, the last listed first, so ``memory_verdicts`` and then
-``memory_commands`` are durable last: a stored verdict (command outcome) is what makes a redelivered candidate
-(command) change nothing, so every record, bucket, link and block its judgement wrote must be durable before it
-(a crash in between replays the candidate or command, which writes the same values again). The buckets are
-durable after the records: a replayed candidate that finds its own record repairs its bucket
-(:meth:`~processors.memory.processor.MemoryGateProcessor` ``_promote``), while buckets ahead of their records would
-hide a record the replay must supersede. The live pages are
-durable before the records: a replayed write then finds its id already paged and counts nothing twice; the
-counts before the pages, so a crash between them leaves a count one too high (an early recount), never too low
-(a late eviction)."""
+The worker persists a processor's tables one at a time, the last listed first. Why this order (a crash between
+two tables replays the batch against the first durable, the second not):
+
+* ``memory_dedup`` last: it decides which candidates and commands are too late (:mod:`.dedup`), so it never
+  covers one whose effects are not durable (the budget's watermarks are persisted last for the same reason).
+* ``memory_commands``, then ``memory_verdicts`` before it: a stored verdict (command outcome) is what makes a
+  redelivered candidate (command) change nothing, so everything its judgement wrote is durable before it.
+* ``memory_expiry`` and ``memory_runs`` after the records: what they hold makes a replay *not* act (an expiry
+  bucket already taken, a run already known to be no-retention), so the tombstones that acting wrote must be
+  durable first. With the records durable and these not, a replay takes the bucket or learns the run again
+  and finds the tombstones there. A record filed for expiry whose filing was lost gets it again when the
+  replay recognises the write (:meth:`MemoryTables.repair`).
+* ``memory_buckets`` after the records: a replay that recognises its record repairs its bucket, while buckets
+  ahead of their records would hide a record the replay must supersede.
+* ``memory_applied`` just before the records: it names the record version a candidate or command left, so a
+  replay compares it with the record (:meth:`MemoryTables.holds`): held, the judgement is not applied twice (a
+  merge is not counted again, a review not refused); not held, the records are as the first run found them and
+  the judgement is applied again.
+* the live pages before the records: a replayed write then finds its id already paged and counts nothing twice.
+  Around them, two counters that only grow: ``memory_live_counts`` (records made active) before the pages and
+  ``memory_live_drops`` (records no longer active) after them, so a crash between a counter and the pages leaves
+  the count (the first minus the second) one too high, which the next eviction round's recount corrects, and
+  never too low (an eviction too late)."""
 
 
 class MemoryTables:
@@ -256,6 +283,40 @@ class MemoryTables:
             self.state.delete_state(EXPIRY, f"{tenant_id}:due:{bucket}")
         return list(ids)
 
+    # ---- what a judgement or command applied: a replay's test of its own effect ---------------------------
+    def applied(self, tenant_id: str, kind: str, id_: str) -> list | None:
+        """What candidate (``kind`` ``candidate``) or command (``command``) ``id_`` wrote, or None."""
+        return self.state.get_state(APPLIED, f"{tenant_id}:{kind}:{id_}")
+
+    def put_applied(self, tenant_id: str, kind: str, id_: str, value: list) -> None:
+        """Remember what candidate or command ``id_`` wrote (see the ``memory_applied`` table)."""
+        self.state.put_state(APPLIED, f"{tenant_id}:{kind}:{id_}", value)
+
+    def forget_applied(self, tenant_id: str, kind: str, id_: str) -> None:
+        """The id left the dedup window (:mod:`processors.memory.dedup`)."""
+        if self.applied(tenant_id, kind, id_) is not None:
+            self.state.delete_state(APPLIED, f"{tenant_id}:{kind}:{id_}")
+
+    def holds(self, tenant_id: str, written: list) -> bool:
+        """Whether every ``[memory_id, version, ...]`` in ``written`` is held: the record is at that version or a
+        later one (versions only grow), so the write that left it there is durable."""
+        for entry in written:
+            record = self.record(tenant_id, entry[0])
+            if record is None or record.version < entry[1]:
+                return False
+        return True
+
+    def repair(self, record: MemoryRecord) -> None:
+        """Bring what is persisted after the records up to ``record``: its bucket membership and its expiry
+        filing (a replay that recognises a write it need not repeat; idempotent)."""
+        bucket = bucket_key(record.tenant_id, record.scope, record.owner_id)
+        if record.status in LIVE:
+            self.add_to_bucket(bucket, record.memory_id)
+        else:
+            self.drop_from_bucket(bucket, record.memory_id)
+        if record.expires_at is not None and record.status is not MemoryStatus.REVOKED:
+            self._file_expiry(record.tenant_id, record.memory_id, expiry_bucket(record.expires_at))
+
     # ---- commands ----------------------------------------------------------------------------------------
     def command(self, tenant_id: str, command_id: str) -> str | None:
         """How command ``command_id`` ended (``applied`` or its refusal), or None when it was never applied."""
@@ -265,21 +326,32 @@ class MemoryTables:
         """Remember that a command was applied (or refused), so a redelivery changes nothing."""
         self.state.put_state(COMMANDS, f"{tenant_id}:{command_id}", outcome)
 
+    def forget_command(self, tenant_id: str, command_id: str) -> None:
+        """The command left the dedup window (:mod:`processors.memory.dedup`): its outcome and what it wrote."""
+        if self.command(tenant_id, command_id) is not None:
+            self.state.delete_state(COMMANDS, f"{tenant_id}:{command_id}")
+        self.forget_applied(tenant_id, "command", command_id)
+
     def _page(self, tenant_id: str, memory_id: str, *, live: bool) -> None:
         key = page_key(tenant_id, memory_id)
         ids = tuple(self.state.get_state(LIVE_PAGES, key) or ())
         if (memory_id in ids) == live:
             return  # already so (a replayed write): the count already holds it
         self.state.put_state(LIVE_PAGES, key, (*ids, memory_id) if live else tuple(i for i in ids if i != memory_id))
-        self.set_live_count(tenant_id, self.live_count(tenant_id) + (1 if live else -1))
+        # Two counters that only grow, one persisted before the pages and one after (see TABLES): whichever
+        # side of the pages a crash falls, a replay counts a move at most twice, never not at all.
+        table = LIVE_COUNTS if live else LIVE_DROPS
+        self.state.put_state(table, f"{tenant_id}:", (self.state.get_state(table, f"{tenant_id}:") or 0) + 1)
 
     def live_count(self, tenant_id: str) -> int:
-        """How many active records the tenant holds (O(1))."""
-        return self.state.get_state(LIVE_COUNTS, f"{tenant_id}:") or 0
+        """How many active records the tenant holds (O(1)): records made active minus records no longer active."""
+        added = self.state.get_state(LIVE_COUNTS, f"{tenant_id}:") or 0
+        return max(added - (self.state.get_state(LIVE_DROPS, f"{tenant_id}:") or 0), 0)
 
     def set_live_count(self, tenant_id: str, count: int) -> None:
         """Correct the tenant's count (an eviction round recounted its pages)."""
-        self.state.put_state(LIVE_COUNTS, f"{tenant_id}:", max(count, 0))
+        dropped = self.state.get_state(LIVE_DROPS, f"{tenant_id}:") or 0
+        self.state.put_state(LIVE_COUNTS, f"{tenant_id}:", max(count, 0) + dropped)
 
     def live_ids(self, tenant_id: str) -> list[str]:
         """Every active memory id of the tenant, sorted (reads all its pages: for an eviction round only)."""
@@ -334,6 +406,12 @@ class MemoryTables:
     def put_verdict(self, verdict: MemoryVerdict) -> None:
         """Remember a verdict, so a redelivered candidate gets it again."""
         self.state.put_state(VERDICTS, f"{verdict.tenant_id}:{verdict.candidate_id}", verdict)
+
+    def forget_verdict(self, tenant_id: str, candidate_id: str) -> None:
+        """The candidate left the dedup window (:mod:`processors.memory.dedup`): its verdict and what it wrote."""
+        if self.verdict(tenant_id, candidate_id) is not None:
+            self.state.delete_state(VERDICTS, f"{tenant_id}:{candidate_id}")
+        self.forget_applied(tenant_id, "candidate", candidate_id)
 
     def put_review(self, item: ReviewItem) -> None:
         """Open a review item."""

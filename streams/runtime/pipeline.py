@@ -68,11 +68,12 @@ from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.manifest import ManifestError
 from ctxflow.processors.memory.cascade import SUMMARY, PayloadDelete
 from ctxflow.processors.memory.commands import CommandRefused
+from ctxflow.processors.memory.dedup import LateRecord
 from ctxflow.processors.memory.lifecycle import ReviewItem
 from ctxflow.processors.memory.processor import PayloadWrite
 from ctxflow.processors.types import InvalidTenantError, Position, run_key
 from ctxflow.schemas.codec import Codec
-from ctxflow.schemas.contract import ContractViolation, ProcessingFailed, RejectedRecord
+from ctxflow.schemas.contract import ContractViolation, OutsideDedupWindow, ProcessingFailed, RejectedRecord
 from ctxflow.schemas.models import (
     AdmissionRequest,
     CompressionJob,
@@ -334,6 +335,10 @@ class BudgetPipeline:
                 elif isinstance(output, CommandRefused):
                     refusal = ContractViolation(output.reason, tenant_id=output.tenant_id)
                     report.dead_letters.append(self._dead_letter(record, refusal, now))
+                elif isinstance(output, LateRecord):
+                    late = OutsideDedupWindow(output.reason, tenant_id=output.tenant_id,
+                                              no_retention=not output.keep_original)
+                    report.dead_letters.append(self._dead_letter(record, late, now))
                 elif not isinstance(output, ReviewItem):  # a review item is state (its record says quarantined)
                     report.published.append(output)
                     if isinstance(output, Invalidation) and output.target_type == SUMMARY:

@@ -284,8 +284,9 @@ def test_a_no_retention_candidate_leaves_only_a_metadata_verdict() -> None:
     (verdict,) = p.process(candidate(text, privacy=PrivacyMode.NO_RETENTION), POS, state, NOW)
     assert (verdict.outcome, verdict.rule, verdict.memory_id) == (VerdictOutcome.REJECTED, "no_retention_run", None)
     assert text not in Codec().encode(verdict).decode("latin-1")
-    # Metadata only: the verdict, and that the run is no-retention (so its earlier records are revoked).
-    assert set(state.tables) == {"memory_verdicts", "memory_runs"}
+    # Metadata only: the verdict, that the run is no-retention (so its earlier records are revoked), and the
+    # candidate's id and event time in the dedup window.
+    assert set(state.tables) == {"memory_verdicts", "memory_runs", "memory_dedup"}
     assert text not in repr(state.tables["memory_runs"])
 
 

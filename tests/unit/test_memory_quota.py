@@ -11,7 +11,7 @@ from ctxflow.processors.memory.commands import CommandRefused
 from ctxflow.processors.memory.policy import MemoryPolicy
 from ctxflow.processors.memory.processor import MemoryGateProcessor, PayloadWrite
 from ctxflow.processors.memory.quota import Access, StoreQuota, score, victims
-from ctxflow.processors.memory.store import LIVE_COUNTS, MemoryTables
+from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.types import DictBudgetState, Position, tenant_key
 from ctxflow.schemas.models import (
     Decision,
@@ -100,7 +100,7 @@ def test_twelve_notes_under_a_quota_of_ten_evict_to_seven_archived_as_they_were(
         assert (gone.archive_ref, gone.content, gone.version) == (write.ref, None, was.version + 1)
     # The oldest notes go first (equal importance and size: recency decides).
     assert sorted(archived) == sorted(r.memory_id for r in archived.values())
-    assert state.tables[LIVE_COUNTS]["acme:"] == 8
+    assert MemoryTables(state).live_count("acme") == 8
 
 
 def test_rehydrate_brings_an_archived_record_back_as_it_was_and_checks_its_content() -> None:
