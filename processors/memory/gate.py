@@ -201,9 +201,12 @@ class MemoryGate:
     def judge(
         self, candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts, now: datetime, *, revoked: bool = False
     ) -> GateDecision:
-        """:func:`decide` with the candidate's content scanned by the shared detectors."""
+        """:func:`decide` with the candidate's content, subject, attribute and value scanned by the shared detectors
+        (a record stores all four: a secret in ``value`` is as persisted as one in ``content``), each on lines of
+        its own, as detect-secrets reads line by line."""
         refused = _structural(candidate, run)
         if refused:
             return refused
-        scan = self.detectors.scan(candidate.content or "")
+        stated = (candidate.content, candidate.subject, candidate.attribute, candidate.value)
+        scan = self.detectors.scan("\n".join(part for part in stated if part))
         return decide(candidate, scan, policy, run, now, revoked=revoked)

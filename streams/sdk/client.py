@@ -39,6 +39,8 @@ from pydantic import BaseModel
 
 #: Runs this client remembers as no_retention, so their later records and children stay private.
 _PRIVATE_RUNS_REMEMBERED = 100_000
+#: Recalls this client remembers having reported (per run and memory version), so a repeat is not counted again.
+_RECALLS_REMEMBERED = 100_000
 
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class CtxflowClient:
         self._failures: list[tuple[str, BaseException]] = []
         self._failed = 0
         self._private_runs: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Memories (tenant, run, memory id, version) this client reported a run recalled (bounded, oldest out).
+        self._recalled: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._partitions_of: dict[str, list[TopicPartition]] = {}
 
     @classmethod
@@ -252,19 +256,30 @@ class CtxflowClient:
         tenant-scope memories, its user's and its session's, ranked by cosine distance to ``embedding`` when given,
         else lexically. With ``publish`` each hit is reported as a retrieval turn (kind ``memory``, slot
         ``retrieved``, item id = memory id), so the budget counts it and the worker can tell the run when it goes
-        stale (a ``stale_context`` decision). With ``window``, each hit is added to it
-        (:meth:`ContextWindow.add_memory`) and reported only when the window did not hold it yet: a memory
-        recalled again is neither shown twice nor counted twice (a hit whose text this process cannot read is
-        left out of both). Raises :class:`~streams.stack.query.QueryFailed` when no process answers queries (see
-        ``ctxflow query``)."""
+        stale (a ``stale_context`` decision); a memory this client already reported for the run (same version) is
+        not reported again, so recalling it twice counts it once. With ``window``, each hit is added to it
+        (:meth:`ContextWindow.add_memory`) unless the window holds it, and reported whenever it was added (again,
+        after a decision took it out); a hit whose text this process cannot read is not added, only reported.
+        Every hit is returned, held or not. Raises :class:`~streams.stack.query.QueryFailed` when no process
+        answers queries (see ``ctxflow query``)."""
         hits = await asyncio.to_thread(find, self.settings, ctx, query, scopes=tuple(scopes), k=k,
                                        embedding=embedding)
         for hit in hits:
-            if window is not None and (hit.text is None or not window.add_memory(hit.memory_id, hit.text)):
-                continue
-            if publish:
+            added = window.add_memory(hit.memory_id, hit.text) if window is not None and hit.text is not None else None
+            first = self._first_recall(ctx, hit)
+            if publish and (added or (added is None and first)):
                 await self.publish_turn(retrieval_turn(ctx, hit))
         return hits
+
+    def _first_recall(self, ctx: RunContext, hit: RecallHit) -> bool:
+        """Whether this client had not yet seen run ``ctx`` recall this version of the memory; notes it."""
+        key = (ctx.tenant_id, ctx.run_id, hit.memory_id, hit.version)
+        if key in self._recalled:
+            return False
+        self._recalled[key] = None
+        if len(self._recalled) > _RECALLS_REMEMBERED:
+            self._recalled.popitem(last=False)
+        return True
 
     @contextlib.asynccontextmanager
     async def run(self, ctx: RunContext) -> AsyncIterator[RunContext]:

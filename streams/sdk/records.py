@@ -57,17 +57,24 @@ def token_counter() -> TokenCounter:
 
 
 def redact(record: R) -> R:
-    """Privacy step: a ``no_retention`` record comes back without ``content`` and with its digest.
+    """Privacy step: a ``no_retention`` record comes back without ``content`` and with its digest (a memory
+    candidate also without its ``subject``, ``attribute``, ``value`` and ``embedding``).
 
     A no-retention turn keeps its ``token_count``, counted here from the content before it goes when the caller
     gave none (with the model's encoding, as the worker would: privacy never switches budgets off). Other records
     come back unchanged.
     """
-    content = getattr(record, "content", None)
-    if getattr(record, "privacy", None) != PrivacyMode.NO_RETENTION or content is None:
+    if getattr(record, "privacy", None) != PrivacyMode.NO_RETENTION:
         return record
+    update: dict[str, object] = {}
+    if isinstance(record, MemoryCandidate):
+        # What a candidate states beside its content is payload too: a value, its subject, an embedding of it.
+        update |= {"subject": None, "attribute": None, "value": None, "embedding": None}
+    content = getattr(record, "content", None)
+    if content is None:
+        return record.model_copy(update=update) if update else record
     kept = getattr(record, "content_digest", None) or digest(content)
-    update: dict[str, object] = {"content": None, "content_digest": kept}
+    update |= {"content": None, "content_digest": kept}
     if isinstance(record, TurnEvent) and record.token_count is None:
         update["token_count"] = token_counter().count(content, record.model, digest=kept).tokens
     return record.model_copy(update=update)

@@ -75,6 +75,16 @@ def test_a_secret_is_rejected_and_the_reason_does_not_quote_it() -> None:
     assert key not in d.reason and "AWS Access Key" in d.reason
 
 
+@pytest.mark.parametrize("field", ["value", "subject", "attribute"])
+def test_a_secret_or_pii_stated_beside_the_content_is_caught_like_one_in_it(field: str) -> None:
+    stated = {"subject": "deploys", "attribute": "key", "value": "v1"}
+    secret = candidate("The deploy key for releases", **(stated | {field: "AKIAZ3MSJV4WWNKWW5FG"}))
+    assert judge(secret).rule == Rule.SECRET_DETECTED
+    email = candidate("Where build failures go", **(stated | {field: "alice@example.com"}))
+    assert judge(email).rule == Rule.PII_WITHOUT_RETENTION_RULE
+    assert judge(candidate("Where build failures go", **stated)).accepted
+
+
 def test_a_secret_is_rejected_whatever_the_verification_or_bootstrap() -> None:
     c = candidate("db password = 'Tr0ub4dor&3-horse'", scope=MemoryScope.TENANT, type=MemoryType.FACT,
                   verification=Verification.HUMAN_APPROVED, verified_by="admin")

@@ -33,3 +33,12 @@ def test_a_given_count_and_other_records_are_left_alone() -> None:
     assert redact(digest_only) is digest_only  # nothing to count: the worker resolves it from the tenant's table
     candidate = redact(_ctx("gpt-4o").memory_candidate(MemoryScope.USER, MemoryType.PREFERENCE, TEXT, confidence=0.9))
     assert candidate.content is None and candidate.content_digest == content_digest(TEXT)
+
+
+def test_a_no_retention_candidate_leaves_without_anything_it_states() -> None:
+    stated = _ctx("gpt-4o").memory_candidate(MemoryScope.USER, MemoryType.FACT, TEXT, confidence=0.9,
+                                             subject="card-4242", attribute="status", value="declined twice")
+    stated = stated.model_copy(update={"embedding": [0.1, 0.2]})
+    gone = redact(stated)
+    assert (gone.content, gone.subject, gone.attribute, gone.value, gone.embedding) == (None, None, None, None, None)
+    assert gone.content_digest == content_digest(TEXT)
