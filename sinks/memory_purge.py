@@ -59,6 +59,17 @@ def _pairs(pairs: Iterable[tuple[str, ...]]) -> str:
     return ", ".join("(" + ", ".join(_lit(v) for v in pair) + ")" for pair in sorted(pairs))
 
 
+_CHUNK = 1_000
+"""Tuples per statement. A flush may write tens of thousands of records (a sink catching up, a bulk import); their
+literal list in one statement exceeded ClickHouse's ``max_query_size`` (256 KiB) and failed the flush. A thousand
+ids of up to 128 characters stay well under it."""
+
+
+def _chunks(pairs: Iterable[tuple[str, ...]]) -> list[list[tuple[str, ...]]]:
+    ordered = sorted(pairs)
+    return [ordered[i:i + _CHUNK] for i in range(0, len(ordered), _CHUNK)]
+
+
 def purge(client: Client, database: str, work: PurgeWork, registered: set[tuple[str, ...]] | None = None) -> int:
     """Apply ``work`` (see the module docstring); returns the mutations registered (0 when nothing held content).
 
@@ -75,10 +86,10 @@ def purge(client: Client, database: str, work: PurgeWork, registered: set[tuple[
         ).result_rows}
         # Applied mutations removed their rows: a row read again was written again (a replay) and goes again.
         registered.difference_update({r for r in registered if r[0] not in pending})
-    rows = client.query(
+    rows = [row for chunk in _chunks(ids) for row in client.query(
         f"SELECT tenant_id, memory_id, version, status, content_digest FROM `{database}`.memory_records "
-        f"WHERE (tenant_id, memory_id) IN ({_pairs(ids)})"
-    ).result_rows
+        f"WHERE (tenant_id, memory_id) IN ({_pairs(chunk)})"
+    ).result_rows]
     newest_tomb: dict[tuple[str, str], int] = {}
     digests: dict[tuple[str, str], str] = {}
     for tenant, memory, version, status, digest in rows:
@@ -93,27 +104,26 @@ def purge(client: Client, database: str, work: PurgeWork, registered: set[tuple[
              and v < newest_tomb.get((t, m), 0) and ("memory_records", t, m, str(v)) not in registered]
     registered.update(("memory_records", *row) for row in stale)
     mutations = 0
-    if stale:
+    for chunk in _chunks(stale):
         client.command(
             f"ALTER TABLE `{database}`.memory_records DELETE WHERE status != 'revoked' AND "
-            f"(tenant_id, memory_id, toString(version)) IN ({_pairs(stale)})", settings=_ASYNC)
+            f"(tenant_id, memory_id, toString(version)) IN ({_pairs(chunk)})", settings=_ASYNC)
         mutations += 1
     tombs = {pair: v for pair, v in newest_tomb.items() if pair in ids}
-    if tombs:
-        indexed = client.query(
-            f"SELECT tenant_id, memory_id, version FROM `{database}`.memory_index "
-            f"WHERE (tenant_id, memory_id) IN ({_pairs(tombs)})").result_rows
-        # The index's own tombstone row (is_deleted, no text) stays: it hides the key from a FINAL read.
-        older = [(t, m, str(v)) for t, m, v in indexed
-                 if v < tombs[(t, m)] and ("memory_index", t, m, str(v)) not in registered]
-        registered.update(("memory_index", *row) for row in older)
-        if older:
-            client.command(f"ALTER TABLE `{database}`.memory_index DELETE WHERE "
-                           f"(tenant_id, memory_id, toString(version)) IN ({_pairs(older)})", settings=_ASYNC)
-            mutations += 1
-    if work.tombstoned:
-        by_digest = [(t, digests[(t, m)]) for t, m in work.tombstoned if (t, m) in digests]
-        where = f"(tenant_id, item_id) IN ({_pairs(work.tombstoned)})"
+    indexed = [row for chunk in _chunks(tombs) for row in client.query(
+        f"SELECT tenant_id, memory_id, version FROM `{database}`.memory_index "
+        f"WHERE (tenant_id, memory_id) IN ({_pairs(chunk)})").result_rows]
+    # The index's own tombstone row (is_deleted, no text) stays: it hides the key from a FINAL read.
+    older = [(t, m, str(v)) for t, m, v in indexed
+             if v < tombs[(t, m)] and ("memory_index", t, m, str(v)) not in registered]
+    registered.update(("memory_index", *row) for row in older)
+    for chunk in _chunks(older):
+        client.command(f"ALTER TABLE `{database}`.memory_index DELETE WHERE "
+                       f"(tenant_id, memory_id, toString(version)) IN ({_pairs(chunk)})", settings=_ASYNC)
+        mutations += 1
+    for chunk in _chunks(work.tombstoned):
+        by_digest = [(t, digests[(t, m)]) for t, m in chunk if (t, m) in digests]
+        where = f"(tenant_id, item_id) IN ({_pairs(chunk)})"
         if by_digest:
             where = f"({where} OR (kind = 'memory' AND (tenant_id, content_digest) IN ({_pairs(by_digest)})))"
         where += " AND content IS NOT NULL"

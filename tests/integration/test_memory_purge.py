@@ -99,3 +99,19 @@ def test_an_invalidation_flushed_before_its_tombstone_still_purges(sink: ClickHo
     sink.add(tomb)
     sink.flush()
     assert admin.query("SELECT version, status FROM memory_records").result_rows == [(3, "revoked")]
+
+
+def test_a_flush_of_many_thousand_records_and_tombstones_purges_them_all(sink: ClickHouseSink, admin: Client) -> None:
+    # A sink catching up writes a topic's worth in one flush: one statement naming every id was too big to parse.
+    many = 5_000
+    for i in range(many):
+        sink.add(memory(f"mem-bulk-{i:05d}-{'x' * 40}", 1, "active"))
+    sink.flush()
+    for i in range(many):
+        tomb = memory(f"mem-bulk-{i:05d}-{'x' * 40}", 2, "revoked")
+        sink.add(tomb)
+        sink.add(invalidation(tomb, InvalidationKind.TOMBSTONE, T0, None, "memory_record"))
+    sink.flush()
+    applied(admin, ())
+    assert admin.query("SELECT count() FROM memory_records WHERE status != 'revoked'").result_rows == [(0,)]
+    assert SECRET_TEXT not in raw(admin, "memory_records")
