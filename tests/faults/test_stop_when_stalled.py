@@ -100,12 +100,14 @@ def test_demo_stops_within_10s_when_its_broker_hangs(tmp_path: Path) -> None:
     lines: list[str] = []
     with spawned(["demo", "--duration", "60", "--rate", "500"], env) as demo:
         assert demo.stdout is not None
-        while not any(line.startswith("processes:") for line in lines):  # printed once its worker is ready
+        # "processes: ..." is printed once its worker is ready, "summarizer pid N" once its summarizer started.
+        while not any(line.startswith("summarizer pid") for line in lines):
             line = demo.stdout.readline().decode()
-            assert line, f"the demo exited before its worker was up:\n{''.join(lines)}"
+            assert line, f"the demo exited before its worker and summarizer were up:\n{''.join(lines)}"
             lines.append(line)
-        pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", lines[-1])}
-        assert set(pids) == {"broker", "redis", "worker"}, lines[-1]
+        started = "".join(line for line in lines if line.startswith(("processes:", "summarizer pid")))
+        pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", started)}
+        assert set(pids) == {"broker", "redis", "worker", "summarizer"}, started
         # Traffic flows: the demo's worker (its default app id and topics) has committed records it was sent.
         bootstrap = re.search(r"\(broker (\S+),", "".join(lines))
         assert bootstrap, "".join(lines)
