@@ -10,7 +10,7 @@ the dedup window, and a command later than it is refused (:mod:`processors.memor
   revoke.
 - ``delete``: one record (``memory_id``); every record of a user (``user_id``: produced in their runs, or owned by
   them in user scope); or, naming neither, every record of the tenant. Each becomes a tombstone (content and
-  value dropped, digest and provenance kept, the digest blocked until a human approves the content again) with
+  value dropped, digest and provenance kept, the memory blocked until a human approves its content again) with
   its invalidation cascade (:mod:`processors.memory.cascade`). Deleting a record that is already a tombstone
   sends its invalidations again: harmless (sinks apply them idempotently), and it purges a projection that
   re-acquired the content since.
@@ -60,11 +60,17 @@ def apply(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
 
     A command on one record remembers the version it left each record it wrote at (``memory_applied``, durable
     before the records): replayed after a crash that lost its outcome but not its records, it finds them held
-    and is not applied again (a review is not refused for the transition it made itself)."""
+    and is not applied again (a review is not refused for the transition it made itself). A refusal is
+    remembered there too, so a replay refuses it again whatever later records of the batch made durable."""
     tenant = check_tenant(command.tenant_id)
     if tables.command(tenant, command.command_id) is not None:
         return []
     written = tables.applied(tenant, "command", command.command_id)
+    if isinstance(written, str):
+        # Refused by the first run, whose outcome a crash lost: refused again, though later records of the batch
+        # may be durable by now (a deletion refused for a memory that a candidate after it then wrote).
+        tables.put_command(tenant, command.command_id, written)
+        return [CommandRefused(tenant, command.command_id, written)]
     if written is not None and tables.holds(tenant, written):
         for memory_id, _version in written:
             record = tables.record(tenant, memory_id)
@@ -77,6 +83,7 @@ def apply(command: MemoryCommand, tables: MemoryTables) -> list[Any]:
     except (Refusal, IllegalTransition, KeyError) as error:
         reason = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         refusal = CommandRefused(tenant, command.command_id, f"{command.kind.value} command refused: {reason}")
+        tables.put_applied(tenant, "command", command.command_id, refusal.reason)
         tables.put_command(tenant, command.command_id, refusal.reason)
         return [refusal]
     if command.memory_id is not None:
@@ -135,7 +142,7 @@ def _tombstone(tables: MemoryTables, tenant: str, memory_id: str, now: datetime,
     record = tables.record(tenant, memory_id)
     assert record is not None
     if record.status is MemoryStatus.REVOKED:
-        # Already a tombstone: its cascade again (the same invalidation ids), nothing new on the record; its
-        # digest was blocked when it was buried.
+        # Already a tombstone: its cascade again (the same invalidation ids), nothing new on the record; it was
+        # blocked when it was buried (if a deletion or revocation buried it).
         return cascade.bury(tables, record, record, now, block=False)
     return cascade.tombstone(tables, record, now, reason)

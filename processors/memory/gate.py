@@ -9,8 +9,10 @@ Rules, in the order they are checked (the first that refuses decides; ``Rule`` n
 3. ``no_retention_run``: a candidate or run in no-retention mode never promotes. Never loosened.
 4. ``content_missing``: a retained candidate must carry its content (the gate cannot scan a digest).
 5. ``secret_detected``: a secret (detect-secrets' plugins) is never persisted. Never loosened.
-6. ``revoked_digest``: content whose record was revoked cannot come back without review (a candidate approved
-   by a human, ``verification=human_approved`` with ``verified_by``, is that review).
+6. ``revoked_digest``: a memory that was deleted or revoked cannot come back from the same content without review
+   (a candidate approved by a human, ``verification=human_approved`` with ``verified_by``, is that review). The
+   memory is its identity (tenant, scope, owner, type, content): another user's identical content is another
+   memory, not blocked.
 7. ``low_confidence``: below the tenant's ``min_confidence``.
 8. Scope and type:
    - session scope: any type but policy (ephemeral working memory): ``session_memory``;
@@ -158,8 +160,8 @@ def decide(
 ) -> GateDecision:
     """The verdict on ``candidate`` given what the detectors found in its content (rules in the module doc).
 
-    Pure: the same inputs always give the same decision. ``revoked`` says the candidate's identity digest
-    belongs to a revoked record of the same tenant.
+    Pure: the same inputs always give the same decision. ``revoked`` says the candidate's memory (its identity:
+    tenant, scope, owner, type, content) was deleted or revoked (:meth:`MemoryTables.is_revoked`).
     """
     refused = _structural(candidate, run)
     if refused:

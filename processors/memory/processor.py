@@ -155,6 +155,7 @@ class MemoryGateProcessor:
             outputs += self._judge(event, state)
         if not outputs:
             return outputs
+        outputs = cascade.keep_named_payloads(outputs, state)
         return [*outputs, *holders.notices(outputs, state, getattr(event, "event_id", None))]
 
     def _command(self, command: MemoryCommand, state: BudgetStore) -> list[Any]:
@@ -192,7 +193,8 @@ class MemoryGateProcessor:
         held = delegation.lineage(state, tenant, event.run_id)
         run = replace(self._run_facts(event, tables), user_id=held.user_id if held is not None else None)
         digest = identity_digest(event.content, event.content_digest)
-        decision = self.gate.judge(event, policy, run, now, revoked=tables.is_revoked(tenant, digest))
+        revoked = tables.is_revoked(tenant, candidate_memory_id(event), digest)
+        decision = self.gate.judge(event, policy, run, now, revoked=revoked)
         if not decision.accepted:
             return [*learnt, self._verdict(tables, event, decision, policy, VerdictOutcome.REJECTED, None, now)]
         promoted = self._promote(tables, event, decision, policy, digest, now)
@@ -293,6 +295,7 @@ class MemoryGateProcessor:
     ) -> list[Any]:
         """A reviewer's decision (:func:`processors.memory.review.review`) on this processor's state."""
         out = review(MemoryTables(state), tenant_id, memory_id, action, reviewer, now, **correction)
+        out = cascade.keep_named_payloads(out, state)
         return [*out, *holders.notices(out, state, None)]
 
     def _promote(
@@ -335,7 +338,7 @@ class MemoryGateProcessor:
         if existing is not None:
             # The same content back after supersession, or after a revocation a human has now reviewed: a new
             # life of the same identity (its version continues).
-            tables.unblock(tenant, digest)
+            tables.unblock(tenant, mid, digest)
         hardened, retired, item = self._harden(fresh, neighbours, now)
         out.append(hardened)
         tables.put_record(hardened)

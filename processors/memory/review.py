@@ -1,7 +1,7 @@
 """A reviewer's decisions on memory records (``ctxflow memory review``): reinstate, correct, revoke.
 
 Never a silent deletion: a revoked or corrected record stays as a tombstone (digest, subject, attribute,
-provenance, reason; no content or value), its identity digest is blocked in the tenant, and an
+provenance, reason; no content or value), the memory is blocked (its identity, not the content tenant-wide), and an
 :class:`Invalidation` tells every projection to stop serving it. Records are looked up under the reviewer's
 tenant only, so a review can never reach another tenant's record.
 """

@@ -4,7 +4,9 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
 
 * ``memory_records``: ``tenant:memory_id`` -> :class:`MemoryRecord` (the canonical record, also on the topic);
 * ``memory_buckets``: ``tenant:scope:owner`` -> the live memory ids compared for duplicates and conflicts;
-* ``memory_revoked``: ``tenant:identity digest`` -> the tombstone's memory id (blocks the same content);
+* ``memory_revoked``: ``tenant:memory_id`` -> the same memory id: a deleted or revoked memory, refused until a
+  human approves its content again (:meth:`MemoryTables.is_revoked`; keys ``tenant:identity digest`` -> a
+  tombstone's memory id are blocks written before blocks were per memory, still honoured);
 * ``memory_verdicts``: ``tenant:candidate_id`` -> :class:`MemoryVerdict` (replayed for a redelivered candidate);
 * ``memory_reviews``: ``tenant:review_id`` -> :class:`ReviewItem` (open questions for a reviewer);
 * ``memory_runs``: ``tenant:run_id`` -> :class:`RunFacts` of a run that handled no-retention content or has a
@@ -29,7 +31,8 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
   replay after a crash can tell whether the records already hold it: ``tenant:candidate:<candidate_id>`` ->
   ``[memory_id, version, status]`` of the record an accepted or merged candidate wrote (the version it left the
   record at, the status its verdict named); ``tenant:command:<command_id>`` -> ``[[memory_id, version], ...]`` of
-  the records a command on one record wrote. Retired with the verdicts and command outcomes;
+  the records a command on one record wrote, or the reason it was refused. Retired with the verdicts and command
+  outcomes;
 * ``memory_dedup``: the dedup window of candidates and commands (:mod:`processors.memory.dedup`): per tenant the
   largest event time of each stream, and the ids filed by the window bucket of their event time.
 
@@ -157,6 +160,10 @@ two tables replays the batch against the first durable, the second not):
   replay recognises the write (:meth:`MemoryTables.repair`).
 * ``memory_buckets`` after the records: a replay that recognises its record repairs its bucket, while buckets
   ahead of their records would hide a record the replay must supersede.
+* ``memory_revoked`` before the records: a block counts only while the tombstone it names is one in the records
+  (:meth:`MemoryTables.is_revoked`), so a block durable ahead of its tombstone changes no replayed judgement (a
+  candidate and its own deletion in one batch); a block lifted ahead of the records lifted it for a candidate that
+  passes the gate anyway (human-approved).
 * ``memory_applied`` just before the records: it names the record version a candidate or command left, so a
   replay compares it with the record (:meth:`MemoryTables.holds`): held, the judgement is not applied twice (a
   merge is not counted again, a review not refused); not held, the records are as the first run found them and
@@ -234,6 +241,10 @@ class MemoryTables:
         self.state.delete_state(LINKS, key)
         return True
 
+    def names_payload(self, tenant_id: str, ref: str) -> bool:
+        """Whether a live record of the tenant names payload ``ref`` (its content, or its archive)."""
+        return bool(self.state.get_state(LINKS, f"{tenant_id}:payload:{ref}"))
+
     def add_derived(self, tenant_id: str, memory_id: str, summary_id: str, run_id: str, sources: int) -> None:
         """Summary ``summary_id`` (of run ``run_id``, over ``sources`` items) used the record as a source."""
         key = f"{tenant_id}:derived:{memory_id}"
@@ -284,11 +295,12 @@ class MemoryTables:
         return list(ids)
 
     # ---- what a judgement or command applied: a replay's test of its own effect ---------------------------
-    def applied(self, tenant_id: str, kind: str, id_: str) -> list | None:
-        """What candidate (``kind`` ``candidate``) or command (``command``) ``id_`` wrote, or None."""
+    def applied(self, tenant_id: str, kind: str, id_: str) -> list | str | None:
+        """What candidate (``kind`` ``candidate``) or command (``command``) ``id_`` wrote (a command's refusal: its
+        reason), or None."""
         return self.state.get_state(APPLIED, f"{tenant_id}:{kind}:{id_}")
 
-    def put_applied(self, tenant_id: str, kind: str, id_: str, value: list) -> None:
+    def put_applied(self, tenant_id: str, kind: str, id_: str, value: list | str) -> None:
         """Remember what candidate or command ``id_`` wrote (see the ``memory_applied`` table)."""
         self.state.put_state(APPLIED, f"{tenant_id}:{kind}:{id_}", value)
 
@@ -387,17 +399,35 @@ class MemoryTables:
         if memory_id in ids:
             self.state.put_state(BUCKETS, bucket, tuple(i for i in ids if i != memory_id))
 
-    def is_revoked(self, tenant_id: str, digest: str) -> bool:
-        """Whether content with this identity digest was revoked in the tenant."""
-        return self.state.get_state(REVOKED, f"{tenant_id}:{digest}") is not None
+    def is_revoked(self, tenant_id: str, memory_id: str, digest: str) -> bool:
+        """Whether memory ``memory_id`` (identity digest ``digest``) was deleted or revoked and may not come back
+        without review.
 
-    def block(self, tenant_id: str, digest: str, memory_id: str) -> None:
-        """Refuse this identity digest from now on (a tombstone was written)."""
-        self.state.put_state(REVOKED, f"{tenant_id}:{digest}", memory_id)
+        A block is the memory's own (``tenant:memory_id``): one user's deletion never refuses another user's, or
+        another scope's, identical content. A block written before blocks were per identity is keyed
+        ``tenant:digest`` and still refuses the tenant's identical content in any scope, as it always did (an
+        erasure is never undone by an upgrade); a human-approved return of the content lifts both.
 
-    def unblock(self, tenant_id: str, digest: str) -> None:
-        """Accept the digest again (a human approved the content after review)."""
-        self.state.delete_state(REVOKED, f"{tenant_id}:{digest}")
+        A block counts only while the tombstone it names is a tombstone in the records: the blocks are persisted
+        before the records (:data:`TABLES`), so after a crash between the two a block may name a tombstone that
+        is not durable yet, and the replay must judge as the first run did, before the tombstone was written."""
+        for key in (f"{tenant_id}:{memory_id}", f"{tenant_id}:{digest}"):
+            tomb = self.state.get_state(REVOKED, key)
+            if tomb is not None and (record := self.record(tenant_id, tomb)) is not None \
+                    and record.status is MemoryStatus.REVOKED:
+                return True
+        return False
+
+    def block(self, tenant_id: str, memory_id: str) -> None:
+        """Refuse memory ``memory_id`` from now on (its tombstone was written)."""
+        self.state.put_state(REVOKED, f"{tenant_id}:{memory_id}", memory_id)
+
+    def unblock(self, tenant_id: str, memory_id: str, digest: str) -> None:
+        """Accept the memory again (a human approved its content after review), and lift an older digest-wide
+        block of the same content (see :meth:`is_revoked`)."""
+        for key in (f"{tenant_id}:{memory_id}", f"{tenant_id}:{digest}"):
+            if self.state.get_state(REVOKED, key) is not None:
+                self.state.delete_state(REVOKED, key)
 
     def verdict(self, tenant_id: str, candidate_id: str) -> MemoryVerdict | None:
         """The verdict already given on a candidate, or None."""

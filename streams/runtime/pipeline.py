@@ -17,7 +17,9 @@ Commit order (each step starts after the previous one is durable):
    and decisions into Redis (absolute values: a replay rewrites the same fields; the headroom of every run the
    batch touched, so a replay that finds its records already applied still does) — concurrently; wait for both;
    then apply the memory invalidations the worker's own stores hold: delete payloads no live record names any
-   more, withdraw deleted sources' summaries from the Redis decisions;
+   more (checked then, against the state every batch prepared so far left: a later record may name the same
+   content-addressed payload again, and its prepare already stored it), withdraw deleted sources' summaries from
+   the Redis decisions;
 4. persist the aggregate tables' changelogs, await acks;
 5. persist the run ledgers' changelogs (tombstones of retired runs among them), await acks. Run ledgers come
    after the aggregates because they are what makes a replay skip a record (the crash argument in
@@ -66,7 +68,7 @@ from typing import Any
 
 from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.manifest import ManifestError
-from ctxflow.processors.memory.cascade import SUMMARY, PayloadDelete
+from ctxflow.processors.memory.cascade import SUMMARY, PayloadDelete, unnamed
 from ctxflow.processors.memory.commands import CommandRefused
 from ctxflow.processors.memory.dedup import LateRecord
 from ctxflow.processors.memory.lifecycle import ReviewItem
@@ -309,7 +311,9 @@ class BudgetPipeline:
         """The worker's own projections of deleted memory: payloads no live record names any more, and summaries
         in the Redis decisions (after the tombstones and invalidations are produced and the decisions carrying
         those summaries projected; a replay repeats both, idempotently)."""
-        for delete in report.payload_deletes:
+        # Read now, not when the batch was decided: a later record of this batch, or of a batch prepared since
+        # (whose payloads its prepare stored), may name the same content-addressed payload again.
+        for delete in unnamed(report.payload_deletes, self._store):
             self._payloads.delete(delete.ref)
         if report.summaries_withdrawn:
             await self._redis.withdraw_summaries(report.summaries_withdrawn)

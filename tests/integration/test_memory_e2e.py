@@ -5,7 +5,10 @@ One worker serves the module. A tenant's manifest names a trusted system of reco
 its agents propose a preference (accepted), the same preference again (merged), a secret (rejected, and found
 nowhere), a policy (refused), a fact from a no-retention run (refused whatever the candidate claims), verified
 facts of which a newer value supersedes exactly one record, and a document larger than the inline limit (stored
-content-addressed in the payload store). Every expectation is computed here from the candidates sent.
+content-addressed in the payload store). A second tenant keeps documents a day: a document learnt when the tenant's
+clock had long passed that day expires at the tenant's next record, here another user learning the same document,
+whose record names the same content-addressed payload. Every expectation is computed here from the candidates
+sent.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from ctxflow.schemas.models import (
     MemoryGovernance,
     MemoryRecord,
     MemoryScope,
+    MemoryStatus,
+    MemoryStore,
     MemoryType,
     MemoryVerdict,
     PrivacyMode,
@@ -47,6 +52,7 @@ from tests.support_traffic import publish
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 TENANT = "memory-e2e"
+RELEARN = "memory-e2e-relearn"
 SECRET = "AKIAZ3MHUX7PQ2LRTW4N"  # an AWS access key id shape: detect-secrets' AWSKeyDetector
 BIG = "Runbook for the billing export.\n" + "\n".join(f"step {i}: check ledger shard {i:04d}" for i in range(600))
 
@@ -65,9 +71,10 @@ class World:
     invalidations: list[Invalidation]
 
 
-def _ctx(run_id: str, privacy: PrivacyMode = PrivacyMode.RETAINED) -> RunContext:
+def _ctx(run_id: str, privacy: PrivacyMode = PrivacyMode.RETAINED, tenant: str = TENANT, user: str = "ada"
+         ) -> RunContext:
     counter = iter(range(1_000_000))
-    return RunContext(tenant_id=TENANT, user_id="ada", session_id="s-1", agent_id="assistant", model="gpt-4o",
+    return RunContext(tenant_id=tenant, user_id=user, session_id="s-1", agent_id="assistant", model="gpt-4o",
                       run_id=run_id, privacy=privacy, id_factory=lambda: f"{run_id}-{next(counter)}")
 
 
@@ -103,6 +110,17 @@ def _traffic() -> dict[str, Any]:
     }
 
 
+def _relearn() -> list[list[Any]]:
+    """Phases of the second tenant, each processed before the next is sent."""
+    ada, bea = _ctx("run-a", tenant=RELEARN), _ctx("run-b", tenant=RELEARN, user="bea")
+    manifest = TenantManifest(tenant_id=RELEARN, version=1, tier="pro", slot_caps=SlotCaps(), total_cap=1_000_000,
+                              updated_at=T0, memory_store=MemoryStore(retention_days={"episode": 1}))
+    clock = ada.turn(Role.USER, ItemKind.MESSAGE, Slot.HISTORY, "ten days on", at=at(10 * 86_400))
+    return [[manifest, clock],
+            [ada.memory_candidate(MemoryScope.USER, MemoryType.EPISODE, BIG, confidence=0.9, at=at(1))],
+            [bea.memory_candidate(MemoryScope.USER, MemoryType.EPISODE, BIG, confidence=0.9, at=at(10 * 86_400))]]
+
+
 def _decoded(settings: Settings, topic: str, model: type) -> list[Any]:
     codec = Codec(settings.schema_registry_url)
     return [codec.decode(r.value, model) for r in asyncio.run(read_topics(settings, [topic]))]
@@ -121,6 +139,9 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         publish(settings, [v for k, v in sent.items() if k not in ("manifest", "private_turn")])
         publish(settings, [sent["preference"]])  # a redelivery: the same candidate again
         wait_processed(settings)
+        for phase in _relearn():
+            publish(settings, phase)
+            wait_processed(settings)
         yield World(settings, worker, sent, _decoded(settings, "memory.records", MemoryRecord),
                     _decoded(settings, "memory.verdicts", MemoryVerdict),
                     _decoded(settings, "invalidations", Invalidation))
@@ -133,8 +154,8 @@ def _verdict(world: World, name: str) -> MemoryVerdict:
 
 
 def _latest(world: World) -> dict[str, MemoryRecord]:
-    """What the compacted topic keeps: the last record of each memory id."""
-    return {r.memory_id: r for r in world.records}
+    """What the compacted topic keeps of the first tenant: the last record of each memory id."""
+    return {r.memory_id: r for r in world.records if r.tenant_id == TENANT}
 
 
 def test_every_candidate_gets_one_verdict_naming_its_rule(world: World) -> None:
@@ -168,7 +189,7 @@ def test_a_newer_value_supersedes_exactly_the_record_it_contradicts(world: World
     assert (seats.status.value, seats.superseded_by) == ("superseded", seats_now.memory_id)
     assert (seats_now.status.value, seats_now.supersedes) == ("active", seats.memory_id)
     assert region.status.value == "active" and region.superseded_by is None  # another attribute: untouched
-    assert [(i.target_type, i.target_id, i.kind.value) for i in world.invalidations] == [
+    assert [(i.target_type, i.target_id, i.kind.value) for i in world.invalidations if i.tenant_id == TENANT] == [
         (layer, seats.memory_id, "invalidation") for layer in ("memory_record", "retrieval_index")]
     statuses = dict(world.worker.query(
         f"SELECT memory_id, status FROM memory_records FINAL WHERE tenant_id = '{TENANT}'").rows)
@@ -187,6 +208,19 @@ def test_large_content_lives_in_the_payload_store_not_on_the_topic(world: World)
     assert stored.decode() == BIG and hashlib.sha256(stored).hexdigest() == record.content_digest
     raw = b"".join(r.value for r in asyncio.run(read_topics(world.settings, ["memory.records"])))
     assert b"step 599" not in raw
+
+
+def test_a_payload_released_by_an_expiry_stays_while_the_same_content_learnt_again_names_it(world: World) -> None:
+    ours = [r for r in world.records if r.tenant_id == RELEARN]
+    latest = {r.memory_id: r for r in ours}
+    expired = [r for r in latest.values() if r.status is MemoryStatus.REVOKED]
+    (live,) = [r for r in latest.values() if r.status is MemoryStatus.ACTIVE]
+    assert [(r.reason, r.user_id) for r in expired] == [("expired", "ada")] and live.user_id == "bea"
+    (first,) = {r.payload_ref for r in ours if r.memory_id == expired[0].memory_id and r.payload_ref}
+    assert live.payload_ref == first  # content-addressed: the same payload
+    stored = LocalPayloadStore(world.settings.payload_root).get(live.payload_ref)
+    assert stored.decode() == BIG
+    assert not [i for i in world.invalidations if i.tenant_id == RELEARN and i.target_type == "payload"]
 
 
 def test_a_secret_and_no_retention_content_are_stored_nowhere(world: World) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ctxflow.processors.memory.cascade import PayloadDelete
 from ctxflow.processors.memory.commands import CommandRefused
+from ctxflow.processors.memory.identity import identity_digest
 from ctxflow.processors.memory.policy import MemoryPolicy
 from ctxflow.processors.memory.processor import MemoryGateProcessor, PayloadWrite
 from ctxflow.processors.types import DictBudgetState, Position
@@ -75,6 +76,58 @@ def test_deleting_a_record_leaves_a_tombstone_invalidates_every_layer_and_blocks
                            for layer in ("memory_record", "retrieval_index", "turn_content")]
     again = p.process(candidate("prefers answers in french", candidate_id="c-again"), POS, state, NOW)
     assert [(v.outcome, v.rule) for v in of(MemoryVerdict, again)] == [(VerdictOutcome.REJECTED, "revoked_digest")]
+
+
+def verdicts(out: list[Any]) -> list[tuple[VerdictOutcome, str]]:
+    return [(v.outcome, v.rule) for v in of(MemoryVerdict, out)]
+
+
+def test_one_users_deletion_blocks_their_memory_and_nobody_elses_identical_content() -> None:
+    p, state = processor(), DictBudgetState()
+    alice = promote(p, state, "Prefers answers in French", user_id="alice")
+    p.process(command(memory_id=alice.memory_id, reason="erasure request"), POS, state, NOW)
+    # Bob's identical preference is another memory (another owner): Alice's erasure does not touch it.
+    bob = p.process(candidate("Prefers answers in French", user_id="bob", candidate_id="c-bob"), POS, state, NOW)
+    assert verdicts(bob) == [(VerdictOutcome.ACCEPTED, "user_memory")]
+    # So is the same words as Alice's working memory of a session (another scope).
+    session = candidate("Prefers answers in French", user_id="alice", scope=MemoryScope.SESSION, candidate_id="c-s")
+    assert verdicts(p.process(session, POS, state, NOW)) == [(VerdictOutcome.ACCEPTED, "session_memory")]
+    # Alice's own memory stays blocked, whoever's run proposes it again.
+    again = candidate("prefers answers in french.", user_id="alice", run_id="r-2", candidate_id="c-alice")
+    assert verdicts(p.process(again, POS, state, NOW)) == [(VerdictOutcome.REJECTED, "revoked_digest")]
+
+
+def test_a_tenant_wide_deletion_blocks_every_memory_it_deleted() -> None:
+    p, state = processor(), DictBudgetState()
+    for user in ("alice", "bob"):
+        promote(p, state, "Prefers answers in French", user_id=user)
+    assert len(of(MemoryRecord, p.process(command(), POS, state, NOW))) == 2
+    for user in ("alice", "bob"):
+        again = p.process(candidate("Prefers answers in French", user_id=user, candidate_id=f"c-{user}-2"),
+                          POS, state, NOW)
+        assert verdicts(again) == [(VerdictOutcome.REJECTED, "revoked_digest")]
+    carol = p.process(candidate("Prefers answers in French", user_id="carol", candidate_id="c-carol"),
+                      POS, state, NOW)
+    assert verdicts(carol) == [(VerdictOutcome.ACCEPTED, "user_memory")]
+
+
+def test_a_block_written_before_blocks_were_per_memory_still_refuses_the_content_until_review() -> None:
+    # Changelogs written by an older worker key a block by the content's digest, naming the tombstone: it keeps
+    # refusing that content for everyone in the tenant, as it did (an upgrade never undoes an erasure).
+    p, state = processor(), DictBudgetState()
+    alice = promote(p, state, "Prefers answers in French", user_id="alice")
+    p.process(command(memory_id=alice.memory_id), POS, state, NOW)
+    revoked = state.tables["memory_revoked"]
+    revoked.pop(f"acme:{alice.memory_id}")
+    digest = identity_digest("Prefers answers in French", alice.content_digest)
+    revoked[f"acme:{digest}"] = alice.memory_id
+    bob = p.process(candidate("Prefers answers in French", user_id="bob", candidate_id="c-bob"), POS, state, NOW)
+    assert verdicts(bob) == [(VerdictOutcome.REJECTED, "revoked_digest")]
+    approved = candidate("Prefers answers in French", user_id="alice", candidate_id="c-ok",
+                         verification=Verification.HUMAN_APPROVED, verified_by="dpo")
+    assert verdicts(p.process(approved, POS, state, NOW))[0][0] is VerdictOutcome.ACCEPTED
+    bob = p.process(candidate("Prefers answers in French", user_id="bob", candidate_id="c-bob-2"), POS, state, NOW)
+    assert verdicts(bob) == [(VerdictOutcome.ACCEPTED, "user_memory")]
 
 
 def test_a_redelivered_command_changes_nothing() -> None:

@@ -28,6 +28,7 @@ from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.delegation import DelegationProcessor
 from ctxflow.processors.memory import store
 from ctxflow.processors.memory.dedup import PAGE, DedupWindow, LateRecord
+from ctxflow.processors.memory.identity import candidate_memory_id
 from ctxflow.processors.memory.processor import MemoryGateProcessor
 from ctxflow.processors.memory.store import expiry_bucket
 from ctxflow.processors.retention import Retention
@@ -295,6 +296,35 @@ def test_two_reviews_of_one_record_in_a_batch_are_each_applied_once() -> None:
                                         review(weak, ReviewAction.REVOKE, "k-2")])
 
 
+# ---- (e) a block ahead of its tombstone: a candidate and its own deletion in one batch ---------------------------
+
+def delete(memory_id: str, command_id: str) -> MemoryCommand:
+    return MemoryCommand(command_id=command_id, tenant_id="acme", kind=MemoryCommandKind.DELETE, memory_id=memory_id,
+                         issued_by="ops", issued_at=NOW + timedelta(hours=1))
+
+
+def test_a_candidate_and_its_deletion_in_one_batch_replay_as_accepted_then_deleted() -> None:
+    # The block is persisted before the records: a replay must not find the block without its tombstone and
+    # reject the candidate the first run accepted (and then refuse the deletion of a memory it never wrote).
+    history = [[governed(), candidate("Prefers dark mode in the editor", candidate_id="c-0")]]
+    fresh = candidate("Prefers answers in French", candidate_id="c-1")
+    crashing_after_each_table(history, [fresh, delete(candidate_memory_id(fresh), "k-1")])
+    w = Worker()
+    for events in [*history, [fresh, delete(candidate_memory_id(fresh), "k-1")]]:
+        w.run(events)
+    verdict = next(o for o in w.published if isinstance(o, MemoryVerdict) and o.candidate_id == "c-1")
+    assert verdict.outcome is VerdictOutcome.ACCEPTED
+    assert records_of(w)[f"acme:{candidate_memory_id(fresh)}"].status is MemoryStatus.REVOKED
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["new", "merged"])
+def test_a_candidate_and_a_review_revoking_it_in_one_batch_replay_exactly(merge: bool) -> None:
+    history = [[governed(), candidate("Prefers dark mode in the editor", candidate_id="c-0")]]
+    content = "prefers dark mode in the editor." if merge else "Prefers answers in French"
+    fresh = candidate(content, candidate_id="c-1")
+    crashing_after_each_table(history, [fresh, review(candidate_memory_id(fresh), ReviewAction.REVOKE, "k-1")])
+
+
 # ---- (a) expiry and late no-retention tombstones are not lost --------------------------------------------------
 
 def test_an_expiry_is_not_lost_whatever_table_the_crash_follows() -> None:
@@ -344,6 +374,7 @@ def mixed_batch(rng: random.Random, weak: str) -> list[Any]:
         candidate("Works late on Fridays", candidate_id="m-6", run_id="r-9", occurred_at=NOW + 31 * DAY),
         turn(3, 1, run="r-9", user_id="u-1", session_id="s-1", privacy=PrivacyMode.NO_RETENTION,
              occurred_at=NOW + 31 * DAY),
+        delete(candidate_memory_id(candidate("Prefers answers in French")), "k-3"),  # m-3's memory
     ]
     return rng.sample(pool, rng.randint(2, len(pool)))
 

@@ -8,9 +8,11 @@ from typing import Any
 
 from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import ProcessorChain
-from ctxflow.processors.memory import expiry
+from ctxflow.processors.memory import cascade, expiry
+from ctxflow.processors.memory.cascade import PayloadDelete
 from ctxflow.processors.memory.expiry import EXPIRED
-from ctxflow.processors.memory.processor import MemoryGateProcessor
+from ctxflow.processors.memory.processor import MemoryGateProcessor, PayloadWrite
+from ctxflow.processors.memory.store import MemoryTables
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position
 from ctxflow.schemas.contract import RejectedRecord
@@ -117,6 +119,50 @@ def test_a_quiet_tenants_records_expire_through_the_workers_expire_command_once(
     assert expired(w.feed(sweep)) == []
     assert expired(w.feed(sweep.model_copy(update={"command_id": "expire-again"}))) == []
     assert [c.tenant_id for c in expiry.due(w.state.tables["memory_expiry"].items(), NOW + 31 * DAY)] == []
+
+
+BIG = "Runbook for the billing export: " + " ".join(f"step {i} checks shard {i:04d}." for i in range(40))
+
+
+def payload_ops(out: list[Any]) -> list[tuple[str, str]]:
+    """The payload writes and deletions of ``out`` in order, and the ``payload`` invalidations."""
+    ops = {PayloadWrite: "write", PayloadDelete: "delete"}
+    return [(ops[type(o)], o.ref) for o in out if type(o) in ops] + [
+        ("invalidate", o.target_id) for o in out if isinstance(o, Invalidation) and o.target_type == "payload"]
+
+
+def big_world() -> World:
+    w = World()
+    w.feed(manifest("acme", memory=MemoryGovernance(inline_max_bytes=200),
+                    memory_store=MemoryStore(retention_days={"preference": 30}), version=2))
+    return w
+
+
+def test_content_learnt_again_in_the_step_its_record_expires_keeps_its_payload() -> None:
+    # A candidate stamped long before the tenant's clock: its record is born past its expiry hour and expires at
+    # the tenant's next record, here a candidate of the same content (the same content-addressed payload).
+    w = big_world()
+    w.clock(NOW + 40 * DAY, 1)
+    first = w.feed(candidate(BIG, candidate_id="c-1"))
+    (ref,) = {r for op, r in payload_ops(first) if op == "write"}
+    again = w.feed(candidate(BIG, candidate_id="c-2", user_id="u-2"))
+    assert len(expired(again)) == 1  # the first record expired in this step, releasing the payload...
+    assert payload_ops(again) == [("write", ref)]  # ...which the new record names: not deleted, not invalidated
+    assert MemoryTables(w.state).names_payload("acme", ref)
+
+
+def test_a_payload_released_earlier_in_the_batch_is_not_deleted_when_a_later_record_names_it_again() -> None:
+    # Two steps of one batch: the expiry's deletion is already out when the same content is learnt again. The
+    # shell carries out deletions after the batch (and after any batch prepared since), through ``unnamed``.
+    w = big_world()
+    record = [o for o in w.feed(candidate(BIG, candidate_id="c-1")) if isinstance(o, MemoryRecord)][-1]
+    swept = w.clock(NOW + 40 * DAY, 1)
+    deletes = [o for o in swept if isinstance(o, PayloadDelete)]
+    assert expired(swept) == [record.memory_id] and deletes == [PayloadDelete("acme", record.payload_ref)]
+    assert cascade.unnamed(deletes, w.state) == deletes  # nothing names it: deleted
+    learnt = w.feed(candidate(BIG, candidate_id="c-2", occurred_at=NOW + 40 * DAY))
+    assert payload_ops(learnt) == [("write", record.payload_ref)]
+    assert cascade.unnamed(deletes, w.state) == []  # named again before the deletion was carried out: kept
 
 
 _TEXTS = ["Prefers answers in French", "Prefers dark mode", "Likes short replies", "Call me on bob@example.com",
