@@ -5,6 +5,8 @@
 ``private_stack`` per test: a stack of its own, for tests that kill or restart servers.
 ``settings`` per test: the stack's addresses with a fresh ``topic_prefix``, ``app_id`` (consumer group) and
              ``home`` (so chDB data and Faust state are private), and that prefix's topics already created.
+``shared_deployment`` the session's one worker (hosting the ClickHouse sink) on topics of its own, for modules whose
+             tests tell their records apart by tenant id: starting a worker costs several seconds.
 
 Tests under ``tests/integration`` and ``tests/faults`` are marked ``integration`` (and ``faults``) by path.
 """
@@ -12,17 +14,17 @@ Tests under ``tests/integration`` and ``tests/faults`` are marked ``integration`
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ctxflow.streams.config import Settings
-from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.processes import free_port
 from ctxflow.streams.stack.worker_process import WorkerProcess
+
+from tests.support_deploy import SharedDeployment, fresh_settings
 
 TESTS_DIR = Path(__file__).parent
 _MARKERS = {
@@ -87,14 +89,7 @@ def private_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
 @pytest.fixture
 def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
     """This test's settings: the stack's addresses, private topics, consumer group and home directory."""
-    tag = uuid.uuid4().hex[:12]
-    home = tmp_path / "home"
-    home.mkdir()
-    fresh = stack.settings.model_copy(
-        update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "home": home, "web_port": free_port()}
-    )
-    ensure_topics(fresh)
-    return fresh
+    return fresh_settings(stack, tmp_path / "home")
 
 
 @pytest.fixture
@@ -102,3 +97,13 @@ def worker(settings: Settings) -> Iterator[WorkerProcess]:
     """A real ``ctxflow worker`` process on this test's settings, ready (owning every partition)."""
     with WorkerProcess(settings) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedDeployment]:
+    """One worker for every module that asks: its topics, ClickHouse tables, Redis keys, payloads and logs hold
+    other modules' records too, so a user of it picks its own by tenant id (a tenant id no other module uses) and
+    never stops or reconfigures the worker."""
+    settings = fresh_settings(stack, tmp_path_factory.mktemp("shared-deployment") / "home")
+    with WorkerProcess(settings) as worker:
+        yield SharedDeployment(settings, worker)

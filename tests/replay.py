@@ -49,7 +49,7 @@ from ctxflow.schemas.models import (
     UsageReport,
 )
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from pydantic import BaseModel
 
 from tests.support_kafka import read_topics

@@ -1,7 +1,8 @@
 """A private deployment on the session's stack for a whole test module: fresh topics, consumer group and home.
 
 The ``settings`` fixture in ``tests/conftest.py`` is per test; modules that share one worker across tests (or
-across hypothesis examples) build the same thing once with :func:`fresh_settings`.
+across hypothesis examples) build the same thing once with :func:`fresh_settings`. Modules whose records are told
+apart by tenant id share the session's worker instead (``shared_deployment``, a :class:`SharedDeployment`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,8 +23,17 @@ from ctxflow.streams.sdk.budget_reader import BudgetReader
 from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.processes import free_port
+from ctxflow.streams.stack.worker_process import WorkerProcess
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SharedDeployment:
+    """A running worker (hosting the ClickHouse sink) and the settings it runs on."""
+
+    settings: Settings
+    worker: WorkerProcess
 
 
 def fresh_settings(stack: EmbeddedStack, home: Path) -> Settings:

@@ -27,7 +27,7 @@ from ctxflow.processors.types import DictBudgetState, Position
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import CostLine, RunEnvelope, TenantManifest
 from ctxflow.streams.demo.workload import Workload
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from pydantic import BaseModel
 
 _TOPIC_OF = {model: topic for topic, model in INPUT_MODELS.items()}

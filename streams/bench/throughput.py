@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from ctxflow.schemas.codec import Codec
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.stack.worker_process import INPUT_TOPICS, WorkerProcess
 
 

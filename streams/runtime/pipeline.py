@@ -77,21 +77,17 @@ from ctxflow.processors.types import InvalidTenantError, Position, run_key
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.contract import ContractViolation, OutsideDedupWindow, ProcessingFailed, RejectedRecord
 from ctxflow.schemas.models import (
-    AdmissionRequest,
     CompressionJob,
     CostLine,
     DeadLetter,
     Decision,
     DecisionKind,
     Invalidation,
-    MemoryCandidate,
-    MemoryCommand,
     MemoryRecord,
     MemoryVerdict,
     RunEnvelope,
     RunEvent,
     Summary,
-    TenantManifest,
     TurnEvent,
     UsageReport,
 )
@@ -100,6 +96,7 @@ from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.runtime.budget_projection import BudgetProjection
 from ctxflow.streams.runtime.deadletter import dead_letter
 from ctxflow.streams.runtime.decode import decode_record
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.tables import OutRecord, TableBudgetStore
 from ctxflow.streams.topics import (
@@ -117,17 +114,6 @@ from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
-#: Logical input topic -> the record type it carries.
-INPUT_MODELS: dict[str, type[BaseModel]] = {
-    "turns": TurnEvent,
-    "usage": UsageReport,
-    "runs": RunEvent,
-    "admissions": AdmissionRequest,
-    "manifests": TenantManifest,
-    "summaries": Summary,
-    "memory.candidates": MemoryCandidate,
-    "memory.commands": MemoryCommand,
-}
 #: Where each record type the chain publishes goes besides decisions: its topic and its key.
 ROUTES: dict[type[BaseModel], tuple[TopicSpec, Callable[[Any], str]]] = {
     CompressionJob: (COMPRESSION_JOBS, lambda job: job.tenant_id),

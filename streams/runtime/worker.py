@@ -40,12 +40,13 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
 from ctxflow.streams.runtime.metrics import SinkStatus as SinkProgress
 from ctxflow.streams.runtime.metrics import WorkerMetrics
 from ctxflow.streams.runtime.outlet import DecisionOutlet
 from ctxflow.streams.runtime.payloads import open_payload_store
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS, BudgetPipeline, InputRecord, PreparedBatch
+from ctxflow.streams.runtime.pipeline import BudgetPipeline, InputRecord, PreparedBatch
 from ctxflow.streams.runtime.recovery import PreloadedTable, PreloadingTableManager
 from ctxflow.streams.runtime.snapshots import Deployment, SnapshotFiles, TableSnapshots
 from ctxflow.streams.runtime.stop_deadline import StopDeadline

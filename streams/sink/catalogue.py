@@ -19,7 +19,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.topics import (
     COSTS,
     DEAD_LETTERS,

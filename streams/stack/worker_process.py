@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from ctxflow.sinks.clickhouse import QueryResult
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.pipeline import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.stack.processes import ManagedProcess, tail
 from ctxflow.streams.stack.progress import GroupBehind, wait_group_committed, wait_sink_caught_up
 from ctxflow.streams.stack.query import run_query

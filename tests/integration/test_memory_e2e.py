@@ -1,21 +1,20 @@
 """The memory gate end to end: SDK candidates through the real worker to verdicts, records, invalidations,
 payloads and ClickHouse.
 
-One worker serves the module. A tenant's manifest names a trusted system of record and a PII retention rule;
-its agents propose a preference (accepted), the same preference again (merged), a secret (rejected, and found
-nowhere), a policy (refused), a fact from a no-retention run (refused whatever the candidate claims), verified
-facts of which a newer value supersedes exactly one record, and a document larger than the inline limit (stored
-content-addressed in the payload store). A second tenant keeps documents a day: a document learnt when the tenant's
-clock had long passed that day expires at the tenant's next record, here another user learning the same document,
-whose record names the same content-addressed payload. Every expectation is computed here from the candidates
-sent.
+The session's shared worker serves the module, whose records are those of its two tenants. The first tenant's
+manifest names a trusted system of record and a PII retention rule; its agents propose a preference (accepted), the
+same preference again (merged), a secret (rejected, and found nowhere), a policy (refused), a fact from a
+no-retention run (refused whatever the candidate claims), verified facts of which a newer value supersedes exactly
+one record, and a document larger than the inline limit (stored content-addressed in the payload store). A second
+tenant keeps documents a day: a document learnt when the tenant's clock had long passed that day expires at the
+tenant's next record, here another user learning the same document, whose record names the same content-addressed
+payload. Every expectation is computed here from the candidates sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,10 +42,9 @@ from ctxflow.schemas.models import (
 from ctxflow.sinks.payloads import LocalPayloadStore
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import RunContext
-from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
-from tests.support_deploy import fresh_settings
+from tests.support_deploy import SharedDeployment
 from tests.support_kafka import read_topics, wait_processed
 from tests.support_traffic import publish
 
@@ -122,29 +120,30 @@ def _relearn() -> list[list[Any]]:
 
 
 def _decoded(settings: Settings, topic: str, model: type) -> list[Any]:
+    """The topic's records of this module's tenants (the deployment is shared)."""
     codec = Codec(settings.schema_registry_url)
-    return [codec.decode(r.value, model) for r in asyncio.run(read_topics(settings, [topic]))]
+    decoded = [codec.decode(r.value, model) for r in asyncio.run(read_topics(settings, [topic]))]
+    return [d for d in decoded if d.tenant_id in (TENANT, RELEARN)]
 
 
 @pytest.fixture(scope="module")
-def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = fresh_settings(stack, tmp_path_factory.mktemp("memory-e2e") / "home")
+def world(shared_deployment: SharedDeployment) -> World:
+    settings, worker = shared_deployment.settings, shared_deployment.worker
     sent = _traffic()
-    with WorkerProcess(settings) as worker:
-        # The manifest, and the no-retention run's turn: topics are read in no set order between them, and the
-        # gate can only refuse what it knows (a candidate of the SDK carries its run's privacy itself; this one
-        # lies about it).
-        publish(settings, [sent["manifest"], sent["private_turn"]])
+    # The manifest, and the no-retention run's turn: topics are read in no set order between them, and the
+    # gate can only refuse what it knows (a candidate of the SDK carries its run's privacy itself; this one
+    # lies about it).
+    publish(settings, [sent["manifest"], sent["private_turn"]])
+    wait_processed(settings)
+    publish(settings, [v for k, v in sent.items() if k not in ("manifest", "private_turn")])
+    publish(settings, [sent["preference"]])  # a redelivery: the same candidate again
+    wait_processed(settings)
+    for phase in _relearn():
+        publish(settings, phase)
         wait_processed(settings)
-        publish(settings, [v for k, v in sent.items() if k not in ("manifest", "private_turn")])
-        publish(settings, [sent["preference"]])  # a redelivery: the same candidate again
-        wait_processed(settings)
-        for phase in _relearn():
-            publish(settings, phase)
-            wait_processed(settings)
-        yield World(settings, worker, sent, _decoded(settings, "memory.records", MemoryRecord),
-                    _decoded(settings, "memory.verdicts", MemoryVerdict),
-                    _decoded(settings, "invalidations", Invalidation))
+    return World(settings, worker, sent, _decoded(settings, "memory.records", MemoryRecord),
+                 _decoded(settings, "memory.verdicts", MemoryVerdict),
+                 _decoded(settings, "invalidations", Invalidation))
 
 
 def _verdict(world: World, name: str) -> MemoryVerdict:
@@ -207,7 +206,7 @@ def test_large_content_lives_in_the_payload_store_not_on_the_topic(world: World)
     stored = LocalPayloadStore(world.settings.payload_root).get(record.payload_ref)
     assert stored.decode() == BIG and hashlib.sha256(stored).hexdigest() == record.content_digest
     raw = b"".join(r.value for r in asyncio.run(read_topics(world.settings, ["memory.records"])))
-    assert b"step 599" not in raw
+    assert b"step 599: check ledger shard" not in raw
 
 
 def test_a_payload_released_by_an_expiry_stays_while_the_same_content_learnt_again_names_it(world: World) -> None:

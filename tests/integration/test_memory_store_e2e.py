@@ -1,12 +1,12 @@
 """The long-term store and delegation end to end: SDK records through the real worker to records, archives in the
 payload store, ClickHouse, and back with ``ctxflow memory rehydrate``.
 
-One worker serves the module. Tenant ``store-e2e`` has a store quota of 10 (evict at 9, down to 7); its run
-proposes 12 notes an hour apart, all accepted, the last one superseding an earlier note: the store evicts twice
-(9 live -> 7), the oldest first, each archived before it is removed. Tenant ``deleg-e2e`` has a no-retention
-parent run whose children claim to be retained (one proposed a memory before its start arrived: revoked once the
-start shows it), and a child naming another user: each violation is a rejection decision, and the children's
-candidates are refused as no-retention. Every expectation is computed here from the records sent.
+The session's shared worker serves the module. Tenant ``store-e2e`` has a store quota of 10 (evict at 9, down to
+7); its run proposes 12 notes an hour apart, all accepted, the last one superseding an earlier note: the store
+evicts twice (9 live -> 7), the oldest first, each archived before it is removed. Tenant ``deleg-e2e`` has a
+no-retention parent run whose children claim to be retained (one proposed a memory before its start arrived:
+revoked once the start shows it), and a child naming another user: each violation is a rejection decision, and
+the children's candidates are refused as no-retention. Every expectation is computed here from the records sent.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,10 +38,9 @@ from ctxflow.schemas.models import (
 from ctxflow.sinks.payloads import LocalPayloadStore
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import RunContext
-from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
-from tests.support_deploy import fresh_settings
+from tests.support_deploy import SharedDeployment
 from tests.support_kafka import read_topics, wait_processed
 from tests.support_traffic import publish
 
@@ -107,8 +105,8 @@ def _observe(world: World) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = fresh_settings(stack, tmp_path_factory.mktemp("memory-store-e2e") / "home")
+def world(shared_deployment: SharedDeployment) -> World:
+    settings, worker = shared_deployment.settings, shared_deployment.worker
     run = _ctx(STORE, "run-1")
     parent = _ctx(DELEG, "run-private", privacy=PrivacyMode.NO_RETENTION)
     # Children as a buggy or malicious agent builds them (the SDK's child() would make them no-retention).
@@ -122,19 +120,18 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
                                         confidence=0.9, at=at(1.5)),
     }
     notes = [_note(run, i) for i in range(NOTES)]
-    with WorkerProcess(settings) as worker:
-        publish(settings, [_manifest(STORE, MemoryStore(record_quota=10)), _manifest(DELEG, None),
-                           run.started(at=at(0)), parent.started(at=at(0)), root.started(at=at(0))])
-        # Judged before its run's start says it is a no-retention parent's child: accepted, for now.
-        publish(settings, [children["late"]])
-        wait_processed(settings)
-        publish(settings, [late.started(at=at(1)), child.started(at=at(1)), bob.started(at=at(1))])
-        wait_processed(settings)
-        publish(settings, [*notes, children["child"]])
-        wait_processed(settings)
-        w = World(settings, worker, notes, children, [], [], [], [])
-        _observe(w)
-        yield w
+    publish(settings, [_manifest(STORE, MemoryStore(record_quota=10)), _manifest(DELEG, None),
+                       run.started(at=at(0)), parent.started(at=at(0)), root.started(at=at(0))])
+    # Judged before its run's start says it is a no-retention parent's child: accepted, for now.
+    publish(settings, [children["late"]])
+    wait_processed(settings)
+    publish(settings, [late.started(at=at(1)), child.started(at=at(1)), bob.started(at=at(1))])
+    wait_processed(settings)
+    publish(settings, [*notes, children["child"]])
+    wait_processed(settings)
+    w = World(settings, worker, notes, children, [], [], [], [])
+    _observe(w)
+    return w
 
 
 def _verdict(world: World, sent: Any) -> MemoryVerdict:

@@ -4,11 +4,12 @@ Canary strings are planted in no-retention runs of every shape an agent publishe
 their results, retrieved chunks, memory candidates, a sub-agent that asks for ``retained``, a sub-agent built
 apart from its parent's context that still names it, a sub-agent in another process built from its parent's
 handoff asking for ``retained``, and enough history for the eviction planner to want a
-summary — beside a retained control run carrying a control canary. One worker and one summarizer serve the
-module. Then every place a payload could land is searched: every topic of the deployment (changelogs included,
-keys and values as raw bytes), every ClickHouse table (every column, as text), every Redis key and value, and
-every file under the deployment's home (logs, state, any object store). The no-retention canary is found
-nowhere; the control canary is found, so the search itself is known to see payloads.
+summary — beside a retained control run carrying a control canary. The session's shared worker, and a
+summarizer of the module's own beside it, serve the module. Then every place a payload could land is searched:
+every topic of the deployment (changelogs included, keys and values as raw bytes), every ClickHouse table (every
+column, as text), every Redis key and value, and every file under the deployment's home (logs, state, any object
+store). The no-retention canary is found nowhere; the control canary is found, so the search itself is known to
+see payloads.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import CtxflowClient, RunContext
-from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.summarizer_process import SummarizerProcess
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
-from tests.support_deploy import fresh_settings
+from tests.support_deploy import SharedDeployment
 from tests.support_kafka import read_full_topics, wait_processed, wait_until
 from tests.support_traffic import publish
 
@@ -123,12 +123,12 @@ async def _publish_runs(settings: Settings, canaries: Canaries, control: RunCont
 
 
 @pytest.fixture(scope="module")
-def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = fresh_settings(stack, tmp_path_factory.mktemp("privacy-canaries") / "home")
+def world(shared_deployment: SharedDeployment) -> Iterator[World]:
+    settings, worker = shared_deployment.settings, shared_deployment.worker
     tag = uuid.uuid4().hex[:10]
     canaries = Canaries(secret=f"CANARY-SECRET-{tag}", control=f"CANARY-CONTROL-{tag}")
     control = RunContext(tenant_id=TENANT, user_id="u2", session_id="s-control", agent_id="planner", model="gpt-4o")
-    with WorkerProcess(settings) as worker, SummarizerProcess(settings):
+    with SummarizerProcess(settings):
         publish(settings, [_manifest()])
         wait_processed(settings)
         asyncio.run(_publish_runs(settings, canaries, control))

@@ -5,14 +5,13 @@ subscription, never a run of another tenant.
 Two tenants whose ids differ only in case hold the same fact and share user, session and run ids. Two concurrent
 runs of the first recall it; a newer contradicting fact supersedes it; both runs are told, naming the
 replacement; the other tenant's run, which recalled its own copy, is told nothing; a recall now returns the new
-fact and not the old.
+fact and not the old. The session's shared worker serves the module: its tenants are its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -31,10 +30,9 @@ from ctxflow.schemas.models import (
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import ContextWindow, CtxflowClient, RunContext, SyncCtxflowClient
 from ctxflow.streams.sdk.recall import RecallHit
-from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
-from tests.support_deploy import fresh_settings
+from tests.support_deploy import SharedDeployment
 from tests.support_kafka import decisions_on_topic, wait_processed
 from tests.support_traffic import publish
 
@@ -76,23 +74,22 @@ async def _concurrent_recalls(settings: Settings, runs: dict[str, RunContext]) -
 
 
 @pytest.fixture(scope="module")
-def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    settings = fresh_settings(stack, tmp_path_factory.mktemp("recall-e2e") / "home")
+def world(shared_deployment: SharedDeployment) -> World:
+    settings, worker = shared_deployment.settings, shared_deployment.worker
     runs = {"a": run(TENANT, "run-a"), "b": run(TENANT, "run-b"), "other": run(OTHER, "run-a")}
-    with WorkerProcess(settings) as worker:
-        publish(settings, [manifest(TENANT), manifest(OTHER)])
-        wait_processed(settings)
-        writer = run(TENANT, "run-writer")
-        publish(settings, [ctx.started() for ctx in runs.values()] + [
-            writer.memory_candidate(content="Acme's plan has 50 seats", value="50", **FACT),
-            run(OTHER, "run-writer").memory_candidate(content="Acme's plan has 50 seats", value="50", **FACT),
-        ])
-        wait_processed(settings)
-        held = asyncio.run(_concurrent_recalls(settings, runs))
-        wait_processed(settings)  # the worker knows who holds what
-        publish(settings, [writer.memory_candidate(content="Acme upgraded to 75 seats", value="75", **FACT)])
-        wait_processed(settings)
-        yield World(settings, worker, held, recall(settings, runs["a"], "seats", publish=False))
+    publish(settings, [manifest(TENANT), manifest(OTHER)])
+    wait_processed(settings)
+    writer = run(TENANT, "run-writer")
+    publish(settings, [ctx.started() for ctx in runs.values()] + [
+        writer.memory_candidate(content="Acme's plan has 50 seats", value="50", **FACT),
+        run(OTHER, "run-writer").memory_candidate(content="Acme's plan has 50 seats", value="50", **FACT),
+    ])
+    wait_processed(settings)
+    held = asyncio.run(_concurrent_recalls(settings, runs))
+    wait_processed(settings)  # the worker knows who holds what
+    publish(settings, [writer.memory_candidate(content="Acme upgraded to 75 seats", value="75", **FACT)])
+    wait_processed(settings)
+    return World(settings, worker, held, recall(settings, runs["a"], "seats", publish=False))
 
 
 def _stale_notice(settings: Settings, tenant: str, run_id: str) -> Decision:
@@ -125,7 +122,8 @@ def test_the_runs_holding_a_superseded_fact_are_told_its_replacement(world: Worl
         window.add({"role": "tool", "content": old.text}, item_id=old.memory_id)
         assert window.apply(notice) and window.item_ids() == []
         assert window.stale[old.memory_id].replaced_by == new.memory_id
-    told = [d for d in decisions_on_topic(world.settings) if d.kind is DecisionKind.STALE_CONTEXT]
+    told = [d for d in decisions_on_topic(world.settings)
+            if d.kind is DecisionKind.STALE_CONTEXT and d.tenant_id in (TENANT, OTHER)]  # the deployment is shared
     assert sorted((d.tenant_id, d.run_id) for d in told) == [(TENANT, "run-a"), (TENANT, "run-b")]
 
 
