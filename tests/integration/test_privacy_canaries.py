@@ -91,6 +91,10 @@ async def _publish_runs(settings: Settings, canaries: Canaries, control: RunCont
                                                    f"retrieved: {secret} opened the account in 2019"))
             await client.publish_memory_candidate(private.memory_candidate(
                 MemoryScope.USER, MemoryType.PREFERENCE, f"{secret} prefers email", confidence=0.9))
+            # What a candidate states beside its content is payload too.
+            await client.publish_memory_candidate(private.memory_candidate(
+                MemoryScope.USER, MemoryType.FACT, "The customer's preferred channel", confidence=0.9,
+                subject=f"customer {secret}", attribute="channel", value=f"email to {secret}"))
             for i in range(30):  # enough history for the planner to want a summary
                 await client.publish_turn(private.turn(Role.ASSISTANT if i % 2 else Role.USER, ItemKind.MESSAGE,
                                                        Slot.HISTORY, _note(secret, i)))
