@@ -29,6 +29,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sdk import ContextWindow, CtxflowClient, RunContext, SyncCtxflowClient
+from ctxflow.streams.sdk.context_window import MEMORY_PREFIX
 from ctxflow.streams.sdk.recall import RecallHit
 from ctxflow.streams.stack.worker_process import WorkerProcess
 
@@ -140,3 +141,27 @@ def test_retrieval_events_reach_the_turns_table(world: World) -> None:
         "ORDER BY run_id").rows
     old = world.held["a"][0].memory_id
     assert rows == [("run-a", old, "memory", "retrieved", "tenant"), ("run-b", old, "memory", "retrieved", "tenant")]
+
+
+def test_a_memory_recalled_twice_into_a_window_is_read_and_counted_once(world: World) -> None:
+    tenant, settings = "recall-e2e-window", world.settings  # a tenant of its own: the deployment is shared
+    publish(settings, [manifest(tenant)])
+    wait_processed(settings)
+    publish(settings, [run(tenant, "run-writer").memory_candidate(content="Acme's plan has 50 seats", value="50",
+                                                                   **FACT)])
+    wait_processed(settings)
+    reader = run(tenant, "run-reader")
+    window = ContextWindow(run_id=reader.run_id)
+
+    async def twice() -> tuple[list[RecallHit], list[RecallHit]]:
+        async with CtxflowClient.from_settings(settings) as client:
+            return (await client.recall(reader, "How many seats does Acme have?", window=window),
+                    await client.recall(reader, "Acme seats", window=window))
+
+    first, again = asyncio.run(twice())
+    assert [h.memory_id for h in first] == [h.memory_id for h in again] and len(first) == 1
+    # The model reads it (not as an orphan tool message, which the window would drop), once.
+    assert window.messages() == [{"role": "assistant", "content": MEMORY_PREFIX + "Acme's plan has 50 seats"}]
+    wait_processed(settings)
+    rows = world.worker.query(f"SELECT item_id FROM turns WHERE tenant_id = '{tenant}' AND kind = 'memory'").rows
+    assert rows == [(first[0].memory_id,)]  # one retrieval event: the budget counts it once
