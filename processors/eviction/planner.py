@@ -682,8 +682,7 @@ class EvictionPlanner:
         offloaded = np.flatnonzero((view["flags"] & OFFLOADED) != 0)
         if not len(offloaded):
             return
-        wanted = {h & TERM_MASK for h in mentioned}
-        held = [wanted & terms for terms in ws.recall_terms(offloaded.tolist())]
+        held = ws.terms_held(offloaded.tolist(), {h & TERM_MASK for h in mentioned})
         counts: dict[int, int] = {}
         for found in held:
             for h in found:

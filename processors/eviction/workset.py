@@ -220,6 +220,22 @@ class WorkingSet:
             out.append(recall_set(blob[at:end]))
         return out
 
+    def terms_held(self, index: Sequence[int], wanted: set[int]) -> list[set[int]]:
+        """For each item at ``index``, which of the 24-bit hashes ``wanted`` it holds: ``wanted & recall_terms``,
+        without decoding every item's hashes. A hash whose three bytes occur nowhere in the ledger's entries is
+        held by no item, so a turn naming nothing offloaded costs one substring search per hash."""
+        keys = {h.to_bytes(TERM_BYTES, "little"): h for h in wanted}
+        blob = self.ids
+        keys = {k: h for k, h in keys.items() if k in blob}
+        if not keys:
+            return [set() for _ in index]
+        spans, out = _entries(blob), []
+        for i in index:
+            _, _, id_end, end = spans[i]
+            _, at = _read_varint(blob, id_end)
+            out.append({keys[t] for j in range(at, end, TERM_BYTES) if (t := blob[j:j + TERM_BYTES]) in keys})
+        return out
+
     def insert(self, record: np.ndarray | bytes, item_id: str, terms: bytes = b"") -> int:
         """Insert one item record (a 1-element :data:`ITEM` array, or its bytes) at its place by ``order``, with
         its id and recall terms (:func:`short_terms`); returns its index."""

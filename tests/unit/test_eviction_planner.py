@@ -9,7 +9,7 @@ from ctxflow.processors.budget import BudgetProcessor
 from ctxflow.processors.chain import ProcessorChain
 from ctxflow.processors.eviction import planner as planner_module
 from ctxflow.processors.eviction.planner import TABLE, EvictionPlanner, pending_jobs
-from ctxflow.processors.eviction.workset import OFFLOADED, WorkingSet
+from ctxflow.processors.eviction.workset import ITEM_STRUCT, OFFLOADED, WorkingSet, short_terms
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position, run_key
 from ctxflow.schemas.models import (
@@ -29,6 +29,8 @@ from ctxflow.schemas.models import (
     TenantManifest,
     TurnEvent,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 K = DecisionKind
@@ -273,3 +275,20 @@ def test_a_compression_job_is_pending_from_its_request_until_a_summary_answers_i
     assert pending_jobs([answered.ws]) == 0
     ignored.turn(10, at=T0 + timedelta(minutes=10))  # past the patience for an answer
     assert pending_jobs([ignored.ws]) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=12), st.lists(st.integers(0, 2**32 - 1), max_size=45)),
+                max_size=30),
+       st.sets(st.integers(0, 2**24 - 1), max_size=20), st.data())
+def test_the_terms_an_item_holds_are_found_without_decoding_every_item(
+        items: list[tuple[str, list[int]]], wanted: set[int], data: st.DataObject) -> None:
+    ws = WorkingSet()
+    for uid, (item_id, hashes) in enumerate(items):
+        record = ITEM_STRUCT.pack(uid << 16, uid, 1, uid, 0, 3, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, b"\0" * 32, uid)
+        ws.insert(record, item_id, short_terms(hashes))
+        # Some wanted hashes are ones items hold, so matches are common.
+        wanted |= {h & 0xFFFFFF for h in data.draw(st.lists(st.sampled_from(hashes), max_size=2) if hashes
+                                                   else st.just([]))}
+    index = list(range(len(items)))
+    assert ws.terms_held(index, wanted) == [wanted & held for held in ws.recall_terms(index)]
