@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DURATION_S = 60.0
 #: On the 2-core dev box, shared with other jobs: at 1000/s the worker stays within ~4k records; at 1500/s it
 #: kept up when the box was quiet (lag up to ~7k) but once needed 52 s after publishing to catch up.
-DEFAULT_RATE_EPS = 1000.0
+DEFAULT_RATE_EPS = 800.0
 DEMO_SEED = 7
 DEMO_TENANTS = 6
 DEMO_SESSIONS = 4  # per tenant; few enough that the runaway and long sessions reach their watermarks in a short run
