@@ -504,12 +504,17 @@ class EvictionPolicy(_Record):
 
 
 class MemoryGovernance(_Record):
-    """A tenant's memory gate settings (manifest v4; null: no retention rules, no trusted systems, no bootstrap)."""
+    """A tenant's memory gate settings (manifest v4, approvers v6; null: no retention rules, no trusted systems, no
+    bootstrap)."""
 
     #: Named rules under which personal data may be kept; a candidate with PII must cite one of them.
     retention_rules: list[Id] = Field(default_factory=list)
     #: Systems of record whose confirmation verifies a tenant fact.
     trusted_systems: list[Id] = Field(default_factory=list)
+    #: v6: who may approve (``human_approved`` with ``verified_by``): a tenant fact or episode, or revoked content
+    #: coming back. Empty: any named approver counts (as before v6); a tenant that lists them closes the gate to
+    #: an agent claiming an approval nobody gave.
+    approvers: list[Id] = Field(default_factory=list)
     #: Until then, unverified tenant facts and episodes are admitted, flagged ``bootstrap_loosened``.
     bootstrap_until: Timestamp | None = None
     min_confidence: Fraction = 0.5

@@ -10,7 +10,8 @@ Rules, in the order they are checked (the first that refuses decides; ``Rule`` n
 4. ``content_missing``: a retained candidate must carry its content (the gate cannot scan a digest).
 5. ``secret_detected``: a secret (detect-secrets' plugins) is never persisted. Never loosened.
 6. ``revoked_digest``: a memory that was deleted or revoked cannot come back from the same content without review
-   (a candidate approved by a human, ``verification=human_approved`` with ``verified_by``, is that review). The
+   (a candidate approved by a human, ``verification=human_approved`` with ``verified_by``, one of the tenant's
+   ``approvers`` when it lists them, is that review). The
    memory is its identity (tenant, scope, owner, type, content): another user's identical content is another
    memory, not blocked.
 7. ``low_confidence``: below the tenant's ``min_confidence``.
@@ -18,7 +19,8 @@ Rules, in the order they are checked (the first that refuses decides; ``Rule`` n
    - session scope: any type but policy (ephemeral working memory): ``session_memory``;
    - user scope: preferences (drafts, working style) and episodes: ``user_memory``; other types are refused
      with ``type_not_promotable_to_scope``;
-   - tenant scope: facts with verification (human approval with an approver, a trusted system of record, or
+   - tenant scope: facts with verification (human approval with an approver, listed in the tenant's
+     ``approvers`` when it has any; a trusted system of record; or
      corroboration by ``min_corroborating_runs`` independent runs): ``tenant_verified_fact``; episodes approved
      by a human: ``tenant_approved_episode``; otherwise ``tenant_requires_verification``, unless the tenant's
      bootstrap period is running, which admits them flagged ``bootstrap_loosened`` (rule ``bootstrap_loosened``).
@@ -100,7 +102,7 @@ def independent_runs(candidate: MemoryCandidate, run: RunFacts) -> frozenset[str
 def verified(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts) -> str | None:
     """Why the candidate counts as verified, or None: the evidence must hold up, not only be claimed."""
     evidence = candidate.verification
-    if evidence is Verification.HUMAN_APPROVED and candidate.verified_by:
+    if evidence is Verification.HUMAN_APPROVED and policy.approved_by(candidate.verified_by):
         return f"approved by {candidate.verified_by}"
     if evidence is Verification.SYSTEM_OF_RECORD and candidate.verified_by in policy.trusted_systems:
         return f"confirmed by system of record {candidate.verified_by}"
@@ -137,7 +139,8 @@ def _placement(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts, 
         return _refuse(Rule.TYPE_NOT_PROMOTABLE_TO_SCOPE, f"a {type_.value} is not promoted to tenant scope")
     if type_ is MemoryType.FACT and (why := verified(candidate, policy, run)):
         return GateDecision(True, Rule.TENANT_VERIFIED_FACT, why)
-    if type_ is MemoryType.EPISODE and candidate.verification is Verification.HUMAN_APPROVED and candidate.verified_by:
+    if (type_ is MemoryType.EPISODE and candidate.verification is Verification.HUMAN_APPROVED
+            and policy.approved_by(candidate.verified_by)):
         return GateDecision(True, Rule.TENANT_APPROVED_EPISODE, f"approved by {candidate.verified_by}")
     if policy.in_bootstrap(now):
         return GateDecision(
@@ -168,7 +171,8 @@ def decide(
         return refused
     if scan.secrets:
         return _refuse(Rule.SECRET_DETECTED, f"secret detected ({', '.join(scan.secret_kinds)}); never persisted")
-    if revoked and not (candidate.verification is Verification.HUMAN_APPROVED and candidate.verified_by):
+    if revoked and not (candidate.verification is Verification.HUMAN_APPROVED
+                        and policy.approved_by(candidate.verified_by)):
         return _refuse(Rule.REVOKED_DIGEST, "this content was revoked; it returns only through review")
     if candidate.confidence < policy.min_confidence:
         return _refuse(Rule.LOW_CONFIDENCE, f"confidence {candidate.confidence:.2f} < {policy.min_confidence:.2f}")

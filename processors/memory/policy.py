@@ -26,7 +26,8 @@ class MemoryPolicy:
     """A tenant's memory gate settings.
 
     ``retention_rules`` names the rules under which personal data may be kept; a candidate with PII must cite
-    one of them. ``trusted_systems`` are the systems of record whose confirmation verifies a tenant fact.
+    one of them. ``trusted_systems`` are the systems of record whose confirmation verifies a tenant fact, and
+    ``approvers`` the people whose approval counts (empty: any named approver).
     Until ``bootstrap_until`` the tenant's unverified facts and episodes may enter tenant scope (flagged).
     ``retention_days`` (by memory type) and ``rule_retention_days`` (by the PII retention rule a record cites)
     bound how long a record lives (:meth:`expires_at`).
@@ -35,6 +36,8 @@ class MemoryPolicy:
     version: str = GATE_VERSION
     retention_rules: frozenset[str] = field(default_factory=frozenset)
     trusted_systems: frozenset[str] = field(default_factory=frozenset)
+    #: Who may approve; empty: any named approver (see :meth:`approved_by`).
+    approvers: frozenset[str] = field(default_factory=frozenset)
     min_confidence: float = 0.5
     min_corroborating_runs: int = 2
     bootstrap_until: datetime | None = None
@@ -49,6 +52,11 @@ class MemoryPolicy:
         days = [d for d in (self.retention_days.get(record.type.value),
                             self.rule_retention_days.get(record.retention_policy or "")) if d is not None]
         return record.updated_at + timedelta(days=min(days)) if days else None
+
+    def approved_by(self, verified_by: str | None) -> bool:
+        """Whether ``verified_by`` counts as a human approval: named, and one of ``approvers`` when the tenant lists
+        them (an agent's claim of an approval is otherwise only a claim)."""
+        return bool(verified_by) and (not self.approvers or verified_by in self.approvers)
 
     def in_bootstrap(self, now: datetime) -> bool:
         """Whether the tenant's bootstrap period (a loosened gate) is running at ``now``."""
@@ -77,6 +85,7 @@ def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:
         version=f"{GATE_VERSION}@manifest-{manifest.version}",
         retention_rules=frozenset(memory.retention_rules),
         trusted_systems=frozenset(memory.trusted_systems),
+        approvers=frozenset(memory.approvers),
         min_confidence=memory.min_confidence,
         min_corroborating_runs=memory.min_corroborating_runs,
         bootstrap_until=memory.bootstrap_until,

@@ -83,7 +83,8 @@ class MemoryScene:
         return TenantManifest(
             tenant_id=MEMORY_TENANT, version=1, tier="pro", slot_caps=SlotCaps(), total_cap=200_000,
             updated_at=self.start, updated_by="demo",
-            memory=MemoryGovernance(trusted_systems=["billing"], retention_rules=["support-contacts"]))
+            memory=MemoryGovernance(trusted_systems=["billing"], approvers=["ana@northwind"],
+                                    retention_rules=["support-contacts"]))
 
     def _proposals(self) -> Iterator[Proposal]:
         run, at = self.support, self.at

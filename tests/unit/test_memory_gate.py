@@ -255,3 +255,18 @@ def test_gate_invariants_hold_for_any_candidate(
         assert d.bootstrap_loosened == (d.rule is Rule.BOOTSTRAP_LOOSENED)
     if d.accepted and scope is MemoryScope.USER:
         assert type_ in (MemoryType.PREFERENCE, MemoryType.EPISODE)
+
+
+def test_a_tenant_that_lists_its_approvers_takes_no_one_elses_word_for_an_approval() -> None:
+    listed = MemoryPolicy(approvers=frozenset({"ops-lead"}))
+    fact = candidate("The Berlin office closes at 18:00", scope=MemoryScope.TENANT, type=MemoryType.FACT,
+                     verification=Verification.HUMAN_APPROVED, verified_by="the-agent-itself")
+    episode = fact.model_copy(update={"type": MemoryType.EPISODE})
+    for claimed in (fact, episode):
+        assert judge(claimed, listed).rule == Rule.TENANT_REQUIRES_VERIFICATION
+        assert judge(claimed.model_copy(update={"verified_by": "ops-lead"}), listed).accepted
+        assert judge(claimed).accepted  # a tenant listing nobody: any named approver, as before
+    # Revoked content comes back only through an approval the tenant recognises.
+    again = candidate("Prefers answers in French", verification=Verification.HUMAN_APPROVED, verified_by="anyone")
+    assert judge(again, listed, revoked=True).rule == Rule.REVOKED_DIGEST
+    assert judge(again.model_copy(update={"verified_by": "ops-lead"}), listed, revoked=True).accepted

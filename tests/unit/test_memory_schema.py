@@ -72,12 +72,15 @@ def test_a_v3_manifest_reads_with_default_memory_settings() -> None:
 
 def test_the_manifest_states_the_gate_policy_and_its_bootstrap_reaches_the_verdict() -> None:
     manifest = _manifest(memory=MemoryGovernance(retention_rules=["pii-30d"], trusted_systems=["crm"],
-                                                 bootstrap_until=NOW + timedelta(days=14)))
+                                                 approvers=["ops-lead"], bootstrap_until=NOW + timedelta(days=14)))
     codec = Codec()
     assert codec.decode(codec.encode(manifest), TenantManifest) == manifest
     policy = policy_from_manifest(manifest)
-    assert (policy.retention_rules, policy.trusted_systems, policy.version) == (
-        frozenset({"pii-30d"}), frozenset({"crm"}), "memory-gate/1@manifest-3")
+    assert (policy.retention_rules, policy.trusted_systems, policy.approvers, policy.version) == (
+        frozenset({"pii-30d"}), frozenset({"crm"}), frozenset({"ops-lead"}), "memory-gate/1@manifest-3")
+    # A v5 manifest (before approvers) reads with nobody listed: any named approver, as it was.
+    v5 = Codec().decode(Codec(writer_versions={"TenantManifest": 5}).encode(manifest), TenantManifest)
+    assert v5.memory is not None and v5.memory.approvers == [] and v5.memory.trusted_systems == ["crm"]
     fact = candidate("The Berlin office closes at 18:00", scope=MemoryScope.TENANT, type=MemoryType.FACT)
     processor = MemoryGateProcessor(shared_gate(), lambda tenant: policy_from_manifest(manifest))
     out = processor.process(fact, Position("memory.candidates", 0, 0), DictBudgetState(), NOW)
