@@ -95,6 +95,7 @@ def bury(
         if tables.release_payload(tenant, ref, tomb.memory_id):
             out += [lifecycle.invalidation(tomb, kind, now, by, PAYLOAD, ref), PayloadDelete(tenant, ref)]
     for summary_id, run_id, sources in tables.take_derived(tenant, tomb.memory_id):
+        tables.note_withdrawn(tenant, summary_id, tomb.memory_id, sources)
         out.append(summary_invalidation(tomb, summary_id, run_id, sources, now))
     return out
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from hashlib import blake2b
 from typing import Any
 
 from ctxflow.processors import delegation
@@ -61,6 +62,8 @@ from ctxflow.processors.memory.store import RECORDS, TABLES, MemoryTables
 from ctxflow.processors.retention import DEFAULT_RETENTION, Retention
 from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_key, tenant_key
 from ctxflow.schemas.models import (
+    Decision,
+    DecisionKind,
     InvalidationKind,
     MemoryCandidate,
     MemoryCommand,
@@ -71,6 +74,7 @@ from ctxflow.schemas.models import (
     PrivacyMode,
     ReviewAction,
     RunEvent,
+    StaleMemory,
     Summary,
     TurnEvent,
     VerdictOutcome,
@@ -153,6 +157,7 @@ class MemoryGateProcessor:
             outputs += self._learn_sources(event, MemoryTables(state))
         elif isinstance(event, MemoryCandidate):
             outputs += self._judge(event, state)
+        outputs += self._withdrawn_swaps(earlier, MemoryTables(state))
         if not outputs:
             return outputs
         outputs = cascade.keep_named_payloads(outputs, state)
@@ -435,6 +440,31 @@ class MemoryGateProcessor:
         return record.model_copy(update={"expires_at": policy.expires_at(record)})
 
     @staticmethod
+    def _withdrawn_swaps(earlier: Sequence[Any], tables: MemoryTables) -> list[Any]:
+        """A summary the planner swapped in after a source of it was deleted (the planner, earlier in the chain,
+        knows nothing of deletions; a summary prepared before the deletion waits in its working set): withdrawn
+        again (the shell drops its text from Redis) and its run told at once, under a notice id of its own, to
+        drop it from the prompt the swap just changed."""
+        out: list[Any] = []
+        for swap in earlier:
+            if not (isinstance(swap, Decision) and swap.kind is DecisionKind.SWAP and swap.summary is not None):
+                continue
+            summary_id = swap.summary.summary_id
+            withdrawn = tables.withdrawn(swap.tenant_id, summary_id)
+            tomb = tables.record(swap.tenant_id, withdrawn[0]) if withdrawn is not None else None
+            if withdrawn is None or tomb is None:
+                continue
+            again = cascade.summary_invalidation(tomb, summary_id, swap.run_id, withdrawn[1], swap.decided_at)
+            out += [again, Decision(
+                decision_id="stale-" + blake2b(swap.decision_id.encode(), digest_size=16).hexdigest(),
+                tenant_id=swap.tenant_id, user_id=swap.user_id, session_id=swap.session_id, run_id=swap.run_id,
+                kind=DecisionKind.STALE_CONTEXT, reason=f"no longer served: {summary_id} quoted deleted memory "
+                f"{tomb.memory_id}", source_event_id=swap.source_event_id, decided_at=swap.decided_at,
+                stale=[StaleMemory(memory_id=summary_id, status=holders.SUMMARY_STATUS[again.kind])],
+            )]
+        return out
+
+    @staticmethod
     def _learn_sources(summary: Summary, tables: MemoryTables) -> list[Any]:
         """Remember which records a summary used (its sources that are memory ids: a retrieval turn's item id is
         the memory's), so that a record's tombstone reaches the summary; a summary of a record already deleted
@@ -446,6 +476,7 @@ class MemoryGateProcessor:
             if record is None:
                 continue
             if record.status is MemoryStatus.REVOKED:
+                tables.note_withdrawn(tenant, summary.summary_id, source, sources)
                 out.append(cascade.summary_invalidation(record, summary.summary_id, summary.run_id, sources,
                                                         summary.produced_at))
             else:

@@ -18,7 +18,8 @@ Tables (name: key -> value), each key starting with a validated tenant id and ``
   ``tenant:payload:<ref>`` -> the live records naming a payload (content-addressed: records may share one),
   ``tenant:refs:<memory_id>`` -> every payload and archive ref the record named,
   ``tenant:derived:<memory_id>`` -> the summaries that used the record as a source (``[summary_id, run_id,
-  sources]``);
+  sources]``), ``tenant:withdrawn:<summary_id>`` -> the deleted source that withdrew a summary and its source count
+  (``[memory_id, sources]``: a swap of it the planner makes later is withdrawn again);
 * ``memory_expiry``: ``tenant:due`` -> the expiry buckets (hours of event time) holding records, ascending;
   ``tenant:due:<bucket>`` -> the memory ids filed under that bucket (:mod:`processors.memory.expiry`);
 * ``memory_run_records``: ``tenant:run_id`` -> the memory ids the run's candidates created (revoked if the run
@@ -251,6 +252,15 @@ class MemoryTables:
         entries = self.state.get_state(LINKS, key) or []
         if all(e[0] != summary_id for e in entries):
             self.state.put_state(LINKS, key, [*entries, [summary_id, run_id, sources]])
+
+    def note_withdrawn(self, tenant_id: str, summary_id: str, memory_id: str, sources: int) -> None:
+        """Summary ``summary_id`` lost its text to the deletion of ``memory_id`` (one of its ``sources``)."""
+        self.state.put_state(LINKS, f"{tenant_id}:withdrawn:{summary_id}", [memory_id, sources])
+
+    def withdrawn(self, tenant_id: str, summary_id: str) -> tuple[str, int] | None:
+        """The deleted source and source count of a withdrawn summary, or None."""
+        found = self.state.get_state(LINKS, f"{tenant_id}:withdrawn:{summary_id}")
+        return (found[0], found[1]) if found is not None else None
 
     def take_derived(self, tenant_id: str, memory_id: str) -> list[tuple[str, str, int]]:
         """The summaries derived from the record (forgotten here: its tombstone invalidates them once)."""
