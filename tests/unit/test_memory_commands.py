@@ -27,6 +27,7 @@ from ctxflow.schemas.models import (
     MemoryVerdict,
     ReviewAction,
     Summary,
+    SummaryProvenance,
     VerdictOutcome,
     Verification,
 )
@@ -188,6 +189,20 @@ def test_a_summary_of_only_the_deleted_record_is_removed_one_of_several_sources_
     # A summary of it produced after the deletion (the summarizer lagged) is invalidated on arrival.
     late = p.process(summary("sum-late", [gone.memory_id]), POS, state, NOW)
     assert [(i.target_type, i.target_id) for i in of(Invalidation, late)] == [("summary", "sum-late")]
+    # The planner, earlier in the chain, knows nothing of deletions: when it swaps that summary in later, the
+    # swap's text is withdrawn again and the run told to drop it, under a notice id of its own.
+    swap = Decision(decision_id="swap-1", tenant_id="acme", run_id="r-9", kind=DecisionKind.SWAP,
+                    reason="95% of the slot", decided_at=NOW, summary=SummaryProvenance(
+                        summary_id="sum-late", text="...", token_count=5, source_ids=[gone.memory_id],
+                        source_digests=["0" * 64], summarizer="s", summarizer_version="1", depth=1, fidelity=1.0))
+    after = p.process(summary("sum-other", ["turn-1"]), POS, state, NOW, [swap])
+    assert [(i.target_type, i.target_id) for i in of(Invalidation, after)] == [("summary", "sum-late")]
+    notices = [d for d in of(Decision, after) if d.kind is DecisionKind.STALE_CONTEXT]
+    assert {(d.run_id, d.stale[0].memory_id) for d in notices} == {("r-9", "sum-late")}
+    first = [d for d in of(Decision, late) if d.kind is DecisionKind.STALE_CONTEXT]
+    assert {d.decision_id for d in notices} - {d.decision_id for d in first}  # not deduplicated away by a window
+    assert p.process(summary("sum-other", ["turn-1"]), POS, state, NOW, [swap.model_copy(
+        update={"summary": swap.summary.model_copy(update={"summary_id": "sum-fine"})})]) == []
     assert state.get_state("memory_records", f"acme:{kept.memory_id}").status is MemoryStatus.ACTIVE
 
 
