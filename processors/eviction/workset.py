@@ -210,31 +210,28 @@ class WorkingSet:
         blob = self.ids
         return [blob[a:b].decode("utf-8") for _, a, b, _ in _entries(blob)]
 
-    def recall_terms(self, index: Sequence[int]) -> list[set[int]]:
-        """The 24-bit term hashes of the items at ``index`` (:func:`short_terms`)."""
-        blob, spans = self.ids, _entries(self.ids)
-        out = []
+    def _term_bytes(self, index: Sequence[int]) -> list[tuple[int, int]]:
+        """Where in :attr:`ids` the recall terms of each item at ``index`` lie: ``(start, end)``."""
+        blob, spans, out = self.ids, _entries(self.ids), []
         for i in index:
             _, _, id_end, end = spans[i]
-            _, at = _read_varint(blob, id_end)
-            out.append(recall_set(blob[at:end]))
+            out.append((_read_varint(blob, id_end)[1], end))
         return out
+
+    def recall_terms(self, index: Sequence[int]) -> list[set[int]]:
+        """The 24-bit term hashes of the items at ``index`` (:func:`short_terms`)."""
+        return [recall_set(self.ids[at:end]) for at, end in self._term_bytes(index)]
 
     def terms_held(self, index: Sequence[int], wanted: set[int]) -> list[set[int]]:
         """For each item at ``index``, which of the 24-bit hashes ``wanted`` it holds: ``wanted & recall_terms``,
         without decoding every item's hashes. A hash whose three bytes occur nowhere in the ledger's entries is
         held by no item, so a turn naming nothing offloaded costs one substring search per hash."""
-        keys = {h.to_bytes(TERM_BYTES, "little"): h for h in wanted}
         blob = self.ids
-        keys = {k: h for k, h in keys.items() if k in blob}
+        keys = {k: h for h in wanted if (k := h.to_bytes(TERM_BYTES, "little")) in blob}
         if not keys:
             return [set() for _ in index]
-        spans, out = _entries(blob), []
-        for i in index:
-            _, _, id_end, end = spans[i]
-            _, at = _read_varint(blob, id_end)
-            out.append({keys[t] for j in range(at, end, TERM_BYTES) if (t := blob[j:j + TERM_BYTES]) in keys})
-        return out
+        return [{keys[t] for j in range(at, end, TERM_BYTES) if (t := blob[j:j + TERM_BYTES]) in keys}
+                for at, end in self._term_bytes(index)]
 
     def insert(self, record: np.ndarray | bytes, item_id: str, terms: bytes = b"") -> int:
         """Insert one item record (a 1-element :data:`ITEM` array, or its bytes) at its place by ``order``, with

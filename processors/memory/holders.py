@@ -199,8 +199,10 @@ def _stale_summaries(outputs: Sequence[Any]) -> list[tuple[str, _Stale]]:
     """``(run id, stale)`` for each summary ``outputs`` invalidate: its text quoted a deleted record, so the run it
     was made for must stop reading it (the summary's id is the item id its swap put in the run's context)."""
     return [
+        # The time is part of what makes the notice unique: a summary withdrawn again when the planner swaps it in
+        # later (:meth:`MemoryGateProcessor`'s withdrawn swaps) must not share the first notice's id.
         (o.run_id, _Stale(o.tenant_id, StaleMemory(memory_id=o.target_id, status=SUMMARY_STATUS[o.kind]),
-                          o.invalidation_id, o.occurred_at))
+                          f"{o.invalidation_id}@{o.occurred_at.isoformat()}", o.occurred_at))
         for o in outputs
         if isinstance(o, Invalidation) and o.target_type == SUMMARY and o.run_id and o.kind in SUMMARY_STATUS
     ]

@@ -45,7 +45,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from hashlib import blake2b
 from typing import Any
 
 from ctxflow.processors import delegation
@@ -74,7 +73,6 @@ from ctxflow.schemas.models import (
     PrivacyMode,
     ReviewAction,
     RunEvent,
-    StaleMemory,
     Summary,
     TurnEvent,
     VerdictOutcome,
@@ -443,8 +441,8 @@ class MemoryGateProcessor:
     def _withdrawn_swaps(earlier: Sequence[Any], tables: MemoryTables) -> list[Any]:
         """A summary the planner swapped in after a source of it was deleted (the planner, earlier in the chain,
         knows nothing of deletions; a summary prepared before the deletion waits in its working set): withdrawn
-        again (the shell drops its text from Redis) and its run told at once, under a notice id of its own, to
-        drop it from the prompt the swap just changed."""
+        again, so the shell drops its text from Redis and the run is told at once (:func:`holders.notices`) to drop
+        it from the prompt the swap just changed."""
         out: list[Any] = []
         for swap in earlier:
             if not (isinstance(swap, Decision) and swap.kind is DecisionKind.SWAP and swap.summary is not None):
@@ -452,16 +450,8 @@ class MemoryGateProcessor:
             summary_id = swap.summary.summary_id
             withdrawn = tables.withdrawn(swap.tenant_id, summary_id)
             tomb = tables.record(swap.tenant_id, withdrawn[0]) if withdrawn is not None else None
-            if withdrawn is None or tomb is None:
-                continue
-            again = cascade.summary_invalidation(tomb, summary_id, swap.run_id, withdrawn[1], swap.decided_at)
-            out += [again, Decision(
-                decision_id="stale-" + blake2b(swap.decision_id.encode(), digest_size=16).hexdigest(),
-                tenant_id=swap.tenant_id, user_id=swap.user_id, session_id=swap.session_id, run_id=swap.run_id,
-                kind=DecisionKind.STALE_CONTEXT, reason=f"no longer served: {summary_id} quoted deleted memory "
-                f"{tomb.memory_id}", source_event_id=swap.source_event_id, decided_at=swap.decided_at,
-                stale=[StaleMemory(memory_id=summary_id, status=holders.SUMMARY_STATUS[again.kind])],
-            )]
+            if withdrawn is not None and tomb is not None:
+                out.append(cascade.summary_invalidation(tomb, summary_id, swap.run_id, withdrawn[1], swap.decided_at))
         return out
 
     @staticmethod

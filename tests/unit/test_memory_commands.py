@@ -192,7 +192,7 @@ def test_a_summary_of_only_the_deleted_record_is_removed_one_of_several_sources_
     # The planner, earlier in the chain, knows nothing of deletions: when it swaps that summary in later, the
     # swap's text is withdrawn again and the run told to drop it, under a notice id of its own.
     swap = Decision(decision_id="swap-1", tenant_id="acme", run_id="r-9", kind=DecisionKind.SWAP,
-                    reason="95% of the slot", decided_at=NOW, summary=SummaryProvenance(
+                    reason="95% of the slot", decided_at=NOW + timedelta(minutes=5), summary=SummaryProvenance(
                         summary_id="sum-late", text="...", token_count=5, source_ids=[gone.memory_id],
                         source_digests=["0" * 64], summarizer="s", summarizer_version="1", depth=1, fidelity=1.0))
     after = p.process(summary("sum-other", ["turn-1"]), POS, state, NOW, [swap])
