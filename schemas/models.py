@@ -327,8 +327,31 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: Term digests a turn carries at most (:class:`ContentFeatures`): 4 bytes each.
+MAX_CARRIED_TERMS = 64
+
+
+def _term_digests(value: bytes) -> bytes:
+    if len(value) % 4:
+        raise ValueError(f"term digests are 4 bytes each: {len(value)} bytes is not a whole number of them")
+    return value
+
+
+class ContentFeatures(_Record):
+    """What a turn's text carries for eviction, computed where the turn is written (the SDK), so the worker does
+    not read the text again (:mod:`processors.eviction.features`): hashed identifiers and numbers, how many there
+    are, and whether it states a goal, a constraint or a decision. ``version`` is the extractor's."""
+
+    version: Annotated[int, Field(ge=1, le=_INT_MAX)]
+    term_digests: Annotated[bytes, Field(max_length=4 * MAX_CARRIED_TERMS), AfterValidator(_term_digests)]
+    terms: Count32
+    goal: bool
+    constraint: bool
+    decision: bool
+
+
 class TurnEvent(_Record):
-    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v4).
+    """One context item entering a run's working set (topic ``turns``, schema TurnEvent v5).
 
     Guarantees: ``content_digest`` is present when ``content`` is null and matches ``content`` when both are
     given; counts are non-negative; ``importance``/``relevance`` lie in [0, 1] at float32 precision.
@@ -361,6 +384,8 @@ class TurnEvent(_Record):
     tool_call_ids: list[Id] = Field(default_factory=list)
     #: The item's context layer; None: derived from slot and kind (``processors.envelopes.layers``).
     layer: ContextLayer | None = None
+    #: The text's content features as the writer computed them; None: the worker extracts them from ``content``.
+    features: ContentFeatures | None = None
 
     @model_validator(mode="after")
     def _digest_matches(self) -> Self:

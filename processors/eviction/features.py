@@ -29,10 +29,20 @@ identifiers.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from hashlib import blake2b
 
-__all__ = ["Features", "distinctiveness", "extract", "mentions", "ranked_terms", "term_hash", "term_hashes"]
+from ctxflow.schemas.models import MAX_CARRIED_TERMS, ContentFeatures, PrivacyMode, TurnEvent
+
+__all__ = [
+    "FEATURES_VERSION", "Features", "content_features", "distinctiveness", "extract", "mentions", "ranked_terms",
+    "term_hash", "term_hashes", "turn_features", "unpack_terms", "with_features",
+]
+
+#: The version of :func:`extract` a turn's carried features come from; a change in what it finds bumps it, so a
+#: worker never mixes an older writer's features with its own (it extracts them from the content again).
+FEATURES_VERSION = 1
 
 #: A term shorter than this (``42``, ``-7``, ``v2``) is too common to identify an item in :func:`term_hashes`.
 MIN_HASHED_LENGTH = 3
@@ -230,11 +240,6 @@ def extract(text: str) -> Features:
     return Features(frozenset(identifiers), frozenset(numbers), goal, constraint, decision)
 
 
-def term_hash(term: str) -> int:
-    """The stable unsigned 32-bit hash of one term: BLAKE2b with a 4-byte digest of its UTF-8, big-endian."""
-    return int.from_bytes(blake2b(term.encode("utf-8"), digest_size=4).digest(), "big")
-
-
 def distinctiveness(term: str) -> tuple[int, str]:
     """A sort key putting the terms most likely to identify an item first, ties broken by the term itself.
 
@@ -253,6 +258,52 @@ def ranked_terms(features: Features) -> list[str]:
     :data:`MIN_HASHED_LENGTH` are left out as too common to identify anything."""
     return [term for group in (features.identifiers, features.numbers)
             for term in sorted((t for t in group if len(t) >= MIN_HASHED_LENGTH), key=lambda t: (-len(t), t))]
+
+
+def content_features(text: str) -> ContentFeatures:
+    """What a turn carries of ``text`` (:class:`~schemas.models.ContentFeatures`): the hashes of its first
+    :data:`~schemas.models.MAX_CARRIED_TERMS` ranked terms, its term count and its intent flags. The SDK computes
+    it where the turn is written; the worker computes the same from ``content`` when a turn carries none."""
+    features = extract(text)
+    digests = b"".join(_digest(t) for t in ranked_terms(features)[:MAX_CARRIED_TERMS])
+    return ContentFeatures(
+        version=FEATURES_VERSION, term_digests=digests, terms=len(features.identifiers) + len(features.numbers),
+        goal=features.goal, constraint=features.constraint, decision=features.decision,
+    )
+
+
+def turn_features(t: TurnEvent) -> ContentFeatures | None:
+    """The features the planner uses for ``t``: those it carries when this worker's extractor wrote them (or no
+    content is there to extract them from), else extracted from its content; None for a turn with neither."""
+    carried = t.features
+    if carried is not None and (carried.version == FEATURES_VERSION or not t.content):
+        return carried
+    return content_features(t.content) if t.content else None
+
+
+def with_features(t: TurnEvent) -> TurnEvent:
+    """``t`` as the SDK sends it: a retained turn with content carries its :func:`content_features`; a
+    ``no_retention`` turn carries none (even hashed, its identifiers are its payload's)."""
+    if t.privacy is not PrivacyMode.RETAINED:
+        return t.model_copy(update={"features": None}) if t.features is not None else t
+    if t.content and (t.features is None or t.features.version != FEATURES_VERSION):
+        return t.model_copy(update={"features": content_features(t.content)})
+    return t
+
+
+def unpack_terms(features: ContentFeatures) -> list[int]:
+    """The :func:`term_hash` values of ``features.term_digests``, in their order."""
+    digests = features.term_digests
+    return list(struct.unpack(f">{len(digests) // 4}I", digests))
+
+
+def _digest(term: str) -> bytes:
+    return blake2b(term.encode("utf-8"), digest_size=4).digest()
+
+
+def term_hash(term: str) -> int:
+    """The stable unsigned 32-bit hash of one term: BLAKE2b with a 4-byte digest of its UTF-8, big-endian."""
+    return int.from_bytes(_digest(term), "big")
 
 
 def term_hashes(features: Features, limit: int = 4) -> tuple[int, ...]:

@@ -47,12 +47,7 @@ from datetime import datetime
 import numpy as np
 from ctxflow.processors.budget import BudgetProcessor, Relief
 from ctxflow.processors.chain import TableSpec
-from ctxflow.processors.eviction.features import (
-    Features,
-    extract,
-    ranked_terms,
-    term_hash,
-)
+from ctxflow.processors.eviction.features import term_hash, turn_features, unpack_terms
 from ctxflow.processors.eviction.policy import KIND_INDEX, KINDS, ROLE_INDEX, ROLES, importance_of, tier_of
 from ctxflow.processors.eviction.workset import (
     CONSTRAINT,
@@ -85,6 +80,7 @@ from ctxflow.processors.windows import to_ms
 from ctxflow.schemas.models import (
     CompressionJob,
     CompressionSource,
+    ContentFeatures,
     Decision,
     DecisionKind,
     EvictionPolicy,
@@ -226,7 +222,7 @@ class EvictionPlanner:
             return [Relief(t, t.event_id, TURNS_STREAM, pos.offset, tuple(ws.freed))]
         if t.privacy is PrivacyMode.NO_RETENTION:
             ws.private = True
-        features = extract(t.content) if t.content else None
+        features = turn_features(t)
         at = ws.next_uid  # the turn's arrival number: references and recency count in arrivals, not clock time
         mentioned = self._file(ws, t, pos, features, at, self.budget.turn_tokens(t, pos, state))
         budget = self.budget.budget(state, t.tenant_id, t.user_id)
@@ -266,7 +262,7 @@ class EvictionPlanner:
         return ws.live_tokens() < budget.total.soft_at
 
     def _file(
-        self, ws: WorkingSet, t: TurnEvent, pos: Position, features: Features | None, at: int, tokens: int
+        self, ws: WorkingSet, t: TurnEvent, pos: Position, features: ContentFeatures | None, at: int, tokens: int
     ) -> set[int]:
         """Insert the turn's item; note which live items it references. Returns the hashes of the identifiers and
         numbers it names (what may recall offloaded items)."""
@@ -279,7 +275,7 @@ class EvictionPlanner:
         pair = ws.call_of(term_hash(t.tool_call_id)) if t.kind is ItemKind.TOOL_RESULT and t.tool_call_id else -1
         # Hashed once, in features.ranked_terms' order: when an item holds more than the ledger keeps, its names
         # outrank its values.
-        hashed = [term_hash(x) for x in ranked_terms(features)] if features is not None else []
+        hashed = unpack_terms(features) if features is not None else []
         named = set(hashed)
         if named and view is not None:
             rows = view["terms"].tolist()

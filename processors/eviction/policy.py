@@ -22,8 +22,7 @@ for a stated goal, constraint or decision and for carrying identifiers and numbe
 
 from __future__ import annotations
 
-from ctxflow.processors.eviction.features import Features
-from ctxflow.schemas.models import ItemKind, Role, Slot, TurnEvent
+from ctxflow.schemas.models import ContentFeatures, ItemKind, Role, Slot, TurnEvent
 
 ROLES: tuple[Role, ...] = tuple(Role)
 KINDS: tuple[ItemKind, ...] = tuple(ItemKind)
@@ -56,12 +55,12 @@ def tier_of(t: TurnEvent, first_user: bool, repeats_content: bool) -> int:
     return 2
 
 
-def importance_of(t: TurnEvent, features: Features | None) -> float:
+def importance_of(t: TurnEvent, features: ContentFeatures | None) -> float:
     """The item's importance in [0, 1] (see the module docstring)."""
     if t.importance is not None:
         return t.importance
     score = _BASE_IMPORTANCE[t.kind] + (0.15 if t.role is Role.USER else 0.0)
     if features is not None:
         score += 0.3 * features.goal + 0.3 * features.constraint + 0.15 * features.decision
-        score += min(0.15, 0.03 * (len(features.identifiers) + len(features.numbers)))
+        score += min(0.15, 0.03 * features.terms)
     return min(score, 1.0)

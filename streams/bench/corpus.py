@@ -3,9 +3,9 @@
 Three corpora:
 
 - :class:`TurnCorpus`: TurnEvents from the realistic :class:`~streams.demo.workload.Workload` (many tenants on
-  every tier, sessions with sub-agents, tool output, retrievals, a runaway tenant), redacted as the SDK
-  would for ``no_retention`` runs, encoded once. Later slices continue the same traffic, so the latency phase
-  sends new events (not replays, which the worker would skip as duplicates).
+  every tier, sessions with sub-agents, tool output, retrievals, a runaway tenant), as the SDK sends them
+  (redacted for ``no_retention`` runs, with their content features), encoded once. Later slices continue the
+  same traffic, so the latency phase sends new events (not replays, which the worker would skip as duplicates).
 - :func:`held_runs`: ``runs`` runs of three turns each plus a usage report for every other run, the state
   shape of the sessions-memory measurement (many active runs, few events each).
 - :func:`core_traffic`: the same shape as models, for the in-process budget-core measurements.
@@ -33,7 +33,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.streams.config import Settings
 from ctxflow.streams.demo.workload import Workload
-from ctxflow.streams.sdk import TOPIC_OF, CtxflowClient, record_key, redact
+from ctxflow.streams.sdk import TOPIC_OF, CtxflowClient, outgoing, record_key
 from pydantic import BaseModel
 
 #: Simulated time of the synthetic corpora.
@@ -54,7 +54,7 @@ class Encoded:
 def encode(codec: Codec, record: BaseModel) -> Encoded:
     """``record`` keyed and encoded as the SDK would publish it."""
     spec = TOPIC_OF[type(record)]
-    return Encoded(spec.name, record_key(spec, record), codec.encode(redact(record)))
+    return Encoded(spec.name, record_key(spec, record), codec.encode(outgoing(record)))
 
 
 class TurnCorpus:

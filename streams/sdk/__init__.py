@@ -45,6 +45,10 @@ from the content before it goes (with the model's encoding), so the budget count
 published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
 if they say ``retained`` (delegation cannot downgrade privacy). A sub-agent in another process builds its
 run with ``RunContext.delegated(parent.handoff(), agent_id)``, which carries the parent's privacy along.
+
+Content features: a retained turn leaves the SDK with the hashed identifiers and numbers of its text and its
+goal, constraint and decision flags (``TurnEvent.features``), so the worker's eviction planner does not read
+the text again; a ``no_retention`` turn carries none. :func:`outgoing` is the whole step a record passes.
 """
 
 from ctxflow.streams.sdk.budget_reader import BudgetReader
@@ -53,7 +57,7 @@ from ctxflow.streams.sdk.context_window import ContextWindow
 from ctxflow.streams.sdk.errors import BrokerUnavailable, CtxflowError, PublishFailed, TopicMissing
 from ctxflow.streams.sdk.readers import DecisionStream
 from ctxflow.streams.sdk.recall import RecallHit
-from ctxflow.streams.sdk.records import TOPIC_OF, record_key, redact
+from ctxflow.streams.sdk.records import TOPIC_OF, outgoing, record_key, redact
 from ctxflow.streams.sdk.run_context import Delegation, RunContext
 from ctxflow.streams.sdk.sync import SyncCtxflowClient
 from ctxflow.streams.sdk.usage import (
@@ -71,5 +75,5 @@ __all__ = [
     "TOPIC_OF", "AnthropicStream", "BrokerUnavailable", "BudgetReader", "ContextWindow", "CtxflowClient",
     "CtxflowError", "DecisionStream", "Delegation", "OpenAIChatStream", "OpenAIResponsesStream", "PublishFailed",
     "RecallHit", "RunContext", "SyncCtxflowClient", "TokenUsage", "TopicMissing", "anthropic_usage",
-    "openai_chat_usage", "openai_responses_usage", "otel_genai_usage", "record_key", "redact",
+    "openai_chat_usage", "openai_responses_usage", "otel_genai_usage", "outgoing", "record_key", "redact",
 ]

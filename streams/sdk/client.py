@@ -32,7 +32,7 @@ from ctxflow.streams.sdk.linger import send_lingering_now
 from ctxflow.streams.sdk.manifest_files import latest_per_tenant
 from ctxflow.streams.sdk.readers import DecisionStream, TopicReader
 from ctxflow.streams.sdk.recall import DEFAULT_SCOPES, RecallHit, find, retrieval_turn
-from ctxflow.streams.sdk.records import TOPIC_OF, R, record_key, redact
+from ctxflow.streams.sdk.records import TOPIC_OF, R, outgoing, record_key
 from ctxflow.streams.sdk.run_context import RunContext
 from ctxflow.streams.topics import MANIFESTS, TopicSpec
 from pydantic import BaseModel
@@ -247,7 +247,7 @@ class CtxflowClient:
             self._private_runs[(tenant_id, run_id)] = None
             while len(self._private_runs) > _PRIVATE_RUNS_REMEMBERED:
                 self._private_runs.popitem(last=False)
-        return redact(record)
+        return outgoing(record)
 
     async def recall(self, ctx: RunContext, query: str, *, scopes: Iterable[MemoryScope] = DEFAULT_SCOPES,
                      k: int = 5, embedding: Sequence[float] | None = None, publish: bool = True,

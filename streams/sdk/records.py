@@ -1,10 +1,12 @@
-"""Which topic a record goes to, under which key, and the privacy step it passes before it leaves."""
+"""Which topic a record goes to, under which key, and the steps it passes before it leaves (privacy, then a
+turn's content features)."""
 
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+from typing import TypeVar, cast
 
+from ctxflow.processors.eviction.features import with_features
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.schemas.models import (
     AdmissionRequest,
@@ -54,6 +56,13 @@ def record_key(spec: TopicSpec, record: BaseModel) -> bytes:
 def token_counter() -> TokenCounter:
     """The SDK's token counter (the worker's registry and model table; encodings load on first use)."""
     return TokenCounter()
+
+
+def outgoing(record: R) -> R:
+    """``record`` as the SDK sends it: redacted (:func:`redact`), then a turn's content features attached
+    (:func:`~processors.eviction.features.with_features`: the worker's planner need not read its text again)."""
+    record = redact(record)
+    return cast(R, with_features(record)) if isinstance(record, TurnEvent) else record
 
 
 def redact(record: R) -> R:

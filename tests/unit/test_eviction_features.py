@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import time
+from datetime import UTC, datetime
 
 import pytest
-from ctxflow.processors.eviction.features import Features, distinctiveness, extract, mentions, term_hash, term_hashes
+from ctxflow.processors.eviction.features import (
+    FEATURES_VERSION,
+    Features,
+    content_features,
+    distinctiveness,
+    extract,
+    mentions,
+    ranked_terms,
+    term_hash,
+    term_hashes,
+    turn_features,
+    unpack_terms,
+    with_features,
+)
+from ctxflow.schemas.models import MAX_CARRIED_TERMS, ItemKind, PrivacyMode, Role, Slot, TurnEvent
+from ctxflow.streams.sdk import outgoing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +192,47 @@ def test_every_term_is_a_verbatim_slice_of_the_text(text: str) -> None:
     assert features == extract(text)
     for term in features.identifiers | features.numbers:
         assert term and term in text and term == term.strip()
+
+
+LOG = ("2026-03-14T09:12:44Z ERROR payment ORD-10432 refused by gateway us-east-1 (HTTP 502) after 3 retries; "
+       "see src/billing/charge.py line 118 and ticket JIRA-77. We must never refund twice.")
+
+
+def test_carried_features_hold_the_extractors_terms_in_rank_order_and_its_flags() -> None:
+    found = extract(LOG)
+    carried = content_features(LOG)
+    assert carried.version == FEATURES_VERSION
+    assert unpack_terms(carried) == [term_hash(t) for t in ranked_terms(found)]
+    assert carried.terms == len(found.identifiers) + len(found.numbers)
+    assert (carried.goal, carried.constraint, carried.decision) == (found.goal, found.constraint, found.decision)
+
+
+def test_a_turn_carries_at_most_64_terms_the_most_distinctive_kept() -> None:
+    text = " ".join(f"ORD-{10_000 + i}" for i in range(100)) + " src/app/very/long/path/to/main.py"
+    carried = content_features(text)
+    assert len(unpack_terms(carried)) == MAX_CARRIED_TERMS and carried.terms == 101
+    assert unpack_terms(carried)[0] == term_hash("src/app/very/long/path/to/main.py")
+
+
+def _turn(**update: object) -> TurnEvent:
+    return TurnEvent(event_id="e", tenant_id="acme", user_id="u", session_id="s", run_id="r", agent_id="a", seq=0,
+                     role=Role.TOOL, kind=ItemKind.TOOL_RESULT, slot=Slot.HISTORY, item_id="i", content=LOG,
+                     content_digest=None, model="gpt-4o", occurred_at=datetime(2026, 3, 14, tzinfo=UTC),
+                     tool_call_id="call_1").model_copy(update=update)
+
+
+def test_the_worker_uses_what_the_turn_carries_and_extracts_only_when_it_must() -> None:
+    mine = _turn(features=content_features("order ORD-1 shipped"))
+    assert turn_features(mine) == content_features("order ORD-1 shipped")  # not read from the text again
+    older = _turn(features=mine.features.model_copy(update={"version": FEATURES_VERSION + 1}))
+    assert turn_features(older) == content_features(LOG)  # another extractor's: this worker's own
+    assert turn_features(_turn()) == content_features(LOG)  # a writer that sends none
+    assert turn_features(_turn(content=None, content_digest="0" * 64)) is None
+    assert turn_features(older.model_copy(update={"content": None, "content_digest": "0" * 64})) == older.features
+
+
+def test_the_sdk_attaches_features_to_retained_turns_only() -> None:
+    assert with_features(_turn()).features == content_features(LOG)
+    private = _turn(privacy=PrivacyMode.NO_RETENTION, features=content_features(LOG))
+    assert with_features(private).features is None  # hashed identifiers are still the payload's
+    assert outgoing(private).features is None and outgoing(private).content is None

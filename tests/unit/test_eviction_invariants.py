@@ -27,6 +27,7 @@ from ctxflow.processors.eviction.summarizer import ExtractiveSummarizer, SourceI
 from ctxflow.processors.eviction.workset import OFFLOADED
 from ctxflow.processors.tokens import TokenCounter
 from ctxflow.processors.types import DictBudgetState, Position, run_key
+from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
     CompressionJob,
     Decision,
@@ -41,6 +42,7 @@ from ctxflow.schemas.models import (
     TenantManifest,
     TurnEvent,
 )
+from ctxflow.streams.sdk import outgoing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -213,3 +215,25 @@ def test_every_strategy_keeps_the_invariants(seed: int, strategy: EvictionStrate
 def test_a_tight_budget_still_keeps_the_invariants(strategy: EvictionStrategy) -> None:
     for seed in range(3):
         run_session(session(seed), strategy, 300, 2)
+
+
+def _decide(turns: list[TurnEvent], strategy: EvictionStrategy) -> tuple[list[object], bytes]:
+    """Every output of the chain over ``turns``, and the run's working set as the worker persists it."""
+    tenant = turns[0].tenant_id
+    state = DictBudgetState(manifests={tenant: manifest(tenant, strategy, 600, 2)})
+    budget = BudgetProcessor(COUNTER)
+    chain = ProcessorChain(budget, [EvictionPlanner(budget)])
+    outputs = [out for t in turns for out in chain.process(t, Position("turns", 0, t.seq), state, T0)]
+    return outputs, state.get_state(TABLE, run_key(tenant, turns[0].run_id)).to_bytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), strategy=st.sampled_from(list(EvictionStrategy)))
+def test_features_the_sdk_carries_decide_exactly_as_the_text_would(seed: int, strategy: EvictionStrategy) -> None:
+    """The SDK sends a turn's content features (``outgoing``); the worker then skips reading the text, and every
+    decision, job and byte of the working set is what it would have been had it extracted them itself."""
+    turns = session(seed)
+    codec = Codec()
+    sent = [codec.decode(codec.encode(outgoing(t)), TurnEvent) for t in turns]
+    assert all(t.features is not None for t in sent)
+    assert _decide(sent, strategy) == _decide(turns, strategy)

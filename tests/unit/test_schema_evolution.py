@@ -15,6 +15,7 @@ import fastavro
 import pytest
 from ctxflow.schemas import MODEL_SCHEMAS, Codec, RejectedRecord, UnknownSchema, content_digest, kept_schemas
 from ctxflow.schemas.models import (
+    ContentFeatures,
     ContextLayer,
     ItemKind,
     MemoryCommand,
@@ -56,7 +57,7 @@ def test_every_released_version_is_kept() -> None:
     assert set(kept_schemas()) == set(MODEL_SCHEMAS.values())
     for name, versions in kept_schemas().items():
         assert [v.version for v in versions] == list(range(1, len(versions) + 1)), name
-    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2, 3, 4]
+    assert [v.version for v in kept_schemas()["TurnEvent"]] == [1, 2, 3, 4, 5]
 
 
 def _enums(schema: Any, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -138,14 +139,18 @@ def test_closed_enums_are_exactly_the_ones_where_a_default_would_be_wrong() -> N
     assert enums["PrivacyMode"]["default"] == "no_retention"  # an unknown privacy mode fails closed
 
 
-@pytest.mark.parametrize("writer", [1, 2, 3, 4])
-@pytest.mark.parametrize("reader", [1, 2, 3, 4])
+@pytest.mark.parametrize("writer", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("reader", [1, 2, 3, 4, 5])
 def test_every_kept_turn_version_reads_under_every_kept_reader(writer: int, reader: int) -> None:
-    event = turn(tool_call_ids=["call-1", "call-2"], layer=ContextLayer.TENANT)
+    features = ContentFeatures(version=1, term_digests=bytes(range(8)), terms=3, goal=True, constraint=False,
+                               decision=True)
+    event = turn(tool_call_ids=["call-1", "call-2"], layer=ContextLayer.TENANT, features=features)
     data = Codec(writer_versions={"TurnEvent": writer}).encode(event)
     decoded = Codec(reader_versions={"TurnEvent": reader}).decode(data, TurnEvent)
     # What the older of the two versions lacks reads as its default.
     lost: dict[str, object] = {}
+    if min(writer, reader) < 5:
+        lost["features"] = None
     if min(writer, reader) < 4:
         lost["layer"] = None
     if min(writer, reader) < 3:
@@ -229,6 +234,7 @@ RELEASED_FINGERPRINTS = {
     ("TurnEvent", 2): "98da192b95339b02",
     ("TurnEvent", 3): "42ac9764e639e447",
     ("TurnEvent", 4): "35f3e145305e8448",
+    ("TurnEvent", 5): "c341544a76e1a4be",
     ("UsageReport", 1): "f15d43454141ff3d",
     ("RunEnvelope", 1): "8e09de94de12153e",
     ("CostLine", 1): "f5396131740b8645",
