@@ -34,7 +34,7 @@ corroboration of it. An accepted candidate's record starts ``provisional`` (hard
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -87,6 +87,9 @@ class GateDecision:
     sensitivity: Sensitivity = Sensitivity.NONE
     pii_kinds: tuple[str, ...] = ()
     retention_policy: str | None = None
+    #: The verification the gate found to hold up, which the record keeps (it outranks weaker records in a
+    #: conflict): the candidate's claim when :func:`verified` accepts it, else none, whatever was claimed.
+    verification: Verification = Verification.NONE
 
 
 def _refuse(rule: Rule, reason: str) -> GateDecision:
@@ -166,6 +169,15 @@ def decide(
     Pure: the same inputs always give the same decision. ``revoked`` says the candidate's memory (its identity:
     tenant, scope, owner, type, content) was deleted or revoked (:meth:`MemoryTables.is_revoked`).
     """
+    decision = _decide(candidate, scan, policy, run, now, revoked)
+    if decision.accepted and verified(candidate, policy, run):
+        return replace(decision, verification=candidate.verification)
+    return decision
+
+
+def _decide(
+    candidate: MemoryCandidate, scan: ContentScan, policy: MemoryPolicy, run: RunFacts, now: datetime, revoked: bool
+) -> GateDecision:
     refused = _structural(candidate, run)
     if refused:
         return refused

@@ -424,7 +424,7 @@ class MemoryGateProcessor:
             subject=candidate.subject,
             attribute=candidate.attribute,
             value=candidate.value,
-            verification=candidate.verification,
+            verification=decision.verification,
             sensitivity=decision.sensitivity,
             pii_kinds=list(decision.pii_kinds),
             retention_policy=decision.retention_policy,

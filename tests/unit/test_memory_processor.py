@@ -172,6 +172,29 @@ def test_a_weaker_contradiction_is_quarantined_for_review_and_reinstated() -> No
     assert (reinstated.status, reinstated.review_state) == (MemoryStatus.ACTIVE, ReviewState.REINSTATED)
 
 
+def test_a_claimed_verification_that_does_not_hold_up_is_not_recorded_and_outranks_nothing() -> None:
+    # A user preference needs no verification, so a claim of one passes the gate; but the tenant lists its
+    # approvers and "mallory" is not one: the record keeps none, and a later contradiction supersedes it instead
+    # of being held for review behind an approval nobody gave.
+    p, state = MemoryGateProcessor(shared_gate(), lambda _t: MemoryPolicy(approvers=frozenset({"ops-lead"}))), \
+        DictBudgetState()
+    seat = {"type": MemoryType.PREFERENCE, "subject": "alice", "attribute": "seat"}
+    claimed = of(MemoryRecord, p.process(candidate("Alice wants an aisle seat", value="aisle", **seat,
+                                                   verification=Verification.HUMAN_APPROVED, verified_by="mallory"),
+                                         POS, state, NOW))[-1]
+    assert (claimed.status, claimed.verification) == (MemoryStatus.ACTIVE, Verification.NONE)
+    out = p.process(candidate("Alice wants a window seat", value="window", candidate_id="c-2", **seat),
+                    POS, state, NOW)
+    assert not of(ReviewItem, out)
+    assert state.get_state(RECORDS, f"acme:{claimed.memory_id}").status is MemoryStatus.SUPERSEDED
+    # The same claim by a listed approver holds up, and is what the record keeps.
+    out = p.process(candidate("Alice wants an aisle seat", value="aisle", **seat,
+                              verification=Verification.HUMAN_APPROVED, verified_by="ops-lead", candidate_id="c-3"),
+                    POS, state, NOW)
+    (approved,) = [r for r in of(MemoryRecord, out) if r.status is MemoryStatus.ACTIVE]
+    assert approved.verification is Verification.HUMAN_APPROVED
+
+
 def test_revocation_leaves_a_tombstone_and_blocks_the_same_content() -> None:
     p, state = processor(), DictBudgetState()
     written = of(MemoryVerdict, p.process(candidate("Prefers answers in French"), POS, state, NOW))[0]
