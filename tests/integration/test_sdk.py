@@ -39,8 +39,8 @@ from ctxflow.streams.sdk import (
     RunContext,
     SyncCtxflowClient,
     TopicMissing,
+    outgoing,
     record_key,
-    redact,
 )
 from ctxflow.streams.stack.admin import ensure_topics
 from ctxflow.streams.stack.embedded import kafka_answers
@@ -101,7 +101,7 @@ def test_published_workload_reads_back_equal_in_order_one_partition_per_tenant(s
         codec = Codec()
         by_topic: dict[TopicSpec, list[BaseModel]] = defaultdict(list)
         for record in sent:
-            by_topic[TOPIC_OF[type(record)]].append(redact(record))
+            by_topic[TOPIC_OF[type(record)]].append(outgoing(record))
         for spec, expected in by_topic.items():
             model = type(expected[0])
             read = await read_topic(settings, spec, len(expected))
@@ -141,6 +141,7 @@ def test_a_private_run_taints_its_turns_and_children_and_run_scope_finalizes(set
     turn, *runs = asyncio.run(scenario())
     assert isinstance(turn, TurnEvent)
     assert turn.content is None and turn.privacy == PrivacyMode.NO_RETENTION and turn.content_digest
+    assert turn.features is None  # even hashed, its identifiers are its payload's
     assert {(r.run_id, r.phase, r.privacy) for r in runs} == {  # type: ignore[attr-defined]
         (root.run_id, RunPhase.STARTED, PrivacyMode.NO_RETENTION),
         (careless.run_id, RunPhase.STARTED, PrivacyMode.NO_RETENTION),
@@ -307,7 +308,7 @@ def test_sync_facade_publishes_for_runtimes_without_an_event_loop(settings: Sett
         client.flush()
         assert client.latest_manifest(manifest.tenant_id) == manifest
     read = asyncio.run(read_topic(settings, TOPIC_OF[TurnEvent], len(turns)))
-    assert [Codec().decode(value, TurnEvent) for _, _, value in read] == turns
+    assert [Codec().decode(value, TurnEvent) for _, _, value in read] == [outgoing(t) for t in turns]
 
 
 def test_entering_a_client_on_a_closed_port_fails_fast_saying_what_to_check() -> None:
