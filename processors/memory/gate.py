@@ -4,6 +4,9 @@ Rules, in the order they are checked (the first that refuses decides; ``Rule`` n
 
 0. ``not_the_runs_user``: the candidate names another user than its run holds (``RunFacts.user_id``, from the
    run's start event: a refused delegation holds a child to its parent's user). Never loosened.
+   ``delegation_shared_session``: a child run's session-scope candidate names its parent's session
+   (``RunFacts.parent_session_id``): a child has a session scope of its own, and writing into the parent's would
+   hand the parent working memory it never produced. Never loosened.
 1. ``global_write_locked``: nothing is written to global scope at runtime. Never loosened.
 2. ``policy_not_promotable``: a policy is never promoted from a run. Never loosened.
 3. ``no_retention_run``: a candidate or run in no-retention mode never promotes. Never loosened.
@@ -71,6 +74,9 @@ class Rule(StrEnum):
     #: The candidate names another user than the run that produced it holds (its own, or its parent's after a
     #: refused delegation): one user's run never writes another user's memory. Never loosened.
     NOT_THE_RUNS_USER = "not_the_runs_user"
+    #: A child run's session-scope candidate names its parent's session: a child's session memory is its own
+    #: (:mod:`processors.delegation`). Never loosened.
+    DELEGATION_SHARED_SESSION = "delegation_shared_session"
 
 
 USER_TYPES = frozenset({MemoryType.PREFERENCE, MemoryType.EPISODE})
@@ -119,6 +125,10 @@ def verified(candidate: MemoryCandidate, policy: MemoryPolicy, run: RunFacts) ->
 def _structural(candidate: MemoryCandidate, run: RunFacts) -> GateDecision | None:
     if run.user_id is not None and run.user_id != candidate.user_id:
         return _refuse(Rule.NOT_THE_RUNS_USER, f"the run {candidate.run_id} holds another user than the candidate")
+    if candidate.scope is MemoryScope.SESSION and candidate.session_id == run.parent_session_id:
+        return _refuse(Rule.DELEGATION_SHARED_SESSION,
+                       f"the child run {candidate.run_id} writes into its parent's session {candidate.session_id}; "
+                       "a child's session memory is its own")
     if candidate.scope is MemoryScope.GLOBAL:
         return _refuse(Rule.GLOBAL_WRITE_LOCKED, "global scope is write-locked at runtime")
     if candidate.type is MemoryType.POLICY:

@@ -71,6 +71,9 @@ class RunFacts:
     parent_run_id: str | None = None
     #: The user the run holds (its start event's, or its parent's after a refused delegation); None: unknown.
     user_id: str | None = None
+    #: The session of the run's parent (:func:`processors.delegation.parent_session`), which a session-scope
+    #: candidate of the run must not name; None: a root run, or a parent the worker has not seen start.
+    parent_session_id: str | None = None
 
 
 def policy_from_manifest(manifest: TenantManifest | None) -> MemoryPolicy:

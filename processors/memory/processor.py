@@ -4,7 +4,8 @@ A processor of the chain (:class:`processors.chain.Processor`), after the evicti
 envelopes: ``process(event, pos, state, now, earlier)`` over its own tables, no I/O. The tenant's policy is its
 manifest's ``memory`` section (read from the budget's manifests in the same state); what the gate must know of
 the producing run (its privacy, its parent) the processor learns from the run's own records (table
-``memory_runs``, forgotten when the run retires). Per candidate it
+``memory_runs``, forgotten when the run retires), and the user it holds and its parent's session from the
+delegation lineage (:mod:`processors.delegation`). Per candidate it
 
 1. refuses a candidate later than its tenant's dedup window (:mod:`processors.memory.dedup`: the worker
    dead-letters it), replays the stored verdict if the candidate was already judged (at-least-once delivery: a
@@ -194,7 +195,9 @@ class MemoryGateProcessor:
         learnt = self._learn_run(event, state) if event.privacy is PrivacyMode.NO_RETENTION else []
         policy = self._policy(tenant, state)
         held = delegation.lineage(state, tenant, event.run_id)
-        run = replace(self._run_facts(event, tables), user_id=held.user_id if held is not None else None)
+        facts = self._run_facts(event, tables)
+        run = replace(facts, user_id=held.user_id if held is not None else None,
+                      parent_session_id=delegation.parent_session(state, tenant, event.run_id, facts.parent_run_id))
         digest = identity_digest(event.content, event.content_digest)
         revoked = tables.is_revoked(tenant, candidate_memory_id(event), digest)
         decision = self.gate.judge(event, policy, run, now, revoked=revoked)

@@ -45,6 +45,8 @@ from the content before it goes (with the model's encoding), so the budget count
 published as ``no_retention`` taints its later turns, memory candidates and child runs in this client even
 if they say ``retained`` (delegation cannot downgrade privacy). A sub-agent in another process builds its
 run with ``RunContext.delegated(parent.handoff(), agent_id)``, which carries the parent's privacy along.
+A child run (``ctx.child(...)`` or ``delegated``) runs in a session of its own, ``<parent session>/<run id>``
+(:func:`~.run_context.child_session`): its session memory and recall are its own, not its parent's.
 
 Content features: a retained turn leaves the SDK with the hashed identifiers and numbers of its text and its
 goal, constraint and decision flags (``TurnEvent.features``), so the worker's eviction planner does not read

@@ -297,7 +297,8 @@ class CtxflowClient:
 
     def decisions(self, tenant_id: str, session_id: str | None = None, run_id: str | None = None,
                   from_beginning: bool = False) -> DecisionStream:
-        """Decisions for one tenant (and session/run when given); see :class:`DecisionStream`."""
+        """Decisions for one tenant (and session, with its sub-agents' sessions, or run when given); see
+        :class:`DecisionStream`."""
         return DecisionStream(self, tenant_id, session_id, run_id, from_beginning)
 
     async def manifest_log(self, timeout_s: float = 10.0) -> list[tuple[str, TenantManifest | None]]:

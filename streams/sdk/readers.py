@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer
 from ctxflow.schemas.codec import RejectedRecord
 from ctxflow.schemas.models import Decision
 from ctxflow.streams.runtime.log_end import log_end_offsets
+from ctxflow.streams.sdk.run_context import in_session
 from ctxflow.streams.topics import DECISIONS
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ class TopicReader:
 class DecisionStream:
     """Decisions for one tenant, optionally narrowed to a session or run, decoded and in partition order.
 
+    A session includes its sub-agents' sessions (``<session>/<child run>``, :func:`~.run_context.child_session`):
+    a workflow's decisions arrive together whichever of its runs they are for.
+
     ``async with`` pins the start offsets on entry, so no decision published after entry is missed; bare
     ``async for`` starts lazily. Other tenants' records are skipped by key before decoding; undecodable
     records are logged and skipped.
@@ -124,5 +128,5 @@ class DecisionStream:
 
     def _wanted(self, decision: Decision) -> bool:
         return (decision.tenant_id == self._tenant_id
-                and self._session_id in (None, decision.session_id)
+                and (self._session_id is None or in_session(decision.session_id, self._session_id))
                 and self._run_id in (None, decision.run_id))

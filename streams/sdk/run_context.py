@@ -39,8 +39,31 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
+def child_session(parent_session_id: str, child_run_id: str) -> str:
+    """The session of a child run: ``f"{parent_session_id}/{child_run_id}"``.
+
+    A child run gets a session scope of its own (its session-scoped memories are not its parent's, and the worker
+    refuses a child that names its parent's session: ``delegation_shared_session``, :mod:`processors.delegation`).
+    Derived rather than random so it says where it comes from: the parent's session is a prefix, so a workflow's
+    sessions group under its root's (:func:`in_session`; in ClickHouse
+    ``session_id = 's1' OR startsWith(session_id, 's1/')``) and a grandchild's is ``s1/<child>/<grandchild>``;
+    the child's run id makes it unique among its siblings and the same on every replay. ``/`` because ids are
+    opaque strings elsewhere (no separator of ours to collide with) and it reads as the path it is.
+    """
+    return f"{parent_session_id}/{child_run_id}"
+
+
+def in_session(session_id: str | None, wanted: str) -> bool:
+    """Whether ``session_id`` is ``wanted`` or the session of one of its sub-agent runs (:func:`child_session`)."""
+    return session_id is not None and (session_id == wanted or session_id.startswith(f"{wanted}/"))
+
+
 class Delegation(BaseModel):
-    """A run's identity as handed to a sub-agent in another process (see :meth:`RunContext.handoff`)."""
+    """A run's identity as handed to a sub-agent in another process (see :meth:`RunContext.handoff`).
+
+    ``session_id`` is the parent's session: the child built from it (:meth:`RunContext.delegated`) runs in a
+    session of its own derived from it (:func:`child_session`), never in this one.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -62,8 +85,9 @@ class RunContext:
     Guarantees: every event built here carries this run's tenant/user/session/run/agent ids and privacy;
     turns get ``seq`` 0, 1, 2, ... in build order; ids come from ``id_factory`` (uuid4 unless injected);
     ``content_digest`` is computed from ``content``; timestamps come from ``clock`` unless ``at`` is given.
-    A :meth:`child` run points ``parent_run_id`` here and ``workflow_id`` at the root, and is never less
-    private than its parent. Builders are pure: nothing is sent until a client publishes the result.
+    A :meth:`child` run points ``parent_run_id`` here and ``workflow_id`` at the root, runs in a session of its
+    own under this one's (:func:`child_session`), and is never less private than its parent. Builders are pure:
+    nothing is sent until a client publishes the result.
     """
 
     tenant_id: str
@@ -175,12 +199,15 @@ class RunContext:
 
     def child(self, agent_id: str, *, model: str | None = None, privacy: PrivacyMode | None = None,
               run_id: str = "") -> RunContext:
-        """A sub-agent run in this workflow; under a no_retention parent it is no_retention whatever asked."""
+        """A sub-agent run in this workflow, in a session of its own: ``f"{self.session_id}/{run_id}"``
+        (:func:`child_session`), so its session-scoped memories and recalls are its own, not this run's, while its
+        events still group under this session. Under a no_retention parent it is no_retention whatever asked."""
         private = PrivacyMode.NO_RETENTION in (self.privacy, privacy)
+        run_id = run_id or self.id_factory()
         return RunContext(
-            tenant_id=self.tenant_id, user_id=self.user_id, session_id=self.session_id, agent_id=agent_id,
-            model=model or self.model, run_id=run_id, parent_run_id=self.run_id, workflow_id=self.workflow_id,
-            privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
+            tenant_id=self.tenant_id, user_id=self.user_id, session_id=child_session(self.session_id, run_id),
+            agent_id=agent_id, model=model or self.model, run_id=run_id, parent_run_id=self.run_id,
+            workflow_id=self.workflow_id, privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
             policy_version=self.policy_version, prefix_hash=self.prefix_hash, clock=self.clock,
             id_factory=self.id_factory,
         )
@@ -188,7 +215,8 @@ class RunContext:
     def handoff(self) -> Delegation:
         """What a sub-agent in another process needs to run as this run's child: pass it (``model_dump_json``)
         with the task and build the child there with :meth:`delegated`, so it inherits this run's tenant,
-        user, session, workflow, policy and privacy instead of re-declaring them."""
+        user, workflow, policy and privacy instead of re-declaring them, and runs in a session of its own
+        derived from this run's (the handoff carries this run's session for that)."""
         return Delegation(
             tenant_id=self.tenant_id, user_id=self.user_id, session_id=self.session_id, parent_run_id=self.run_id,
             workflow_id=self.workflow_id, privacy=self.privacy, policy_version=self.policy_version,
@@ -200,14 +228,16 @@ class RunContext:
                   privacy: PrivacyMode | None = None, run_id: str = "") -> RunContext:
         """The child run a sub-agent process builds from its parent's :meth:`handoff` (the model or its JSON).
 
-        Like :meth:`child`, it is never less private than its parent: ``privacy=retained`` under a
+        Like :meth:`child`, it runs in a session of its own, ``f"{handoff.session_id}/{run_id}"``
+        (:func:`child_session`), and is never less private than its parent: ``privacy=retained`` under a
         ``no_retention`` parent still gives a ``no_retention`` run, so its payloads never leave this process.
         """
         parent = handoff if isinstance(handoff, Delegation) else Delegation.model_validate_json(handoff)
         private = PrivacyMode.NO_RETENTION in (parent.privacy, privacy)
+        run_id = run_id or _uuid()
         return cls(
-            tenant_id=parent.tenant_id, user_id=parent.user_id, session_id=parent.session_id, agent_id=agent_id,
-            model=model or parent.model, run_id=run_id, parent_run_id=parent.parent_run_id,
+            tenant_id=parent.tenant_id, user_id=parent.user_id, session_id=child_session(parent.session_id, run_id),
+            agent_id=agent_id, model=model or parent.model, run_id=run_id, parent_run_id=parent.parent_run_id,
             workflow_id=parent.workflow_id, privacy=PrivacyMode.NO_RETENTION if private else PrivacyMode.RETAINED,
             policy_version=parent.policy_version, prefix_hash=parent.prefix_hash,
         )

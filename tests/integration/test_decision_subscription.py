@@ -20,7 +20,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from ctxflow.schemas.models import Decision, DecisionKind
 from ctxflow.streams.config import Settings
-from ctxflow.streams.sdk import CtxflowClient, record_key
+from ctxflow.streams.sdk import CtxflowClient, RunContext, record_key
 from ctxflow.streams.sdk.readers import TopicReader
 from ctxflow.streams.topics import DECISIONS
 
@@ -116,6 +116,23 @@ def test_partitions_that_held_records_and_partitions_that_never_did_both_deliver
                 return await until_reason(stream, "new")
 
     assert run_within(scenario) == ([old, new] if from_beginning else [new])
+
+
+def test_a_sessions_stream_carries_its_sub_agents_decisions_and_not_a_lookalike_sessions(settings: Settings) -> None:
+    parent = RunContext(tenant_id="acme", user_id="u1", session_id="s-wanted", agent_id="planner", model="gpt-4o")
+    kid = parent.child("researcher", run_id=run_on(settings, 1, prefix="kid"))
+    # One partition, so the order of arrival is the order of publication.
+    lookalike = decision("acme", run_on(settings, 1, prefix="look"), "lookalike", session_id="s-wanted-2")
+    sub_agent = decision("acme", kid.run_id, "sub-agent", session_id=kid.session_id)
+    last = decision("acme", run_on(settings, 1), "last", session_id="s-wanted")
+
+    async def scenario() -> list[Decision]:
+        async with CtxflowClient.from_settings(settings) as client, \
+                client.decisions("acme", session_id="s-wanted") as stream:
+            await publish(client, lookalike, sub_agent, last)
+            return await until_reason(stream, "last")
+
+    assert run_within(scenario) == [sub_agent, last]
 
 
 @pytest.mark.parametrize("from_beginning", [False, True], ids=["live", "from-beginning"])

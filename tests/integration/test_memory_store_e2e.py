@@ -5,8 +5,11 @@ The session's shared worker serves the module. Tenant ``store-e2e`` has a store 
 7); its run proposes 12 notes an hour apart, all accepted, the last one superseding an earlier note: the store
 evicts twice (9 live -> 7), the oldest first, each archived before it is removed. Tenant ``deleg-e2e`` has a
 no-retention parent run whose children claim to be retained (one proposed a memory before its start arrived:
-revoked once the start shows it), and a child naming another user: each violation is a rejection decision, and
-the children's candidates are refused as no-retention. Every expectation is computed here from the records sent.
+revoked once the start shows it), a child naming another user, and a child of a retained root started in the
+root's own session: each violation is a rejection decision, the no-retention parent's children's candidates are
+refused as no-retention, and the session squatter's session-scope candidate is refused
+(``delegation_shared_session``) while an SDK child of the same root (``child()``: a session of its own) breaks
+nothing and keeps its session memory. Every expectation is computed here from the records sent.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ def at(hours: float) -> datetime:
 
 
 def _ctx(tenant: str, run_id: str, *, user: str = "ada", parent: str | None = None,
-         privacy: PrivacyMode = PrivacyMode.RETAINED) -> RunContext:
+         privacy: PrivacyMode = PrivacyMode.RETAINED, session: str | None = None) -> RunContext:
     counter = iter(range(1_000_000))
-    return RunContext(tenant_id=tenant, user_id=user, session_id=f"s-{run_id}", agent_id="assistant",
+    return RunContext(tenant_id=tenant, user_id=user, session_id=session or f"s-{run_id}", agent_id="assistant",
                       model="gpt-4o", run_id=run_id, parent_run_id=parent, workflow_id=parent or run_id,
                       privacy=privacy, policy_version="p-1", id_factory=lambda: f"{run_id}-{next(counter)}")
 
@@ -113,11 +116,17 @@ def world(shared_deployment: SharedDeployment) -> World:
     late, child = _ctx(DELEG, "child-late", parent="run-private"), _ctx(DELEG, "child", parent="run-private")
     bob = _ctx(DELEG, "child-bob", user="bob", parent="run-root")
     root = _ctx(DELEG, "run-root")
+    # A child built by hand in its parent's session (the SDK's child() gives it one of its own, like ``sdk``'s).
+    squatter = _ctx(DELEG, "child-squatter", parent="run-root", session=root.session_id)
+    sdk = root.child("researcher", run_id="child-sdk")
     children = {
         "late": late.memory_candidate(MemoryScope.USER, MemoryType.PREFERENCE, "Likes terse replies",
                                       confidence=0.9, at=at(0.5)),
         "child": child.memory_candidate(MemoryScope.USER, MemoryType.PREFERENCE, "Reads mail at 7",
                                         confidence=0.9, at=at(1.5)),
+        **{name: run.memory_candidate(MemoryScope.SESSION, MemoryType.FACT, "Invoice 7731 was paid twice",
+                                      confidence=0.9, at=at(1.5)) for name, run in (("squatter", squatter),
+                                                                                    ("sdk", sdk))},
     }
     notes = [_note(run, i) for i in range(NOTES)]
     publish(settings, [_manifest(STORE, MemoryStore(record_quota=10)), _manifest(DELEG, None),
@@ -125,9 +134,10 @@ def world(shared_deployment: SharedDeployment) -> World:
     # Judged before its run's start says it is a no-retention parent's child: accepted, for now.
     publish(settings, [children["late"]])
     wait_processed(settings)
-    publish(settings, [late.started(at=at(1)), child.started(at=at(1)), bob.started(at=at(1))])
+    publish(settings, [late.started(at=at(1)), child.started(at=at(1)), bob.started(at=at(1)),
+                       squatter.started(at=at(1)), sdk.started(at=at(1))])
     wait_processed(settings)
-    publish(settings, [*notes, children["child"]])
+    publish(settings, [*notes, children["child"], children["squatter"], children["sdk"]])
     wait_processed(settings)
     w = World(settings, worker, notes, children, [], [], [], [])
     _observe(w)
@@ -194,9 +204,20 @@ def test_rehydrate_brings_an_evicted_record_back_as_it_was(world: World) -> None
 def test_delegation_violations_are_rejections_and_the_children_stay_no_retention(world: World) -> None:
     rejected = {d.run_id: d.reason for d in world.decisions
                 if d.tenant_id == DELEG and d.kind is DecisionKind.REJECTION}
-    assert set(rejected) == {"child-late", "child", "child-bob"}
+    assert set(rejected) == {"child-late", "child", "child-bob", "child-squatter"}  # not the SDK's child-sdk
     assert rejected["child"].startswith("delegation_privacy_downgrade")
     assert rejected["child-bob"].startswith("delegation_other_user")
+    assert rejected["child-squatter"].startswith("delegation_shared_session")
+    # The squatter's session note would have landed in its parent's session memory: refused. The SDK child's is
+    # the same note in a session of its own: kept there, owned by that session.
+    squatted = _verdict(world, world.children["squatter"])
+    assert (squatted.outcome.value, squatted.rule) == ("rejected", "delegation_shared_session")
+    kept = _verdict(world, world.children["sdk"])
+    assert (kept.outcome.value, kept.rule) == ("accepted", "session_memory")
+    record = _latest(world, DELEG)[kept.memory_id]
+    assert (record.scope, record.owner_id, record.status) == (
+        MemoryScope.SESSION, "s-run-root/child-sdk", MemoryStatus.ACTIVE)
+    assert not [r for r in world.records if r.tenant_id == DELEG and r.owner_id == "s-run-root"]
     verdict = _verdict(world, world.children["child"])
     assert (verdict.outcome.value, verdict.rule) == ("rejected", "no_retention_run")
     # Accepted before its start was known, revoked when it was: a tombstone and its invalidation.
@@ -210,4 +231,8 @@ def test_delegation_violations_are_rejections_and_the_children_stay_no_retention
         f"SELECT run_id, kind FROM decisions FINAL WHERE tenant_id = '{DELEG}' AND kind = 'rejection' "
         "ORDER BY run_id").rows
     assert [tuple(r) for r in rows] == [("child", "rejection"), ("child-bob", "rejection"),
-                                        ("child-late", "rejection")]
+                                        ("child-late", "rejection"), ("child-squatter", "rejection")]
+    verdicts = world.worker.query(
+        f"SELECT run_id, rule FROM memory_verdicts FINAL WHERE tenant_id = '{DELEG}' "
+        "AND rule = 'delegation_shared_session'").rows
+    assert [tuple(r) for r in verdicts] == [("child-squatter", "delegation_shared_session")]

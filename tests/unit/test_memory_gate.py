@@ -68,6 +68,23 @@ def test_a_candidate_naming_another_user_than_its_run_holds_never_promotes() -> 
     assert judge(candidate(user_id="u-2")).accepted  # a run the worker has not seen start: its own claim stands
 
 
+def test_a_childs_session_memory_never_lands_in_its_parents_session() -> None:
+    child = RunFacts(parent_run_id="r-root", parent_session_id="s-1")
+    note = candidate("Tool call 3 returned 12 rows", scope=MemoryScope.SESSION, type=MemoryType.FACT,
+                     run_id="r-kid", session_id="s-1")
+    d = judge(note, run=child)
+    assert (d.accepted, d.rule) == (False, Rule.DELEGATION_SHARED_SESSION)
+    assert "r-kid" in d.reason and "Tool call" not in d.reason
+    # Never loosened, and checked before anything that would say more about the content.
+    loose = MemoryPolicy(bootstrap_until=NOW + timedelta(days=30), min_confidence=0.0)
+    assert judge(note.model_copy(update={"content": "key AKIAZ3MSJV4WWNKWW5FG"}), loose, child).rule \
+        is Rule.DELEGATION_SHARED_SESSION
+    # Its own session, another scope, or a root run in that session: the rule has nothing to say.
+    assert judge(note.model_copy(update={"session_id": "s-1/r-kid"}), run=child).rule is Rule.SESSION_MEMORY
+    assert judge(candidate(session_id="s-1"), run=child).rule is Rule.USER_MEMORY
+    assert judge(note, run=RunFacts()).rule is Rule.SESSION_MEMORY
+
+
 def test_a_secret_is_rejected_and_the_reason_does_not_quote_it() -> None:
     key = "AKIAZ3MSJV4WWNKWW5FG"
     d = judge(candidate(f"Deploys use access key {key}"))

@@ -73,7 +73,10 @@ def test_sub_agents_belong_to_their_roots_workflow_and_start_inside_it(events: l
         while root.parent_run_id is not None:
             root = runs[root.parent_run_id]
         assert child.workflow_id == root.run_id == root.workflow_id
-        assert child.tenant_id == root.tenant_id and child.session_id == root.session_id
+        # A session of its own, under its parent's (so under its root's): its session memory is its own.
+        assert child.tenant_id == root.tenant_id
+        assert child.session_id == f"{runs[child.parent_run_id].session_id}/{child.run_id}"
+        assert child.session_id.startswith(f"{root.session_id}/")
         if runs[child.parent_run_id].privacy == PrivacyMode.NO_RETENTION:
             assert child.privacy == PrivacyMode.NO_RETENTION
     started = [e.run_id for e in events if isinstance(e, RunEvent) and e.phase == RunPhase.STARTED]
