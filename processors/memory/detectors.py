@@ -18,6 +18,7 @@ finding never carries the matched text, so a report or verdict built from it can
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Iterable
@@ -281,6 +282,7 @@ def _characters(candidate: str) -> int:
     return sum(ch.isalnum() for ch in candidate)
 
 
+@functools.cache  # libphonenumber's metadata does not change in a process; every gate built shares the bounds
 def _fewest_characters(region: str) -> tuple[int, int]:
     """The fewest letters and digits a candidate needs to be a valid number when parsed for ``region``:
     ``(with a plus sign, without one)``.
