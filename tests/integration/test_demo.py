@@ -72,9 +72,14 @@ def test_demo_reports_every_tenant_and_the_runaway_and_leaves_nothing_running(tm
     assert f"other tenants ({', '.join(others)}): 0 rejections, 0 context hard limits" in out, out
     # The report may wrap at the console's width: match its examples with every run of whitespace as one space.
     flat = " ".join(out.split())
-    swap = re.search(r"example swap \((\S+) run \w+, hybrid, slot \w+\): summary summary:\S+ by (\w+) \S+, depth (\d), "
+    # A summary the summarizer worker prepared was swapped in: the runaway's (hybrid) when one arrived before relief
+    # took its sources, which a loaded machine's slower summarizer can miss, else the summarizing tenant's.
+    summarizing = next(t.tenant_id for t in workload.tenants
+                       if t.manifest.eviction and t.manifest.eviction.strategy is EvictionStrategy.SUMMARIZATION)
+    swap = re.search(r"example swap \((\S+) run \w+, (\w+), slot \w+\): summary summary:\S+ by (\w+) \S+, depth (\d), "
                      r"fidelity ([\d.]+), (\d+) sources", flat)
-    assert swap and swap[1] == runaway and swap[2] == "extractive" and float(swap[4]) >= 0.9 and int(swap[5]) >= 2, out
+    assert swap and (swap[1], swap[2]) in ((runaway, "hybrid"), (summarizing, "summarization")), out
+    assert swap[3] == "extractive" and float(swap[5]) >= 0.9 and int(swap[6]) >= 2, out
     recall = re.search(rf"example recall \({runaway} run \w+; \d+ of its \d+ recalls followed a user turn\): "
                        r"the user asked \"User: what did you find for (ORD-\d+)\?", flat)
     assert recall and re.search(rf"offloaded items came back \([\d,]+ tokens\), naming [^()]*{recall[1]}", flat), out
