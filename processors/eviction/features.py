@@ -24,6 +24,11 @@ JSON; 20-60 us for the repetitive mixed prose and log text of the unit test; lin
 :func:`term_hashes` and :func:`mentions` hash terms with the same function (:func:`term_hash`: BLAKE2b, 4-byte
 digest, big-endian), so the planner can store a few hashes per item and notice when a later turn names the same
 identifiers.
+
+:func:`content_features` is what a turn carries of all this (``TurnEvent.features``): the SDK computes it where
+the turn is written (:func:`with_features`), so the worker's planner does not read the text again; the planner
+takes a turn's features through :func:`turn_features`, which extracts them itself only when the turn carries none
+from this extractor version.
 """
 
 from __future__ import annotations
