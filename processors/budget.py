@@ -146,7 +146,8 @@ class BudgetProcessor:
         self._indexes: dict[str, RetirementIndex] | None = None
         # The position and token count of the last turn applied (the planner reads it: no second count).
         self._last_count: tuple[Position, int] | None = None
-        # (stream, offset) of the turn just applied: its relief is taken even though the run ledger holds it.
+        # (stream, offset) of the turn the record being applied counted (None for any other record): its relief is
+        # taken even though the run ledger holds it.
         self._applied: tuple[int, int] | None = None
 
     def process(self, event: Event, position: Position, state: BudgetStore, now: datetime) -> list[Decision]:
@@ -188,6 +189,9 @@ class BudgetProcessor:
 
     def apply(self, event: Event, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         """Apply an admitted record to the token tables; return its decisions."""
+        # Only this record's own turn may have its relief taken past the run ledger's offset: a turn applied by an
+        # earlier record (another partition's, whose offsets are its own) must not vouch for one skipped now.
+        self._applied = None
         if isinstance(event, TurnEvent):
             return self._turn(event, pos, state, now, to_ms(event.occurred_at))
         if isinstance(event, UsageReport):

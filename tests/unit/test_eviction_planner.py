@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -51,6 +52,7 @@ class Run:
         self.seq = 0
         self.summaries = 0
         self.out: list[object] = []
+        self.turns: list[TurnEvent] = []
 
     def turn(self, tokens: int, role: Role = Role.ASSISTANT, kind: ItemKind = ItemKind.MESSAGE,
              content: str = "", at: datetime | None = None, **extra: object) -> list[object]:
@@ -61,6 +63,7 @@ class Run:
             token_count=tokens, model="gpt-4o", occurred_at=at or T0 + timedelta(seconds=seq),
             **extra,  # type: ignore[arg-type]
         )
+        self.turns.append(event)
         out = self.chain.process(event, Position("turns", 0, seq), self.state, T0)
         self.out += out
         return out
@@ -292,3 +295,33 @@ def test_the_terms_an_item_holds_are_found_without_decoding_every_item(
                                                    else st.just([]))}
     index = list(range(len(items)))
     assert ws.terms_held(index, wanted) == [wanted & held for held in ws.recall_terms(index)]
+
+
+def test_a_turn_replayed_after_a_crash_never_takes_the_relief_of_another_partitions_turn_at_its_offset() -> None:
+    # Regression: the budget takes the planner's relief for the turn it has just applied, even though its run
+    # ledger holds that offset by then. It recognised that turn by (stream, offset) alone, kept from record to
+    # record: a turn it skipped as held (a replay after a crash, the working set behind the run ledger) at the
+    # offset of another partition's turn applied just before took the behind planner's relief, and the run's
+    # freed tokens went back (the SIGKILL test's runaway run, now and then).
+    run = Run(history=1000, strategy=EvictionStrategy.SLIDING_WINDOW, keep_recent=2)
+    run.turn(50, Role.USER, content="My goal is to close ORD-1042.")
+    for _ in range(3):
+        run.turn(100)
+    # The working set and the watermark as the crash left them (both are persisted after the run ledgers).
+    behind, mark = WorkingSet.from_bytes(run.ws.to_bytes()), copy.deepcopy(run.state.watermarks)
+    for _ in range(6):
+        run.turn(100)
+    key = run_key("acme", "r")
+    ledger = run.state.get_run(key)
+    assert ledger is not None and any(ledger.freed) and behind.freed.tolist() != ledger.freed.tolist()
+    held = copy.deepcopy(ledger)
+    # Restarted: the run ledger durable after every turn, the working set behind; a fresh chain.
+    run.state.tables[TABLE][key], run.state.watermarks = behind, mark
+    budget = BudgetProcessor(TokenCounter())
+    run.chain = ProcessorChain(budget, [EvictionPlanner(budget)])
+    replayed = run.turns[6]
+    other = replayed.model_copy(update={"tenant_id": "globex", "event_id": "g6"})
+    run.chain.process(other, Position("turns", 1, 6), run.state, T0)  # another tenant's partition, same offset
+    out = run.chain.process(replayed, Position("turns", 0, 6), run.state, T0)
+    assert run.state.get_run(key) == held
+    assert not [d for d in out if isinstance(d, Decision) and d.kind not in planner_module.EVICTION_KINDS]
