@@ -36,6 +36,7 @@ from ctxflow.processors.ledger import (
     CHILD,
     FINALIZED,
     INCOMPLETE,
+    INVALIDATIONS,
     MAX_SEQ_GAP,
     RUN_CAP_GAUGE,
     RUNS,
@@ -88,15 +89,18 @@ _OUTPUT = SLOT_INDEX[Slot.OUTPUT]
 _SLOT_GAUGE = tuple(f"slot:{slot.value}" for slot in SLOTS)
 _STATIC_SLOTS = frozenset((Slot.SYSTEM, Slot.TOOLS))
 _STREAM_OF = {TurnEvent: TURNS, UsageReport: USAGE, RunEvent: RUNS}
+#: Streams only the planner applies: the run ledger records their offsets when it takes their relief.
+_PLANNER_STREAMS = (SUMMARIES, INVALIDATIONS)
 
 
 @dataclass(frozen=True, slots=True)
 class Relief:
     """The eviction planner's account of a run after a record: tokens freed per slot so far (absolute).
 
-    ``event`` is the record (a turn, or a summary: anything with tenant, user, session and run ids), ``source_id``
-    its id (the budget's decisions about the relief take theirs from it), and ``stream`` / ``offset`` where it
-    was read (:data:`~processors.ledger.TURNS` or :data:`~processors.ledger.SUMMARIES`).
+    ``event`` is the record (a turn, a summary, or for an invalidation the run it concerns: anything with tenant,
+    user, session and run ids), ``source_id`` its id (the budget's decisions about the relief take theirs from
+    it), and ``stream`` / ``offset`` where it was read (:data:`~processors.ledger.TURNS`,
+    :data:`~processors.ledger.SUMMARIES` or :data:`~processors.ledger.INVALIDATIONS`).
     """
 
     event: Any
@@ -146,7 +150,8 @@ class BudgetProcessor:
         self._indexes: dict[str, RetirementIndex] | None = None
         # The position and token count of the last turn applied (the planner reads it: no second count).
         self._last_count: tuple[Position, int] | None = None
-        # (stream, offset) of the turn just applied: its relief is taken even though the run ledger holds it.
+        # (stream, offset) of the turn the record being applied counted (None for any other record): its relief is
+        # taken even though the run ledger holds it.
         self._applied: tuple[int, int] | None = None
 
     def process(self, event: Event, position: Position, state: BudgetStore, now: datetime) -> list[Decision]:
@@ -188,6 +193,9 @@ class BudgetProcessor:
 
     def apply(self, event: Event, pos: Position, state: BudgetStore, now: datetime) -> list[Decision]:
         """Apply an admitted record to the token tables; return its decisions."""
+        # Only this record's own turn may have its relief taken past the run ledger's offset: a turn applied by an
+        # earlier record (another partition's, whose offsets are its own) must not vouch for one skipped now.
+        self._applied = None
         if isinstance(event, TurnEvent):
             return self._turn(event, pos, state, now, to_ms(event.occurred_at))
         if isinstance(event, UsageReport):
@@ -202,7 +210,7 @@ class BudgetProcessor:
             if current is None or manifest.version > current.version:
                 state.put_manifest(key, manifest)
             return []
-        return []  # another processor's record (a summary): nothing of the token tables depends on it
+        return []  # another processor's record (a summary, an invalidation): the token tables do not depend on it
 
     def close(self, event: Event, pos: Position, state: BudgetStore) -> list[str]:
         """Advance the tenant's watermark past an applied run record and retire the runs it makes due; returns
@@ -234,10 +242,11 @@ class BudgetProcessor:
             # The run ledger already holds this record and everything the planner did after it (working sets
             # are persisted after run ledgers): the planner is catching up on a replay.
             return []
-        if relief.stream == SUMMARIES:
-            run.offsets[SUMMARIES] = relief.offset
+        planner_stream = relief.stream in _PLANNER_STREAMS
+        if planner_stream:
+            run.offsets[relief.stream] = relief.offset
         if run.freed.tolist() == list(relief.freed):
-            if relief.stream == SUMMARIES:
+            if planner_stream:
                 state.put_run(key, run)
             return []
         run.freed = array("q", relief.freed)

@@ -68,8 +68,11 @@ from ctxflow.processors.manifest import SLOTS
 
 TURNS, USAGE, RUNS = 0, 1, 2
 STREAMS: tuple[str, ...] = ("turns", "usage", "runs")
-#: The run ledger also remembers the last ``summaries`` record whose relief it took (not a budget stream).
-SUMMARIES = 3
+#: The run ledger also remembers the last ``summaries`` and ``invalidations`` records whose relief it took (not
+#: budget streams: the eviction planner applies them, :meth:`processors.budget.BudgetProcessor.relieve`).
+SUMMARIES, INVALIDATIONS = 3, 4
+#: Streams whose offsets a run ledger keeps (``RunLedger.offsets``).
+_OFFSETS = 5
 
 STARTED, FINALIZED, INCOMPLETE, ROOT, CHILD, RUN_MODEL = 1, 2, 4, 8, 16, 32
 #: Level bits (2 per gauge) in ``RunLedger.levels``: slots 0..5, then these.
@@ -113,7 +116,7 @@ class RunLedger:
     """
 
     tokens: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
-    offsets: array = field(default_factory=lambda: array("q", (-1, -1, -1, -1)))
+    offsets: array = field(default_factory=lambda: array("q", (-1,) * _OFFSETS))
     levels: int = 0
     seq_upto: int = -1
     seq_above: int = 0
@@ -245,7 +248,7 @@ class RunLedger:
         """Inverse of :meth:`to_list`."""
         return cls(
             array("q", v[0]),
-            array("q", v[1] + [-1] * (4 - len(v[1]))),
+            array("q", v[1] + [-1] * (_OFFSETS - len(v[1]))),  # written before a stream was added: not seen
             v[2],
             v[3],
             v[4],

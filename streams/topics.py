@@ -66,7 +66,7 @@ DECISIONS = TopicSpec(
 )
 INVALIDATIONS = TopicSpec(
     "invalidations", "Invalidation", "tenant_id", "delete", "worker: memory gate",
-    "every projection (Redis, ClickHouse, indexes), agent runtimes",
+    "every projection (Redis, ClickHouse, indexes), agent runtimes, worker: eviction planner (summaries)",
 )
 COMPRESSION_JOBS = TopicSpec(
     "compression.jobs", "CompressionJob", "tenant_id", "delete", "worker: eviction planner",

@@ -1,7 +1,9 @@
 """Replay a deployment's input log through ``processors`` only: the crash-free oracle for worker tests.
 
-:func:`read_input_log` reads every input topic (turns, usage, runs, admissions, manifests) from the broker,
-decoding each record as the worker does (a record the worker would dead-letter is kept aside, with why).
+:func:`read_input_log` reads every input topic of :data:`TOPIC_RANK` (turns, usage, runs, admissions, manifests,
+summaries, memory candidates, and the invalidations the worker wrote and read back for its eviction planner) from
+the broker, decoding each record as the worker does (a record the worker would dead-letter is kept aside, with
+why).
 :func:`replay` then feeds the records to the worker's processor chain (budget, eviction planner) over a
 ``DictBudgetState``, each at its real ``Position``, and collects the decisions, compression jobs, run envelopes and
 cost lines: no Kafka,
@@ -11,10 +13,11 @@ Interleaving. Within one topic partition the worker reads records in offset orde
 Across topics and partitions the worker's order depends on fetch timing, so the replay picks one on purpose:
 all manifests first (tests publish manifests and wait until the worker consumed them before any traffic, so
 that is the live order too), then a merge of the other (topic, partition) queues that always takes the head
-with the earliest event time (``occurred_at``/``requested_at``; ties: turns, usage, runs, admissions, then
-partition). That is close to the order producers published in, and it never reorders one queue. Decisions
-that ``processors.ledger`` calls interleaving-independent must match the live run exactly; the others may
-differ transiently (see ``tests/support_decisions.py``).
+with the earliest event time (``occurred_at``/``requested_at``; ties: turns, usage, runs, admissions, summaries,
+memory candidates, invalidations, then partition: an invalidation comes after what it invalidates). That is
+close to the order producers published in, and it never reorders one queue. Decisions that ``processors.ledger``
+calls interleaving-independent must match the live run exactly; the others may differ transiently (see
+``tests/support_decisions.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from tests.support_kafka import read_topics
 #: Tie-break rank of the logical input topics when event times are equal.
 TOPIC_RANK = {
     "manifests": 0, "turns": 1, "usage": 2, "runs": 3, "admissions": 4, "summaries": 5, "memory.candidates": 6,
+    "invalidations": 7,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from ctxflow.processors.eviction.planner import TABLE as WORKSETS
 from ctxflow.processors.ledger import RunLedger
 from ctxflow.processors.manifest import SLOTS
 from ctxflow.streams.config import Settings
@@ -27,6 +28,21 @@ def run_ledgers(settings: Settings) -> dict[tuple[str, str], RunLedger]:
         else:
             ledgers[(tenant_id, run_id)] = RunLedger.from_list(json.loads(record.value))
     return ledgers
+
+
+def working_sets(settings: Settings) -> dict[tuple[str, str], bytes]:
+    """``(tenant, run) -> `` the eviction planner's working set as its table's changelog last holds it (the bytes a
+    restarted worker, or a table snapshot, starts from; a null value deletes), as stored:
+    :meth:`processors.eviction.workset.WorkingSet.from_bytes` reads one."""
+    topic = f"{settings.app_id}-budget-{WORKSETS}-changelog"
+    values: dict[tuple[str, str], bytes] = {}
+    for record in asyncio.run(read_full_topics(settings, [topic])):
+        tenant_id, run_id = record.key.decode().split(":", 1)
+        if record.value is None:
+            values.pop((tenant_id, run_id), None)
+        else:
+            values[(tenant_id, run_id)] = bytes(record.value)
+    return values
 
 
 def aggregate_snapshots(settings: Settings, table: str) -> dict[str, dict]:

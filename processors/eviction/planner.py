@@ -30,6 +30,13 @@ call and its results leave or stay together (a group; masking keeps the call and
 the newest ``keep_recent`` items stay; a decision never names an item the ledger does not hold, and a summary is
 swapped in only while every source is live; summaries of summaries stop at depth 2.
 
+Deletions reach the planner as :class:`~schemas.models.Invalidation` records (topic ``invalidations``, the memory
+processor's own output read back: :mod:`processors.memory.cascade`). One of ``target_type`` ``summary`` for a run
+whose working set the planner holds takes the summary's text out of the table: a prepared summary with that id is
+dropped (the run asks for a new compression when its budget needs one), and one already swapped in leaves the
+working set by an ``evict`` decision naming it, whose freed tokens bring the budget's gauges back down (the
+agent's window dropped it on the memory processor's stale-context notice). Other invalidations change nothing here.
+
 Each relief reports its expected cost effect on the next call: the items after the first one changed lose the
 provider's prompt cache (written again at the cache-write price instead of read at the cached price), against
 the tokens no longer read. The planner keeps the prefix when it can: relief runs only past the soft watermark
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +61,7 @@ from ctxflow.processors.eviction.workset import (
     CONSTRAINT,
     GOAL,
     IN_JOB,
+    INVALIDATIONS,
     ITEM,
     ITEM_STRUCT,
     MASKED,
@@ -71,9 +80,11 @@ from ctxflow.processors.eviction.workset import (
     WorkingSet,
     short_terms,
 )
+from ctxflow.processors.ledger import INVALIDATIONS as INVALIDATIONS_STREAM
 from ctxflow.processors.ledger import SUMMARIES as SUMMARIES_STREAM
 from ctxflow.processors.ledger import TURNS as TURNS_STREAM
 from ctxflow.processors.manifest import SLOT_INDEX, SLOTS, EffectiveBudget, Limit
+from ctxflow.processors.memory.cascade import SUMMARY as SUMMARY_TARGET
 from ctxflow.processors.pricing import DEFAULT_PRICES, PriceTable
 from ctxflow.processors.types import BudgetStore, Position, decision_id, run_key, tenant_key
 from ctxflow.processors.windows import to_ms
@@ -85,6 +96,8 @@ from ctxflow.schemas.models import (
     DecisionKind,
     EvictionPolicy,
     EvictionStrategy,
+    Invalidation,
+    InvalidationKind,
     ItemAction,
     ItemDecision,
     ItemKind,
@@ -193,6 +206,8 @@ class EvictionPlanner:
             return self._turn(event, pos, state, now)
         if isinstance(event, Summary):
             return self._summary(event, pos, state, now)
+        if isinstance(event, Invalidation):
+            return self._invalidation(event, pos, state, now)
         return []
 
     def retire(self, keys: Iterable[str], state: BudgetStore) -> None:
@@ -821,6 +836,8 @@ class EvictionPlanner:
         if ws is None or pos.offset <= ws.offsets[SUMMARIES]:
             return []  # a retired run's, or applied already
         ws.offsets[SUMMARIES] = pos.offset
+        if ws.who is None:
+            ws.who = (sys.intern(s.user_id), s.session_id)
         out: list[Output] = []
         if s.job_id == ws.job_id:
             view = ws.view()
@@ -857,6 +874,65 @@ class EvictionPlanner:
         out.append(Relief(s, s.summary_id, SUMMARIES_STREAM, pos.offset, tuple(ws.freed)))
         return out
 
+    # ---- deletions ----------------------------------------------------------------------------------------------
+    def _invalidation(self, inv: Invalidation, pos: Position, state: BudgetStore, now: datetime) -> list[Output]:
+        """A summary one of whose source memories was deleted (:func:`processors.memory.cascade.summary_invalidation`):
+        its text leaves the run's working set, whether it waits to be swapped in or already was.
+
+        Idempotent: a record the working set holds (its offset) changes nothing again, and neither does one naming
+        a summary the working set no longer holds (dropped, evicted, never taken: it is not written then). Exact
+        under a crash as a summary is: the working set is persisted after the run ledger, which records the
+        relief's offset (:meth:`processors.budget.BudgetProcessor.relieve`), so a replay re-applying it here finds
+        the budget holding its relief already."""
+        if inv.target_type != SUMMARY_TARGET or inv.run_id is None:
+            return []  # another layer's (records, index rows, payloads, turn content): nothing the planner holds
+        key = run_key(inv.tenant_id, inv.run_id)
+        ws: WorkingSet | None = state.get_state(TABLE, key)
+        if ws is None or pos.offset <= ws.offsets[INVALIDATIONS]:
+            return []  # a run the planner never saw or retired, or applied already
+        summary_id = inv.target_id
+        prepared = ws.prepared is not None and ws.prepared.summary_id == summary_id
+        view = ws.view()
+        summaries = np.flatnonzero((view["flags"] & SUMMARY) != 0).tolist()
+        ids = ws.item_ids() if summaries else []
+        swapped = [i for i in summaries if ids[i] == summary_id]
+        uids, slot = [int(view["uid"][i]) for i in swapped], int(view["slot"][swapped[0]]) if swapped else -1
+        del view
+        if not prepared and not swapped:
+            return []
+        ws.offsets[INVALIDATIONS] = pos.offset
+        if prepared:
+            ws.prepared = None  # its text goes; the run asks for another summary when its budget needs one
+        # A working set written before it learnt its run's user: the invalidation's (the memory's owner).
+        user, session = ws.who or (inv.user_id, inv.session_id)
+        run = _RunOf(inv.tenant_id, user, session, inv.run_id)
+        out: list[Output] = []
+        if swapped:
+            budget = self.budget.budget(state, inv.tenant_id, user)
+            policy = self.policy(state, inv.tenant_id)
+            ledger = state.get_run(key)
+            em = _Emitter(run, inv.invalidation_id, budget, self.strategy or policy.strategy, now, self.prices,
+                          ledger.model if ledger else None)
+            gone = "removed" if inv.kind is InvalidationKind.TOMBSTONE else "withdrawn"
+            self._apply(ws, DecisionKind.EVICT, uids, slot, budget.slot_limits[slot], em,
+                        why=f"summary {summary_id} {gone}, its source memory deleted ({inv.reason})")
+            out += em.out
+        state.put_state(TABLE, key, ws)
+        if swapped:
+            out.append(Relief(run, inv.invalidation_id, INVALIDATIONS_STREAM, pos.offset, tuple(ws.freed)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOf:
+    """The run a record concerns, when the record does not say whose it is (an invalidation names the deleted
+    memory's user and session): what the planner's decisions and the budget's relief decisions name."""
+
+    tenant_id: str
+    user_id: str | None
+    session_id: str | None
+    run_id: str
+
 
 _PLACEHOLDER_TOKENS = 16
 #: A term more items carry than this names none of them in particular (a tool's name, a common path).
@@ -876,7 +952,7 @@ class _Emitter:
     """Builds one record's eviction decisions (ids from the record, the kind and the first item: replayable)."""
 
     def __init__(
-        self, event: TurnEvent | Summary, source_id: str, budget: EffectiveBudget, strategy: EvictionStrategy,
+        self, event: TurnEvent | Summary | _RunOf, source_id: str, budget: EffectiveBudget, strategy: EvictionStrategy,
         now: datetime, prices: PriceTable, model: str | None,
     ) -> None:
         self.event, self.source_id, self.budget, self.strategy, self.now = event, source_id, budget, strategy, now

@@ -16,13 +16,15 @@ records, as most items carry none), and where its content is on the log (digest 
 partition: what a compression job hands the summarizer).
 
 Dedup follows the run ledger's rules (:mod:`processors.ledger`): the ledger skips a record at an offset it
-already holds (per stream: turns, summaries) and a turn whose seq it accepted, with the same reorder window.
+already holds (per stream: turns, summaries, invalidations) and a turn whose seq it accepted, with the same
+reorder window.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +34,8 @@ from ctxflow.processors.ledger import accept_seq
 from ctxflow.processors.manifest import SLOTS
 
 #: Input streams the ledger keeps an applied offset for.
-TURNS, SUMMARIES = 0, 1
+TURNS, SUMMARIES, INVALIDATIONS = 0, 1, 2
+_STREAMS = 3
 
 # Item flags.
 PINNED, SUMMARY, MASKED, OFFLOADED, RECALLED, GOAL, CONSTRAINT, IN_JOB = (1 << i for i in range(8))
@@ -177,7 +180,7 @@ class WorkingSet:
     partition: int = 0
     seq_upto: int = -1
     seq_above: int = 0
-    offsets: list[int] = field(default_factory=lambda: [-1, -1])
+    offsets: list[int] = field(default_factory=lambda: [-1] * _STREAMS)
     next_uid: int = 0
     freed: array = field(default_factory=lambda: array("q", bytes(8 * len(SLOTS))))
     #: Tokens per slot of every turn filed (live = added - freed).
@@ -196,6 +199,9 @@ class WorkingSet:
     query_sketch: int = 0
     compressions: int = 0
     private: bool = False  # a no_retention run: its content never goes to a summarizer
+    #: The run's user and session, as its summaries name them (None until its first summary): what the decisions
+    #: and relief of an invalidation name, whose own user is the deleted memory's, not the run's.
+    who: tuple[str, str] | None = None
 
     # ---- items -----------------------------------------------------------------------------------------------
     def view(self) -> np.ndarray:
@@ -350,7 +356,7 @@ class WorkingSet:
              [self.job_id, self.job_ms], self.job_slot, self.backoff,
              self.prepared.to_list() if self.prepared else None,
              self.query_terms.hex(), self.query_sketch, self.compressions, self.private, self.partition,
-             len(self.items), len(self.ids), len(self.calls)],
+             len(self.items), len(self.ids), len(self.calls), *([list(self.who)] if self.who else [])],
             separators=(",", ":"),
         ).encode()
         return struct.pack("<I", len(head)) + head + bytes(self.items) + self.ids + self.calls + self.sketches
@@ -365,8 +371,10 @@ class WorkingSet:
         items, at = bytearray(data[at:at + n_items]), at + n_items
         ids, at = data[at:at + n_ids], at + n_ids
         calls, sketches = data[at:at + n_calls], data[at + n_calls:]
+        # Offsets of streams added since the value was written: none applied.
+        offsets = v[2] + [-1] * (_STREAMS - len(v[2]))
         return cls(
-            items, ids, calls, sketches, v[14], v[0], v[1], v[2], v[3], array("q", v[4]), array("q", v[5]),
+            items, ids, calls, sketches, v[14], v[0], v[1], offsets, v[3], array("q", v[4]), array("q", v[5]),
             v[6][0], v[6][1], v[7], v[8], PreparedSummary.from_list(v[9]) if v[9] else None, bytes.fromhex(v[10]),
-            v[11], v[12], v[13],
+            v[11], v[12], v[13], (sys.intern(v[18][0]), v[18][1]) if len(v) > 18 else None,
         )

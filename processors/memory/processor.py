@@ -64,6 +64,7 @@ from ctxflow.processors.types import BudgetStore, Position, check_tenant, run_ke
 from ctxflow.schemas.models import (
     Decision,
     DecisionKind,
+    Invalidation,
     InvalidationKind,
     MemoryCandidate,
     MemoryCommand,
@@ -139,7 +140,9 @@ class MemoryGateProcessor:
         (:func:`processors.memory.holders.notices`: one post-step, whatever produced the outputs: supersession,
         review, deletion, expiry, store eviction, a run learnt to be no-retention late)."""
         tenant_id = getattr(event, "tenant_id", None)
-        if tenant_id is None:
+        if tenant_id is None or isinstance(event, Invalidation):
+            # An invalidation is this processor's own output read back for the eviction planner (topic
+            # ``invalidations``): nothing in it is news here, and reacting would feed the loop.
             return []
         outputs = expiry.sweep_before(event, state)
         if isinstance(event, TurnEvent | RunEvent):
@@ -442,10 +445,13 @@ class MemoryGateProcessor:
 
     @staticmethod
     def _withdrawn_swaps(earlier: Sequence[Any], tables: MemoryTables) -> list[Any]:
-        """A summary the planner swapped in after a source of it was deleted (the planner, earlier in the chain,
-        knows nothing of deletions; a summary prepared before the deletion waits in its working set): withdrawn
-        again, so the shell drops its text from Redis and the run is told at once (:func:`holders.notices`) to drop
-        it from the prompt the swap just changed."""
+        """A summary the planner swapped in after a source of it was deleted: withdrawn again, so the shell drops
+        its text from Redis and the run is told at once (:func:`holders.notices`) to drop it from the prompt the
+        swap just changed. The safety net for the window before the planner learns of the deletion: being earlier in
+        the chain, it learns of it only when the summary's invalidation comes back to the worker on
+        ``invalidations`` (a batch or so later), so a summary prepared before the deletion, or delivered after it,
+        may still be swapped in meanwhile. The invalidation emitted here comes back to the planner too (a no-op
+        there when the first one has taken the summary out already)."""
         out: list[Any] = []
         for swap in earlier:
             if not (isinstance(swap, Decision) and swap.kind is DecisionKind.SWAP and swap.summary is not None):

@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from ctxflow.schemas.codec import Codec
 from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.inputs import INPUT_MODELS
-from ctxflow.streams.stack.worker_process import INPUT_TOPICS, WorkerProcess
+from ctxflow.streams.stack.worker_process import EXTERNAL_INPUTS, WorkerProcess
 
 
 async def raw_ceiling(settings: Settings, topics: tuple[str, ...], expected: int) -> tuple[float, float, int]:
@@ -93,7 +93,7 @@ async def wait_committed(settings: Settings, records: int, say: Callable[[str], 
     the sum of committed offsets is the number of records whose effects are durable. Reports progress about
     every two seconds; raises ``TimeoutError`` after ``timeout_s``.
     """
-    tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
+    tps = [TopicPartition(settings.topic(t), p) for t in EXTERNAL_INPUTS for p in range(settings.partitions)]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
     try:

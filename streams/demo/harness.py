@@ -21,7 +21,7 @@ from ctxflow.streams.config import Settings
 from ctxflow.streams.runtime.log_end import log_end_offsets
 from ctxflow.streams.sdk import CtxflowClient
 from ctxflow.streams.stack.processes import free_port, pid_alive, start_time_of
-from ctxflow.streams.stack.worker_process import INPUT_TOPICS
+from ctxflow.streams.stack.worker_process import EXTERNAL_INPUTS
 from pydantic import BaseModel
 
 __all__ = ["CommittedLag", "FairClient", "HomeInUse", "LagSample", "claim_home", "private_settings"]
@@ -103,10 +103,12 @@ class LagSample:
 
 class CommittedLag:
     """Measures a consumer group's lag from its committed offsets (``async with``; one consumer, one admin client):
-    by default the worker's (``app_id``) over its input topics; ``group`` and ``topics`` (logical names) measure
-    another, such as the summarizers' over ``compression.jobs``."""
+    by default the worker's (``app_id``) over the input topics others write (what a producer's records count
+    against); ``group`` and ``topics`` (logical names) measure another, such as the summarizers' over
+    ``compression.jobs``."""
 
-    def __init__(self, settings: Settings, group: str | None = None, topics: tuple[str, ...] = INPUT_TOPICS) -> None:
+    def __init__(self, settings: Settings, group: str | None = None, topics: tuple[str, ...] = EXTERNAL_INPUTS
+                 ) -> None:
         self.settings, self.group = settings, group or settings.app_id
         self.partitions = [TopicPartition(settings.topic(t), p)
                            for t in topics for p in range(settings.partitions)]

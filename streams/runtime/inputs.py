@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ctxflow.schemas.models import (
     AdmissionRequest,
+    Invalidation,
     MemoryCandidate,
     MemoryCommand,
     RunEvent,
@@ -29,4 +30,10 @@ INPUT_MODELS: dict[str, type[BaseModel]] = {
     "summaries": Summary,
     "memory.candidates": MemoryCandidate,
     "memory.commands": MemoryCommand,
+    "invalidations": Invalidation,
 }
+
+#: Input topics the worker writes itself: its memory processor's invalidations, read back so that the eviction
+#: planner (earlier in the chain) applies them to its working sets. Every other processor ignores them. The
+#: ClickHouse sink projects them as written, not as the workers decided (:mod:`streams.sink.catalogue`).
+FED_BACK: frozenset[str] = frozenset({"invalidations"})

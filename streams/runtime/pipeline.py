@@ -10,7 +10,9 @@ Commit order (each step starts after the previous one is durable):
 
 1. decode every record; refusals become dead letters (never a log line);
 2. apply the records to the processor chain (:mod:`processors.chain`: budget, eviction planner, envelopes) in
-   offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines);
+   offset order, collecting what they publish (decisions, compression jobs, run envelopes, cost lines). The
+   worker's own invalidations are among its inputs (read back from ``invalidations`` for the eviction planner):
+   a batch's invalidations reach the planner in a later batch, once produced;
 3. store memory payloads above the inline limit in the payload store (before the records naming them go out);
    produce decisions, compression jobs, envelopes, cost lines, memory records, verdicts and invalidations, and
    dead letters to Kafka and project run headroom
@@ -315,6 +317,7 @@ class BudgetPipeline:
             event = self._decode(record)
             self._store.partition = record.partition
             position = Position(record.topic, record.partition, record.offset)
+            first_decision = len(report.decisions)
             for output in self._chain.process(event, position, self._store, now):
                 if isinstance(output, Decision):
                     report.decisions.append(output)
@@ -351,6 +354,12 @@ class BudgetPipeline:
         report.tenants.add(event.tenant_id)  # type: ignore[attr-defined]
         if isinstance(event, _RUN_RECORDS):
             report.runs[run_key(event.tenant_id, event.run_id)] = event.user_id  # type: ignore[union-attr]
+        elif isinstance(event, Invalidation):
+            # A summary the planner took out of a run changes the run's headroom. Whose limits: the run's user, as
+            # the planner's decision names it (the invalidation's user is the deleted memory's).
+            for d in report.decisions[first_decision:]:
+                if d.run_id is not None and d.user_id is not None:
+                    report.runs.setdefault(run_key(d.tenant_id, d.run_id), d.user_id)
 
     def _decode(self, record: InputRecord) -> BaseModel:
         return decode_record(self._codec, record.value, record.key, INPUT_MODELS[record.topic], keyed=True)

@@ -19,7 +19,7 @@ from ctxflow.schemas.models import (
 )
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.inputs import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import FED_BACK, INPUT_MODELS
 from ctxflow.streams.topics import (
     COSTS,
     DEAD_LETTERS,
@@ -61,9 +61,10 @@ def sink_group(settings: Settings) -> str:
 
 
 def decided_by_workers(spec: TopicSpec) -> bool:
-    """True for topics the deciding workers consume: the sink writes their records as the workers decided
-    (:mod:`.verdict`), not by a decode of its own."""
-    return spec.name in INPUT_MODELS
+    """True for topics the deciding workers consume from outside: the sink writes their records as the workers
+    decided (:mod:`.verdict`), not by a decode of its own. Not for what the workers write and read back
+    (invalidations): those are projected as written, at once, whatever the workers' progress reading them."""
+    return spec.name in INPUT_MODELS and spec.name not in FED_BACK
 
 
 def keyed_by_tenant(spec: TopicSpec) -> bool:

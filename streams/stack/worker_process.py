@@ -19,13 +19,16 @@ from typing import Any, cast
 
 from ctxflow.sinks.clickhouse import QueryResult
 from ctxflow.streams.config import Settings
-from ctxflow.streams.runtime.inputs import INPUT_MODELS
+from ctxflow.streams.runtime.inputs import FED_BACK, INPUT_MODELS
 from ctxflow.streams.stack.processes import ManagedProcess, tail
 from ctxflow.streams.stack.progress import GroupBehind, wait_group_committed, wait_sink_caught_up
 from ctxflow.streams.stack.query import run_query
 
 #: The worker's input topics (logical names), as its pipeline decodes them.
 INPUT_TOPICS: tuple[str, ...] = tuple(INPUT_MODELS)
+#: The input topics others write (agents, operators, summarizers): what counting a producer's records against
+#: the worker's commits covers (the worker also reads back its own invalidations, :data:`FED_BACK`).
+EXTERNAL_INPUTS: tuple[str, ...] = tuple(t for t in INPUT_TOPICS if t not in FED_BACK)
 
 
 class WorkerNotReady(RuntimeError):
@@ -142,11 +145,17 @@ class WorkerProcess:
 
 
 async def _wait_caught_up(settings: Settings, timeout_s: float) -> dict[str, int]:
+    """Until the worker committed the ends of its inputs, and again while that grew them: it reads back what it
+    writes (its invalidations, :data:`streams.runtime.inputs.FED_BACK`), so catching up ends at a fixed point."""
     from aiokafka import TopicPartition
 
     tps = [TopicPartition(settings.topic(t), p) for t in INPUT_TOPICS for p in range(settings.partitions)]
-    try:
-        ends = await wait_group_committed(settings, settings.app_id, tps, timeout_s)
-    except GroupBehind as error:
-        raise WorkerNotReady(f"worker {error}") from error
-    return {f"{tp.topic}:{tp.partition}": end for tp, end in ends.items()}
+    deadline, ends = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            reached = await wait_group_committed(settings, settings.app_id, tps, max(deadline - time.monotonic(), 1))
+        except GroupBehind as error:
+            raise WorkerNotReady(f"worker {error}") from error
+        if reached == ends:
+            return {f"{tp.topic}:{tp.partition}": end for tp, end in reached.items()}
+        ends = reached

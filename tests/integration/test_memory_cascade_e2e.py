@@ -3,12 +3,15 @@
 One worker (hosting the ClickHouse sink) serves the module. A user's memory, larger than the inline limit (so it
 also lives in the payload store), is promoted, retrieved by a run (a ``memory`` turn whose item id is the memory
 id), and used by two summaries: one over it alone, one over it and another item; the swap decisions carrying
-those summaries sit in the run's Redis decisions as the planner projects them. A second memory of the same user
-must survive. Then the real CLI deletes the first memory, and every projection ctxflow maintains is searched for
-a canary phrase of its content: ClickHouse tables (``memory_records`` read without FINAL, so older versions
-count, and the retrieval index ``memory_index``), Redis keys, payload files, the latest record on
-``memory.records``. A quarantined fact makes the round
-trip through ``ctxflow memory review``; a refused command and a stopped worker each get a clear error.
+those summaries sit in the run's Redis decisions as the planner projects them. Two more runs retrieve it while
+their retrieved slot fills: the eviction planner asks for a compression of each, the test answers as a summarizer
+would, and one summary waits in the planner's working set (its text in the planner's table) while the other is
+swapped in. A second memory of the same user must survive. Then the real CLI deletes the first memory, and every
+projection ctxflow maintains is searched for a canary phrase of its content: ClickHouse tables (``memory_records``
+read without FINAL, so older versions count, and the retrieval index ``memory_index``), Redis keys, payload files,
+the latest record on ``memory.records``, the planner's table as its changelog holds it; the run whose summary was
+swapped in no longer counts its tokens. A quarantined fact makes the round trip through ``ctxflow memory review``;
+a refused command and a stopped worker each get a clear error.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from typing import Any
 
 import pytest
 import redis
+from ctxflow.processors.eviction.workset import WorkingSet
+from ctxflow.processors.manifest import SLOT_INDEX
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import (
+    CompressionJob,
     Decision,
     DecisionKind,
+    EvictionPolicy,
+    EvictionStrategy,
     Invalidation,
     ItemKind,
     MemoryGovernance,
@@ -52,8 +60,9 @@ from ctxflow.streams.sdk import RunContext
 from ctxflow.streams.stack.embedded import EmbeddedStack
 from ctxflow.streams.stack.worker_process import WorkerProcess, settings_env
 
-from tests.support_deploy import fresh_settings
-from tests.support_kafka import read_topics, wait_processed, wait_until
+from tests.support_deploy import fresh_settings, redis_headroom
+from tests.support_kafka import decisions_on_topic, read_topics, wait_processed, wait_until
+from tests.support_tables import run_ledgers, working_sets
 from tests.support_traffic import publish, send_raw
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -66,6 +75,12 @@ KEPT = "Prefers answers in French"
 CTXFLOW = Path(sys.executable).with_name("ctxflow")
 PROJECTED = ("memory_records", "memory_index", "turns", "decisions", "invalidations", "memory_verdicts", "dead_letters",
              "envelopes", "costs")
+#: The retrieved slot's cap: run-1's retrievals stay well below where compression starts (80%).
+RETRIEVED_CAP = 4000
+RETRIEVED = SLOT_INDEX[Slot.RETRIEVED]
+#: Runs whose summary quoting the doomed memory the planner prepared, or swapped in, before the deletion.
+PREPARED, SWAPPED = "run-prepared", "run-swapped"
+SUMMARY_TOKENS = 100
 
 
 def at(seconds: float) -> datetime:
@@ -116,6 +131,12 @@ class World:
     raw_tables: dict[str, list[tuple]]
     retrieved_turn: list[tuple] | None = None
     no_worker: subprocess.CompletedProcess[str] | None = None
+    #: The planner's working sets of PREPARED and SWAPPED as their changelog held them before and after the delete.
+    worksets_before: dict[str, bytes] | None = None
+    worksets_after: dict[str, bytes] | None = None
+    #: SWAPPED's live retrieved tokens in its run ledger before and after the delete, and in Redis after it.
+    swapped_live: tuple[int, int] | None = None
+    swapped_headroom: int | None = None
 
 
 def _summary(summary_id: str, sources: list[str]) -> Summary:
@@ -123,6 +144,41 @@ def _summary(summary_id: str, sources: list[str]) -> Summary:
                    session_id="s-1", run_id="run-1", slot=Slot.RETRIEVED, text=f"Summary citing the {CANARY} plan",
                    token_count=12, source_ids=sources, source_digests=[content_digest(s) for s in sources],
                    summarizer="test", summarizer_version="1", depth=1, fidelity=0.9, produced_at=at(20))
+
+
+def _answer(job: CompressionJob, summary_id: str) -> Summary:
+    """What a summarizer sends back for ``job``: a summary quoting its sources (the doomed memory among them)."""
+    return Summary(summary_id=summary_id, job_id=job.job_id, tenant_id=TENANT, user_id=job.user_id,
+                   session_id=job.session_id, run_id=job.run_id, slot=job.slot,
+                   text=f"Summary of {summary_id} citing the {CANARY} plan", token_count=SUMMARY_TOKENS,
+                   source_ids=[s.item_id for s in job.sources], source_digests=[s.content_digest for s in job.sources],
+                   summarizer="test", summarizer_version="1", depth=1, fidelity=0.95, produced_at=at(25))
+
+
+def _filling_runs(settings: Settings, doomed: str) -> None:
+    """PREPARED and SWAPPED retrieve the doomed memory while their retrieved slot reaches 80% of its cap; the planner
+    asks for a summary of the oldest items (the memory and the chunk after it); the test answers both, and one
+    more chunk takes SWAPPED past its soft watermark, where the prepared summary is swapped in."""
+    runs = {run_id: RunContext(tenant_id=TENANT, user_id="ada", session_id=f"s-{run_id}", agent_id="assistant",
+                               model="gpt-4o", run_id=run_id,
+                               id_factory=iter(f"{run_id}-item-{i}" for i in range(100)).__next__)
+            for run_id in (PREPARED, SWAPPED)}
+    chunk = "Background reading on the migration plan, kept for reference."
+    publish(settings, [turn for run in runs.values() for turn in [
+        run.turn(Role.TOOL, ItemKind.MEMORY, Slot.RETRIEVED, DOOMED, item_id=doomed, token_count=600, at=at(12)),
+        *(run.turn(Role.TOOL, ItemKind.RETRIEVED_CHUNK, Slot.RETRIEVED, chunk, token_count=tokens, at=at(13 + i))
+          for i, tokens in enumerate((600, 500, 500, 500, 500)))]])  # 3,200 of 4,000: compression asked for
+    wait_processed(settings)
+    jobs = {j.run_id: j for j in _decoded(settings, "compression.jobs", CompressionJob) if j.tenant_id == TENANT}
+    assert doomed in [s.item_id for s in jobs[SWAPPED].sources], jobs
+    codec = Codec(settings.schema_registry_url)
+    send_raw(settings, [("summaries", TENANT.encode(), codec.encode(_answer(jobs[r], f"sum-{r}"))) for r in runs])
+    wait_processed(settings)
+    publish(settings, [runs[SWAPPED].turn(Role.TOOL, ItemKind.RETRIEVED_CHUNK, Slot.RETRIEVED, chunk,
+                                          token_count=300, at=at(26))])
+    wait_processed(settings)
+    swaps = [d for d in decisions_on_topic(settings) if d.kind is DecisionKind.SWAP and d.tenant_id == TENANT]
+    assert [(d.run_id, d.summary.summary_id) for d in swaps if d.summary] == [(SWAPPED, f"sum-{SWAPPED}")]
 
 
 def _redis_values(settings: Settings) -> dict[str, Any]:
@@ -144,8 +200,9 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
                      run_id="run-1", id_factory=iter(f"id-{i}" for i in range(10_000)).__next__)
     fact = {"scope": MemoryScope.TENANT, "type_": MemoryType.FACT, "subject": "alice", "attribute": "timezone",
             "corroborating_run_ids": ["run-7", "run-8"], "verified_by": "ops", "confidence": 0.9}
-    manifest = TenantManifest(tenant_id=TENANT, version=1, tier="pro", slot_caps=SlotCaps(), total_cap=1_000_000,
-                              updated_at=T0, memory=MemoryGovernance())
+    manifest = TenantManifest(tenant_id=TENANT, version=1, tier="pro", slot_caps=SlotCaps(retrieved=RETRIEVED_CAP),
+                              total_cap=1_000_000, updated_at=T0, memory=MemoryGovernance(),
+                              eviction=EvictionPolicy(strategy=EvictionStrategy.SUMMARIZATION))
     candidates = [
         run.memory_candidate(MemoryScope.USER, MemoryType.EPISODE, DOOMED, confidence=0.9, at=at(1)),
         run.memory_candidate(MemoryScope.USER, MemoryType.PREFERENCE, KEPT, confidence=0.9, at=at(2)),
@@ -177,6 +234,9 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         assert CANARY in str(_redis_values(settings)) and CANARY in str(worker.query(
             f"SELECT content FROM turns WHERE tenant_id = '{TENANT}'").rows)  # the canary is everywhere first
         assert CANARY in str(worker.query(f"SELECT text FROM memory_index WHERE tenant_id = '{TENANT}'").rows)
+        _filling_runs(settings, doomed)
+        before = {run: ws for (tenant, run), ws in working_sets(settings).items() if tenant == TENANT}
+        live_before = run_ledgers(settings)[(TENANT, SWAPPED)].live(RETRIEVED)
         deleted = ctxflow(settings, "memory", "delete", "--tenant", TENANT, "--id", doomed, "--by", "dpo",
                           "--reason", "erasure request", "--yes")
         ok(ctxflow(settings, "memory", "delete", "--tenant", TENANT, "--id", small, "--yes"))
@@ -188,11 +248,17 @@ def world(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
         redis_after = _redis_values(settings)
         w = World(settings, worker, doomed, kept, quarantined, deleted, reviewed, review_list, refused, redis_after,
                   [p.read_bytes() for p in Path(settings.payload_root).rglob("*") if p.is_file()], {})
+        # wait_processed also waited for the worker to read back its own invalidations (the planner's input).
+        w.worksets_before = before
+        w.worksets_after = {run: ws for (tenant, run), ws in working_sets(settings).items() if tenant == TENANT}
+        w.swapped_live = (live_before, run_ledgers(settings)[(TENANT, SWAPPED)].live(RETRIEVED))
+        headroom = redis_headroom(settings, TENANT, SWAPPED)
+        w.swapped_headroom = headroom.used[Slot.RETRIEVED.value] if headroom is not None else None
         # The purge is a mutation ClickHouse applies in the background, usually within a second.
         w.retrieved_turn = wait_until(
             lambda: worker.query(f"SELECT content, content_digest FROM turns WHERE tenant_id = '{TENANT}' AND "
-                                 f"item_id = '{doomed}'").rows, lambda rows: bool(rows) and rows[0][0] is None, 30,
-            "the retrieved turn's content purged")
+                                 f"item_id = '{doomed}'").rows,
+            lambda rows: bool(rows) and all(r[0] is None for r in rows), 30, "the retrieved turns' content purged")
     # The worker has released chDB: read every table as stored, older versions and unmerged rows included.
     client = connect(settings.chdb_dsn)
     try:
@@ -233,7 +299,8 @@ def test_every_clickhouse_table_is_free_of_the_content_older_versions_included(w
     assert versions and all(r[8] is None for r in versions)  # only the tombstone's row is left: no content
     kept = [r for r in world.raw_tables["turns"] if KEPT in str(r)]
     assert kept  # the other memory's retrieval keeps its content
-    assert world.retrieved_turn == [(None, content_digest(DOOMED))]  # the turn row stays, without content
+    # The turn rows stay (run-1's and the two filling runs'), without content.
+    assert world.retrieved_turn == [(None, content_digest(DOOMED))] * 3
 
 
 def test_redis_and_payloads_hold_nothing_of_it_and_shared_summaries_are_withdrawn(world: World) -> None:
@@ -266,3 +333,27 @@ def test_a_refused_command_and_a_missing_worker_are_explained(world: World) -> N
     assert world.refused.returncode == 1 and "has no memory mem-nope" in world.refused.stderr
     assert world.no_worker is not None and world.no_worker.returncode == 1
     assert "Is a worker running?" in world.no_worker.stderr and "ctxflow worker" in world.no_worker.stderr
+
+
+def test_the_planner_drops_a_prepared_summary_that_quoted_the_deleted_memory(world: World) -> None:
+    assert world.worksets_before is not None and world.worksets_after is not None
+    before, after = world.worksets_before[PREPARED], world.worksets_after[PREPARED]
+    assert CANARY.encode() in before  # the summary's text waited in the planner's table
+    prepared = WorkingSet.from_bytes(before).prepared
+    assert prepared is not None and prepared.summary_id == f"sum-{PREPARED}"
+    assert CANARY.encode() not in after and WorkingSet.from_bytes(after).prepared is None
+
+
+def test_a_swapped_in_summary_that_quoted_the_deleted_memory_leaves_the_run_and_its_tokens_with_it(
+        world: World) -> None:
+    assert world.worksets_before is not None and world.worksets_after is not None and world.swapped_live
+    summary = f"sum-{SWAPPED}"
+    assert summary in WorkingSet.from_bytes(world.worksets_before[SWAPPED]).item_ids()
+    assert summary not in WorkingSet.from_bytes(world.worksets_after[SWAPPED]).item_ids()
+    before, after = world.swapped_live
+    assert after == before - SUMMARY_TOKENS  # the run's usage fell by the summary's tokens
+    assert world.swapped_headroom == after  # and its headroom as agents read it
+    (evict,) = [d for d in decisions_on_topic(world.settings) if d.run_id == SWAPPED and d.kind is DecisionKind.EVICT]
+    assert [(a.item_id, a.tokens) for a in evict.actions] == [(summary, SUMMARY_TOKENS)]
+    assert "its source memory deleted" in evict.reason and CANARY not in evict.reason
+    assert (evict.user_id, evict.session_id) == ("ada", f"s-{SWAPPED}")

@@ -54,6 +54,9 @@ def served(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> It
         # Memory candidates go to the memory gate, not to this worker.
         sent = Counter(topic for record in records if (topic := TOPIC_OF[type(record)].name) in INPUT_TOPICS)
         sent["turns"] += 1
+        # The worker also reads back the invalidations it wrote (supersessions among the workload's memories).
+        sent["invalidations"] = len(asyncio.run(read_topics(settings, ["invalidations"])))
+        sent = +sent  # a topic that got nothing is not counted
         yield Served(settings, worker, sent)
 
 

@@ -1,7 +1,9 @@
 """The eviction planner's invariants, over generated sessions and every strategy (property tests, no broker).
 
 For each session the worker's chain (budget, then planner) runs turn by turn; compression jobs are answered
-at once by the default summarizer, as the summarizer workers would. After every record:
+at once by the default summarizer, as the summarizer workers would, and now and then a summary made so far loses a
+source memory (an invalidation, as the memory processor sends on a deletion: whether the summary is prepared,
+swapped in, offloaded or gone already). After every record:
 
 - tier 0 (system and tools slots, the run's first user message, ``tier_hint=0``) and the current user turn are
   never named by an evict, offload, mask, swap or compress decision;
@@ -34,6 +36,8 @@ from ctxflow.schemas.models import (
     DecisionKind,
     EvictionPolicy,
     EvictionStrategy,
+    Invalidation,
+    InvalidationKind,
     ItemKind,
     Role,
     Slot,
@@ -138,7 +142,10 @@ class Agent:
             self.summaries[d.summary.summary_id] = named
 
 
-def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int, keep_recent: int) -> None:
+def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int, keep_recent: int,
+                withdraw: float = 0.0) -> None:
+    """Run ``turns`` through the chain, checking the invariants after every record; after a turn, with probability
+    ``withdraw``, one of the summaries made so far is invalidated."""
     tenant = turns[0].tenant_id
     state = DictBudgetState(manifests={tenant: manifest(tenant, strategy, history, keep_recent)})
     budget = BudgetProcessor(COUNTER)
@@ -149,8 +156,10 @@ def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int
     tier0.add(next(t.item_id for t in turns if t.role is Role.USER))
     calls: dict[str, str] = {}  # result id -> the call it answers
     issued: dict[str, str] = {}  # tool-call id -> latest item that issued it
-    summaries = 0
+    summaries = invalidations = 0
+    withdrawn_ids: set[str] = set()  # summaries invalidated so far: neither prepared nor held afterwards
     current_user = ""
+    rng = random.Random(len(turns) * 7919 + history + keep_recent)
     for t in turns:
         if t.kind is ItemKind.TOOL_CALL:
             issued.update(dict.fromkeys(t.tool_call_ids, t.item_id))
@@ -160,7 +169,23 @@ def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int
             current_user = t.item_id
         agent.live.append(t.item_id)
         pending: list[object] = list(chain.process(t, Position("turns", 0, t.seq), state, T0))
-        while pending:
+        withdrawn = None
+        if summaries and rng.random() < withdraw:
+            withdrawn = f"sum{rng.randrange(summaries)}"
+        while pending or withdrawn is not None:
+            if not pending:  # after the turn's own outputs: a deletion reaches one of the run's summaries
+                kind = rng.choice((InvalidationKind.TOMBSTONE, InvalidationKind.INVALIDATION))
+                invalidation = Invalidation(
+                    invalidation_id=f"inv-{withdrawn}", tenant_id=tenant, kind=kind, target_type="summary",
+                    target_id=withdrawn, run_id=t.run_id, reason="a source memory was deleted", occurred_at=T0)
+                pending = list(chain.process(invalidation, Position("invalidations", 0, invalidations), state, T0))
+                invalidations += 1
+                # What it decides is only that summary's eviction (and the budget's gauges coming back down).
+                assert all([a.item_id for a in d.actions] == [withdrawn] for d in pending
+                           if isinstance(d, Decision) and d.kind is not K.BUDGET_STATE), pending
+                withdrawn_ids.add(withdrawn)
+                withdrawn = None
+                continue
             out = pending.pop(0)
             if isinstance(out, Decision):
                 assert out.tenant_id == tenant
@@ -184,6 +209,9 @@ def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int
                 pending += chain.process(summary, Position("summaries", 0, summaries), state, T0)
                 summaries += 1
         ws = state.get_state(TABLE, run_key(tenant, t.run_id))
+        # A summary whose source memory was deleted is neither waiting to be swapped in nor held.
+        assert (ws.prepared.summary_id if ws.prepared else None) not in withdrawn_ids
+        assert not set(ws.item_ids()) & withdrawn_ids
         # Decisions close the loop: the agent's list is the planner's context, item for item.
         assert agent.live == [item for item, *_ in ws.context()], (agent.live, [item for item, *_ in ws.context()])
         held = set(agent.live)
@@ -205,16 +233,17 @@ def run_session(turns: list[TurnEvent], strategy: EvictionStrategy, history: int
     strategy=st.sampled_from(list(EvictionStrategy)),
     history=st.sampled_from([400, 900, 2000]),
     keep_recent=st.integers(0, 4),
+    withdraw=st.sampled_from([0.0, 0.3]),
 )
 def test_every_strategy_keeps_the_invariants(seed: int, strategy: EvictionStrategy, history: int,
-                                            keep_recent: int) -> None:
-    run_session(session(seed), strategy, history, keep_recent)
+                                            keep_recent: int, withdraw: float) -> None:
+    run_session(session(seed), strategy, history, keep_recent, withdraw)
 
 
 @pytest.mark.parametrize("strategy", list(EvictionStrategy))
 def test_a_tight_budget_still_keeps_the_invariants(strategy: EvictionStrategy) -> None:
     for seed in range(3):
-        run_session(session(seed), strategy, 300, 2)
+        run_session(session(seed), strategy, 300, 2, withdraw=0.5 if seed else 0.0)
 
 
 def _decide(turns: list[TurnEvent], strategy: EvictionStrategy) -> tuple[list[object], bytes]:

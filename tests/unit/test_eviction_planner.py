@@ -1,7 +1,9 @@
-"""The eviction planner's decisions on concrete runs: relief, compression and swap, backoff, recall, masking."""
+"""The eviction planner's decisions on concrete runs: relief, compression and swap, backoff, recall, masking, and
+summaries whose source memory was deleted (invalidations)."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,6 +21,8 @@ from ctxflow.schemas.models import (
     DecisionKind,
     EvictionPolicy,
     EvictionStrategy,
+    Invalidation,
+    InvalidationKind,
     ItemKind,
     OverflowBehaviour,
     PrivacyMode,
@@ -50,7 +54,9 @@ class Run:
         self.chain = ProcessorChain(budget, [EvictionPlanner(budget)])
         self.seq = 0
         self.summaries = 0
+        self.invalidations = 0
         self.out: list[object] = []
+        self.turns: list[TurnEvent] = []
 
     def turn(self, tokens: int, role: Role = Role.ASSISTANT, kind: ItemKind = ItemKind.MESSAGE,
              content: str = "", at: datetime | None = None, **extra: object) -> list[object]:
@@ -61,6 +67,7 @@ class Run:
             token_count=tokens, model="gpt-4o", occurred_at=at or T0 + timedelta(seconds=seq),
             **extra,  # type: ignore[arg-type]
         )
+        self.turns.append(event)
         out = self.chain.process(event, Position("turns", 0, seq), self.state, T0)
         self.out += out
         return out
@@ -74,6 +81,21 @@ class Run:
         )
         out = self.chain.process(summary, Position("summaries", 0, self.summaries), self.state, T0)
         self.summaries += 1
+        self.out += out
+        return out
+
+    def invalidate(self, summary_id: str, kind: InvalidationKind = InvalidationKind.TOMBSTONE,
+                   target_type: str = "summary", run_id: str = "r", offset: int | None = None) -> list[object]:
+        """The memory processor's invalidation of ``summary_id`` (one of its sources deleted), read back from
+        ``invalidations``; it names the deleted memory's owner, not the run's user."""
+        if offset is None:
+            offset, self.invalidations = self.invalidations, self.invalidations + 1
+        event = Invalidation(
+            invalidation_id=f"inv-{summary_id}", tenant_id="acme", kind=kind, target_type=target_type,
+            target_id=summary_id, user_id="memory-owner", session_id="elsewhere", run_id=run_id,
+            reason="its only source mem-9 was deleted: removed", occurred_at=T0,
+        )
+        out = self.chain.process(event, Position("invalidations", 0, offset), self.state, T0)
         self.out += out
         return out
 
@@ -292,3 +314,172 @@ def test_the_terms_an_item_holds_are_found_without_decoding_every_item(
                                                    else st.just([]))}
     index = list(range(len(items)))
     assert ws.terms_held(index, wanted) == [wanted & held for held in ws.recall_terms(index)]
+
+
+# ---- summaries whose source memory was deleted ------------------------------------------------------------------
+
+def _compressed(swapped: bool) -> Run:
+    """A run whose summary ``sum0`` (40 tokens, text "summary keeps ORD-1042") is prepared, or swapped in."""
+    run = Run(history=1000, keep_recent=2)
+    run.turn(20, Role.USER, content="Refund ORD-1042, never twice.")
+    for _ in range(8):
+        run.turn(100)
+    (job,) = [o for o in run.out if isinstance(o, CompressionJob)]
+    run.answer(job, tokens=40)
+    if swapped:
+        run.turn(100)
+        assert run.decisions(K.SWAP) and "sum0" in run.ws.item_ids()
+    else:
+        assert run.ws.prepared is not None and not run.decisions(K.SWAP)
+    return run
+
+
+def test_a_prepared_summary_whose_source_memory_was_deleted_leaves_the_table_and_may_be_asked_for_again() -> None:
+    run = _compressed(swapped=False)
+    assert b"summary keeps ORD-1042" in run.ws.to_bytes()  # the text waits in the table (and its changelog)
+    freed = run.state.get_run(run_key("acme", "r")).freed.tolist()
+    assert run.invalidate("sum0") == []  # nothing to tell the agent: its window never held the summary
+    assert run.ws.prepared is None and b"summary keeps" not in run.ws.to_bytes()
+    assert run.state.get_run(run_key("acme", "r")).freed.tolist() == freed
+    run.turn(100)  # the slot is still past compress_at: a new summary is asked for, and nothing swapped in
+    assert len([o for o in run.out if isinstance(o, CompressionJob)]) == 2 and not run.decisions(K.SWAP)
+
+
+@pytest.mark.parametrize("kind", list(InvalidationKind)[:2])
+def test_a_swapped_in_summary_whose_source_memory_was_deleted_is_evicted_and_its_tokens_freed(
+        kind: InvalidationKind) -> None:
+    run = _compressed(swapped=True)
+    key = run_key("acme", "r")
+    live = run.state.get_run(key).live(3)
+    out = run.invalidate("sum0", kind)
+    (evict,) = [d for d in out if isinstance(d, Decision)]
+    assert evict.kind is K.EVICT and [(a.item_id, a.tokens) for a in evict.actions] == [("sum0", 40)]
+    assert evict.tokens_freed == 40 and evict.source_event_id == "inv-sum0"
+    gone = "removed" if kind is InvalidationKind.TOMBSTONE else "withdrawn"
+    assert f"summary sum0 {gone}, its source memory deleted" in evict.reason
+    assert (evict.user_id, evict.session_id, evict.run_id) == ("u", "s", "r")  # the run's, not the memory owner's
+    assert "sum0" not in run.ws.item_ids()
+    # The budget takes the relief: the run's usage falls by the summary's tokens, as the planner's does.
+    assert run.state.get_run(key).live(3) == run.ws.live_tokens(3) == live - 40
+
+
+def test_a_withdrawn_summary_brings_the_budget_state_back_down() -> None:
+    # No relief of its own (the tenant rejects instead of evicting), so the slot stays past its soft watermark
+    # until the summary the planner took in earlier leaves it.
+    run = _compressed(swapped=True)
+    run.state.manifests["acme"] = run.manifest.model_copy(update={"overflow": OverflowBehaviour.REJECT, "version": 4})
+    for _ in range(50):
+        if run.state.get_run(run_key("acme", "r")).level(3):
+            break
+        run.turn(30)
+    assert run.state.get_run(run_key("acme", "r")).live(3) - 40 < 850  # the summary's tokens are what tips it
+    states = [(d.previous_state, d.state) for d in run.invalidate("sum0") if d.kind is K.BUDGET_STATE]
+    assert states == [(BudgetState.SOFT, BudgetState.OK)]
+
+
+@pytest.mark.parametrize(("target_type", "summary_id", "run_id"), [
+    ("turn_content", "sum0", "r"),  # another layer's, even naming the same id
+    ("memory_record", "sum0", "r"),
+    ("summary", "sum-of-another-job", "r"),
+    ("summary", "sum0", "another-run"),  # a run whose working set the planner does not hold
+])
+@pytest.mark.parametrize("swapped", [False, True])
+def test_an_invalidation_of_anything_else_changes_and_writes_nothing(
+        target_type: str, summary_id: str, run_id: str, swapped: bool) -> None:
+    run = _compressed(swapped)
+    held, runs = run.ws.to_bytes(), copy.deepcopy(run.state.runs)
+    run.state.dirty.clear()
+    assert run.invalidate(summary_id, target_type=target_type, run_id=run_id) == []
+    assert run.ws.to_bytes() == held and run.state.runs == runs and not run.state.dirty
+
+
+def test_an_invalidation_applies_once_and_the_same_log_decides_the_same() -> None:
+    run = _compressed(swapped=True)
+    first = run.invalidate("sum0")
+    assert first
+    assert run.invalidate("sum0", offset=0) == []  # redelivered at its offset
+    # Sent again at a new offset (the memory processor withdraws a late swap again): nothing left to take out.
+    assert run.invalidate("sum0") == []
+    again = _compressed(swapped=True)
+    assert again.invalidate("sum0") == first  # ids and content are the record's, not the moment's
+
+
+#: The worker's persist order for this chain (``streams.runtime.pipeline``): aggregates, run ledgers, the planner's
+#: working sets, watermarks.
+_PHASES = ("tenants", "users", "workflows", "counts", "runs", TABLE, "watermarks")
+
+
+def _persist(durable: DictBudgetState, state: DictBudgetState, phases: tuple[str, ...]) -> None:
+    """Write what ``state`` changed in ``phases`` to ``durable``, through the changelog codecs."""
+    for phase in phases:
+        table = state._table(phase)
+        for key in sorted(state.dirty.get(phase, ())):
+            value = table.get(key)
+            if value is None:
+                durable._table(phase).pop(key, None)
+            elif phase == "runs":
+                durable.runs[key] = type(value).from_list(value.to_list())
+            elif phase == TABLE:
+                durable._table(TABLE)[key] = WorkingSet.from_bytes(value.to_bytes())
+            else:
+                durable._table(phase)[key] = copy.deepcopy(value)
+
+
+@pytest.mark.parametrize("turn_first", [False, True])
+def test_an_invalidation_is_exact_after_a_crash_after_any_table(turn_first: bool) -> None:
+    base = _compressed(swapped=True)
+    base.state.dirty.clear()
+
+    def batch(run: Run) -> list[object]:
+        # The turn takes the slot past its soft watermark again: relief before or after the summary left.
+        steps = [lambda: run.turn(260), lambda: run.invalidate("sum0", offset=0)]
+        return [o for step in (steps if turn_first else steps[::-1]) for o in step()]
+
+    reference = copy.deepcopy(base)
+    published = batch(reference)
+    assert any(isinstance(d, Decision) and d.kind is K.EVICT and d.source_event_id == "inv-sum0" for d in published)
+    for cut in range(len(_PHASES) + 1):
+        crashed = copy.deepcopy(base)
+        durable = copy.deepcopy(base.state)
+        out = batch(crashed)  # it went out before any table was written
+        _persist(durable, crashed.state, _PHASES[:cut])
+        restarted = copy.deepcopy(base)  # a fresh chain over what was durable, the batch again from its offsets
+        restarted.state = durable
+        restarted.out = []
+        out += batch(restarted)
+        where = f"crash after {_PHASES[cut - 1] if cut else 'nothing'}"
+        assert restarted.ws.to_bytes() == reference.ws.to_bytes(), where
+        assert restarted.state.runs == reference.state.runs, where
+        # Every decision the crash-free run made went out (a replay repeats some, under the same ids).
+        assert {d.decision_id: d for d in out if isinstance(d, Decision)} == {
+            d.decision_id: d for d in published if isinstance(d, Decision)}, where
+
+
+def test_a_turn_replayed_after_a_crash_never_takes_the_relief_of_another_partitions_turn_at_its_offset() -> None:
+    # Regression: the budget takes the planner's relief for the turn it has just applied, even though its run
+    # ledger holds that offset by then. It recognised that turn by (stream, offset) alone, kept from record to
+    # record: a turn it skipped as held (a replay after a crash, the working set behind the run ledger) at the
+    # offset of another partition's turn applied just before took the behind planner's relief, and the run's
+    # freed tokens went back (the SIGKILL test's runaway run, now and then).
+    run = Run(history=1000, strategy=EvictionStrategy.SLIDING_WINDOW, keep_recent=2)
+    run.turn(50, Role.USER, content="My goal is to close ORD-1042.")
+    for _ in range(3):
+        run.turn(100)
+    # The working set and the watermark as the crash left them (both are persisted after the run ledgers).
+    behind, mark = WorkingSet.from_bytes(run.ws.to_bytes()), copy.deepcopy(run.state.watermarks)
+    for _ in range(6):
+        run.turn(100)
+    key = run_key("acme", "r")
+    ledger = run.state.get_run(key)
+    assert ledger is not None and any(ledger.freed) and behind.freed.tolist() != ledger.freed.tolist()
+    held = copy.deepcopy(ledger)
+    # Restarted: the run ledger durable after every turn, the working set behind; a fresh chain.
+    run.state.tables[TABLE][key], run.state.watermarks = behind, mark
+    budget = BudgetProcessor(TokenCounter())
+    run.chain = ProcessorChain(budget, [EvictionPlanner(budget)])
+    replayed = run.turns[6]
+    other = replayed.model_copy(update={"tenant_id": "globex", "event_id": "g6"})
+    run.chain.process(other, Position("turns", 1, 6), run.state, T0)  # another tenant's partition, same offset
+    out = run.chain.process(replayed, Position("turns", 0, 6), run.state, T0)
+    assert run.state.get_run(key) == held
+    assert not [d for d in out if isinstance(d, Decision) and d.kind not in planner_module.EVICTION_KINDS]

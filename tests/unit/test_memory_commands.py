@@ -189,8 +189,14 @@ def test_a_summary_of_only_the_deleted_record_is_removed_one_of_several_sources_
     # A summary of it produced after the deletion (the summarizer lagged) is invalidated on arrival.
     late = p.process(summary("sum-late", [gone.memory_id]), POS, state, NOW)
     assert [(i.target_type, i.target_id) for i in of(Invalidation, late)] == [("summary", "sum-late")]
-    # The planner, earlier in the chain, knows nothing of deletions: when it swaps that summary in later, the
-    # swap's text is withdrawn again and the run told to drop it, under a notice id of its own.
+    # The invalidations come back to the worker as input (for the planner): the memory processor ignores its own.
+    state.dirty.clear()
+    assert all(p.process(i, Position("invalidations", 0, n), state, NOW) == []
+               for n, i in enumerate(of(Invalidation, [*out, *late])))
+    assert not state.dirty
+    # The planner, earlier in the chain, learns of a deletion only when its invalidation comes back: when it swaps
+    # that summary in before then, the swap's text is withdrawn again and the run told to drop it, under a notice
+    # id of its own.
     swap = Decision(decision_id="swap-1", tenant_id="acme", run_id="r-9", kind=DecisionKind.SWAP,
                     reason="95% of the slot", decided_at=NOW + timedelta(minutes=5), summary=SummaryProvenance(
                         summary_id="sum-late", text="...", token_count=5, source_ids=[gone.memory_id],

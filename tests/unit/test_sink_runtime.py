@@ -14,7 +14,7 @@ from pathlib import Path
 from ctxflow.sinks.clickhouse_ddl import TABLE_BY_MODEL
 from ctxflow.streams.config import Settings
 from ctxflow.streams.sink.backoff import Backoff
-from ctxflow.streams.sink.catalogue import PROJECTED, keyed_by_tenant, sink_group
+from ctxflow.streams.sink.catalogue import PROJECTED, decided_by_workers, keyed_by_tenant, sink_group
 from ctxflow.streams.sink.ownership import (
     BackendHeld,
     announce,
@@ -25,7 +25,7 @@ from ctxflow.streams.sink.ownership import (
     retire,
 )
 from ctxflow.streams.sink.status import PartitionLag, SinkStatus
-from ctxflow.streams.topics import ALL_TOPICS, DECISIONS, TURNS
+from ctxflow.streams.topics import ALL_TOPICS, DECISIONS, INVALIDATIONS, TURNS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,6 +35,12 @@ def test_every_projected_topic_is_in_the_catalogue_and_has_a_table() -> None:
     assert all(model in TABLE_BY_MODEL for model in PROJECTED.values())
     assert len({TABLE_BY_MODEL[m].name for m in PROJECTED.values()}) == len(PROJECTED)  # one table per topic
     assert keyed_by_tenant(TURNS) and not keyed_by_tenant(DECISIONS)  # decisions are keyed tenant:run
+
+
+def test_the_sink_waits_for_the_workers_verdicts_only_on_what_others_send_them() -> None:
+    assert decided_by_workers(TURNS) and not decided_by_workers(DECISIONS)
+    # The workers read their invalidations back (for the eviction planner); the sink projects them as written.
+    assert not decided_by_workers(INVALIDATIONS)
 
 
 def test_the_sink_group_is_apart_from_the_workers() -> None:
