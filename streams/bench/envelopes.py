@@ -12,7 +12,6 @@ between the chains doubled. Run: ``python -m ctxflow.streams.bench.envelopes [ev
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ctxflow.processors.types import DictBudgetState, Position
 from ctxflow.schemas.codec import Codec
 from ctxflow.schemas.models import CostLine, RunEnvelope, TenantManifest
 from ctxflow.streams.demo.workload import Workload
+from ctxflow.streams.runtime import gc_policy
 from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from pydantic import BaseModel
 
@@ -75,14 +75,8 @@ def _run(chain: ProcessorChain, events: list[BaseModel], manifests: list[TenantM
 
 def measure(events: int = 40_000, seed: int = 11) -> EnvelopeCost:
     """Both chains over the first ``events`` records of a seeded workload (module docstring)."""
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    try:
+    with gc_policy.held():
         return _measure(events, seed)
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 def _measure(events: int, seed: int) -> EnvelopeCost:

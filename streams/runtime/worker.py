@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +39,7 @@ from ctxflow.schemas.codec import Codec
 from ctxflow.sinks.redis import RedisProjection
 from ctxflow.streams.config import Settings
 from ctxflow.streams.logs import log_handler
+from ctxflow.streams.runtime import gc_policy
 from ctxflow.streams.runtime.inputs import INPUT_MODELS
 from ctxflow.streams.runtime.intake import BatchIntake, BudgetApp, BulkConsumer
 from ctxflow.streams.runtime.metrics import SinkStatus as SinkProgress
@@ -366,10 +366,5 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every record: every debug
     # call in aiokafka and Faust then builds a LogRecord (measured ~4% of the worker's CPU). No spinner here.
     worker.spinner = None
-    # The worker holds hundreds of thousands of long-lived objects (table values, cached counts); CPython's
-    # default thresholds (700, 10, 10) re-scan them in full collections over and over: measured ~25% of the
-    # worker's CPU at 100k events. Our values hold no reference cycles, so young collections find the
-    # garbage there is; full collections become rare (after 100 x 50 x 50,000 allocations).
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    gc_policy.apply()
     worker.execute_from_commandline()
