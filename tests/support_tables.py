@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from ctxflow.processors.eviction.planner import TABLE as WORKSETS
 from ctxflow.processors.ledger import RunLedger
@@ -16,33 +18,31 @@ from ctxflow.streams.config import Settings
 
 from tests.support_kafka import read_full_topics
 
-
-def run_ledgers(settings: Settings) -> dict[tuple[str, str], RunLedger]:
-    """``(tenant, run) -> RunLedger`` from the end of the run table's changelog (a null value deletes)."""
-    topic = f"{settings.app_id}-budget-runs-changelog"
-    ledgers: dict[tuple[str, str], RunLedger] = {}
-    for record in asyncio.run(read_full_topics(settings, [topic])):
-        tenant_id, run_id = record.key.decode().split(":", 1)
-        if record.value is None:
-            ledgers.pop((tenant_id, run_id), None)
-        else:
-            ledgers[(tenant_id, run_id)] = RunLedger.from_list(json.loads(record.value))
-    return ledgers
+T = TypeVar("T")
 
 
-def working_sets(settings: Settings) -> dict[tuple[str, str], bytes]:
-    """``(tenant, run) -> `` the eviction planner's working set as its table's changelog last holds it (the bytes a
-    restarted worker, or a table snapshot, starts from; a null value deletes), as stored:
-    :meth:`processors.eviction.workset.WorkingSet.from_bytes` reads one."""
-    topic = f"{settings.app_id}-budget-{WORKSETS}-changelog"
-    values: dict[tuple[str, str], bytes] = {}
-    for record in asyncio.run(read_full_topics(settings, [topic])):
+def _latest(settings: Settings, table: str, load: Callable[[bytes], T]) -> dict[tuple[str, str], T]:
+    """``(tenant, run) -> `` the last value of each key on ``table``'s changelog, loaded (a null value deletes)."""
+    values: dict[tuple[str, str], T] = {}
+    for record in asyncio.run(read_full_topics(settings, [f"{settings.app_id}-budget-{table}-changelog"])):
         tenant_id, run_id = record.key.decode().split(":", 1)
         if record.value is None:
             values.pop((tenant_id, run_id), None)
         else:
-            values[(tenant_id, run_id)] = bytes(record.value)
+            values[(tenant_id, run_id)] = load(record.value)
     return values
+
+
+def run_ledgers(settings: Settings) -> dict[tuple[str, str], RunLedger]:
+    """``(tenant, run) -> RunLedger`` from the end of the run table's changelog."""
+    return _latest(settings, "runs", lambda value: RunLedger.from_list(json.loads(value)))
+
+
+def working_sets(settings: Settings) -> dict[tuple[str, str], bytes]:
+    """``(tenant, run) -> `` the eviction planner's working set as its table's changelog last holds it (the bytes a
+    restarted worker, or a table snapshot, starts from), as stored:
+    :meth:`processors.eviction.workset.WorkingSet.from_bytes` reads one."""
+    return _latest(settings, WORKSETS, bytes)
 
 
 def aggregate_snapshots(settings: Settings, table: str) -> dict[str, dict]:
